@@ -1,0 +1,82 @@
+//! Embedding throughput of the candle embedder on real prompts, by batch size.
+//!
+//! Prompts come from `tests/data/recall_prompts.txt` (one a line) when it exists, else from the
+//! texts of `tests/data/minilm-reference.jsonl`. The model directory is `PROMPT_RADAR_MODEL` or
+//! `models/all-MiniLM-L6-v2`. Run: `cargo bench --bench embed` (add `-- --quick` for a fast pass).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use prompt_radar::config::DeviceKind;
+use prompt_radar::embed::{CandleEmbedder, Embedder};
+
+/// Batch sizes measured.
+const BATCH_SIZES: [usize; 4] = [1, 8, 32, 128];
+/// Samples per batch size (criterion's minimum is 10).
+const SAMPLE_SIZE: usize = 10;
+/// Warm-up and measurement time per batch size: the whole bench stays within ~2–3 minutes on 2 cores.
+const WARM_UP: Duration = Duration::from_secs(2);
+const MEASUREMENT: Duration = Duration::from_secs(8);
+/// Prompts file (one a line) and the fallback fixture, under `tests/data/`.
+const PROMPTS_FILE: &str = "recall_prompts.txt";
+const FALLBACK_FILE: &str = "minilm-reference.jsonl";
+
+fn data_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn model_dir() -> PathBuf {
+    std::env::var_os("PROMPT_RADAR_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"))
+}
+
+/// Real prompts: the recall prompts when present, else the reference fixture's texts.
+fn prompts() -> Vec<String> {
+    if let Ok(data) = std::fs::read_to_string(data_file(PROMPTS_FILE)) {
+        let lines: Vec<String> = data.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
+        if !lines.is_empty() {
+            eprintln!("embed bench: {} prompts from {PROMPTS_FILE}", lines.len());
+            return lines;
+        }
+    }
+    let path = data_file(FALLBACK_FILE);
+    let data = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let texts: Vec<String> = data
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("text").and_then(|t| t.as_str()).map(str::to_owned))
+        .collect();
+    eprintln!("embed bench: {} texts from {FALLBACK_FILE}", texts.len());
+    texts
+}
+
+fn bench_embed(c: &mut Criterion) {
+    let dir = model_dir();
+    let mut embedder =
+        CandleEmbedder::load(&dir, DeviceKind::Cpu).unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
+    let prompts = prompts();
+    assert!(!prompts.is_empty(), "no prompts to embed");
+
+    let mut group = c.benchmark_group("embed");
+    group
+        .sample_size(SAMPLE_SIZE)
+        .warm_up_time(WARM_UP)
+        .measurement_time(MEASUREMENT)
+        .sampling_mode(SamplingMode::Flat);
+    for batch in BATCH_SIZES {
+        // Consecutive prompts, wrapping around when the file holds fewer than `batch`.
+        let texts: Vec<&str> = prompts.iter().cycle().take(batch).map(String::as_str).collect();
+        let tokens: usize = texts.iter().map(|t| embedder.count_tokens(t)).sum();
+        eprintln!("embed bench: batch {batch}: {tokens} tokens, {:.1} per prompt", tokens as f64 / batch as f64);
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &texts, |b, texts| {
+            b.iter(|| embedder.embed(std::hint::black_box(texts)).expect("embed"));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_embed);
+criterion_main!(benches);

@@ -1,0 +1,244 @@
+//! all-MiniLM-L6-v2 through candle, the sentence-transformers recipe: tokenise (truncating at
+//! [`MAX_TOKENS`]), run BERT, mean-pool over the attention mask, L2-normalise.
+//!
+//! The shipped tokenizer.json pads every input to a fixed 128 tokens and truncates at 128; both are
+//! overridden here. Inputs are padded per forward pass to the longest input of that pass (what
+//! `BatchLongest` does), after sorting a batch by length so short prompts are not padded to long ones.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
+
+use super::{EmbedError, Embedder, Embeddings};
+use crate::config::DeviceKind;
+
+/// Most tokens the model sees of one input, special tokens included (sentence-transformers'
+/// `max_seq_length` for all-MiniLM-L6-v2); longer inputs are truncated.
+pub const MAX_TOKENS: usize = 256;
+
+/// Bytes of a long text tokenised first: when they already fill [`MAX_TOKENS`] the rest is skipped.
+const PREFIX_BYTES: usize = 16 * MAX_TOKENS;
+
+/// Padded tokens (rows × longest row) per forward pass; bounds the attention's memory.
+const CPU_PASS_TOKENS: usize = 8 * 1024;
+const CUDA_PASS_TOKENS: usize = 64 * 1024;
+
+/// A BERT sentence embedder (all-MiniLM-L6-v2) on the CPU or a CUDA GPU, f32.
+pub struct CandleEmbedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+    kind: DeviceKind,
+    dim: usize,
+    pass_tokens: usize,
+}
+
+impl CandleEmbedder {
+    /// Loads `config.json`, `tokenizer.json` and `model.safetensors` (memory-mapped) from
+    /// `model_dir` onto `device`. Errors ([`EmbedError::Model`]) name the file or device at fault.
+    pub fn load(model_dir: &Path, device: DeviceKind) -> Result<Self, EmbedError> {
+        let file = |name: &str| -> Result<PathBuf, EmbedError> {
+            let path = model_dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(EmbedError::Model(format!(
+                    "{} not found (the model directory {} needs config.json, tokenizer.json and \
+                     model.safetensors)",
+                    path.display(),
+                    model_dir.display()
+                )))
+            }
+        };
+        let (config_path, tokenizer_path, weights_path) =
+            (file("config.json")?, file("tokenizer.json")?, file("model.safetensors")?);
+        let bad = |path: &Path, e: &dyn std::fmt::Display| {
+            EmbedError::Model(format!("{}: {e}", path.display()))
+        };
+
+        let text = std::fs::read_to_string(&config_path).map_err(|e| bad(&config_path, &e))?;
+        let config: Config = serde_json::from_str(&text).map_err(|e| bad(&config_path, &e))?;
+
+        let mut tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| bad(&tokenizer_path, &e))?;
+        tokenizer.with_padding(None);
+        let truncation = TruncationParams { max_length: MAX_TOKENS, ..Default::default() };
+        tokenizer.with_truncation(Some(truncation)).map_err(|e| bad(&tokenizer_path, &e))?;
+
+        let (dev, pass_tokens) = match device {
+            DeviceKind::Cpu => (Device::Cpu, CPU_PASS_TOKENS),
+            DeviceKind::Cuda(n) => match Device::new_cuda(n) {
+                Ok(dev) => (dev, CUDA_PASS_TOKENS),
+                Err(_) if !cfg!(feature = "cuda") => {
+                    return Err(EmbedError::Model(format!(
+                        "device cuda:{n}: this binary was built without the cuda feature \
+                         (rebuild with `--features cuda`)"
+                    )));
+                }
+                Err(e) => return Err(EmbedError::Model(format!("device cuda:{n}: {e}"))),
+            },
+        };
+        // SAFETY: the weights file is mapped read-only; it must not be modified while the model
+        // lives (the model directory is treated as immutable).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights_path], DType::F32, &dev) }
+            .map_err(|e| bad(&weights_path, &e))?;
+        let model = BertModel::load(vb, &config).map_err(|e| bad(&weights_path, &e))?;
+        Ok(Self { model, tokenizer, device: dev, kind: device, dim: config.hidden_size, pass_tokens })
+    }
+
+    /// Tokenises `texts` in parallel, truncated at [`MAX_TOKENS`], unpadded. A long text is first
+    /// tokenised by a prefix cut at whitespace; when that prefix fills [`MAX_TOKENS`] its tokens
+    /// are exactly the truncated tokens of the whole text, otherwise the whole text is tokenised.
+    fn encode(&self, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
+        let tok_err = |e: tokenizers::Error| EmbedError::Tokenizer(e.to_string());
+        let prefixes: Vec<&str> = texts.iter().map(|t| word_prefix(t, PREFIX_BYTES)).collect();
+        let mut encodings = self.tokenizer.encode_batch(prefixes.clone(), true).map_err(tok_err)?;
+        let redo: Vec<usize> = (0..texts.len())
+            .filter(|&i| prefixes[i].len() < texts[i].len() && encodings[i].len() < MAX_TOKENS)
+            .collect();
+        if !redo.is_empty() {
+            let whole = redo.iter().map(|&i| texts[i]).collect();
+            let again = self.tokenizer.encode_batch(whole, true).map_err(tok_err)?;
+            for (i, encoding) in redo.into_iter().zip(again) {
+                encodings[i] = encoding;
+            }
+        }
+        Ok(encodings)
+    }
+
+    /// One forward pass over `rows` (right-padded to the longest), mean-pooled and normalised.
+    fn forward(&self, rows: &[&Encoding]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let width = rows.iter().map(|e| e.len()).max().unwrap_or(0);
+        let mut ids = vec![0u32; rows.len() * width];
+        let mut mask = vec![0u32; rows.len() * width];
+        for (r, encoding) in rows.iter().enumerate() {
+            let n = encoding.get_ids().len();
+            ids[r * width..r * width + n].copy_from_slice(encoding.get_ids());
+            mask[r * width..r * width + n].copy_from_slice(encoding.get_attention_mask());
+        }
+        let ids = Tensor::from_vec(ids, (rows.len(), width), &self.device)?;
+        let mask = Tensor::from_vec(mask, (rows.len(), width), &self.device)?;
+        let hidden = self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+        let counts = mask.sum(1)?.maximum(1e-9f32)?;
+        let mean = hidden.broadcast_mul(&mask)?.sum(1)?.broadcast_div(&counts)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12f32)?;
+        mean.broadcast_div(&norm)?.to_vec2::<f32>()
+    }
+}
+
+impl Embedder for CandleEmbedder {
+    fn embed(&mut self, texts: &[&str]) -> Result<Embeddings, EmbedError> {
+        let encodings = self.encode(texts)?;
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].len());
+        let lens: Vec<usize> = order.iter().map(|&i| encodings[i].len()).collect();
+        let mut out = vec![Vec::new(); texts.len()];
+        for pass in passes(&lens, self.pass_tokens) {
+            let rows: Vec<&Encoding> = order[pass.clone()].iter().map(|&i| &encodings[i]).collect();
+            let vectors =
+                self.forward(&rows).map_err(|e| EmbedError::Inference(e.to_string()))?;
+            if vectors.len() != rows.len() {
+                return Err(EmbedError::Inference(format!(
+                    "{} vectors for {} inputs",
+                    vectors.len(),
+                    rows.len()
+                )));
+            }
+            for (&i, vector) in order[pass].iter().zip(vectors) {
+                out[i] = vector;
+            }
+        }
+        Ok(out)
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        match self.encode(&[text]) {
+            Ok(encodings) => encodings.first().map_or(MAX_TOKENS, Encoding::len),
+            Err(_) => MAX_TOKENS,
+        }
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn device_name(&self) -> String {
+        self.kind.to_string()
+    }
+}
+
+/// The longest prefix of `text` of at most `max_bytes` bytes that ends just before an ASCII space,
+/// tab or line break, or all of `text` when it fits or has no such break. BERT's normaliser keeps
+/// these characters as word breaks, so the prefix's tokens are the first tokens of the text.
+/// (Other Unicode whitespace is not used: BERT deletes some of it, e.g. U+0085, as control.)
+fn word_prefix(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    text.char_indices()
+        .take_while(|&(i, _)| i <= max_bytes)
+        .filter(|&(_, c)| matches!(c, ' ' | '\t' | '\n' | '\r'))
+        .last()
+        .map_or(text, |(i, _)| &text[..i])
+}
+
+/// Splits lengths sorted ascending into consecutive ranges whose padded size (rows × the last,
+/// longest, length) stays within `budget`; every range holds at least one row.
+fn passes(sorted_lens: &[usize], budget: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, &len) in sorted_lens.iter().enumerate() {
+        if i > start && (i + 1 - start) * len > budget {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    if start < sorted_lens.len() {
+        out.push(start..sorted_lens.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_prefix_cuts_before_a_break_and_never_inside_a_char() {
+        assert_eq!(word_prefix("short text", 100), "short text");
+        assert_eq!(word_prefix("aaa bbb ccc", 6), "aaa");
+        assert_eq!(word_prefix("aaa bbb ccc", 7), "aaa bbb");
+        assert_eq!(word_prefix("aaa\nbbb\tccc", 9), "aaa\nbbb");
+        assert_eq!(word_prefix("nobreakshere", 4), "nobreakshere");
+        assert_eq!(word_prefix("ab\u{85}cd ef", 6), "ab\u{85}cd");
+        assert_eq!(word_prefix("🚀🚀 🚀🚀 🚀", 9), "🚀🚀");
+        for max in 0..20 {
+            let p = word_prefix("é é é é 请 请 请", max);
+            assert!("é é é é 请 请 请".starts_with(p));
+        }
+    }
+
+    #[test]
+    fn passes_cover_everything_within_budget() {
+        assert!(passes(&[], 100).is_empty());
+        assert_eq!(passes(&[5, 5, 5], 100), vec![0..3]);
+        assert_eq!(passes(&[10, 10, 20, 20, 50], 40), vec![0..2, 2..4, 4..5]);
+        // A row longer than the budget still gets a pass of its own.
+        assert_eq!(passes(&[300, 300], 100), vec![0..1, 1..2]);
+        let lens: Vec<usize> = (1..=200).collect();
+        let ranges = passes(&lens, 1000);
+        assert_eq!(ranges.first().map(|r| r.start), Some(0));
+        assert_eq!(ranges.last().map(|r| r.end), Some(200));
+        for pair in ranges.windows(2) {
+            assert_eq!(pair[0].end, pair[1].start);
+        }
+        for r in &ranges {
+            assert!(r.len() == 1 || r.len() * lens[r.end - 1] <= 1000);
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Sentence embeddings. Owns the model (all-MiniLM-L6-v2 through candle) and the dynamic batcher
+//! that serialises access to it. Knows nothing of prompts, accounts or detection.
+
+mod batcher;
+mod candle_bert;
+
+pub use batcher::{BatchConfig, Batcher, BatcherHandle, Embedded, Job, SubmitError};
+pub use candle_bert::CandleEmbedder;
+
+/// Errors of the embedding layer.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// The model directory lacks a file or a file cannot be read or parsed.
+    #[error("model: {0}")]
+    Model(String),
+    /// Tokenisation failed for an input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The forward pass failed (device error, shape mismatch).
+    #[error("inference: {0}")]
+    Inference(String),
+}
+
+/// One L2-normalised vector per input text, in input order.
+pub type Embeddings = Vec<Vec<f32>>;
+
+/// A synchronous sentence embedder. Implementations are driven from one dedicated thread (see
+/// [`Batcher`]), so `embed` may be slow and need not be `Sync`.
+pub trait Embedder: Send {
+    /// Embeds `texts` (already validated, non-empty) into L2-normalised vectors, truncating each
+    /// input at the model's maximum token count.
+    fn embed(&mut self, texts: &[&str]) -> Result<Embeddings, EmbedError>;
+    /// Number of tokens `text` occupies after truncation (used to cap batches by tokens).
+    fn count_tokens(&self, text: &str) -> usize;
+    /// Vector dimension.
+    fn dim(&self) -> usize;
+    /// Human-readable device name ("cpu", "cuda:0").
+    fn device_name(&self) -> String;
+}

@@ -1,0 +1,149 @@
+//! The candle embedder against sentence-transformers' own vectors (`tests/data/minilm-reference.jsonl`),
+//! batched and one by one, plus truncation, odd inputs and load errors.
+
+use prompt_radar::config::DeviceKind;
+use prompt_radar::embed::{CandleEmbedder, EmbedError, Embedder};
+
+use crate::common;
+
+/// One fixture line: a text and the vector sentence-transformers computed for it.
+#[derive(serde::Deserialize)]
+struct Reference {
+    text: String,
+    embedding: Vec<f32>,
+}
+
+fn references() -> Vec<Reference> {
+    let path = common::data_file("minilm-reference.jsonl");
+    let data = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let refs: Vec<Reference> = data
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad fixture line: {e}")))
+        .collect();
+    assert_eq!(refs.len(), 25, "fixture lines");
+    refs
+}
+
+fn load() -> CandleEmbedder {
+    let dir = common::model_dir();
+    CandleEmbedder::load(&dir, DeviceKind::Cpu).unwrap_or_else(|e| panic!("load {}: {e}", dir.display()))
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dimensions");
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+/// Checks `got` against the references; returns the smallest cosine.
+fn check(label: &str, refs: &[Reference], got: &[Vec<f32>]) -> f32 {
+    assert_eq!(got.len(), refs.len(), "{label}: one vector per text");
+    let mut min = f32::INFINITY;
+    for (r, v) in refs.iter().zip(got) {
+        let cos = cosine(&r.embedding, v);
+        assert!(cos >= 0.999, "{label}: cosine {cos} < 0.999 for {:?}", r.text);
+        assert!((norm(v) - 1.0).abs() < 1e-4, "{label}: norm {} for {:?}", norm(v), r.text);
+        min = min.min(cos);
+    }
+    println!("{label}: min cosine vs sentence-transformers = {min:.7}");
+    min
+}
+
+#[test]
+fn matches_sentence_transformers_batched_and_one_by_one() {
+    let refs = references();
+    let mut embedder = load();
+    assert_eq!(embedder.dim(), 384);
+    assert_eq!(embedder.device_name(), "cpu");
+
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let batched = embedder.embed(&texts).expect("embed batch");
+    let min_batch = check("one batch", &refs, &batched);
+
+    let single: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| embedder.embed(&[t]).expect("embed one").into_iter().next().expect("one vector"))
+        .collect();
+    let min_single = check("one by one", &refs, &single);
+    println!("min cosine overall = {:.7}", min_batch.min(min_single));
+}
+
+#[test]
+fn counts_tokens_after_truncation() {
+    let embedder = load();
+    let long: String = (0..5000).map(|i| format!("word{} ", i % 97)).collect();
+    assert_eq!(embedder.count_tokens(&long), 256);
+    assert_eq!(embedder.count_tokens(&"lorem ipsum dolor ".repeat(2000)), 256);
+    assert_eq!(embedder.count_tokens("hi"), 3, "[CLS] hi [SEP]");
+    assert_eq!(embedder.count_tokens(""), 2, "[CLS] [SEP]");
+    // A long text whose first 4 KiB hold few tokens must still be counted in full.
+    let sparse = format!("{} {}", "x".repeat(4000), "y ".repeat(300));
+    assert_eq!(embedder.count_tokens(&sparse), 256);
+}
+
+#[test]
+fn long_texts_embed_like_their_truncation() {
+    let mut embedder = load();
+    let long: String = (0..5000).map(|i| format!("word{} ", i % 97)).collect();
+    let short: String = (0..400).map(|i| format!("word{} ", i % 97)).collect();
+    let v = embedder.embed(&[&long, &short]).expect("embed long");
+    assert!(cosine(&v[0], &v[1]) > 0.99999, "both truncate to the same 256 tokens");
+}
+
+#[test]
+fn odd_inputs_do_not_panic() {
+    let mut embedder = load();
+    let huge_word = "a".repeat(200_000);
+    let many_emoji = "🚀🔥".repeat(20_000);
+    let chinese = "请一步一步地思考".repeat(3000);
+    let inputs = [
+        "",
+        " ",
+        "\0\u{1}\u{7f}\u{85}\u{200b}\u{feff}",
+        "\u{301}\u{301}\u{301}",
+        "[CLS] [SEP] [PAD] [MASK] [UNK]",
+        "\u{fffd}\u{10ffff}",
+        huge_word.as_str(),
+        many_emoji.as_str(),
+        chinese.as_str(),
+    ];
+    for text in inputs {
+        let _ = embedder.count_tokens(text);
+        if let Ok(v) = embedder.embed(&[text]) {
+            assert_eq!(v.len(), 1);
+            let head: String = text.chars().take(20).collect();
+            assert!(v[0].iter().all(|x| x.is_finite()), "finite vector for {head:?}");
+        }
+    }
+    let all = embedder.embed(&inputs).expect("a batch of odd inputs embeds");
+    assert_eq!(all.len(), inputs.len());
+    assert!(embedder.embed(&[]).expect("an empty batch").is_empty());
+}
+
+#[test]
+fn missing_model_dir_is_a_model_error_naming_the_path() {
+    let dir = std::env::temp_dir().join("prompt-radar-no-such-model-dir");
+    let err = match CandleEmbedder::load(&dir, DeviceKind::Cpu) {
+        Ok(_) => panic!("loading from a missing directory succeeded"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, EmbedError::Model(_)), "{err:?}");
+    assert!(err.to_string().contains(&*dir.to_string_lossy()), "message names the path: {err}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_says_so() {
+    let err = match CandleEmbedder::load(&common::model_dir(), DeviceKind::Cuda(0)) {
+        Ok(_) => panic!("cuda without the feature loaded"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("built without the cuda feature"), "{err}");
+}
