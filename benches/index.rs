@@ -1,0 +1,179 @@
+//! Vector index speed at N = 20,000 random unit vectors of dimension 384 (seeded, so every run
+//! sees the same data): HNSW search QPS (one graph, and the same data in time segments), exact
+//! brute-force search for comparison, and HNSW insert throughput (serial and parallel batches).
+//!
+//! Random unit vectors are the hard case for HNSW (no cluster structure, all distances alike);
+//! the recall printed at start-up is for this data, not for real prompt embeddings (see
+//! `tests/it/recall.rs` for those). Run: `cargo bench --bench index` (about two minutes on 2 cores).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use prompt_radar::index::{
+    BruteForceIndex, HnswIndex, HnswParams, SegmentedHnsw, SegmentsConfig, VectorInsert,
+    VectorSearch,
+};
+
+/// Vectors indexed before searching.
+const N: usize = 20_000;
+/// Dimension (all-MiniLM-L6-v2).
+const DIM: usize = 384;
+/// Distinct query vectors, cycled through.
+const QUERIES: usize = 1_000;
+/// Neighbours asked per query.
+const K: usize = 10;
+/// Vectors per segment in the segmented variant (4 segments at N = 20,000).
+const SEGMENT_POINTS: usize = 5_000;
+/// Vectors per measured insert: a serial batch and a parallel (`parallel_insert`) batch.
+const SERIAL_BATCH: usize = 100;
+const PARALLEL_BATCH: usize = 1_000;
+/// Criterion settings: its minimum sample count, short warm-up and measurement.
+const SAMPLE_SIZE: usize = 10;
+const WARM_UP: Duration = Duration::from_secs(1);
+const MEASUREMENT: Duration = Duration::from_secs(5);
+const SEED: u64 = 0x5EED_1DE5;
+
+/// SplitMix64 + Box–Muller: a seeded source of random unit vectors.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    fn unit_vector(&mut self) -> Vec<f32> {
+        let mut v: Vec<f32> = (0..DIM)
+            .map(|_| {
+                let (u1, u2) = (self.uniform(), self.uniform());
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+        v
+    }
+}
+
+fn bench_index(c: &mut Criterion) {
+    let mut rng = Rng(SEED);
+    let data: Vec<Vec<f32>> = (0..N).map(|_| rng.unit_vector()).collect();
+    let queries: Vec<Vec<f32>> = (0..QUERIES).map(|_| rng.unit_vector()).collect();
+    let items: Vec<(u64, &[f32])> = (1..).zip(data.iter().map(Vec::as_slice)).collect();
+
+    let mut brute = BruteForceIndex::new(DIM);
+    for &(id, v) in &items {
+        brute.insert(id, v).expect("brute insert");
+    }
+    let params = HnswParams {
+        max_elements: N * 2,
+        ..HnswParams::default()
+    };
+    let mut hnsw = HnswIndex::new(params, DIM);
+    let started = Instant::now();
+    hnsw.parallel_insert(&items).expect("parallel insert");
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "index bench: built HNSW over {N} vectors in {secs:.1} s ({:.0} inserts/s, parallel)",
+        N as f64 / secs
+    );
+
+    let config = SegmentsConfig {
+        params,
+        max_points_per_segment: SEGMENT_POINTS,
+        ..SegmentsConfig::default()
+    };
+    let mut segmented = SegmentedHnsw::open(config, DIM).expect("open");
+    let bulk: Vec<(u64, i64, Vec<f32>)> = (1..)
+        .zip(data.iter().cloned())
+        .map(|(id, v)| (id, 0, v))
+        .collect();
+    for chunk in bulk.chunks(SEGMENT_POINTS) {
+        segmented.insert_bulk(chunk).expect("bulk insert");
+        segmented.seal_if_due().expect("seal");
+    }
+
+    let recall = |index: &dyn VectorSearch| {
+        let mut hits = 0;
+        for q in queries.iter().take(200) {
+            let want: Vec<u64> = brute.search(q, K).iter().map(|n| n.id).collect();
+            hits += index
+                .search(q, K)
+                .iter()
+                .filter(|n| want.contains(&n.id))
+                .count();
+        }
+        hits as f64 / (200 * K) as f64
+    };
+    eprintln!(
+        "index bench: recall@{K} on random vectors: one graph {:.3}, {} segments {:.3}",
+        recall(&hnsw),
+        segmented.segments().len(),
+        recall(&segmented)
+    );
+
+    let mut group = c.benchmark_group("index");
+    group
+        .sample_size(SAMPLE_SIZE)
+        .warm_up_time(WARM_UP)
+        .measurement_time(MEASUREMENT);
+
+    group.throughput(Throughput::Elements(1));
+    let searchers: [(&str, &dyn VectorSearch); 3] = [
+        ("search_hnsw_k10", &hnsw),
+        ("search_segmented_k10", &segmented),
+        ("search_brute_k10", &brute),
+    ];
+    for (name, index) in searchers {
+        let mut i = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % QUERIES;
+                black_box(index.search(black_box(&queries[i]), K))
+            })
+        });
+    }
+
+    // Inserts grow the 20k graph further (hnsw_rs cannot delete): each batch is fresh vectors.
+    let mut next_id = N as u64 + 1;
+    for (name, batch, parallel) in [
+        ("insert_hnsw_serial", SERIAL_BATCH, false),
+        ("insert_hnsw_parallel", PARALLEL_BATCH, true),
+    ] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let vs: Vec<Vec<f32>> = (0..batch).map(|_| rng.unit_vector()).collect();
+                    let items: Vec<(u64, &[f32])> =
+                        (next_id..).zip(vs.iter().map(Vec::as_slice)).collect();
+                    next_id += batch as u64;
+                    let started = Instant::now();
+                    if parallel {
+                        hnsw.parallel_insert(&items).expect("parallel insert");
+                    } else {
+                        for &(id, v) in &items {
+                            hnsw.insert(id, v).expect("insert");
+                        }
+                    }
+                    total += started.elapsed();
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+    eprintln!("index bench: HNSW holds {} vectors at the end", hnsw.len());
+}
+
+criterion_group!(benches, bench_index);
+criterion_main!(benches);

@@ -1,0 +1,645 @@
+//! Time-segmented HNSW: hnsw_rs cannot delete, so the index is a list of HNSW graphs, one per
+//! slice of traffic. Inserts go to the one *active* segment; when it is full or spans too much
+//! time it is *sealed* (dumped to disk when a directory is configured) and a new one starts.
+//! Queries fan out over every segment; retention drops whole sealed segments.
+//!
+//! On disk (`dir`): each sealed segment's dump (`seg-NNNNNN.hnsw.*`, see [`HnswIndex::dump`]) and
+//! `manifest.json`, rewritten atomically after every seal or drop: the list of sealed segments
+//! with their id and time ranges. The active segment is never written: the store is the source
+//! of truth, and the engine re-inserts the prompts after [`SegmentedHnsw::covered_up_to`].
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::brute::by_similarity;
+use super::hnsw::{io_err, sync_dir, write_atomic};
+use super::{HnswIndex, HnswParams, IndexError, Neighbour, VectorInsert, VectorSearch};
+
+const MANIFEST: &str = "manifest.json";
+const MANIFEST_FORMAT: u32 = 1;
+
+/// Settings of a [`SegmentedHnsw`].
+#[derive(Debug, Clone)]
+pub struct SegmentsConfig {
+    /// HNSW parameters of every segment.
+    pub params: HnswParams,
+    /// The active segment is sealed once it holds this many vectors.
+    pub max_points_per_segment: usize,
+    /// ... or once its timestamps span more than this many milliseconds.
+    pub segment_span_ms: i64,
+    /// Sealed segments whose newest prompt is older than this are dropped; `None` keeps all.
+    pub retention_ms: Option<i64>,
+    /// Where sealed segments and the manifest live; `None` keeps everything in memory.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for SegmentsConfig {
+    fn default() -> Self {
+        SegmentsConfig {
+            params: HnswParams::default(),
+            max_points_per_segment: 200_000,
+            segment_span_ms: 24 * 3_600_000,
+            retention_ms: None,
+            dir: None,
+        }
+    }
+}
+
+/// What one segment holds. Ranges are meaningless while `count` is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    /// Smallest prompt id in the segment.
+    pub first_id: u64,
+    /// Largest prompt id in the segment.
+    pub last_id: u64,
+    /// Earliest prompt timestamp (ms since the epoch).
+    pub min_ts: i64,
+    /// Latest prompt timestamp (ms since the epoch).
+    pub max_ts: i64,
+    /// Number of vectors.
+    pub count: usize,
+    /// False for the active segment.
+    pub sealed: bool,
+}
+
+impl SegmentInfo {
+    fn note(&mut self, id: u64, ts: i64) {
+        if self.count == 0 {
+            (self.first_id, self.last_id, self.min_ts, self.max_ts) = (id, id, ts, ts);
+        } else {
+            self.first_id = self.first_id.min(id);
+            self.last_id = self.last_id.max(id);
+            self.min_ts = self.min_ts.min(ts);
+            self.max_ts = self.max_ts.max(ts);
+        }
+        self.count += 1;
+    }
+
+    fn overlaps_time(&self, from_ms: Option<i64>, to_ms: Option<i64>) -> bool {
+        self.count > 0
+            && from_ms.is_none_or(|from| self.max_ts >= from)
+            && to_ms.is_none_or(|to| self.min_ts <= to)
+    }
+}
+
+/// One sealed segment as listed in the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SegmentEntry {
+    basename: String,
+    #[serde(flatten)]
+    info: SegmentInfo,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    dim: usize,
+    /// Number of the next segment to seal (names are never reused).
+    next_segment: u64,
+    /// Highest id ever sealed, including segments since dropped by retention.
+    sealed_up_to: u64,
+    segments: Vec<SegmentEntry>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    index: HnswIndex,
+    entry: SegmentEntry,
+}
+
+/// HNSW split into time segments; see the module documentation.
+#[derive(Debug)]
+pub struct SegmentedHnsw {
+    config: SegmentsConfig,
+    dim: usize,
+    active: Segment,
+    sealed: Vec<Segment>,
+    /// Listed in the manifest but failed to load: kept there until re-covered by a new seal.
+    lost: Vec<SegmentEntry>,
+    next_segment: u64,
+    sealed_up_to: u64,
+}
+
+impl SegmentedHnsw {
+    /// Opens the index: with `config.dir` holding a manifest, reloads every sealed segment in it.
+    /// A segment whose files are missing or damaged is skipped with a warning and reported by
+    /// [`missing_ranges`](Self::missing_ranges); an unreadable manifest means starting empty
+    /// (the caller then re-inserts everything from the store). Only creating `dir` can fail.
+    pub fn open(config: SegmentsConfig, dim: usize) -> Result<Self, IndexError> {
+        let mut me = SegmentedHnsw {
+            active: Segment::empty(&config, dim, 1),
+            config,
+            dim,
+            sealed: Vec::new(),
+            lost: Vec::new(),
+            next_segment: 1,
+            sealed_up_to: 0,
+        };
+        let Some(dir) = me.config.dir.clone() else {
+            return Ok(me);
+        };
+        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let manifest = match read_manifest(&dir, dim) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "index manifest unreadable: starting with an empty index");
+                return Ok(me);
+            }
+        };
+        if let Some(m) = manifest {
+            me.next_segment = m.next_segment;
+            me.sealed_up_to = m.sealed_up_to;
+            let loaded: Vec<(SegmentEntry, Result<HnswIndex, IndexError>)> = m
+                .segments
+                .into_par_iter()
+                .map(|entry| {
+                    let index = HnswIndex::load(&dir, &entry.basename);
+                    (entry, index)
+                })
+                .collect();
+            for (entry, index) in loaded {
+                match index {
+                    Ok(index) if index.dim() == dim && index.len() == entry.info.count => {
+                        me.sealed.push(Segment { index, entry });
+                    }
+                    Ok(_) => {
+                        tracing::warn!(segment = %entry.basename, "segment does not match the manifest; to be rebuilt");
+                        me.lost.push(entry);
+                    }
+                    Err(e) => {
+                        tracing::warn!(segment = %entry.basename, error = %e, "segment failed to load; to be rebuilt");
+                        me.lost.push(entry);
+                    }
+                }
+            }
+            me.active = Segment::empty(&me.config, dim, me.next_segment);
+        }
+        remove_orphans(&dir, &me.listed());
+        Ok(me)
+    }
+
+    /// Highest prompt id held by sealed segments, loaded or since dropped by retention (0 if
+    /// none); ids in [`missing_ranges`](Self::missing_ranges) are not held despite being lower.
+    /// Prompts with larger ids must be re-inserted: the active segment is not persisted.
+    pub fn covered_up_to(&self) -> u64 {
+        let loaded = self.sealed.iter().map(|s| s.entry.info.last_id);
+        loaded.fold(self.sealed_up_to, u64::max)
+    }
+
+    /// Inclusive id ranges of sealed segments that failed to load. Re-insert their prompts
+    /// before the next seal, which forgets the ranges it overlaps.
+    pub fn missing_ranges(&self) -> Vec<(u64, u64)> {
+        let ranges = self.lost.iter().map(|e| (e.info.first_id, e.info.last_id));
+        ranges.collect()
+    }
+
+    /// Inserts a vector into the active segment.
+    pub fn insert(&mut self, id: u64, timestamp_ms: i64, vector: &[f32]) -> Result<(), IndexError> {
+        self.active.index.insert(id, vector)?;
+        self.active.entry.info.note(id, timestamp_ms);
+        Ok(())
+    }
+
+    /// Inserts many vectors into the active segment on all cores (restart rebuilds, reindex).
+    /// Nothing is inserted unless every vector is valid.
+    pub fn insert_bulk(&mut self, items: &[(u64, i64, Vec<f32>)]) -> Result<(), IndexError> {
+        let refs: Vec<(u64, &[f32])> = items.iter().map(|(id, _, v)| (*id, v.as_slice())).collect();
+        self.active.index.parallel_insert(&refs)?;
+        for (id, ts, _) in items {
+            self.active.entry.info.note(*id, *ts);
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment when it is full or spans more than `segment_span_ms`: dumps it
+    /// (with `dir` set), rewrites the manifest, then starts an empty active segment. Call only
+    /// after the store has committed the inserted prompts. On error nothing changes.
+    pub fn seal_if_due(&mut self) -> Result<bool, IndexError> {
+        let info = self.active.entry.info;
+        let span = info.max_ts.saturating_sub(info.min_ts);
+        let full = info.count >= self.config.max_points_per_segment.max(1);
+        if info.count == 0 || !(full || span > self.config.segment_span_ms) {
+            return Ok(false);
+        }
+        let mut entry = self.active.entry.clone();
+        entry.info.sealed = true;
+        let sealed_up_to = self.sealed_up_to.max(entry.info.last_id);
+        let (forgotten, kept): (Vec<SegmentEntry>, Vec<SegmentEntry>) =
+            self.lost.iter().cloned().partition(|l| {
+                l.info.first_id <= entry.info.last_id && entry.info.first_id <= l.info.last_id
+            });
+        if let Some(dir) = &self.config.dir {
+            self.active.index.dump(dir, &entry.basename)?;
+            let mut segments = self.listed_entries(&kept);
+            segments.push(entry.clone());
+            write_manifest(dir, self.dim, self.next_segment + 1, sealed_up_to, segments)?;
+            remove_segment_files(dir, &forgotten);
+        }
+        self.lost = kept;
+        self.next_segment += 1;
+        self.sealed_up_to = sealed_up_to;
+        let fresh = Segment::empty(&self.config, self.dim, self.next_segment);
+        let old = std::mem::replace(&mut self.active, fresh);
+        self.sealed.push(Segment {
+            index: old.index,
+            entry,
+        });
+        Ok(true)
+    }
+
+    /// Drops the sealed segments (and lost ones) whose newest prompt is older than
+    /// `now_ms − retention_ms`: rewrites the manifest, then deletes their files. Returns how
+    /// many were dropped; 0 without retention or when the manifest cannot be written (logged).
+    pub fn drop_expired(&mut self, now_ms: i64) -> usize {
+        let Some(retention) = self.config.retention_ms else {
+            return 0;
+        };
+        let cutoff = now_ms.saturating_sub(retention);
+        let expired = |e: &SegmentEntry| e.info.max_ts < cutoff;
+        let n_sealed = self.sealed.iter().filter(|s| expired(&s.entry)).count();
+        let n_lost = self.lost.iter().filter(|e| expired(e)).count();
+        if n_sealed + n_lost == 0 {
+            return 0;
+        }
+        let lost: Vec<SegmentEntry> = self.lost.iter().filter(|e| !expired(e)).cloned().collect();
+        if let Some(dir) = &self.config.dir {
+            let mut segments = self.listed_entries(&lost);
+            segments.retain(|e| !expired(e));
+            let (next, up_to) = (self.next_segment, self.covered_up_to());
+            if let Err(e) = write_manifest(dir, self.dim, next, up_to, segments) {
+                tracing::warn!(error = %e, "cannot rewrite the index manifest; expired segments kept");
+                return 0;
+            }
+        }
+        self.sealed_up_to = self.covered_up_to();
+        let (gone, kept): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut self.sealed)
+            .into_iter()
+            .partition(|s| expired(&s.entry));
+        let mut gone: Vec<SegmentEntry> = gone.into_iter().map(|s| s.entry).collect();
+        gone.extend(self.lost.iter().filter(|e| expired(e)).cloned());
+        self.sealed = kept;
+        self.lost = lost;
+        if let Some(dir) = &self.config.dir {
+            remove_segment_files(dir, &gone);
+        }
+        gone.len()
+    }
+
+    /// Like [`search`](VectorSearch::search), but only over segments whose time range overlaps
+    /// `[from_ms, to_ms]` (either bound optional). Prompts are not filtered one by one.
+    pub fn search_range(
+        &self,
+        query: &[f32],
+        k: usize,
+        from_ms: Option<i64>,
+        to_ms: Option<i64>,
+    ) -> Vec<Neighbour> {
+        let mut all: Vec<Neighbour> = std::iter::once(&self.active)
+            .chain(&self.sealed)
+            .filter(|s| s.entry.info.overlaps_time(from_ms, to_ms))
+            .flat_map(|s| s.index.search(query, k))
+            .collect();
+        all.sort_unstable_by(by_similarity);
+        let mut seen = HashSet::with_capacity(all.len());
+        all.retain(|n| seen.insert(n.id));
+        all.truncate(k);
+        all
+    }
+
+    /// Sealed segments in sealing order, then the active one if it holds anything.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let active = Some(self.active.entry.info).filter(|i| i.count > 0);
+        let sealed = self.sealed.iter().map(|s| s.entry.info);
+        sealed.chain(active).collect()
+    }
+
+    /// Number of vectors over all segments.
+    pub fn len(&self) -> usize {
+        self.sealed.iter().map(|s| s.index.len()).sum::<usize>() + self.active.index.len()
+    }
+
+    /// True when no segment holds anything.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Manifest entries of the loaded sealed segments followed by `lost`.
+    fn listed_entries(&self, lost: &[SegmentEntry]) -> Vec<SegmentEntry> {
+        let sealed = self.sealed.iter().map(|s| s.entry.clone());
+        sealed.chain(lost.iter().cloned()).collect()
+    }
+
+    /// Basenames the manifest references.
+    fn listed(&self) -> HashSet<String> {
+        let entries = self.listed_entries(&self.lost);
+        entries.into_iter().map(|e| e.basename).collect()
+    }
+}
+
+impl VectorSearch for SegmentedHnsw {
+    fn search(&self, query: &[f32], k: usize) -> Vec<Neighbour> {
+        self.search_range(query, k, None, None)
+    }
+
+    fn len(&self) -> usize {
+        SegmentedHnsw::len(self)
+    }
+}
+
+impl Segment {
+    fn empty(config: &SegmentsConfig, dim: usize, number: u64) -> Self {
+        let max_elements = config
+            .params
+            .max_elements
+            .min(config.max_points_per_segment);
+        let params = HnswParams {
+            max_elements,
+            ..config.params
+        };
+        let info = SegmentInfo {
+            first_id: 0,
+            last_id: 0,
+            min_ts: 0,
+            max_ts: 0,
+            count: 0,
+            sealed: false,
+        };
+        let basename = format!("seg-{number:06}");
+        Segment {
+            index: HnswIndex::new(params, dim),
+            entry: SegmentEntry { basename, info },
+        }
+    }
+}
+
+/// The manifest in `dir`: `Ok(None)` when there is none yet.
+fn read_manifest(dir: &Path, dim: usize) -> Result<Option<Manifest>, IndexError> {
+    let path = dir.join(MANIFEST);
+    let raw = match fs::read(&path) {
+        Ok(raw) => raw,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path, e)),
+    };
+    let m: Manifest = serde_json::from_slice(&raw)
+        .map_err(|e| IndexError::Io(format!("{}: {e}", path.display())))?;
+    if m.format != MANIFEST_FORMAT || m.dim != dim {
+        let why = format!(
+            "format {} dim {}, expected {MANIFEST_FORMAT} / {dim}",
+            m.format, m.dim
+        );
+        return Err(IndexError::Io(format!("{}: {why}", path.display())));
+    }
+    Ok(Some(m))
+}
+
+fn write_manifest(
+    dir: &Path,
+    dim: usize,
+    next_segment: u64,
+    sealed_up_to: u64,
+    segments: Vec<SegmentEntry>,
+) -> Result<(), IndexError> {
+    let m = Manifest {
+        format: MANIFEST_FORMAT,
+        dim,
+        next_segment,
+        sealed_up_to,
+        segments,
+    };
+    let json = serde_json::to_vec_pretty(&m).map_err(|e| IndexError::Io(e.to_string()))?;
+    write_atomic(&dir.join(MANIFEST), &json)
+}
+
+/// Best-effort removal of the dump files of `entries`.
+fn remove_segment_files(dir: &Path, entries: &[SegmentEntry]) {
+    for e in entries {
+        for ext in ["meta.json", "graph", "data"] {
+            let path = dir.join(format!("{}.hnsw.{ext}", e.basename));
+            if let Err(err) = fs::remove_file(&path)
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %err, "cannot remove segment file");
+            }
+        }
+    }
+    sync_dir(dir);
+}
+
+/// Deletes leftovers of interrupted seals and drops: temporary files, and segment files the
+/// manifest does not list. Only names this module writes are touched.
+fn remove_orphans(dir: &Path, listed: &HashSet<String>) {
+    let Ok(read) = fs::read_dir(dir) else { return };
+    for entry in read.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with("seg-") || name.starts_with(MANIFEST);
+        let orphan = match name.split_once(".hnsw.") {
+            _ if name.ends_with(".tmp") => true,
+            Some((base, _)) => !listed.contains(base),
+            None => false,
+        };
+        if ours && orphan {
+            tracing::info!(file = %name, "removing leftover index file");
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::super::distance::testdata::unit_vectors;
+    use super::*;
+
+    const DIM: usize = 24;
+
+    fn config(dir: Option<&Path>, max_points: usize) -> SegmentsConfig {
+        SegmentsConfig {
+            params: HnswParams {
+                max_elements: 1_000,
+                ..HnswParams::default()
+            },
+            max_points_per_segment: max_points,
+            dir: dir.map(Path::to_path_buf),
+            ..SegmentsConfig::default()
+        }
+    }
+
+    /// Inserts `vs` with ids `first_id..` at one second apart from `t0`, sealing when due.
+    fn feed(idx: &mut SegmentedHnsw, vs: &[Vec<f32>], first_id: u64, t0: i64) -> usize {
+        let mut seals = 0;
+        for (i, v) in vs.iter().enumerate() {
+            idx.insert(first_id + i as u64, t0 + 1_000 * i as i64, v)
+                .unwrap();
+            seals += usize::from(idx.seal_if_due().unwrap());
+        }
+        seals
+    }
+
+    fn top1(idx: &SegmentedHnsw, v: &[f32]) -> u64 {
+        idx.search(v, 1)[0].id
+    }
+
+    #[test]
+    fn seals_by_size_and_searches_every_segment() {
+        let vs = unit_vectors(30, 250, DIM);
+        let mut idx = SegmentedHnsw::open(config(None, 100), DIM).unwrap();
+        assert_eq!(feed(&mut idx, &vs, 1, 0), 2);
+        let segs = idx.segments();
+        assert_eq!(segs.len(), 3);
+        assert_eq!(
+            (
+                segs[0].first_id,
+                segs[0].last_id,
+                segs[0].count,
+                segs[0].sealed
+            ),
+            (1, 100, 100, true)
+        );
+        assert_eq!((segs[1].min_ts, segs[1].max_ts), (100_000, 199_000));
+        assert_eq!((segs[2].count, segs[2].sealed), (50, false));
+        assert_eq!((idx.len(), idx.covered_up_to()), (250, 200));
+        for (i, v) in vs.iter().enumerate() {
+            assert_eq!(top1(&idx, v), i as u64 + 1);
+        }
+        let found = idx.search(&vs[0], 30);
+        assert_eq!(found.len(), 30);
+        assert!(
+            found
+                .windows(2)
+                .all(|w| by_similarity(&w[0], &w[1]).is_le())
+        );
+        // Time filtering skips whole segments.
+        let late = idx.search_range(&vs[0], 5, Some(200_000), None);
+        assert!(late.iter().all(|n| n.id > 200));
+        assert!(idx.search_range(&vs[0], 5, None, Some(-1)).is_empty());
+    }
+
+    #[test]
+    fn seals_by_time_span() {
+        let vs = unit_vectors(31, 40, DIM);
+        let cfg = SegmentsConfig {
+            segment_span_ms: 9_500,
+            ..config(None, 1_000)
+        };
+        let mut idx = SegmentedHnsw::open(cfg, DIM).unwrap();
+        assert_eq!(feed(&mut idx, &vs, 1, 0), 3);
+        let counts: Vec<usize> = idx.segments().iter().map(|s| s.count).collect();
+        assert_eq!(counts, vec![11, 11, 11, 7]);
+    }
+
+    #[test]
+    fn dump_reload_is_identical_and_accepts_inserts() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = unit_vectors(32, 900, DIM);
+        let queries = unit_vectors(33, 20, DIM);
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 300), DIM).unwrap();
+        assert_eq!(feed(&mut idx, &vs, 1, 0), 3);
+        let before: Vec<_> = queries.iter().map(|q| idx.search(q, 10)).collect();
+        drop(idx);
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 300), DIM).unwrap();
+        assert_eq!(
+            (idx.len(), idx.covered_up_to(), idx.missing_ranges()),
+            (900, 900, vec![])
+        );
+        assert_eq!(idx.segments().len(), 3);
+        let after: Vec<_> = queries.iter().map(|q| idx.search(q, 10)).collect();
+        assert_eq!(before, after);
+        // New inserts land in a fresh active segment; the next seal gets a new name.
+        let more = unit_vectors(34, 300, DIM);
+        let items: Vec<(u64, i64, Vec<f32>)> = more
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (901 + i as u64, 900_000, v.clone()))
+            .collect();
+        idx.insert_bulk(&items).unwrap();
+        assert_eq!(top1(&idx, &more[7]), 908);
+        assert!(idx.seal_if_due().unwrap());
+        drop(idx);
+        let idx = SegmentedHnsw::open(config(Some(dir.path()), 300), DIM).unwrap();
+        assert_eq!(
+            (idx.len(), idx.covered_up_to(), idx.segments().len()),
+            (1_200, 1_200, 4)
+        );
+        assert_eq!(top1(&idx, &more[7]), 908);
+        assert_eq!(top1(&idx, &vs[7]), 8);
+    }
+
+    #[test]
+    fn retention_drops_whole_segments_and_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = unit_vectors(35, 100, DIM);
+        let cfg = SegmentsConfig {
+            retention_ms: Some(50_000),
+            ..config(Some(dir.path()), 20)
+        };
+        let mut idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
+        assert_eq!(feed(&mut idx, &vs, 1, 0), 5);
+        assert_eq!(idx.drop_expired(10_000), 0);
+        // Cutoff 50_000: segments with max_ts 19_000 and 39_000 go.
+        assert_eq!(idx.drop_expired(100_000), 2);
+        assert_eq!(idx.len(), 60);
+        assert!(!dir.path().join("seg-000001.hnsw.graph").exists());
+        assert!(dir.path().join("seg-000003.hnsw.graph").exists());
+        drop(idx);
+        let idx = SegmentedHnsw::open(cfg, DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (60, 100));
+        assert_eq!(idx.segments()[0].first_id, 41);
+    }
+
+    #[test]
+    fn damaged_segments_are_reported_then_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = unit_vectors(36, 90, DIM);
+        let cfg = config(Some(dir.path()), 30);
+        let mut idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
+        assert_eq!(feed(&mut idx, &vs, 1, 0), 3);
+        drop(idx);
+        let path = |n: u32, ext: &str| dir.path().join(format!("seg-{n:06}.hnsw.{ext}"));
+        let mut data = fs::read(path(2, "data")).unwrap();
+        data.truncate(data.len() - 7);
+        fs::write(path(2, "data"), data).unwrap();
+        fs::remove_file(path(3, "graph")).unwrap();
+        let idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
+        assert_eq!(idx.missing_ranges(), vec![(31, 60), (61, 90)]);
+        assert_eq!((idx.len(), idx.covered_up_to()), (30, 90));
+        assert_eq!(top1(&idx, &vs[3]), 4);
+        // Still missing after a restart without a rebuild.
+        drop(idx);
+        let mut idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
+        assert_eq!(idx.missing_ranges().len(), 2);
+        let rebuild: Vec<(u64, i64, Vec<f32>)> = (30..90)
+            .map(|i| (i as u64 + 1, 1_000 * i as i64, vs[i].clone()))
+            .collect();
+        idx.insert_bulk(&rebuild).unwrap();
+        assert!(idx.seal_if_due().unwrap());
+        assert!(idx.missing_ranges().is_empty());
+        drop(idx);
+        let idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
+        assert_eq!((idx.len(), idx.missing_ranges()), (90, vec![]));
+        assert_eq!(top1(&idx, &vs[50]), 51);
+        assert!(!path(2, "data").exists());
+        // A garbled manifest means an empty index (rebuilt from the store), not a panic.
+        fs::write(dir.path().join(MANIFEST), b"\x00garbage").unwrap();
+        let idx = SegmentedHnsw::open(cfg, DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (0, 0));
+    }
+
+    #[test]
+    fn duplicate_vectors_do_not_panic() {
+        let v = unit_vectors(37, 1, DIM).remove(0);
+        let mut idx = SegmentedHnsw::open(config(None, 40), DIM).unwrap();
+        for id in 1..=100u64 {
+            idx.insert(id, 0, &v).unwrap();
+            idx.seal_if_due().unwrap();
+        }
+        let bulk: Vec<(u64, i64, Vec<f32>)> = (101..=200).map(|id| (id, 0, v.clone())).collect();
+        idx.insert_bulk(&bulk).unwrap();
+        let found = idx.search(&v, 10);
+        assert_eq!(found.len(), 10);
+        assert!(found.iter().all(|n| (n.similarity - 1.0).abs() < 1e-5));
+    }
+}
