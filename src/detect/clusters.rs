@@ -1,0 +1,431 @@
+//! Cluster bookkeeping: a union-find over prompt ids (a prompt that links to earlier prompts of
+//! several clusters merges them), per-cluster statistics and per-account statistics.
+//!
+//! Prompt ids are dense and increasing, so the union-find is a plain `Vec` indexed by id.
+//! Accounts are interned to `u32` to keep per-cluster maps small.
+
+use std::collections::{HashMap, HashSet};
+
+use super::scoring::{account_score, campaign_score};
+use super::{Action, DetectorConfig, Verdict};
+
+/// Sample prompt ids kept per cluster (for templates and examples).
+const SAMPLES: usize = 8;
+
+/// One prompt as the detector sees it: who, when, which text (by hash) and its links.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    /// The prompt's id (increasing).
+    pub id: u64,
+    /// Sending account.
+    pub account_id: &'a str,
+    /// Send time, ms since the epoch.
+    pub timestamp_ms: i64,
+    /// Normalised-text hash (verbatim repeats share it).
+    pub text_hash: u64,
+    /// Earlier prompt ids above the similarity threshold.
+    pub links: &'a [u64],
+}
+
+#[derive(Debug, Default)]
+struct ClusterStats {
+    prompts: u64,
+    accounts: HashMap<u32, u64>,
+    texts: HashSet<u64>,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    /// First prompt ids of distinct accounts, up to `SAMPLES`.
+    samples: Vec<u64>,
+}
+
+#[derive(Debug, Default)]
+struct AccountStats {
+    prompts: u64,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    /// Prompt count by the cluster id the prompt joined (resolve with `find`).
+    clusters: HashMap<u64, u64>,
+}
+
+/// A cluster as analysts see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CampaignSummary {
+    /// Root prompt id of the cluster.
+    pub id: u64,
+    /// Campaign score in [0, 1].
+    pub score: f32,
+    /// Distinct accounts.
+    pub accounts: u32,
+    /// Member prompts.
+    pub prompts: u64,
+    /// Distinct normalised texts among them.
+    pub distinct_prompts: u64,
+    /// First and last send time.
+    pub first_seen_ms: i64,
+    /// Last send time.
+    pub last_seen_ms: i64,
+    /// Accounts with the most prompts here, most first (up to 10).
+    pub top_accounts: Vec<(String, u64)>,
+    /// Sample member prompt ids (first prompts of distinct accounts).
+    pub samples: Vec<u64>,
+}
+
+/// An account's verdict and the evidence behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountSummary {
+    /// The account id.
+    pub account_id: String,
+    /// Score in [0, 1].
+    pub score: f32,
+    /// The action for that score.
+    pub action: Action,
+    /// Whether the score reaches the review threshold.
+    pub flagged: bool,
+    /// Prompts sent.
+    pub prompts: u64,
+    /// Prompts that sit in campaigns.
+    pub campaign_prompts: u64,
+    /// The campaigns it takes part in, most prompts first.
+    pub campaigns: Vec<u64>,
+    /// First send time.
+    pub first_seen_ms: i64,
+    /// Last send time.
+    pub last_seen_ms: i64,
+}
+
+/// The detector state: clusters of prompts and the accounts sending them.
+pub struct Detector {
+    config: DetectorConfig,
+    /// parent[id] for union-find; ids never seen point to themselves.
+    parent: Vec<u64>,
+    clusters: HashMap<u64, ClusterStats>,
+    accounts: HashMap<u32, AccountStats>,
+    account_ids: HashMap<String, u32>,
+    account_names: Vec<String>,
+}
+
+impl Detector {
+    /// An empty detector.
+    pub fn new(config: DetectorConfig) -> Self {
+        Self {
+            config,
+            parent: Vec::new(),
+            clusters: HashMap::new(),
+            accounts: HashMap::new(),
+            account_ids: HashMap::new(),
+            account_names: Vec::new(),
+        }
+    }
+
+    /// The thresholds in force.
+    pub fn config(&self) -> &DetectorConfig {
+        &self.config
+    }
+
+    /// Records one prompt (ingest and replay alike) and returns its verdict.
+    pub fn observe(&mut self, obs: Observation<'_>) -> Verdict {
+        self.ensure(obs.id);
+        let acct = self.intern(obs.account_id);
+        let mut root = obs.id;
+        let mut stats = ClusterStats {
+            prompts: 1,
+            accounts: HashMap::from([(acct, 1)]),
+            texts: HashSet::from([obs.text_hash]),
+            first_seen_ms: obs.timestamp_ms,
+            last_seen_ms: obs.timestamp_ms,
+            samples: vec![obs.id],
+        };
+        for &link in obs.links {
+            if link >= obs.id {
+                continue; // links only point back in time; anything else is not ours to trust
+            }
+            let other = self.find(link);
+            if other == root {
+                continue;
+            }
+            let Some(other_stats) = self.clusters.remove(&other) else { continue };
+            // Union by size: the bigger cluster's root survives.
+            let (keep, keep_stats, gone, gone_stats) = if other_stats.prompts >= stats.prompts {
+                (other, other_stats, root, stats)
+            } else {
+                (root, stats, other, other_stats)
+            };
+            self.parent[gone as usize] = keep;
+            root = keep;
+            stats = merge(keep_stats, gone_stats);
+        }
+        self.parent[obs.id as usize] = root;
+        self.clusters.insert(root, stats);
+
+        let a = self.accounts.entry(acct).or_default();
+        if a.prompts == 0 {
+            a.first_seen_ms = obs.timestamp_ms;
+        }
+        a.prompts += 1;
+        a.first_seen_ms = a.first_seen_ms.min(obs.timestamp_ms);
+        a.last_seen_ms = a.last_seen_ms.max(obs.timestamp_ms);
+        *a.clusters.entry(root).or_default() += 1;
+
+        let summary = self.account_summary(acct);
+        let (campaign_score, cluster_accounts) = self.cluster_score(root);
+        Verdict {
+            prompt_id: obs.id,
+            cluster_id: root,
+            campaign_id: (campaign_score >= self.config.campaign_score).then_some(root),
+            action: summary.action,
+            score: summary.score,
+            campaign_score,
+            cluster_accounts,
+            neighbours: obs.links.len() as u32,
+        }
+    }
+
+    /// The cluster root of a prompt id (the id itself if unknown). Does not compress paths, so
+    /// it works on a shared reference.
+    pub fn cluster_of(&self, id: u64) -> u64 {
+        let mut x = id;
+        while let Some(&p) = self.parent.get(x as usize) {
+            if p == x {
+                break;
+            }
+            x = p;
+        }
+        x
+    }
+
+    /// Clusters scoring at least `min_score` as campaigns, highest score first (ties: more accounts).
+    pub fn campaigns(&self, min_score: f32) -> Vec<CampaignSummary> {
+        let mut out: Vec<CampaignSummary> = self
+            .clusters
+            .keys()
+            .filter_map(|&root| self.campaign(root))
+            .filter(|c| c.score >= min_score && c.score > 0.0)
+            .collect();
+        out.sort_by(|a, b| b.score.total_cmp(&a.score).then(b.accounts.cmp(&a.accounts)).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// The cluster containing prompt `id`, if that prompt is known.
+    pub fn campaign(&self, id: u64) -> Option<CampaignSummary> {
+        let root = self.cluster_of(id);
+        let c = self.clusters.get(&root)?;
+        let mut top: Vec<(u32, u64)> = c.accounts.iter().map(|(&a, &n)| (a, n)).collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        top.truncate(10);
+        Some(CampaignSummary {
+            id: root,
+            score: self.cluster_score(root).0,
+            accounts: c.accounts.len() as u32,
+            prompts: c.prompts,
+            distinct_prompts: c.texts.len() as u64,
+            first_seen_ms: c.first_seen_ms,
+            last_seen_ms: c.last_seen_ms,
+            top_accounts: top.into_iter().map(|(a, n)| (self.account_names[a as usize].clone(), n)).collect(),
+            samples: c.samples.clone(),
+        })
+    }
+
+    /// The account's summary, if it has sent anything.
+    pub fn account(&self, account_id: &str) -> Option<AccountSummary> {
+        self.account_ids.get(account_id).map(|&a| self.account_summary(a))
+    }
+
+    /// Every account's summary, highest score first (ties: account id).
+    pub fn accounts(&self) -> Vec<AccountSummary> {
+        let mut out: Vec<AccountSummary> = self.accounts.keys().map(|&a| self.account_summary(a)).collect();
+        out.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.account_id.cmp(&b.account_id)));
+        out
+    }
+
+    /// Number of prompts observed.
+    pub fn prompts(&self) -> u64 {
+        self.accounts.values().map(|a| a.prompts).sum()
+    }
+
+    fn cluster_score(&self, root: u64) -> (f32, u32) {
+        match self.clusters.get(&root) {
+            Some(c) => {
+                let accounts = c.accounts.len() as u32;
+                (campaign_score(accounts, c.prompts, c.texts.len() as u64, self.config.campaign_accounts), accounts)
+            }
+            None => (0.0, 0),
+        }
+    }
+
+    fn account_summary(&self, acct: u32) -> AccountSummary {
+        let a = &self.accounts[&acct];
+        let mut by_root: HashMap<u64, u64> = HashMap::new();
+        for (&c, &n) in &a.clusters {
+            *by_root.entry(self.cluster_of(c)).or_default() += n;
+        }
+        let mut campaigns = Vec::new();
+        let mut campaign_prompts = 0;
+        let mut weighted = Vec::with_capacity(by_root.len());
+        for (&root, &n) in &by_root {
+            let s = self.cluster_score(root).0;
+            weighted.push((n, s));
+            if s >= self.config.campaign_score {
+                campaigns.push((root, n));
+                campaign_prompts += n;
+            }
+        }
+        campaigns.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+        let score = account_score(a.prompts, weighted);
+        AccountSummary {
+            account_id: self.account_names[acct as usize].clone(),
+            score,
+            action: self.config.action(score),
+            flagged: score >= self.config.review_score,
+            prompts: a.prompts,
+            campaign_prompts,
+            campaigns: campaigns.into_iter().map(|(r, _)| r).collect(),
+            first_seen_ms: a.first_seen_ms,
+            last_seen_ms: a.last_seen_ms,
+        }
+    }
+
+    fn ensure(&mut self, id: u64) {
+        let want = id as usize + 1;
+        if self.parent.len() < want {
+            let start = self.parent.len() as u64;
+            self.parent.extend(start..want as u64);
+        }
+    }
+
+    fn find(&mut self, id: u64) -> u64 {
+        self.ensure(id);
+        let mut x = id;
+        while self.parent[x as usize] != x {
+            let grand = self.parent[self.parent[x as usize] as usize];
+            self.parent[x as usize] = grand; // path halving
+            x = grand;
+        }
+        x
+    }
+
+    fn intern(&mut self, account_id: &str) -> u32 {
+        if let Some(&a) = self.account_ids.get(account_id) {
+            return a;
+        }
+        let a = self.account_names.len() as u32;
+        self.account_names.push(account_id.to_string());
+        self.account_ids.insert(account_id.to_string(), a);
+        a
+    }
+}
+
+fn merge(mut keep: ClusterStats, gone: ClusterStats) -> ClusterStats {
+    keep.prompts += gone.prompts;
+    for (a, n) in gone.accounts {
+        *keep.accounts.entry(a).or_default() += n;
+    }
+    keep.texts.extend(gone.texts);
+    keep.first_seen_ms = keep.first_seen_ms.min(gone.first_seen_ms);
+    keep.last_seen_ms = keep.last_seen_ms.max(gone.last_seen_ms);
+    for s in gone.samples {
+        if keep.samples.len() >= SAMPLES {
+            break;
+        }
+        keep.samples.push(s);
+    }
+    keep.samples.sort_unstable();
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs<'a>(id: u64, account: &'a str, hash: u64, links: &'a [u64]) -> Observation<'a> {
+        Observation { id, account_id: account, timestamp_ms: id as i64 * 1000, text_hash: hash, links }
+    }
+
+    #[test]
+    fn unlinked_prompts_stay_alone_and_allowed() {
+        let mut d = Detector::new(DetectorConfig::default());
+        let v = d.observe(obs(1, "a", 1, &[]));
+        assert_eq!((v.cluster_id, v.campaign_id, v.action, v.neighbours), (1, None, Action::Allow, 0));
+        let v = d.observe(obs(2, "b", 2, &[]));
+        assert_eq!(v.cluster_id, 2);
+        assert!(d.campaigns(0.0).is_empty());
+    }
+
+    #[test]
+    fn template_across_many_accounts_becomes_a_campaign_and_flags_them() {
+        let mut d = Detector::new(DetectorConfig::default());
+        let mut last = None;
+        for i in 1..=12u64 {
+            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
+            last = Some(d.observe(obs(i, &format!("acct-{i}"), 100 + i, &links)));
+        }
+        let v = last.unwrap();
+        assert_eq!(v.cluster_accounts, 12);
+        assert!(v.campaign_score > 0.9, "{}", v.campaign_score);
+        assert_eq!(v.campaign_id, Some(v.cluster_id));
+        assert_eq!(v.action, Action::Block);
+        let c = d.campaigns(0.5);
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].accounts, c[0].prompts, c[0].distinct_prompts), (12, 12, 12));
+        assert!(d.accounts().iter().all(|a| a.flagged));
+    }
+
+    #[test]
+    fn verbatim_popular_prompt_is_not_a_campaign() {
+        let mut d = Detector::new(DetectorConfig::default());
+        for i in 1..=50u64 {
+            let links: Vec<u64> = if i == 1 { vec![] } else { vec![1] };
+            d.observe(obs(i, &format!("user-{i}"), 7, &links)); // same text hash
+        }
+        assert!(d.campaigns(0.01).is_empty());
+        assert!(d.accounts().iter().all(|a| !a.flagged));
+    }
+
+    #[test]
+    fn one_account_batch_job_is_not_a_campaign() {
+        let mut d = Detector::new(DetectorConfig::default());
+        for i in 1..=200u64 {
+            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
+            d.observe(obs(i, "batch-job", i, &links));
+        }
+        assert!(!d.account("batch-job").unwrap().flagged);
+    }
+
+    #[test]
+    fn bridge_merges_clusters_and_old_ids_resolve() {
+        let mut d = Detector::new(DetectorConfig::default());
+        d.observe(obs(1, "a", 1, &[]));
+        d.observe(obs(2, "b", 2, &[1]));
+        d.observe(obs(3, "c", 3, &[]));
+        d.observe(obs(4, "d", 4, &[3]));
+        let v = d.observe(obs(5, "e", 5, &[2, 4]));
+        assert_eq!(v.cluster_accounts, 5);
+        for id in 1..=5 {
+            assert_eq!(d.cluster_of(id), v.cluster_id);
+        }
+        assert_eq!(d.campaign(3).unwrap().prompts, 5);
+    }
+
+    #[test]
+    fn account_mostly_organic_stays_low() {
+        let mut d = Detector::new(DetectorConfig::default());
+        for i in 1..=10u64 {
+            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
+            d.observe(obs(i, &format!("bot-{i}"), i, &links));
+        }
+        // "mixed" sends one prompt into the campaign and nine unrelated ones.
+        d.observe(obs(11, "mixed", 11, &[10]));
+        for i in 12..=20u64 {
+            d.observe(obs(i, "mixed", i, &[]));
+        }
+        let m = d.account("mixed").unwrap();
+        assert_eq!(m.campaign_prompts, 1);
+        assert!(!m.flagged, "{m:?}");
+    }
+
+    #[test]
+    fn bogus_links_are_ignored() {
+        let mut d = Detector::new(DetectorConfig::default());
+        let v = d.observe(obs(1, "a", 1, &[1, 5, 99]));
+        assert_eq!(v.cluster_id, 1);
+    }
+}

@@ -1,0 +1,131 @@
+//! Lexical template evidence. Whole-prompt embeddings are dominated by the slot: two prompts of
+//! one template ("…explain your reasoning… Task: implement an LRU cache" vs "…Task: parse ISO
+//! dates") can have cosine 0.25–0.5, so the embedding threshold alone misses templates. A
+//! template's fixed wording, though, shows as the same leading or trailing words. This module
+//! derives *template keys* — the first and the last [`KEY_TOKENS`] normalised tokens of prompts
+//! long enough to also carry a slot — and remembers the latest prompt per key, so a new prompt
+//! links to an earlier one of the same template whatever its slot says.
+//!
+//! A key alone proves little (organic prompts share openers too); the cluster's distinct accounts,
+//! text diversity and each account's concentration decide (see `scoring`).
+
+use std::collections::HashMap;
+
+/// Tokens in a key. Long enough that ordinary openers ("what is the best way to") do not fill it.
+pub const KEY_TOKENS: usize = 8;
+/// A prompt needs this many tokens beyond a key to get keys (the rest is the slot).
+pub const MIN_SLOT_TOKENS: usize = 3;
+
+/// Normalised tokens: lower-case, trimmed of punctuation at both ends, digits folded to `0`,
+/// empty tokens dropped.
+pub fn tokens(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .chars()
+                .map(|c| if c.is_ascii_digit() { '0' } else { c })
+                .flat_map(char::to_lowercase)
+                .collect::<String>()
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// The template keys of a prompt: a head key and a tail key, or none for short prompts.
+pub fn keys(text: &str) -> Vec<u64> {
+    let t = tokens(text);
+    if t.len() < KEY_TOKENS + MIN_SLOT_TOKENS {
+        return Vec::new();
+    }
+    let hash = |tag: &[u8], words: &[String]| {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(tag);
+        for w in words {
+            h.update(w.as_bytes());
+            h.update(b"\x1f");
+        }
+        h.digest()
+    };
+    vec![hash(b"head", &t[..KEY_TOKENS]), hash(b"tail", &t[t.len() - KEY_TOKENS..])]
+}
+
+/// Latest prompt id per template key.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    latest: HashMap<u64, u64>,
+}
+
+impl KeyIndex {
+    /// Links of prompt `id` with `keys` (the latest earlier prompt per key), and records `id`.
+    pub fn link(&mut self, id: u64, keys: &[u64]) -> Vec<u64> {
+        let mut links = Vec::with_capacity(keys.len());
+        for &k in keys {
+            if let Some(prev) = self.latest.insert(k, id) {
+                if prev < id && !links.contains(&prev) {
+                    links.push(prev);
+                }
+            }
+        }
+        links
+    }
+
+    /// Records `id` under `keys` without linking (replay: the links are already stored).
+    pub fn record(&mut self, id: u64, keys: &[u64]) {
+        for &k in keys {
+            self.latest.insert(k, id);
+        }
+    }
+
+    /// Keys remembered.
+    pub fn len(&self) -> usize {
+        self.latest.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.latest.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: &str = "You are an expert programmer. Think step by step and explain your reasoning, then solve: ";
+
+    #[test]
+    fn same_template_different_slots_share_the_head_key() {
+        let a = keys(&format!("{T}reverse a linked list in place"));
+        let b = keys(&format!("{T}parse ISO 8601 dates with time zones"));
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0], b[0], "head keys match");
+        assert_ne!(a[1], b[1], "tail keys differ (the slot is at the end)");
+    }
+
+    #[test]
+    fn normalisation_ignores_case_punctuation_and_digits() {
+        assert_eq!(tokens("Hello, WORLD!! Task 17: x"), vec!["hello", "world", "task", "00", "x"]);
+        let a = keys("Answer question 12 of the exam carefully and in detail please: what is a cell");
+        let b = keys("answer Question 99 of the exam, carefully and in detail please - why do cats purr");
+        assert_eq!(a[0], b[0]);
+    }
+
+    #[test]
+    fn short_prompts_and_ordinary_openers_get_no_shared_key() {
+        assert!(keys("what is the best way to learn rust").is_empty());
+        let a = keys("what is the best way to learn rust as a python developer with little time");
+        let b = keys("what is the best way to cook rice so that it does not stick to the pot");
+        assert_ne!(a[0], b[0], "8 tokens reach into the slot");
+    }
+
+    #[test]
+    fn index_links_to_the_latest_prompt_per_key() {
+        let mut idx = KeyIndex::default();
+        assert!(idx.link(1, &[10, 20]).is_empty());
+        assert_eq!(idx.link(2, &[10, 30]), vec![1]);
+        assert_eq!(idx.link(3, &[10, 20]), vec![2, 1]);
+        idx.record(4, &[30]);
+        assert_eq!(idx.link(5, &[30]), vec![4]);
+        assert_eq!(idx.len(), 3);
+    }
+}

@@ -1,0 +1,68 @@
+//! Campaign and account scores. Kept apart from the cluster bookkeeping so that the formulas are
+//! easy to read and to test.
+//!
+//! - Campaign score = account factor × diversity factor.
+//!   - account factor = 1 − exp(−(A − 1) / (C − 1)) for A distinct accounts and C =
+//!     `campaign_accounts`: 0 for one account, ≈ 0.63 at C, → 1 as A grows.
+//!   - diversity factor = clamp((D/N − 0.1) / 0.3, 0, 1) for D distinct texts among N prompts:
+//!     a popular prompt sent verbatim by hundreds of accounts has D/N ≈ 0 and scores 0; a harvester
+//!     that varies its slots has D/N ≈ 1.
+//! - Account score = Σ over the account's clusters of (its prompts there × campaign score), divided
+//!   by the account's prompts: the share of its traffic that sits in campaigns, weighted by how
+//!   sure each campaign is. An account that mostly sends unrelated prompts stays low even if a few
+//!   of them land in a campaign cluster.
+
+/// Campaign score of a cluster with `accounts` distinct accounts, `prompts` members and
+/// `distinct_texts` distinct normalised texts.
+pub fn campaign_score(accounts: u32, prompts: u64, distinct_texts: u64, campaign_accounts: u32) -> f32 {
+    if accounts <= 1 || prompts == 0 {
+        return 0.0;
+    }
+    let c = campaign_accounts.max(2) as f32;
+    let account_factor = 1.0 - (-((accounts - 1) as f32) / (c - 1.0)).exp();
+    let ratio = distinct_texts as f32 / prompts as f32;
+    let diversity = ((ratio - 0.1) / 0.3).clamp(0.0, 1.0);
+    account_factor * diversity
+}
+
+/// Account score from its per-cluster prompt counts and those clusters' campaign scores.
+pub fn account_score(prompts: u64, per_cluster: impl IntoIterator<Item = (u64, f32)>) -> f32 {
+    if prompts == 0 {
+        return 0.0;
+    }
+    let weighted: f32 = per_cluster.into_iter().map(|(n, s)| n as f32 * s).sum();
+    (weighted / prompts as f32).clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_account_is_never_a_campaign() {
+        assert_eq!(campaign_score(1, 10_000, 10_000, 5), 0.0);
+    }
+
+    #[test]
+    fn grows_with_accounts() {
+        let s2 = campaign_score(2, 10, 10, 5);
+        let s5 = campaign_score(5, 10, 10, 5);
+        let s50 = campaign_score(50, 100, 100, 5);
+        assert!(s2 < s5 && s5 < s50, "{s2} {s5} {s50}");
+        assert!((s5 - (1.0 - (-1.0f32).exp())).abs() < 1e-6);
+        assert!(s50 > 0.99);
+    }
+
+    #[test]
+    fn verbatim_popular_prompt_scores_zero() {
+        // 300 accounts sending the same 2 texts.
+        assert_eq!(campaign_score(300, 300, 2, 5), 0.0);
+    }
+
+    #[test]
+    fn account_score_is_weighted_share() {
+        assert_eq!(account_score(0, []), 0.0);
+        assert!((account_score(10, [(9, 1.0), (1, 0.0)]) - 0.9).abs() < 1e-6);
+        assert!((account_score(10, [(2, 1.0)]) - 0.2).abs() < 1e-6);
+    }
+}
