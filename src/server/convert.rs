@@ -1,0 +1,102 @@
+//! Conversions between engine types and protobuf messages.
+
+use crate::detect::{AccountSummary, Action, Verdict};
+use crate::engine::{CampaignView, Hit};
+use crate::proto;
+
+/// Protobuf action of a detector action.
+pub fn action(a: Action) -> proto::Action {
+    match a {
+        Action::Allow => proto::Action::Allow,
+        Action::Review => proto::Action::Review,
+        Action::Block => proto::Action::Block,
+    }
+}
+
+/// A check response for a verdict.
+pub fn check_response(request_id: String, account_id: String, v: &Verdict, micros: u64) -> proto::CheckResponse {
+    proto::CheckResponse {
+        request_id,
+        prompt_id: v.prompt_id,
+        account_id,
+        action: action(v.action) as i32,
+        score: v.score,
+        campaign_id: v.campaign_id,
+        neighbours: v.neighbours,
+        campaign_score: v.campaign_score,
+        cluster_accounts: v.cluster_accounts,
+        error: None,
+        server_micros: micros,
+    }
+}
+
+/// A stream item that failed, carrying its status code and message.
+pub fn check_error(request_id: String, account_id: String, status: &tonic::Status) -> proto::CheckResponse {
+    proto::CheckResponse {
+        request_id,
+        account_id,
+        error: Some(proto::ItemError { code: format!("{:?}", status.code()), message: status.message().to_string() }),
+        ..Default::default()
+    }
+}
+
+/// A search hit.
+pub fn hit(h: Hit) -> proto::SearchHit {
+    proto::SearchHit {
+        prompt_id: h.record.id,
+        account_id: h.record.account_id,
+        timestamp_ms: h.record.timestamp_ms,
+        similarity: h.similarity,
+        prompt: h.record.text,
+        cluster_id: h.cluster_id,
+    }
+}
+
+/// A campaign.
+pub fn campaign(c: CampaignView) -> proto::Campaign {
+    let s = c.summary;
+    proto::Campaign {
+        campaign_id: s.id,
+        score: s.score,
+        template: c.template,
+        accounts: s.accounts,
+        prompts: s.prompts,
+        distinct_prompts: s.distinct_prompts,
+        first_seen_ms: s.first_seen_ms,
+        last_seen_ms: s.last_seen_ms,
+        top_accounts: s
+            .top_accounts
+            .into_iter()
+            .map(|(account_id, prompts)| proto::AccountCount { account_id, prompts })
+            .collect(),
+        examples: c.examples,
+    }
+}
+
+/// An account with a plain-language reason.
+pub fn account(a: AccountSummary) -> proto::Account {
+    let reason = if a.campaign_prompts == 0 {
+        format!("none of its {} prompts is in a multi-account campaign", a.prompts)
+    } else {
+        format!(
+            "{} of its {} prompts ({:.0}%) are in {} campaign(s) shared with other accounts; score {:.2}",
+            a.campaign_prompts,
+            a.prompts,
+            100.0 * a.campaign_prompts as f64 / a.prompts.max(1) as f64,
+            a.campaigns.len(),
+            a.score
+        )
+    };
+    proto::Account {
+        account_id: a.account_id,
+        flagged: a.flagged,
+        score: a.score,
+        action: action(a.action) as i32,
+        prompts: a.prompts,
+        campaign_prompts: a.campaign_prompts,
+        campaigns: a.campaigns,
+        first_seen_ms: a.first_seen_ms,
+        last_seen_ms: a.last_seen_ms,
+        reason,
+    }
+}

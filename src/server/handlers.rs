@@ -1,0 +1,200 @@
+//! The `promptradar.v1.Radar` handlers. Each validates, calls the engine or the pipeline, and
+//! converts; compute (HNSW search, listing) runs on the blocking pool, never on tokio workers.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use super::pipeline::{CheckPipeline, Timed};
+use super::validate;
+use crate::config::Limits;
+use crate::detect::Verdict;
+use crate::engine::{Engine, SearchFilter};
+use crate::error::Error;
+use crate::proto::{self, radar_server::Radar};
+
+/// The service state shared by every request.
+#[derive(Clone)]
+pub struct RadarService {
+    engine: Arc<Engine>,
+    pipeline: Arc<CheckPipeline>,
+    limits: Limits,
+}
+
+impl RadarService {
+    /// A service over a running engine and pipeline.
+    pub fn new(engine: Arc<Engine>, pipeline: Arc<CheckPipeline>, limits: Limits) -> Self {
+        Self { engine, pipeline, limits }
+    }
+
+    /// The engine (for in-process use and tests).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!("worker task failed: {e}"))),
+    }
+}
+
+async fn await_verdict(rx: tokio::sync::oneshot::Receiver<Timed<Verdict>>) -> Result<(Verdict, u64), Status> {
+    match rx.await {
+        Ok(Ok((v, t))) => Ok((v, t.as_micros() as u64)),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(Status::unavailable("check pipeline stopped")),
+    }
+}
+
+type CheckStream = ReceiverStream<Result<proto::CheckResponse, Status>>;
+
+#[tonic::async_trait]
+impl Radar for RadarService {
+    async fn check(&self, request: Request<proto::CheckRequest>) -> Result<Response<proto::CheckResponse>, Status> {
+        let r = request.into_inner();
+        let p = validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &self.limits)?;
+        let rx = self.pipeline.try_check(p.prompt, p.account_id.clone(), p.timestamp_ms)?;
+        let (v, micros) = await_verdict(rx).await?;
+        Ok(Response::new(convert::check_response(r.request_id, p.account_id, &v, micros)))
+    }
+
+    type CheckStreamStream = CheckStream;
+
+    async fn check_stream(
+        &self,
+        request: Request<Streaming<proto::CheckRequest>>,
+    ) -> Result<Response<Self::CheckStreamStream>, Status> {
+        let mut input = request.into_inner();
+        let in_flight = self.limits.stream_in_flight.max(1);
+        // Bounded: at most `in_flight` prompts of this stream are queued or being processed;
+        // reading the client's stream pauses beyond that (HTTP/2 flow control does the rest).
+        let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(in_flight);
+        let (out_tx, out_rx) = mpsc::channel(in_flight);
+        let (pipeline, limits) = (self.pipeline.clone(), self.limits.clone());
+        tokio::spawn(async move {
+            loop {
+                let r = match input.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = pending_tx.send(Pending::Failed(status)).await;
+                        break;
+                    }
+                };
+                let item = match validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &limits) {
+                    Err(e) => Pending::Rejected(r.request_id, r.account_id, e.into()),
+                    Ok(p) => match pipeline.check(p.prompt, p.account_id.clone(), p.timestamp_ms).await {
+                        Ok(rx) => Pending::Queued(r.request_id, p.account_id, rx),
+                        Err(e) => Pending::Rejected(r.request_id, p.account_id, e.into()),
+                    },
+                };
+                if pending_tx.send(item).await.is_err() {
+                    break; // the client went away
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(item) = pending_rx.recv().await {
+                let out = match item {
+                    Pending::Queued(id, account, rx) => Ok(match await_verdict(rx).await {
+                        Ok((v, micros)) => convert::check_response(id, account, &v, micros),
+                        Err(status) => convert::check_error(id, account, &status),
+                    }),
+                    Pending::Rejected(id, account, status) => Ok(convert::check_error(id, account, &status)),
+                    Pending::Failed(status) => Err(status),
+                };
+                if out_tx.send(out).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    async fn search(&self, request: Request<proto::SearchRequest>) -> Result<Response<proto::SearchResponse>, Status> {
+        let r = request.into_inner();
+        let k = validate::k(r.k, &self.limits)?;
+        if r.from_ms < 0 || r.to_ms < 0 || (r.to_ms > 0 && r.from_ms > r.to_ms) {
+            return Err(Error::invalid("from_ms", "time range must be non-negative with from_ms <= to_ms").into());
+        }
+        let account_id = Some(r.account_id.trim().to_string()).filter(|a| !a.is_empty());
+        let filter = SearchFilter {
+            account_id,
+            from_ms: (r.from_ms > 0).then_some(r.from_ms),
+            to_ms: (r.to_ms > 0).then_some(r.to_ms),
+        };
+        let query = match r.query {
+            Some(proto::search_request::Query::Text(t)) => {
+                if t.trim().is_empty() {
+                    return Err(Error::invalid("text", "must not be empty or blank").into());
+                }
+                if t.len() > self.limits.max_prompt_bytes {
+                    return Err(Error::invalid("text", format!("exceeds {} bytes", self.limits.max_prompt_bytes)).into());
+                }
+                self.pipeline.embed(t).await?
+            }
+            Some(proto::search_request::Query::PromptId(id)) => {
+                let engine = self.engine.clone();
+                blocking(move || engine.record(id)).await?.embedding
+            }
+            None => return Err(Error::invalid("query", "set either text or prompt_id").into()),
+        };
+        let engine = self.engine.clone();
+        let hits = blocking(move || engine.search(&query, k, &filter)).await?;
+        Ok(Response::new(proto::SearchResponse { hits: hits.into_iter().map(convert::hit).collect() }))
+    }
+
+    async fn list_campaigns(
+        &self,
+        request: Request<proto::ListCampaignsRequest>,
+    ) -> Result<Response<proto::ListCampaignsResponse>, Status> {
+        let r = request.into_inner();
+        if !(0.0..=1.0).contains(&r.min_score) {
+            return Err(Error::invalid("min_score", "must be within [0, 1]").into());
+        }
+        let top = if r.top == 0 { 20 } else { r.top as usize };
+        let engine = self.engine.clone();
+        let list = blocking(move || engine.campaigns(top, r.min_score)).await?;
+        Ok(Response::new(proto::ListCampaignsResponse { campaigns: list.into_iter().map(convert::campaign).collect() }))
+    }
+
+    async fn get_campaign(&self, request: Request<proto::GetCampaignRequest>) -> Result<Response<proto::Campaign>, Status> {
+        let id = request.into_inner().campaign_id;
+        if id == 0 {
+            return Err(Error::invalid("campaign_id", "required").into());
+        }
+        let engine = self.engine.clone();
+        Ok(Response::new(convert::campaign(blocking(move || engine.campaign(id)).await?)))
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<proto::ListAccountsRequest>,
+    ) -> Result<Response<proto::ListAccountsResponse>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine.clone();
+        let list = blocking(move || Ok(engine.accounts(r.flagged_only, r.limit as usize))).await?;
+        Ok(Response::new(proto::ListAccountsResponse { accounts: list.into_iter().map(convert::account).collect() }))
+    }
+
+    async fn get_account(&self, request: Request<proto::GetAccountRequest>) -> Result<Response<proto::Account>, Status> {
+        let id = request.into_inner().account_id.trim().to_string();
+        if id.is_empty() {
+            return Err(Error::invalid("account_id", "required").into());
+        }
+        let engine = self.engine.clone();
+        Ok(Response::new(convert::account(blocking(move || engine.account(&id)).await?)))
+    }
+}
+
+/// A stream item between reading and answering, kept in request order.
+enum Pending {
+    Queued(String, String, tokio::sync::oneshot::Receiver<Timed<Verdict>>),
+    Rejected(String, String, Status),
+    Failed(Status),
+}

@@ -1,0 +1,101 @@
+//! The gRPC server: thin tonic handlers (validate → engine → convert), the standard health
+//! service, server reflection (so `grpcurl` works without the .proto) and an optional bearer-token
+//! interceptor. `run` takes its listener and shutdown signal, so tests bind `127.0.0.1:0` and run
+//! the real server.
+
+mod convert;
+mod handlers;
+mod pipeline;
+pub mod validate;
+
+pub use handlers::RadarService;
+pub use pipeline::CheckPipeline;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+use crate::embed::{CandleEmbedder, Embedder};
+use crate::engine::Engine;
+use crate::proto::radar_server::RadarServer;
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Loading the model failed.
+    #[error(transparent)]
+    Embed(#[from] crate::embed::EmbedError),
+    /// Opening the data directory failed.
+    #[error(transparent)]
+    Engine(#[from] crate::error::Error),
+    /// Binding or a worker thread failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// A server whose model and data are loaded, ready to serve on a listener.
+pub struct Prepared {
+    /// The service (shared engine and pipeline).
+    pub service: RadarService,
+    /// The token required by the interceptor, if any.
+    pub auth_token: Option<String>,
+}
+
+impl Prepared {
+    /// Loads the model and opens the data directory described by `config`.
+    pub fn load(config: &Config) -> Result<Self, ServeError> {
+        let embedder = CandleEmbedder::load(&config.model_dir, config.device)?;
+        Self::with_embedder(config, embedder)
+    }
+
+    /// Opens the data directory with an already loaded embedder.
+    pub fn with_embedder<E: Embedder + 'static>(config: &Config, embedder: E) -> Result<Self, ServeError> {
+        let engine = Arc::new(Engine::open(config.engine.clone(), embedder.dim())?);
+        let pipeline = Arc::new(CheckPipeline::start(embedder, engine.clone(), config.batch.clone())?);
+        let service = RadarService::new(engine, pipeline, config.limits.clone());
+        Ok(Self { service, auth_token: config.auth_token.clone() })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<RadarServer<RadarService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let token = self.auth_token.map(|t| format!("Bearer {t}"));
+        let radar = RadarServer::with_interceptor(self.service, move |req: tonic::Request<()>| {
+            let Some(want) = &token else { return Ok(req) };
+            match req.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+                Some(got) if got == want => Ok(req),
+                _ => Err(tonic::Status::unauthenticated("authorization: missing or wrong bearer token")),
+            }
+        });
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(radar)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Binds `addr` (port 0 picks a free port) and returns the listener and the bound address.
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

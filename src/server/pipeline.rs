@@ -1,0 +1,129 @@
+//! The check pipeline: validated prompts → embedding batcher thread → ingest thread → verdict.
+//! Two OS threads so that embedding the next batch overlaps committing the last one; both
+//! stages are FIFO, so prompts are ingested in the order they were submitted. The ingest thread
+//! coalesces whatever batches are waiting into one engine call (one store commit).
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::detect::Verdict;
+use crate::embed::{BatchConfig, Batcher, BatcherHandle, Embedded, Embedder};
+use crate::engine::{Engine, NewPrompt};
+use crate::error::Error;
+
+/// A verdict and the time the server spent on it.
+pub type Timed<T> = Result<(T, std::time::Duration), Error>;
+
+/// What rides beside each text through the batcher.
+pub enum Work {
+    /// A prompt to check and record.
+    Check { account_id: String, timestamp_ms: i64, reply: oneshot::Sender<Timed<Verdict>> },
+    /// A text to embed only (search by text).
+    Embed { reply: oneshot::Sender<Result<Vec<f32>, Error>> },
+}
+
+type IngestItem = (NewPrompt, oneshot::Sender<Timed<Verdict>>, Instant);
+
+/// Handle to the running pipeline. Dropping it stops both threads once queues drain.
+pub struct CheckPipeline {
+    handle: BatcherHandle<Work>,
+    _batcher: Batcher,
+}
+
+impl CheckPipeline {
+    /// Starts the batcher thread (owning `embedder`) and the ingest thread (calling `engine`).
+    pub fn start<E: Embedder + 'static>(embedder: E, engine: Arc<Engine>, batch: BatchConfig) -> std::io::Result<Self> {
+        let (ingest_tx, ingest_rx) = sync_channel::<Vec<IngestItem>>(4);
+        std::thread::Builder::new().name("ingest".into()).spawn(move || ingest_loop(&engine, &ingest_rx))?;
+        let is_cancelled = |w: &Work| match w {
+            Work::Check { reply, .. } => reply.is_closed(),
+            Work::Embed { reply } => reply.is_closed(),
+        };
+        let sink = move |out: Vec<Embedded<Work>>| route(out, &ingest_tx);
+        let (batcher, handle) = Batcher::spawn(embedder, batch, is_cancelled, sink)?;
+        Ok(Self { handle, _batcher: batcher })
+    }
+
+    /// Queues a prompt; fails at once with `RESOURCE_EXHAUSTED` when the queue is full.
+    pub fn try_check(&self, text: String, account_id: String, timestamp_ms: i64) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.handle.try_submit(text, Work::Check { account_id, timestamp_ms, reply })?;
+        Ok(rx)
+    }
+
+    /// Queues a prompt, waiting for room (streams: their in-flight count is bounded instead).
+    pub async fn check(&self, text: String, account_id: String, timestamp_ms: i64) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.handle.submit(text, Work::Check { account_id, timestamp_ms, reply }).await?;
+        Ok(rx)
+    }
+
+    /// Embeds a text (for search); fails at once when the queue is full.
+    pub async fn embed(&self, text: String) -> Result<Vec<f32>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.handle.try_submit(text, Work::Embed { reply })?;
+        rx.await.map_err(|_| Error::Unavailable("embedding worker stopped".into()))?
+    }
+
+    /// Requests waiting for the model now.
+    pub fn queued(&self) -> usize {
+        self.handle.queued()
+    }
+}
+
+/// Runs on the batcher thread: answers embed-only work, forwards checks to the ingest thread.
+fn route(out: Vec<Embedded<Work>>, ingest_tx: &SyncSender<Vec<IngestItem>>) {
+    let mut checks = Vec::with_capacity(out.len());
+    for (vector, job) in out {
+        match (job.payload, vector) {
+            (Work::Embed { reply }, v) => {
+                let _ = reply.send(v.map_err(|e| Error::Embed(clone_embed_error(&e))));
+            }
+            (Work::Check { reply, .. }, Err(e)) => {
+                let _ = reply.send(Err(Error::Embed(clone_embed_error(&e))));
+            }
+            (Work::Check { account_id, timestamp_ms, reply }, Ok(embedding)) => {
+                let p = NewPrompt { account_id, timestamp_ms, text: job.text, embedding };
+                checks.push((p, reply, job.queued_at));
+            }
+        }
+    }
+    if !checks.is_empty() {
+        // Blocking send: a slow store pushes back on the batcher, which pushes back on callers.
+        if let Err(e) = ingest_tx.send(checks) {
+            for (_, reply, _) in e.0 {
+                let _ = reply.send(Err(Error::Unavailable("ingest worker stopped".into())));
+            }
+        }
+    }
+}
+
+fn ingest_loop(engine: &Engine, rx: &Receiver<Vec<IngestItem>>) {
+    while let Ok(mut items) = rx.recv() {
+        while let Ok(more) = rx.try_recv() {
+            items.extend(more);
+        }
+        let (prompts, rest): (Vec<NewPrompt>, Vec<_>) = items.into_iter().map(|(p, r, t)| (p, (r, t))).unzip();
+        match engine.ingest(prompts) {
+            Ok(verdicts) => {
+                for (v, (reply, t)) in verdicts.into_iter().zip(rest) {
+                    let _ = reply.send(Ok((v, t.elapsed())));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ingest failed");
+                let msg = e.to_string();
+                for (reply, _) in rest {
+                    let _ = reply.send(Err(Error::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn clone_embed_error(e: &crate::embed::EmbedError) -> crate::embed::EmbedError {
+    crate::embed::EmbedError::Inference(e.to_string())
+}
