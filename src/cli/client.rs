@@ -1,0 +1,357 @@
+//! Client verbs: `check`, `accounts`, `campaigns`, `search`. They talk to a running server.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use prompt_radar::proto::{self, radar_client::RadarClient};
+use prompt_radar::traffic;
+
+use super::{Format, OnError, ServerArgs};
+
+/// Adds the bearer token to every request.
+#[derive(Clone)]
+pub struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connected client.
+pub type Client = RadarClient<InterceptedService<Channel, Auth>>;
+
+/// Connects to the server.
+pub async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
+    let channel = tonic::transport::Endpoint::from_shared(args.server.clone())
+        .with_context(|| format!("--server {:?} is not a valid URL", args.server))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {}", args.server))?;
+    let token = match &args.auth_token {
+        Some(t) => Some(format!("Bearer {t}").parse().context("--auth-token has characters not allowed in a header")?),
+        None => None,
+    };
+    Ok(RadarClient::with_interceptor(channel, Auth(token)).max_decoding_message_size(64 << 20))
+}
+
+/// Flags of `check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Traffic JSONL: {"account_id", "prompt", "timestamp_ms"} per line.
+    #[arg(long, env = "PROMPT_RADAR_INPUT")]
+    pub input: PathBuf,
+    /// Where verdicts go, one JSON line per input line (default: stdout).
+    #[arg(long, env = "PROMPT_RADAR_OUTPUT")]
+    pub output: Option<PathBuf>,
+    /// On a malformed or rejected line: report it with its line number and go on, or stop.
+    #[arg(long, env = "PROMPT_RADAR_ON_ERROR", value_enum, default_value_t = OnError::Skip)]
+    pub on_error: OnError,
+}
+
+/// An input line on its way: sent to the server, or failed locally.
+enum Slot {
+    Sent(usize),
+    Bad(usize, String),
+}
+
+/// Streams the file through CheckStream and writes verdicts in file order.
+pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
+    let total = traffic::count_lines(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
+    let file = std::fs::File::open(&args.input).with_context(|| format!("cannot open {}", args.input.display()))?;
+    let mut out: Box<dyn Write + Send> = match &args.output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let mut client = connect(&args.server).await?;
+    let (req_tx, req_rx) = mpsc::channel::<proto::CheckRequest>(256);
+    let (slot_tx, mut slot_rx) = mpsc::channel::<Slot>(4096);
+    let stop_on_error = args.on_error == OnError::Stop;
+    let reader = tokio::task::spawn_blocking(move || {
+        for (line, parsed) in traffic::lines(std::io::BufReader::new(file)) {
+            let slot = match parsed {
+                Ok(t) => {
+                    let req = proto::CheckRequest {
+                        account_id: t.account_id,
+                        prompt: t.prompt,
+                        timestamp_ms: t.timestamp_ms,
+                        request_id: line.to_string(),
+                    };
+                    if req_tx.blocking_send(req).is_err() {
+                        break;
+                    }
+                    Slot::Sent(line)
+                }
+                Err(e) => Slot::Bad(line, e.reason),
+            };
+            let bad = matches!(slot, Slot::Bad(..));
+            if slot_tx.blocking_send(slot).is_err() || (bad && stop_on_error) {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut responses = client.check_stream(ReceiverStream::new(req_rx)).await.context("CheckStream")?.into_inner();
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template("{spinner} check [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut actions = [0u64; 3];
+    let mut micros = Vec::with_capacity(total as usize);
+    let mut stopped = false;
+    while let Some(slot) = slot_rx.recv().await {
+        let (line, value) = match slot {
+            Slot::Bad(line, reason) => (line, Err(reason)),
+            Slot::Sent(line) => match responses.message().await.context("CheckStream")? {
+                Some(r) => (line, Ok(r)),
+                None => anyhow::bail!("server closed the stream after {} responses", ok + errors),
+            },
+        };
+        let json = match value {
+            Err(reason) => Err(json!({"line": line, "error": reason})),
+            Ok(r) if r.error.is_some() => {
+                let e = r.error.unwrap_or_default();
+                Err(json!({"line": line, "account_id": r.account_id, "error": format!("{}: {}", e.code, e.message)}))
+            }
+            Ok(r) => {
+                let action = r.action().as_str_name().trim_start_matches("ACTION_").to_lowercase();
+                match r.action() {
+                    proto::Action::Review => actions[1] += 1,
+                    proto::Action::Block => actions[2] += 1,
+                    _ => actions[0] += 1,
+                }
+                micros.push(r.server_micros);
+                Ok(json!({
+                    "line": line, "account_id": r.account_id, "prompt_id": r.prompt_id, "action": action,
+                    "score": r.score, "campaign_id": r.campaign_id, "neighbours": r.neighbours,
+                    "campaign_score": r.campaign_score, "cluster_accounts": r.cluster_accounts,
+                }))
+            }
+        };
+        match json {
+            Ok(v) => {
+                ok += 1;
+                writeln!(out, "{v}")?;
+            }
+            Err(v) => {
+                errors += 1;
+                bar.suspend(|| eprintln!("check: line {line}: {}", v["error"].as_str().unwrap_or("error")));
+                writeln!(out, "{v}")?;
+                if stop_on_error {
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        bar.inc(1);
+    }
+    drop(slot_rx);
+    out.flush()?;
+    bar.finish_and_clear();
+    let _ = reader.await;
+    let secs = started.elapsed().as_secs_f64();
+    micros.sort_unstable();
+    let pct = |p: f64| micros.get(((micros.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0) as f64 / 1000.0;
+    eprintln!(
+        "check: {} lines in {:.1}s ({:.0} prompts/s): {ok} verdicts (allow {}, review {}, block {}), {errors} errors; server time p50 {:.1} ms, p99 {:.1} ms{}",
+        ok + errors,
+        secs,
+        ok as f64 / secs.max(1e-9),
+        actions[0],
+        actions[1],
+        actions[2],
+        pct(0.5),
+        pct(0.99),
+        if stopped { "; stopped at the first error (--on-error stop)" } else { "" }
+    );
+    Ok(errors == 0)
+}
+
+/// Flags of `accounts`.
+#[derive(Debug, Clone, Args)]
+pub struct AccountsArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Only flagged accounts.
+    #[arg(long, env = "PROMPT_RADAR_FLAGGED")]
+    pub flagged: bool,
+    /// Output format.
+    #[arg(long, env = "PROMPT_RADAR_FORMAT", value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Prints every account's verdict.
+pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let list = client
+        .list_accounts(proto::ListAccountsRequest { flagged_only: args.flagged, limit: 0 })
+        .await?
+        .into_inner()
+        .accounts;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if args.format == Format::Table {
+        writeln!(out, "{:<28} {:>7} {:>6} {:>7} {:>9}  campaigns / reason", "account", "action", "score", "prompts", "in-camp.")?;
+    }
+    for a in &list {
+        let action = a.action().as_str_name().trim_start_matches("ACTION_").to_lowercase();
+        match args.format {
+            Format::Jsonl => writeln!(
+                out,
+                "{}",
+                json!({"account_id": a.account_id, "flagged": a.flagged, "score": a.score, "action": action,
+                       "campaigns": a.campaigns.iter().map(u64::to_string).collect::<Vec<_>>(),
+                       "prompts": a.prompts, "campaign_prompts": a.campaign_prompts,
+                       "first_seen_ms": a.first_seen_ms, "last_seen_ms": a.last_seen_ms, "reason": a.reason})
+            )?,
+            Format::Table => writeln!(
+                out,
+                "{:<28} {:>7} {:>6.3} {:>7} {:>9}  {}",
+                a.account_id, action, a.score, a.prompts, a.campaign_prompts, a.reason
+            )?,
+        }
+    }
+    out.flush()?;
+    eprintln!("accounts: {} listed ({} flagged)", list.len(), list.iter().filter(|a| a.flagged).count());
+    Ok(())
+}
+
+/// Flags of `campaigns`.
+#[derive(Debug, Clone, Args)]
+pub struct CampaignsArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// At most this many campaigns, highest score first.
+    #[arg(long, env = "PROMPT_RADAR_TOP", default_value_t = 20)]
+    pub top: u32,
+    /// Output format.
+    #[arg(long, env = "PROMPT_RADAR_FORMAT", value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Prints campaigns with their template.
+pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let list = client
+        .list_campaigns(proto::ListCampaignsRequest { top: args.top.max(1), min_score: 0.0 })
+        .await?
+        .into_inner()
+        .campaigns;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for c in &list {
+        match args.format {
+            Format::Jsonl => writeln!(
+                out,
+                "{}",
+                json!({"campaign_id": c.campaign_id.to_string(), "score": c.score, "template": c.template,
+                       "accounts": c.accounts, "prompts": c.prompts, "distinct_prompts": c.distinct_prompts,
+                       "first_seen_ms": c.first_seen_ms, "last_seen_ms": c.last_seen_ms,
+                       "top_accounts": c.top_accounts.iter().map(|a| json!({"account_id": a.account_id, "prompts": a.prompts})).collect::<Vec<_>>(),
+                       "examples": c.examples})
+            )?,
+            Format::Table => {
+                writeln!(
+                    out,
+                    "campaign {}  score {:.3}  {} accounts  {} prompts ({} distinct)  seen {}..{}",
+                    c.campaign_id, c.score, c.accounts, c.prompts, c.distinct_prompts, c.first_seen_ms, c.last_seen_ms
+                )?;
+                writeln!(out, "  template: {}", truncate(&c.template, 160))?;
+                let top: Vec<String> = c.top_accounts.iter().take(5).map(|a| format!("{} ({})", a.account_id, a.prompts)).collect();
+                writeln!(out, "  top accounts: {}", top.join(", "))?;
+            }
+        }
+    }
+    out.flush()?;
+    eprintln!("campaigns: {} listed", list.len());
+    Ok(())
+}
+
+/// Flags of `search`.
+#[derive(Debug, Clone, Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Text to search for.
+    #[arg(long, env = "PROMPT_RADAR_TEXT", conflicts_with = "id", required_unless_present = "id")]
+    pub text: Option<String>,
+    /// Search for the neighbours of a stored prompt instead.
+    #[arg(long, env = "PROMPT_RADAR_ID")]
+    pub id: Option<u64>,
+    /// Number of results.
+    #[arg(short, long, env = "PROMPT_RADAR_K", default_value_t = 10)]
+    pub k: u32,
+    /// Only prompts of this account.
+    #[arg(long, env = "PROMPT_RADAR_ACCOUNT")]
+    pub account: Option<String>,
+    /// Only prompts sent at or after this time (ms since the epoch).
+    #[arg(long, env = "PROMPT_RADAR_FROM_MS", default_value_t = 0)]
+    pub from_ms: i64,
+    /// Only prompts sent at or before this time (ms since the epoch).
+    #[arg(long, env = "PROMPT_RADAR_TO_MS", default_value_t = 0)]
+    pub to_ms: i64,
+    /// Output format.
+    #[arg(long, env = "PROMPT_RADAR_FORMAT", value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Prints the nearest stored prompts.
+pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let query = match (&args.text, args.id) {
+        (Some(t), _) => proto::search_request::Query::Text(t.clone()),
+        (None, Some(id)) => proto::search_request::Query::PromptId(id),
+        (None, None) => anyhow::bail!("give --text or --id"),
+    };
+    let req = proto::SearchRequest {
+        query: Some(query),
+        k: args.k,
+        account_id: args.account.clone().unwrap_or_default(),
+        from_ms: args.from_ms,
+        to_ms: args.to_ms,
+    };
+    let hits = client.search(req).await?.into_inner().hits;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for h in &hits {
+        match args.format {
+            Format::Jsonl => writeln!(
+                out,
+                "{}",
+                json!({"prompt_id": h.prompt_id, "account_id": h.account_id, "timestamp_ms": h.timestamp_ms,
+                       "similarity": h.similarity, "cluster_id": h.cluster_id, "prompt": h.prompt})
+            )?,
+            Format::Table => writeln!(
+                out,
+                "{:.4}  #{:<8} {:<20} {:>14}  {}",
+                h.similarity,
+                h.prompt_id,
+                h.account_id,
+                h.timestamp_ms,
+                truncate(&h.prompt.replace('\n', " "), 100)
+            )?,
+        }
+    }
+    out.flush()?;
+    eprintln!("search: {} hits", hits.len());
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n).collect::<String>()) }
+}

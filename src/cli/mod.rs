@@ -1,0 +1,152 @@
+//! Command-line verbs of the `prompt-radar` binary (DESIGN.md, "Interface contract"). Raw flags
+//! are parsed here and turned into the library's validated settings; every flag also reads an
+//! environment variable `PROMPT_RADAR_<FLAG>`.
+
+pub mod client;
+pub mod reindex;
+pub mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use prompt_radar::config::{DeviceKind, EngineConfig, Limits};
+use prompt_radar::detect::DetectorConfig;
+use prompt_radar::index::SegmentsConfig;
+
+/// prompt-radar: catches capability-harvesting campaigns (templated prompts spread across
+/// many accounts) with sentence embeddings, HNSW and template clustering.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server on its embedded defaults.
+    Serve(serve::ServeArgs),
+    /// Stream every line of a traffic JSONL file through CheckStream, in file order, and write
+    /// one verdict per line.
+    Check(client::CheckArgs),
+    /// Every account's current verdict.
+    Accounts(client::AccountsArgs),
+    /// Campaigns with their template, sizes and score.
+    Campaigns(client::CampaignsArgs),
+    /// Nearest stored prompts with account, time and similarity.
+    Search(client::SearchArgs),
+    /// Offline batch: embed, store, index and cluster a traffic JSONL file into a data directory.
+    Reindex(reindex::ReindexArgs),
+}
+
+/// What to do with a bad input line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    /// Report it (with its line number) and go on.
+    Skip,
+    /// Report it and stop.
+    Stop,
+}
+
+/// Output format of the listing verbs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One JSON object per line.
+    Jsonl,
+    /// An aligned table for people.
+    Table,
+}
+
+/// Where the model is and where it runs.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Directory with config.json, tokenizer.json and model.safetensors (`make model` fetches it).
+    #[arg(long, env = "PROMPT_RADAR_MODEL", default_value = "models/all-MiniLM-L6-v2")]
+    pub model: PathBuf,
+    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, env = "PROMPT_RADAR_DEVICE", default_value = "cpu")]
+    pub device: DeviceKind,
+}
+
+/// Store, index and detector settings shared by `serve` and `reindex`.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Directory of the prompt store and the sealed index segments (created if missing).
+    #[arg(long, env = "PROMPT_RADAR_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Link two prompts when the cosine of their embeddings is at least this.
+    #[arg(long, env = "PROMPT_RADAR_SIMILARITY_THRESHOLD", default_value_t = DetectorConfig::default().similarity_threshold)]
+    pub similarity_threshold: f32,
+    /// Neighbours looked up per prompt.
+    #[arg(long, env = "PROMPT_RADAR_NEIGHBOURS", default_value_t = DetectorConfig::default().neighbours_k)]
+    pub neighbours: usize,
+    /// Distinct accounts at which a cluster's account factor reaches 0.63.
+    #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_ACCOUNTS", default_value_t = DetectorConfig::default().campaign_accounts)]
+    pub campaign_accounts: u32,
+    /// Account score from which the action is `review` (and the account is flagged).
+    #[arg(long, env = "PROMPT_RADAR_REVIEW_SCORE", default_value_t = DetectorConfig::default().review_score)]
+    pub review_score: f32,
+    /// Account score from which the action is `block`.
+    #[arg(long, env = "PROMPT_RADAR_BLOCK_SCORE", default_value_t = DetectorConfig::default().block_score)]
+    pub block_score: f32,
+    /// Most vectors in one HNSW segment before it is sealed and dumped.
+    #[arg(long, env = "PROMPT_RADAR_SEGMENT_MAX_POINTS", default_value_t = SegmentsConfig::default().max_points_per_segment)]
+    pub segment_max_points: usize,
+    /// Hours of traffic one HNSW segment spans before it is sealed.
+    #[arg(long, env = "PROMPT_RADAR_SEGMENT_HOURS", default_value_t = 24)]
+    pub segment_hours: i64,
+    /// Drop sealed segments older than this many days from the index (0 = keep forever).
+    /// The store keeps every prompt; only the searchable window shrinks.
+    #[arg(long, env = "PROMPT_RADAR_RETENTION_DAYS", default_value_t = 0)]
+    pub retention_days: i64,
+}
+
+impl EngineArgs {
+    /// The validated engine settings.
+    pub fn to_config(&self) -> anyhow::Result<EngineConfig> {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.similarity_threshold),
+            "--similarity-threshold must be within [0, 1]"
+        );
+        anyhow::ensure!(self.review_score <= self.block_score, "--review-score must not exceed --block-score");
+        anyhow::ensure!(self.neighbours > 0, "--neighbours must be at least 1");
+        anyhow::ensure!(self.segment_hours > 0, "--segment-hours must be at least 1");
+        anyhow::ensure!(self.retention_days >= 0, "--retention-days must not be negative");
+        let mut c = EngineConfig::with_data_dir(&self.data_dir);
+        c.detector = DetectorConfig {
+            similarity_threshold: self.similarity_threshold,
+            neighbours_k: self.neighbours,
+            campaign_accounts: self.campaign_accounts.max(2),
+            review_score: self.review_score,
+            block_score: self.block_score,
+            ..DetectorConfig::default()
+        };
+        c.segments.max_points_per_segment = self.segment_max_points.max(1);
+        c.segments.segment_span_ms = self.segment_hours * 3_600_000;
+        c.segments.retention_ms = (self.retention_days > 0).then_some(self.retention_days * 86_400_000);
+        Ok(c)
+    }
+}
+
+/// How to reach a running server.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The server's URL.
+    #[arg(long, env = "PROMPT_RADAR_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Bearer token, when the server requires one.
+    #[arg(long, env = "PROMPT_RADAR_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+}
+
+/// Default listen address.
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+
+/// Default limits.
+pub fn default_limits() -> Limits {
+    Limits::default()
+}

@@ -1,0 +1,108 @@
+//! `prompt-radar serve`: loads the model, opens the data directory, serves until Ctrl-C/SIGTERM.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use prompt_radar::config::Config;
+use prompt_radar::embed::BatchConfig;
+use prompt_radar::server::{Prepared, bind};
+
+use super::{EngineArgs, ModelArgs, default_limits, default_listen};
+
+/// Flags of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "PROMPT_RADAR_LISTEN", default_value_t = default_listen())]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Requests that may wait for the model; beyond that unary Check answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PROMPT_RADAR_QUEUE_CAPACITY", default_value_t = BatchConfig::default().queue_capacity)]
+    pub queue_capacity: usize,
+    /// Most prompts in one forward pass.
+    #[arg(long, env = "PROMPT_RADAR_MAX_BATCH", default_value_t = BatchConfig::default().max_batch_requests)]
+    pub max_batch: usize,
+    /// Most padded tokens in one forward pass.
+    #[arg(long, env = "PROMPT_RADAR_MAX_BATCH_TOKENS", default_value_t = BatchConfig::default().max_batch_tokens)]
+    pub max_batch_tokens: usize,
+    /// Largest prompt accepted, in bytes.
+    #[arg(long, env = "PROMPT_RADAR_MAX_PROMPT_BYTES", default_value_t = default_limits().max_prompt_bytes)]
+    pub max_prompt_bytes: usize,
+    /// Require `authorization: Bearer <token>` on every Radar RPC (health stays open).
+    #[arg(long, env = "PROMPT_RADAR_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+}
+
+impl ServeArgs {
+    fn to_config(&self) -> anyhow::Result<Config> {
+        anyhow::ensure!(self.queue_capacity > 0, "--queue-capacity must be at least 1");
+        anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
+        anyhow::ensure!(self.max_prompt_bytes > 0, "--max-prompt-bytes must be at least 1");
+        let mut limits = default_limits();
+        limits.max_prompt_bytes = self.max_prompt_bytes;
+        Ok(Config {
+            listen: self.listen,
+            model_dir: self.model.model.clone(),
+            device: self.model.device,
+            engine: self.engine.to_config()?,
+            batch: BatchConfig {
+                queue_capacity: self.queue_capacity,
+                max_batch_requests: self.max_batch,
+                max_batch_tokens: self.max_batch_tokens.max(256),
+            },
+            limits,
+            auth_token: self.auth_token.clone().filter(|t| !t.is_empty()),
+            shutdown_grace: Duration::from_secs(10),
+        })
+    }
+}
+
+/// Runs the server.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let started = Instant::now();
+    let prepared = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || Prepared::load(&config)
+    })
+    .await??;
+    let stats = prepared.service.engine().open_stats();
+    let (listener, addr) = bind(config.listen).await?;
+    // One line people and scripts read: where it listens and what it loaded.
+    println!(
+        "prompt-radar listening on {addr} (model {}, device {}, data {}, {} prompts: {} reloaded from segments, {} re-indexed; ready in {:.1}s)",
+        config.model_dir.display(),
+        config.device,
+        config.engine.data_dir.display(),
+        stats.prompts,
+        stats.reloaded,
+        stats.rebuilt,
+        started.elapsed().as_secs_f64()
+    );
+    prepared.serve(listener, shutdown_signal()).await?;
+    println!("prompt-radar: shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
