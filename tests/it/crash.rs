@@ -1,0 +1,99 @@
+//! Crash safety: SIGKILL the real `prompt-radar serve` process in the middle of a CheckStream and
+//! show that, after a restart on the same data directory, every prompt whose verdict was
+//! returned is present and searchable.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use prompt_radar::proto::{self, radar_client::RadarClient, search_request::Query};
+
+use crate::common::{model_dir, templated};
+
+/// Starts `prompt-radar serve` on a free port and returns it with the address it printed.
+fn spawn_server(data_dir: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--segment-max-points", "25"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--model")
+        .arg(model_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn prompt-radar serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (child, format!("http://{addr}"))
+}
+
+fn prompt(i: usize) -> String {
+    // Unique texts, half of them templated, so the restart also has clusters to rebuild.
+    if i % 2 == 0 { templated(i) } else { format!("Organic question number {i}: how do tides depend on the moon and sun?") }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = spawn_server(dir.path());
+    let mut c = RadarClient::connect(url.clone()).await.unwrap();
+
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut out = c.check_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let feeder = tokio::spawn(async move {
+        for i in 0..2_000 {
+            let r = proto::CheckRequest {
+                account_id: format!("acct-{}", i % 9),
+                prompt: prompt(i),
+                timestamp_ms: 1_750_000_000_000 + i as i64,
+                request_id: i.to_string(),
+            };
+            if tx.send(r).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut acked: Vec<(u64, String)> = Vec::new();
+    while acked.len() < 80 {
+        let r = out.message().await.unwrap().expect("verdict");
+        assert!(r.error.is_none(), "{r:?}");
+        let i: usize = r.request_id.parse().unwrap();
+        acked.push((r.prompt_id, prompt(i)));
+    }
+    child.kill().unwrap(); // SIGKILL: no shutdown path runs
+    child.wait().unwrap();
+    feeder.abort();
+    drop(out);
+
+    let (mut child, url) = spawn_server(dir.path());
+    let mut c = RadarClient::connect(url).await.unwrap();
+    for (id, text) in &acked {
+        let by_id = c
+            .search(proto::SearchRequest { query: Some(Query::PromptId(*id)), k: 1, ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged prompt {id} missing after restart: {e}"))
+            .into_inner()
+            .hits;
+        assert_eq!(by_id[0].prompt_id, *id, "prompt {id} is its own nearest neighbour");
+        assert_eq!(&by_id[0].prompt, text);
+        let by_text = c
+            .search(proto::SearchRequest { query: Some(Query::Text(text.clone())), k: 1, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .hits;
+        assert_eq!(by_text[0].prompt_id, *id, "{text}");
+        assert!(by_text[0].similarity > 0.999);
+    }
+    let accounts = c.list_accounts(proto::ListAccountsRequest::default()).await.unwrap().into_inner().accounts;
+    let stored: u64 = accounts.iter().map(|a| a.prompts).sum();
+    assert!(stored >= acked.len() as u64, "stored {stored} < acknowledged {}", acked.len());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -1,0 +1,10 @@
+//! Integration and end-to-end tests, one binary (faster to link than one per file).
+//! They use the real model (`make model` fetches it; `PROMPT_RADAR_MODEL` overrides the path),
+//! a real redb store in a temp dir and real gRPC servers bound to 127.0.0.1:0.
+
+mod cli;
+mod common;
+mod crash;
+mod embed_reference;
+mod recall;
+mod server_e2e;
