@@ -4,10 +4,14 @@
 //! texts of `tests/data/minilm-reference.jsonl`. The model directory is `PROMPT_RADAR_MODEL` or
 //! `models/all-MiniLM-L6-v2`. Run: `cargo bench --bench embed` (add `-- --quick` for a fast pass).
 
+#![allow(clippy::unwrap_used)] // benches and tests may panic on setup failures
+
 use std::path::PathBuf;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use prompt_radar::config::DeviceKind;
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 
@@ -23,19 +27,27 @@ const PROMPTS_FILE: &str = "recall_prompts.txt";
 const FALLBACK_FILE: &str = "minilm-reference.jsonl";
 
 fn data_file(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
 }
 
 fn model_dir() -> PathBuf {
     std::env::var_os("PROMPT_RADAR_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
+        })
 }
 
 /// Real prompts: the recall prompts when present, else the reference fixture's texts.
 fn prompts() -> Vec<String> {
     if let Ok(data) = std::fs::read_to_string(data_file(PROMPTS_FILE)) {
-        let lines: Vec<String> = data.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
+        let lines: Vec<String> = data
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect();
         if !lines.is_empty() {
             eprintln!("embed bench: {} prompts from {PROMPTS_FILE}", lines.len());
             return lines;
@@ -54,8 +66,8 @@ fn prompts() -> Vec<String> {
 
 fn bench_embed(c: &mut Criterion) {
     let dir = model_dir();
-    let mut embedder =
-        CandleEmbedder::load(&dir, DeviceKind::Cpu).unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
+    let mut embedder = CandleEmbedder::load(&dir, DeviceKind::Cpu)
+        .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
     let prompts = prompts();
     assert!(!prompts.is_empty(), "no prompts to embed");
 
@@ -67,9 +79,17 @@ fn bench_embed(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat);
     for batch in BATCH_SIZES {
         // Consecutive prompts, wrapping around when the file holds fewer than `batch`.
-        let texts: Vec<&str> = prompts.iter().cycle().take(batch).map(String::as_str).collect();
+        let texts: Vec<&str> = prompts
+            .iter()
+            .cycle()
+            .take(batch)
+            .map(String::as_str)
+            .collect();
         let tokens: usize = texts.iter().map(|t| embedder.count_tokens(t)).sum();
-        eprintln!("embed bench: batch {batch}: {tokens} tokens, {:.1} per prompt", tokens as f64 / batch as f64);
+        eprintln!(
+            "embed bench: batch {batch}: {tokens} tokens, {:.1} per prompt",
+            tokens as f64 / batch as f64
+        );
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(BenchmarkId::from_parameter(batch), &texts, |b, texts| {
             b.iter(|| embedder.embed(std::hint::black_box(texts)).expect("embed"));

@@ -23,9 +23,24 @@ pub const MAX_TOKENS: usize = 256;
 /// Bytes of a long text tokenised first: when they already fill [`MAX_TOKENS`] the rest is skipped.
 const PREFIX_BYTES: usize = 16 * MAX_TOKENS;
 
-/// Padded tokens (rows × longest row) per forward pass; bounds the attention's memory.
-const CPU_PASS_TOKENS: usize = 8 * 1024;
-const CUDA_PASS_TOKENS: usize = 64 * 1024;
+/// Limits of one forward pass: padded tokens (rows × longest row), which bound the attention's
+/// memory, and padding as a fraction of real tokens. On the CPU a batched pass costs about what its
+/// rows cost one by one, so padding is pure loss and kept small; a GPU pays little for padding.
+const CPU_PASS: PassLimits = PassLimits::new(8 * 1024, 0.15);
+const CUDA_PASS: PassLimits = PassLimits::new(64 * 1024, 1.0);
+
+/// See [`CPU_PASS`].
+#[derive(Debug, Clone, Copy)]
+struct PassLimits {
+    tokens: usize,
+    waste: f64,
+}
+
+impl PassLimits {
+    const fn new(tokens: usize, waste: f64) -> Self {
+        Self { tokens, waste }
+    }
+}
 
 /// A BERT sentence embedder (all-MiniLM-L6-v2) on the CPU or a CUDA GPU, f32.
 pub struct CandleEmbedder {
@@ -34,7 +49,7 @@ pub struct CandleEmbedder {
     device: Device,
     kind: DeviceKind,
     dim: usize,
-    pass_tokens: usize,
+    pass: PassLimits,
 }
 
 impl CandleEmbedder {
@@ -54,8 +69,11 @@ impl CandleEmbedder {
                 )))
             }
         };
-        let (config_path, tokenizer_path, weights_path) =
-            (file("config.json")?, file("tokenizer.json")?, file("model.safetensors")?);
+        let (config_path, tokenizer_path, weights_path) = (
+            file("config.json")?,
+            file("tokenizer.json")?,
+            file("model.safetensors")?,
+        );
         let bad = |path: &Path, e: &dyn std::fmt::Display| {
             EmbedError::Model(format!("{}: {e}", path.display()))
         };
@@ -66,13 +84,18 @@ impl CandleEmbedder {
         let mut tokenizer =
             Tokenizer::from_file(&tokenizer_path).map_err(|e| bad(&tokenizer_path, &e))?;
         tokenizer.with_padding(None);
-        let truncation = TruncationParams { max_length: MAX_TOKENS, ..Default::default() };
-        tokenizer.with_truncation(Some(truncation)).map_err(|e| bad(&tokenizer_path, &e))?;
+        let truncation = TruncationParams {
+            max_length: MAX_TOKENS,
+            ..Default::default()
+        };
+        tokenizer
+            .with_truncation(Some(truncation))
+            .map_err(|e| bad(&tokenizer_path, &e))?;
 
-        let (dev, pass_tokens) = match device {
-            DeviceKind::Cpu => (Device::Cpu, CPU_PASS_TOKENS),
+        let (dev, pass) = match device {
+            DeviceKind::Cpu => (Device::Cpu, CPU_PASS),
             DeviceKind::Cuda(n) => match Device::new_cuda(n) {
-                Ok(dev) => (dev, CUDA_PASS_TOKENS),
+                Ok(dev) => (dev, CUDA_PASS),
                 Err(_) if !cfg!(feature = "cuda") => {
                     return Err(EmbedError::Model(format!(
                         "device cuda:{n}: this binary was built without the cuda feature \
@@ -87,7 +110,14 @@ impl CandleEmbedder {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights_path], DType::F32, &dev) }
             .map_err(|e| bad(&weights_path, &e))?;
         let model = BertModel::load(vb, &config).map_err(|e| bad(&weights_path, &e))?;
-        Ok(Self { model, tokenizer, device: dev, kind: device, dim: config.hidden_size, pass_tokens })
+        Ok(Self {
+            model,
+            tokenizer,
+            device: dev,
+            kind: device,
+            dim: config.hidden_size,
+            pass,
+        })
     }
 
     /// Tokenises `texts` in parallel, truncated at [`MAX_TOKENS`], unpadded. A long text is first
@@ -96,7 +126,10 @@ impl CandleEmbedder {
     fn encode(&self, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
         let tok_err = |e: tokenizers::Error| EmbedError::Tokenizer(e.to_string());
         let prefixes: Vec<&str> = texts.iter().map(|t| word_prefix(t, PREFIX_BYTES)).collect();
-        let mut encodings = self.tokenizer.encode_batch(prefixes.clone(), true).map_err(tok_err)?;
+        let mut encodings = self
+            .tokenizer
+            .encode_batch(prefixes.clone(), true)
+            .map_err(tok_err)?;
         let redo: Vec<usize> = (0..texts.len())
             .filter(|&i| prefixes[i].len() < texts[i].len() && encodings[i].len() < MAX_TOKENS)
             .collect();
@@ -125,7 +158,10 @@ impl CandleEmbedder {
         let hidden = self.model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
         let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
         let counts = mask.sum(1)?.maximum(1e-9f32)?;
-        let mean = hidden.broadcast_mul(&mask)?.sum(1)?.broadcast_div(&counts)?;
+        let mean = hidden
+            .broadcast_mul(&mask)?
+            .sum(1)?
+            .broadcast_div(&counts)?;
         let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12f32)?;
         mean.broadcast_div(&norm)?.to_vec2::<f32>()
     }
@@ -138,20 +174,17 @@ impl Embedder for CandleEmbedder {
         order.sort_by_key(|&i| encodings[i].len());
         let lens: Vec<usize> = order.iter().map(|&i| encodings[i].len()).collect();
         let mut out = vec![Vec::new(); texts.len()];
-        for pass in passes(&lens, self.pass_tokens) {
+        for pass in passes(&lens, self.pass) {
             let rows: Vec<&Encoding> = order[pass.clone()].iter().map(|&i| &encodings[i]).collect();
-            let vectors =
-                self.forward(&rows).map_err(|e| EmbedError::Inference(e.to_string()))?;
-            if vectors.len() != rows.len() {
-                return Err(EmbedError::Inference(format!(
-                    "{} vectors for {} inputs",
-                    vectors.len(),
-                    rows.len()
-                )));
-            }
+            let vectors = self
+                .forward(&rows)
+                .map_err(|e| EmbedError::Inference(e.to_string()))?;
             for (&i, vector) in order[pass].iter().zip(vectors) {
                 out[i] = vector;
             }
+        }
+        if out.iter().any(Vec::is_empty) {
+            return Err(EmbedError::Inference("fewer vectors than inputs".into()));
         }
         Ok(out)
     }
@@ -187,16 +220,21 @@ fn word_prefix(text: &str, max_bytes: usize) -> &str {
         .map_or(text, |(i, _)| &text[..i])
 }
 
-/// Splits lengths sorted ascending into consecutive ranges whose padded size (rows × the last,
-/// longest, length) stays within `budget`; every range holds at least one row.
-fn passes(sorted_lens: &[usize], budget: usize) -> Vec<Range<usize>> {
+/// Splits lengths sorted ascending into consecutive ranges (forward passes) whose padded size
+/// (rows × the last, longest, length) stays within `limits`; every range holds at least one row.
+fn passes(sorted_lens: &[usize], limits: PassLimits) -> Vec<Range<usize>> {
     let mut out = Vec::new();
-    let mut start = 0;
+    let (mut start, mut real) = (0, 0);
     for (i, &len) in sorted_lens.iter().enumerate() {
-        if i > start && (i + 1 - start) * len > budget {
+        let padded = (i + 1 - start) * len;
+        if i > start
+            && (padded > limits.tokens
+                || padded as f64 > (real + len) as f64 * (1.0 + limits.waste))
+        {
             out.push(start..i);
-            start = i;
+            (start, real) = (i, 0);
         }
+        real += len;
     }
     if start < sorted_lens.len() {
         out.push(start..sorted_lens.len());
@@ -224,21 +262,33 @@ mod tests {
     }
 
     #[test]
-    fn passes_cover_everything_within_budget() {
-        assert!(passes(&[], 100).is_empty());
-        assert_eq!(passes(&[5, 5, 5], 100), vec![0..3]);
-        assert_eq!(passes(&[10, 10, 20, 20, 50], 40), vec![0..2, 2..4, 4..5]);
+    fn passes_cover_everything_within_limits() {
+        let loose = |tokens| PassLimits::new(tokens, f64::INFINITY);
+        assert!(passes(&[], loose(100)).is_empty());
+        assert_eq!(passes(&[5, 5, 5], loose(100)), vec![0..3]);
+        assert_eq!(passes(&[10, 10, 20, 20, 50], loose(40)), [0..2, 2..4, 4..5]);
         // A row longer than the budget still gets a pass of its own.
-        assert_eq!(passes(&[300, 300], 100), vec![0..1, 1..2]);
+        assert_eq!(passes(&[300, 300], loose(100)), vec![0..1, 1..2]);
+        // Padding beyond 25 % of the real tokens starts a new pass.
+        let tight = PassLimits::new(10_000, 0.25);
+        assert_eq!(passes(&[10, 11, 12, 20, 21, 60], tight), [0..3, 3..5, 5..6]);
         let lens: Vec<usize> = (1..=200).collect();
-        let ranges = passes(&lens, 1000);
-        assert_eq!(ranges.first().map(|r| r.start), Some(0));
-        assert_eq!(ranges.last().map(|r| r.end), Some(200));
-        for pair in ranges.windows(2) {
-            assert_eq!(pair[0].end, pair[1].start);
-        }
-        for r in &ranges {
-            assert!(r.len() == 1 || r.len() * lens[r.end - 1] <= 1000);
+        for limits in [loose(1000), PassLimits::new(1000, 0.1)] {
+            let ranges = passes(&lens, limits);
+            let rows: Vec<usize> = ranges.iter().flat_map(Clone::clone).collect();
+            assert_eq!(
+                rows,
+                (0..200).collect::<Vec<_>>(),
+                "every row once, in order"
+            );
+            for r in ranges.iter().filter(|r| r.len() > 1) {
+                let padded = (r.len() * lens[r.end - 1]) as f64;
+                let real = lens[r.clone()].iter().sum::<usize>() as f64;
+                assert!(
+                    padded <= 1000.0 && padded <= real * (1.0 + limits.waste),
+                    "{r:?}"
+                );
+            }
         }
     }
 }

@@ -27,7 +27,8 @@ fn references() -> Vec<Reference> {
 
 fn load() -> CandleEmbedder {
     let dir = common::model_dir();
-    CandleEmbedder::load(&dir, DeviceKind::Cpu).unwrap_or_else(|e| panic!("load {}: {e}", dir.display()))
+    CandleEmbedder::load(&dir, DeviceKind::Cpu)
+        .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -48,8 +49,17 @@ fn check(label: &str, refs: &[Reference], got: &[Vec<f32>]) -> f32 {
     let mut min = f32::INFINITY;
     for (r, v) in refs.iter().zip(got) {
         let cos = cosine(&r.embedding, v);
-        assert!(cos >= 0.999, "{label}: cosine {cos} < 0.999 for {:?}", r.text);
-        assert!((norm(v) - 1.0).abs() < 1e-4, "{label}: norm {} for {:?}", norm(v), r.text);
+        assert!(
+            cos >= 0.999,
+            "{label}: cosine {cos} < 0.999 for {:?}",
+            r.text
+        );
+        assert!(
+            (norm(v) - 1.0).abs() < 1e-4,
+            "{label}: norm {} for {:?}",
+            norm(v),
+            r.text
+        );
         min = min.min(cos);
     }
     println!("{label}: min cosine vs sentence-transformers = {min:.7}");
@@ -69,7 +79,14 @@ fn matches_sentence_transformers_batched_and_one_by_one() {
 
     let single: Vec<Vec<f32>> = texts
         .iter()
-        .map(|t| embedder.embed(&[t]).expect("embed one").into_iter().next().expect("one vector"))
+        .map(|t| {
+            embedder
+                .embed(&[t])
+                .expect("embed one")
+                .into_iter()
+                .next()
+                .expect("one vector")
+        })
         .collect();
     let min_single = check("one by one", &refs, &single);
     println!("min cosine overall = {:.7}", min_batch.min(min_single));
@@ -80,7 +97,10 @@ fn counts_tokens_after_truncation() {
     let embedder = load();
     let long: String = (0..5000).map(|i| format!("word{} ", i % 97)).collect();
     assert_eq!(embedder.count_tokens(&long), 256);
-    assert_eq!(embedder.count_tokens(&"lorem ipsum dolor ".repeat(2000)), 256);
+    assert_eq!(
+        embedder.count_tokens(&"lorem ipsum dolor ".repeat(2000)),
+        256
+    );
     assert_eq!(embedder.count_tokens("hi"), 3, "[CLS] hi [SEP]");
     assert_eq!(embedder.count_tokens(""), 2, "[CLS] [SEP]");
     // A long text whose first 4 KiB hold few tokens must still be counted in full.
@@ -94,7 +114,10 @@ fn long_texts_embed_like_their_truncation() {
     let long: String = (0..5000).map(|i| format!("word{} ", i % 97)).collect();
     let short: String = (0..400).map(|i| format!("word{} ", i % 97)).collect();
     let v = embedder.embed(&[&long, &short]).expect("embed long");
-    assert!(cosine(&v[0], &v[1]) > 0.99999, "both truncate to the same 256 tokens");
+    assert!(
+        cosine(&v[0], &v[1]) > 0.99999,
+        "both truncate to the same 256 tokens"
+    );
 }
 
 #[test]
@@ -119,10 +142,15 @@ fn odd_inputs_do_not_panic() {
         if let Ok(v) = embedder.embed(&[text]) {
             assert_eq!(v.len(), 1);
             let head: String = text.chars().take(20).collect();
-            assert!(v[0].iter().all(|x| x.is_finite()), "finite vector for {head:?}");
+            assert!(
+                v[0].iter().all(|x| x.is_finite()),
+                "finite vector for {head:?}"
+            );
         }
     }
-    let all = embedder.embed(&inputs).expect("a batch of odd inputs embeds");
+    let all = embedder
+        .embed(&inputs)
+        .expect("a batch of odd inputs embeds");
     assert_eq!(all.len(), inputs.len());
     assert!(embedder.embed(&[]).expect("an empty batch").is_empty());
 }
@@ -135,7 +163,10 @@ fn missing_model_dir_is_a_model_error_naming_the_path() {
         Err(e) => e,
     };
     assert!(matches!(err, EmbedError::Model(_)), "{err:?}");
-    assert!(err.to_string().contains(&*dir.to_string_lossy()), "message names the path: {err}");
+    assert!(
+        err.to_string().contains(&*dir.to_string_lossy()),
+        "message names the path: {err}"
+    );
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -145,5 +176,8 @@ fn cuda_without_the_feature_says_so() {
         Ok(_) => panic!("cuda without the feature loaded"),
         Err(e) => e,
     };
-    assert!(err.to_string().contains("built without the cuda feature"), "{err}");
+    assert!(
+        err.to_string().contains("built without the cuda feature"),
+        "{err}"
+    );
 }
