@@ -11,7 +11,10 @@
 //! - [`engine`]: ties store, index and detector together; the one place prompts are ingested, used
 //!   alike by the server, `reindex` and `eval`.
 //! - [`server`]: thin tonic handlers (validate → engine → convert), health and reflection.
+//! - [`offline`]: the batch path of `reindex` and `eval` (embedding overlapped with ingest).
+//! - [`eval`]: account-level metrics and the baselines the detector must beat.
 //! - [`traffic`]: reading traffic JSONL with per-line errors.
+//!
 //! The command-line verbs live in the binary (`src/main.rs`, `src/cli/`).
 //! - [`config`], [`error`]: the validated settings passed around, and the error type of each layer.
 
@@ -20,7 +23,9 @@ pub mod detect;
 pub mod embed;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod index;
+pub mod offline;
 pub mod server;
 pub mod store;
 pub mod traffic;

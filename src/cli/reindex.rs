@@ -1,21 +1,19 @@
 //! `prompt-radar reindex`: the offline batch path. Reads traffic JSONL, embeds it in large
-//! batches, and ingests it through the same engine as the server (same store, index, detector).
-//! Embedding (this thread) and ingest (a second thread) overlap; the summary gives each stage's
-//! busy time and rate, so the bound is visible.
+//! batches and ingests it through the same engine as the server (see `prompt_radar::offline`),
+//! with a progress bar and a summary line giving each stage's rate, so the bound is visible.
 
 use std::path::PathBuf;
-use std::sync::mpsc::sync_channel;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use prompt_radar::config::Limits;
+use prompt_radar::detect::Verdict;
 use prompt_radar::embed::{CandleEmbedder, Embedder};
-use prompt_radar::engine::{Engine, NewPrompt};
-use prompt_radar::server::validate;
-use prompt_radar::traffic;
+use prompt_radar::engine::Engine;
+use prompt_radar::offline::{self, Observer};
+use prompt_radar::traffic::{self, LineError, TrafficLine};
 
 use super::{EngineArgs, ModelArgs, OnError};
 
@@ -37,104 +35,52 @@ pub struct ReindexArgs {
     pub on_error: OnError,
 }
 
+/// A progress bar fed by the offline run; prints bad lines above it.
+pub struct Progress {
+    /// The bar (on stderr; hidden when stderr is not a terminal).
+    pub bar: ProgressBar,
+    /// Whether to go on after a bad line.
+    pub keep_going: bool,
+}
+
+impl Progress {
+    /// A bar over `total` lines labelled `verb`.
+    pub fn new(verb: &str, total: u64, on_error: OnError) -> Self {
+        let style = ProgressStyle::with_template(&format!("{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        Self { bar: ProgressBar::new(total).with_style(style), keep_going: on_error == OnError::Skip }
+    }
+}
+
+impl Observer for Progress {
+    fn verdict(&mut self, _line: usize, _input: &TrafficLine, _verdict: &Verdict) {
+        self.bar.inc(1);
+    }
+    fn bad_line(&mut self, error: &LineError) -> bool {
+        self.bar.suspend(|| eprintln!("line {}: {}", error.line, error.reason));
+        self.bar.inc(1);
+        self.keep_going
+    }
+}
+
 /// Runs the batch; returns whether every line was used.
 pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
-    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     let total = traffic::count_lines(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
     let file = std::fs::File::open(&args.input).with_context(|| format!("cannot open {}", args.input.display()))?;
     let load = Instant::now();
     let mut embedder = CandleEmbedder::load(&args.model.model, args.model.device)?;
     let engine = Engine::open(args.engine.to_config()?, embedder.dim())?;
-    let before = engine.len();
     eprintln!(
         "reindex: model on {} and data dir {} ready in {:.1}s ({} prompts already stored)",
         embedder.device_name(),
         engine.data_dir().display(),
         load.elapsed().as_secs_f64(),
-        before
+        engine.len()
     );
-    let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("{spinner} reindex [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let started = Instant::now();
-    let limits = Limits::default();
-    let (tx, rx) = sync_channel::<Vec<NewPrompt>>(4);
-    let ingest_bar = bar.clone();
-    let ingest = std::thread::Builder::new().name("ingest".into()).spawn(move || -> anyhow::Result<(Duration, u64)> {
-        let mut busy = Duration::ZERO;
-        let mut flagged_verdicts = 0;
-        for batch in rx {
-            let n = batch.len() as u64;
-            let t = Instant::now();
-            let verdicts = engine.ingest(batch)?;
-            busy += t.elapsed();
-            flagged_verdicts += verdicts.iter().filter(|v| v.campaign_id.is_some()).count() as u64;
-            ingest_bar.inc(n);
-        }
-        Ok((busy, flagged_verdicts))
-    })?;
-
-    let (mut embed_busy, mut parse_busy) = (Duration::ZERO, Duration::ZERO);
-    let (mut bad, mut stopped) = (0u64, false);
-    let mut pending: Vec<traffic::TrafficLine> = Vec::with_capacity(args.batch_size);
-    let mut lines = traffic::lines(std::io::BufReader::new(file));
-    loop {
-        let t = Instant::now();
-        let next = lines.next();
-        parse_busy += t.elapsed();
-        let done = next.is_none();
-        if let Some((line, parsed)) = next {
-            let checked = parsed.map_err(|e| e.reason).and_then(|t| {
-                validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, &limits)
-                    .map(|v| traffic::TrafficLine { account_id: v.account_id, prompt: v.prompt, timestamp_ms: v.timestamp_ms, label: None })
-                    .map_err(|e| e.to_string())
-            });
-            match checked {
-                Ok(t) => pending.push(t),
-                Err(reason) => {
-                    bad += 1;
-                    bar.suspend(|| eprintln!("reindex: line {line}: {reason}"));
-                    bar.inc(1);
-                    if args.on_error == OnError::Stop {
-                        stopped = true;
-                    }
-                }
-            }
-        }
-        if pending.len() >= args.batch_size || ((done || stopped) && !pending.is_empty()) {
-            let t = Instant::now();
-            let texts: Vec<&str> = pending.iter().map(|p| p.prompt.as_str()).collect();
-            let vectors = embedder.embed(&texts)?;
-            embed_busy += t.elapsed();
-            let batch = pending
-                .drain(..)
-                .zip(vectors)
-                .map(|(p, embedding)| NewPrompt { account_id: p.account_id, timestamp_ms: p.timestamp_ms, text: p.prompt, embedding })
-                .collect();
-            if tx.send(batch).is_err() {
-                break; // the ingest thread failed; its error is reported below
-            }
-        }
-        if done || stopped {
-            break;
-        }
-    }
-    drop(tx);
-    let (ingest_busy, in_campaigns) = ingest.join().map_err(|_| anyhow::anyhow!("ingest thread panicked"))??;
-    bar.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
-    let good = total.saturating_sub(bad);
-    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
-    eprintln!(
-        "reindex: {good} prompts in {secs:.1}s ({:.0} prompts/s end to end), {bad} bad lines{}; stages: parse {:.0}/s, embed {:.0}/s ({:.1}s), ingest {:.0}/s ({:.1}s; search+cluster+store+index); {in_campaigns} prompts landed in campaigns",
-        rate(good, started.elapsed()),
-        if stopped { " (stopped at the first, --on-error stop)" } else { "" },
-        rate(good, parse_busy),
-        rate(good, embed_busy),
-        embed_busy.as_secs_f64(),
-        rate(good, ingest_busy),
-        ingest_busy.as_secs_f64(),
-    );
-    Ok(bad == 0)
+    let mut progress = Progress::new("reindex", total, args.on_error);
+    let lines = traffic::lines(std::io::BufReader::new(file));
+    let times = offline::run(&mut embedder, &engine, lines, args.batch_size, &mut progress)?;
+    progress.bar.finish_and_clear();
+    eprintln!("{}", times.summary("reindex"));
+    Ok(times.bad_lines == 0)
 }
