@@ -27,18 +27,20 @@ fn main() -> ExitCode {
 
 fn run(cli: cli::Cli) -> anyhow::Result<bool> {
     use cli::Command;
-    if let Command::Reindex(args) = cli.command {
-        return cli::reindex::run(args);
-    }
+    let command = match cli.command {
+        Command::Reindex(args) => return cli::reindex::run(args),
+        Command::Eval(args) => return cli::eval::run(args),
+        other => other,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Serve(args) => cli::serve::run(args).await.map(|()| true),
             Command::Check(args) => cli::client::check(args).await,
             Command::Accounts(args) => cli::client::accounts(args).await.map(|()| true),
             Command::Campaigns(args) => cli::client::campaigns(args).await.map(|()| true),
             Command::Search(args) => cli::client::search(args).await.map(|()| true),
-            Command::Reindex(_) => unreachable!("handled above"),
+            Command::Reindex(_) | Command::Eval(_) => unreachable!("offline verbs return above"),
         }
     })
 }

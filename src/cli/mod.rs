@@ -3,6 +3,7 @@
 //! environment variable `PROMPT_RADAR_<FLAG>`.
 
 pub mod client;
+pub mod eval;
 pub mod reindex;
 pub mod serve;
 
@@ -39,6 +40,8 @@ pub enum Command {
     Search(client::SearchArgs),
     /// Offline batch: embed, store, index and cluster a traffic JSONL file into a data directory.
     Reindex(reindex::ReindexArgs),
+    /// Run labelled traffic through the detector and print its metrics beside two baselines.
+    Eval(eval::EvalArgs),
 }
 
 /// What to do with a bad input line.

@@ -1,0 +1,172 @@
+//! `prompt-radar eval`: runs labelled traffic through the real pipeline (the same engine and
+//! offline path as `reindex`, so the same verdicts as `serve` + `check`) and prints account-level
+//! precision, recall, F1, organic false-positive rate, campaign recall, per-campaign recall and
+//! the median prompts an attacker sends before it is first flagged — beside the same figures for
+//! two baselines on the same stream: exact-text hashing and MinHash-LSH.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+
+use prompt_radar::detect::{Action, Verdict};
+use prompt_radar::embed::{CandleEmbedder, Embedder};
+use prompt_radar::engine::Engine;
+use prompt_radar::eval::{self, AccountOutcome, ExactHashBaseline, LabelledStream, MinHashLshBaseline, Metrics};
+use prompt_radar::offline::{self, Observer};
+use prompt_radar::traffic::{self, LineError, TrafficLine};
+
+use super::reindex::Progress;
+use super::{EngineArgs, ModelArgs, OnError};
+
+/// Flags of `eval`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// Labelled traffic JSONL (`label`: "organic" or a campaign name), e.g. from eval/make_traffic.py.
+    #[arg(long, env = "PROMPT_RADAR_INPUT")]
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompts per forward pass.
+    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 64)]
+    pub batch_size: usize,
+    /// Keep the data directory the run wrote (default: a temporary one, removed afterwards).
+    #[arg(long, env = "PROMPT_RADAR_KEEP_DATA")]
+    pub keep_data: bool,
+    /// Also write all metrics as one JSON object to this file.
+    #[arg(long, env = "PROMPT_RADAR_JSON")]
+    pub json: Option<PathBuf>,
+}
+
+/// Counts each account's own prompts and remembers when its verdict first left `allow`.
+struct FirstFlag {
+    progress: Progress,
+    sent: HashMap<String, usize>,
+    first: HashMap<String, usize>,
+}
+
+impl Observer for FirstFlag {
+    fn verdict(&mut self, line: usize, input: &TrafficLine, verdict: &Verdict) {
+        let n = self.sent.entry(input.account_id.clone()).or_default();
+        *n += 1;
+        if verdict.action != Action::Allow {
+            self.first.entry(input.account_id.clone()).or_insert(*n);
+        }
+        self.progress.verdict(line, input, verdict);
+    }
+    fn bad_line(&mut self, error: &LineError) -> bool {
+        self.progress.bad_line(error)
+    }
+}
+
+/// Runs the evaluation; prints the report.
+pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
+    let read = |p: &PathBuf| -> anyhow::Result<Vec<(usize, TrafficLine)>> {
+        let f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+        let mut out = Vec::new();
+        for (line, parsed) in traffic::lines(std::io::BufReader::new(f)) {
+            let t = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            anyhow::ensure!(t.label.is_some(), "{}: line {line}: missing field `label`", p.display());
+            out.push((line, t));
+        }
+        Ok(out)
+    };
+    let lines = read(&args.input)?;
+    let labels: HashMap<String, String> = {
+        let mut m = HashMap::new();
+        for (_, t) in &lines {
+            m.entry(t.account_id.clone()).or_insert_with(|| t.label.clone().unwrap_or_default());
+        }
+        m
+    };
+
+    let mut engine_args = args.engine.clone();
+    let temp = !args.keep_data;
+    if temp {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        engine_args.data_dir = std::env::temp_dir().join(format!("prompt-radar-eval-{}-{nanos}", std::process::id()));
+    } else {
+        anyhow::ensure!(!engine_args.data_dir.join(prompt_radar::store::DB_FILE).exists(), "--keep-data needs an empty --data-dir");
+    }
+    let mut embedder = CandleEmbedder::load(&args.model.model, args.model.device)?;
+    let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;
+    let mut obs = FirstFlag {
+        progress: Progress::new("eval", lines.len() as u64, OnError::Stop),
+        sent: HashMap::new(),
+        first: HashMap::new(),
+    };
+    let stream = lines.iter().map(|(l, t)| (*l, Ok(t.clone())));
+    let times = offline::run(&mut embedder, &engine, stream, args.batch_size, &mut obs)?;
+    obs.progress.bar.finish_and_clear();
+    eprintln!("{}", times.summary("eval"));
+
+    let final_flags: HashMap<String, bool> = engine.accounts(false, 0).into_iter().map(|a| (a.account_id, a.flagged)).collect();
+    let detector: Vec<AccountOutcome> = labels
+        .iter()
+        .map(|(account, label)| AccountOutcome {
+            account_id: account.clone(),
+            label: label.clone(),
+            flagged: final_flags.get(account).copied().unwrap_or(false),
+            first_flag_prompt: obs.first.get(account).copied(),
+        })
+        .collect();
+    drop(engine);
+    if temp {
+        let _ = std::fs::remove_dir_all(&engine_args.data_dir);
+    }
+
+    let labelled = LabelledStream {
+        prompts: lines.iter().map(|(_, t)| (t.account_id.clone(), t.prompt.clone())).collect(),
+        labels: labels.clone(),
+    };
+    let timed = |f: &mut dyn FnMut() -> Vec<AccountOutcome>| {
+        let t = Instant::now();
+        let out = f();
+        (eval::compute(&out), t.elapsed().as_secs_f64())
+    };
+    let (exact, exact_s) = timed(&mut || eval::run_baseline(&mut ExactHashBaseline::new(5), &labelled));
+    let (minhash, minhash_s) = timed(&mut || eval::run_baseline(&mut MinHashLshBaseline::new(5), &labelled));
+    let ours = eval::compute(&detector);
+
+    println!("{}", ours.report(&format!("prompt-radar on {} ({:.1}s)", args.input.display(), times.wall.as_secs_f64())));
+    println!("{}", exact.report(&format!("baseline: exact-text hashing ({exact_s:.1}s)")));
+    println!("{}", minhash.report(&format!("baseline: MinHash-LSH on word shingles ({minhash_s:.1}s)")));
+    println!("{}", comparison(&[("prompt-radar", &ours), ("exact-hash", &exact), ("minhash-lsh", &minhash)]));
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "input": args.input.display().to_string(),
+            "prompts": lines.len(),
+            "seconds": times.wall.as_secs_f64(),
+            "prompt_radar": ours.to_json(),
+            "exact_hash": exact.to_json(),
+            "minhash_lsh": minhash.to_json(),
+        });
+        std::fs::write(path, format!("{v:#}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(true)
+}
+
+fn comparison(rows: &[(&str, &Metrics)]) -> String {
+    let mut s = format!(
+        "{:<14} {:>9} {:>7} {:>7} {:>10} {:>10} {:>10}\n",
+        "system", "precision", "recall", "F1", "organic FPR", "campaigns", "to-flag"
+    );
+    for (name, m) in rows {
+        s.push_str(&format!(
+            "{:<14} {:>9.4} {:>7.4} {:>7.4} {:>10.4}% {:>10} {:>10}\n",
+            name,
+            m.precision,
+            m.recall,
+            m.f1,
+            100.0 * m.organic_fpr,
+            format!("{}/{}", m.campaigns_found, m.per_campaign.len()),
+            m.median_prompts_to_flag.map_or("-".to_string(), |x| format!("{x:.1}")),
+        ));
+    }
+    s
+}
+
