@@ -2,6 +2,8 @@
 //! embed queue → model → search → cluster → store commit → verdict), one client at a time and
 //! 8 concurrent clients (which share forward passes and store commits).
 
+#![allow(clippy::unwrap_used)] // benches and tests may panic on setup failures
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use prompt_radar::proto::{CheckRequest, radar_client::RadarClient};
 use prompt_radar::server::{Prepared, bind};
 
 const CONCURRENCY: usize = 8;
+const LATENCY_CALLS: usize = 300;
 
 fn model_dir() -> std::path::PathBuf {
     std::env::var_os("PROMPT_RADAR_MODEL")
@@ -60,6 +63,27 @@ fn bench(c: &mut Criterion) {
             request_id: String::new(),
         }
     };
+
+    // Percentiles of single unary calls (criterion reports means and medians; p99 matters to a
+    // gateway), printed before the criterion groups.
+    let calls = if std::env::args().any(|a| a == "--bench") { LATENCY_CALLS } else { 3 }; // 3 under `cargo test`
+    let mut lat: Vec<Duration> = (0..calls)
+        .map(|_| {
+            let r = next();
+            let t = std::time::Instant::now();
+            rt.block_on(client.clone().check(r)).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    eprintln!(
+        "check/unary latency over {calls} sequential calls: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(1.0)
+    );
 
     let mut g = c.benchmark_group("check");
     g.sample_size(20).measurement_time(Duration::from_secs(10));

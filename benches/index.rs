@@ -6,6 +6,8 @@
 //! the recall printed at start-up is for this data, not for real prompt embeddings (see
 //! `tests/it/recall.rs` for those). Run: `cargo bench --bench index` (about two minutes on 2 cores).
 
+#![allow(clippy::unwrap_used)] // benches and tests may panic on setup failures
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

@@ -140,10 +140,10 @@ impl Engine {
             last_id = r.id;
             if needs_index(r.id) {
                 pending.push((r.id, r.timestamp_ms, r.embedding));
-                if pending.len() >= 10_000 {
-                    if let Err(e) = flush(&mut index, &mut pending) {
-                        index_err.get_or_insert(e);
-                    }
+                if pending.len() >= 10_000
+                    && let Err(e) = flush(&mut index, &mut pending)
+                {
+                    index_err.get_or_insert(e);
                 }
             }
             Ok(())

@@ -60,10 +60,11 @@ impl KeyIndex {
     pub fn link(&mut self, id: u64, keys: &[u64]) -> Vec<u64> {
         let mut links = Vec::with_capacity(keys.len());
         for &k in keys {
-            if let Some(prev) = self.latest.insert(k, id) {
-                if prev < id && !links.contains(&prev) {
-                    links.push(prev);
-                }
+            if let Some(prev) = self.latest.insert(k, id)
+                && prev < id
+                && !links.contains(&prev)
+            {
+                links.push(prev);
             }
         }
         links

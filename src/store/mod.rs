@@ -130,7 +130,7 @@ impl Store {
     /// Number of stored prompts.
     pub fn len(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        Ok(txn.open_table(PROMPTS).map_err(db_err)?.len().map_err(db_err)?)
+        txn.open_table(PROMPTS).map_err(db_err)?.len().map_err(db_err)
     }
 
     /// True when no prompt is stored.

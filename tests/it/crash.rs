@@ -35,7 +35,7 @@ fn spawn_server(data_dir: &std::path::Path) -> (Child, String) {
 
 fn prompt(i: usize) -> String {
     // Unique texts, half of them templated, so the restart also has clusters to rebuild.
-    if i % 2 == 0 { templated(i) } else { format!("Organic question number {i}: how do tides depend on the moon and sun?") }
+    if i.is_multiple_of(2) { templated(i) } else { format!("Organic question number {i}: how do tides depend on the moon and sun?") }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
