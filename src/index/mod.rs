@@ -11,7 +11,7 @@ mod segmented;
 pub use brute::BruteForceIndex;
 pub use distance::DistDotClamped;
 pub use hnsw::{HnswIndex, HnswParams};
-pub use segmented::{SegmentedHnsw, SegmentsConfig};
+pub use segmented::{SegmentInfo, SegmentedHnsw, SegmentsConfig};
 
 /// A neighbour found by a search: the prompt id and its cosine similarity to the query.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -393,6 +393,15 @@ fn read_manifest(dir: &Path, dim: usize) -> Result<Option<Manifest>, IndexError>
         );
         return Err(IndexError::Io(format!("{}: {why}", path.display())));
     }
+    // Names come from this module; anything else (a path, say) must never reach `remove_file`.
+    let valid = |b: &str| {
+        b.strip_prefix("seg-")
+            .is_some_and(|n| n.bytes().all(|c| c.is_ascii_digit()))
+    };
+    if let Some(bad) = m.segments.iter().find(|e| !valid(&e.basename)) {
+        let why = format!("bad segment name {:?}", bad.basename);
+        return Err(IndexError::Io(format!("{}: {why}", path.display())));
+    }
     Ok(Some(m))
 }
 
@@ -623,9 +632,19 @@ mod tests {
         assert_eq!(top1(&idx, &vs[50]), 51);
         assert!(!path(2, "data").exists());
         // A garbled manifest means an empty index (rebuilt from the store), not a panic.
-        fs::write(dir.path().join(MANIFEST), b"\x00garbage").unwrap();
-        let idx = SegmentedHnsw::open(cfg, DIM).unwrap();
-        assert_eq!((idx.len(), idx.covered_up_to()), (0, 0));
+        let evil = r#"{"format":1,"dim":24,"next_segment":2,"sealed_up_to":5,"segments":[
+            {"basename":"../x","first_id":1,"last_id":5,"min_ts":0,"max_ts":0,"count":5,"sealed":true}]}"#;
+        for manifest in [&b"\x00garbage"[..], evil.as_bytes()] {
+            fs::write(dir.path().join(MANIFEST), manifest).unwrap();
+            let idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
+            assert_eq!((idx.len(), idx.covered_up_to()), (0, 0));
+        }
+    }
+
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<SegmentedHnsw>();
     }
 
     #[test]
