@@ -19,21 +19,29 @@ const LATENCY_CALLS: usize = 300;
 fn model_dir() -> std::path::PathBuf {
     std::env::var_os("PROMPT_RADAR_MODEL")
         .map(Into::into)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"))
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
+        })
 }
 
 fn prompts() -> Vec<String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/recall_prompts.txt");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/recall_prompts.txt");
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut v: Vec<String> = text.lines().take(5_000).map(str::to_string).collect();
     if v.is_empty() {
-        v = (0..1000).map(|i| format!("What is {i} times {}?", i + 7)).collect();
+        v = (0..1000)
+            .map(|i| format!("What is {i} times {}?", i + 7))
+            .collect();
     }
     v
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -51,7 +59,9 @@ fn bench(c: &mut Criterion) {
         tokio::spawn(prepared.serve(listener, std::future::pending()));
         addr
     });
-    let client = rt.block_on(RadarClient::connect(format!("http://{addr}"))).unwrap();
+    let client = rt
+        .block_on(RadarClient::connect(format!("http://{addr}")))
+        .unwrap();
     let texts = prompts();
     let mut i = 0usize;
     let mut next = move || {
@@ -66,7 +76,11 @@ fn bench(c: &mut Criterion) {
 
     // Percentiles of single unary calls (criterion reports means and medians; p99 matters to a
     // gateway), printed before the criterion groups.
-    let calls = if std::env::args().any(|a| a == "--bench") { LATENCY_CALLS } else { 3 }; // 3 under `cargo test`
+    let calls = if std::env::args().any(|a| a == "--bench") {
+        LATENCY_CALLS
+    } else {
+        3
+    }; // 3 under `cargo test`
     let mut lat: Vec<Duration> = (0..calls)
         .map(|_| {
             let r = next();

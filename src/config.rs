@@ -27,7 +27,9 @@ impl std::str::FromStr for DeviceKind {
             "cuda" => Ok(Self::Cuda(0)),
             other => match other.strip_prefix("cuda:").map(str::parse) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => Err(format!("unknown device {other:?}: expected cpu, cuda or cuda:N")),
+                _ => Err(format!(
+                    "unknown device {other:?}: expected cpu, cuda or cuda:N"
+                )),
             },
         }
     }
@@ -57,7 +59,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_prompt_bytes: 32 * 1024, max_account_bytes: 256, max_search_k: 1000, stream_in_flight: 64 }
+        Self {
+            max_prompt_bytes: 32 * 1024,
+            max_account_bytes: 256,
+            max_search_k: 1000,
+            stream_in_flight: 64,
+        }
     }
 }
 
@@ -75,7 +82,11 @@ pub struct EngineConfig {
 impl EngineConfig {
     /// Engine settings with the defaults, storing under `data_dir`.
     pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
-        Self { data_dir: data_dir.into(), detector: DetectorConfig::default(), segments: SegmentsConfig::default() }
+        Self {
+            data_dir: data_dir.into(),
+            detector: DetectorConfig::default(),
+            segments: SegmentsConfig::default(),
+        }
     }
 }
 

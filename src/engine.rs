@@ -109,19 +109,25 @@ impl Engine {
     pub fn open(config: EngineConfig, dim: usize) -> Result<Self, Error> {
         let started = std::time::Instant::now();
         let store = Store::open(&config.data_dir)?;
-        let segments = SegmentsConfig { dir: Some(config.data_dir.join("index")), ..config.segments.clone() };
+        let segments = SegmentsConfig {
+            dir: Some(config.data_dir.join("index")),
+            ..config.segments.clone()
+        };
         let mut index = SegmentedHnsw::open(segments, dim)?;
         let reloaded = index.len();
         let covered = index.covered_up_to();
         let missing = index.missing_ranges();
-        let needs_index = |id: u64| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id));
+        let needs_index =
+            |id: u64| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id));
 
         let mut detector = Detector::new(config.detector.clone());
         let mut key_index = KeyIndex::default();
         let mut pending: Vec<(u64, i64, Vec<f32>)> = Vec::new();
         let mut rebuilt = 0;
         let mut last_id = 0;
-        let mut flush = |index: &mut SegmentedHnsw, pending: &mut Vec<(u64, i64, Vec<f32>)>| -> Result<(), Error> {
+        let mut flush = |index: &mut SegmentedHnsw,
+                         pending: &mut Vec<(u64, i64, Vec<f32>)>|
+         -> Result<(), Error> {
             index.insert_bulk(pending)?;
             rebuilt += pending.len();
             pending.clear();
@@ -152,14 +158,22 @@ impl Engine {
             return Err(e);
         }
         flush(&mut index, &mut pending)?;
-        let open_stats = OpenStats { prompts, reloaded, rebuilt, seconds: started.elapsed().as_secs_f64() };
+        let open_stats = OpenStats {
+            prompts,
+            reloaded,
+            rebuilt,
+            seconds: started.elapsed().as_secs_f64(),
+        };
         tracing::info!(?open_stats, "engine opened");
         Ok(Self {
             config,
             store,
             index: RwLock::new(index),
             detector: RwLock::new(detector),
-            ingest: Mutex::new(IngestState { next_id: last_id + 1, keys: key_index }),
+            ingest: Mutex::new(IngestState {
+                next_id: last_id + 1,
+                keys: key_index,
+            }),
             poisoned: AtomicBool::new(false),
             open_stats,
         })
@@ -178,7 +192,9 @@ impl Engine {
     /// Ingests a batch in order and returns one verdict per prompt, after the batch is durable.
     pub fn ingest(&self, batch: Vec<NewPrompt>) -> Result<Vec<Verdict>, Error> {
         if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::Unavailable("an earlier store commit failed; restart the server".into()));
+            return Err(Error::Unavailable(
+                "an earlier store commit failed; restart the server".into(),
+            ));
         }
         let mut state = self.ingest.lock();
         let cfg = &self.config.detector;
@@ -192,7 +208,10 @@ impl Engine {
                 state.next_id += 1;
                 let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
                 for (r, earlier) in records.iter().map(|r: &PromptRecord| (r, &r.embedding)) {
-                    near.push(Neighbour { id: r.id, similarity: dot(&p.embedding, earlier) });
+                    near.push(Neighbour {
+                        id: r.id,
+                        similarity: dot(&p.embedding, earlier),
+                    });
                 }
                 near.retain(|n| n.similarity >= cfg.similarity_threshold);
                 near.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id)));
@@ -203,7 +222,15 @@ impl Engine {
                         links.push(l);
                     }
                 }
-                let record = PromptRecord::new(id, p.account_id, p.timestamp_ms, p.text, p.embedding, 0, links);
+                let record = PromptRecord::new(
+                    id,
+                    p.account_id,
+                    p.timestamp_ms,
+                    p.text,
+                    p.embedding,
+                    0,
+                    links,
+                );
                 let verdict = detector.observe(Observation {
                     id,
                     account_id: &record.account_id,
@@ -211,7 +238,10 @@ impl Engine {
                     text_hash: record.text_hash,
                     links: &record.links,
                 });
-                records.push(PromptRecord { cluster_id: verdict.cluster_id, ..record });
+                records.push(PromptRecord {
+                    cluster_id: verdict.cluster_id,
+                    ..record
+                });
                 verdicts.push(verdict);
             }
         }
@@ -221,8 +251,10 @@ impl Engine {
             self.poisoned.store(true, Ordering::Release);
             return Err(e.into());
         }
-        let items: Vec<(u64, i64, Vec<f32>)> =
-            records.into_iter().map(|r| (r.id, r.timestamp_ms, r.embedding)).collect();
+        let items: Vec<(u64, i64, Vec<f32>)> = records
+            .into_iter()
+            .map(|r| (r.id, r.timestamp_ms, r.embedding))
+            .collect();
         let mut index = self.index.write();
         if items.len() >= 32 {
             index.insert_bulk(&items)?;
@@ -240,21 +272,41 @@ impl Engine {
     }
 
     /// Nearest stored prompts to `query`, filtered; most similar first.
-    pub fn search(&self, query: &[f32], k: usize, filter: &SearchFilter) -> Result<Vec<Hit>, Error> {
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &SearchFilter,
+    ) -> Result<Vec<Hit>, Error> {
         let total = self.index.read().len();
-        let filtered = filter.account_id.is_some() || filter.from_ms.is_some() || filter.to_ms.is_some();
+        let filtered =
+            filter.account_id.is_some() || filter.from_ms.is_some() || filter.to_ms.is_some();
         // Filters are applied after the graph search: oversample, and widen until enough match.
         let mut want = if filtered { (k * 8).max(64) } else { k };
         loop {
-            let near = self.index.read().search_range(query, want.min(total.max(1)), filter.from_ms, filter.to_ms);
+            let near = self.index.read().search_range(
+                query,
+                want.min(total.max(1)),
+                filter.from_ms,
+                filter.to_ms,
+            );
             let ids: Vec<u64> = near.iter().map(|n| n.id).collect();
-            let mut records: std::collections::HashMap<u64, PromptRecord> =
-                self.store.get_many(&ids)?.into_iter().map(|r| (r.id, r)).collect();
+            let mut records: std::collections::HashMap<u64, PromptRecord> = self
+                .store
+                .get_many(&ids)?
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect();
             let detector = self.detector.read();
             let mut hits: Vec<Hit> = ids
                 .iter()
                 .filter_map(|id| records.remove(id))
-                .filter(|r| filter.account_id.as_ref().is_none_or(|a| &r.account_id == a))
+                .filter(|r| {
+                    filter
+                        .account_id
+                        .as_ref()
+                        .is_none_or(|a| &r.account_id == a)
+                })
                 .filter(|r| filter.from_ms.is_none_or(|t| r.timestamp_ms >= t))
                 .filter(|r| filter.to_ms.is_none_or(|t| r.timestamp_ms <= t))
                 .map(|record| Hit {
@@ -264,7 +316,11 @@ impl Engine {
                     record,
                 })
                 .collect();
-            hits.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(a.record.id.cmp(&b.record.id)));
+            hits.sort_by(|a, b| {
+                b.similarity
+                    .total_cmp(&a.similarity)
+                    .then(a.record.id.cmp(&b.record.id))
+            });
             if hits.len() >= k || want >= total {
                 hits.truncate(k);
                 return Ok(hits);
@@ -275,7 +331,9 @@ impl Engine {
 
     /// A stored prompt by id.
     pub fn record(&self, id: u64) -> Result<PromptRecord, Error> {
-        self.store.get(id)?.ok_or_else(|| Error::NotFound(format!("prompt_id: no prompt {id}")))
+        self.store
+            .get(id)?
+            .ok_or_else(|| Error::NotFound(format!("prompt_id: no prompt {id}")))
     }
 
     /// Campaigns scoring at least `min_score`, highest first, at most `top`.
@@ -285,7 +343,10 @@ impl Engine {
             let min = min_score.max(d.config().campaign_score);
             d.campaigns(min).into_iter().take(top).collect()
         };
-        summaries.into_iter().map(|s| self.campaign_view(s)).collect()
+        summaries
+            .into_iter()
+            .map(|s| self.campaign_view(s))
+            .collect()
     }
 
     /// One campaign by any prompt id of its cluster.
@@ -293,15 +354,26 @@ impl Engine {
         let s = self.detector.read().campaign(id);
         match s {
             Some(s) => self.campaign_view(s),
-            None => Err(Error::NotFound(format!("campaign_id: no campaign or prompt {id}"))),
+            None => Err(Error::NotFound(format!(
+                "campaign_id: no campaign or prompt {id}"
+            ))),
         }
     }
 
     fn campaign_view(&self, summary: CampaignSummary) -> Result<CampaignView, Error> {
-        let examples: Vec<String> = self.store.get_many(&summary.samples)?.into_iter().map(|r| r.text).collect();
+        let examples: Vec<String> = self
+            .store
+            .get_many(&summary.samples)?
+            .into_iter()
+            .map(|r| r.text)
+            .collect();
         let refs: Vec<&str> = examples.iter().map(String::as_str).collect();
         let template = template::extract(&refs);
-        Ok(CampaignView { summary, template, examples })
+        Ok(CampaignView {
+            summary,
+            template,
+            examples,
+        })
     }
 
     /// Every account's verdict, highest score first; `flagged_only` keeps flagged ones.

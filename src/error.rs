@@ -41,7 +41,10 @@ pub enum Error {
 impl Error {
     /// A validation error for `field`.
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Self::Invalid { field, reason: reason.into() }
+        Self::Invalid {
+            field,
+            reason: reason.into(),
+        }
     }
 
     /// The gRPC status code for this error.
@@ -50,7 +53,9 @@ impl Error {
             Self::Invalid { .. } => tonic::Code::InvalidArgument,
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Overloaded(SubmitError::Full(_)) => tonic::Code::ResourceExhausted,
-            Self::Overloaded(SubmitError::Closed) | Self::Unavailable(_) => tonic::Code::Unavailable,
+            Self::Overloaded(SubmitError::Closed) | Self::Unavailable(_) => {
+                tonic::Code::Unavailable
+            }
             Self::Embed(_) | Self::Store(_) | Self::Index(_) => tonic::Code::Internal,
         }
     }
@@ -73,7 +78,13 @@ mod tests {
         assert_eq!(s.message(), "prompt: must not be empty");
         let s: tonic::Status = Error::Overloaded(SubmitError::Full(8)).into();
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(tonic::Status::from(Error::NotFound("x".into())).code(), tonic::Code::NotFound);
-        assert_eq!(tonic::Status::from(Error::Unavailable("x".into())).code(), tonic::Code::Unavailable);
+        assert_eq!(
+            tonic::Status::from(Error::NotFound("x".into())).code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            tonic::Status::from(Error::Unavailable("x".into())).code(),
+            tonic::Code::Unavailable
+        );
     }
 }

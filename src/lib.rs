@@ -35,7 +35,8 @@ pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("promptradar.v1");
     /// Encoded file descriptor set of the API, served through gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("promptradar_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("promptradar_descriptor");
 }
 
 /// Dimension of all-MiniLM-L6-v2 sentence embeddings.

@@ -32,7 +32,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<bool> {
         Command::Eval(args) => return cli::eval::run(args),
         other => other,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match command {
             Command::Serve(args) => cli::serve::run(args).await.map(|()| true),

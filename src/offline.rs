@@ -42,7 +42,13 @@ pub trait Observer {
 }
 
 /// Runs `lines` through `embedder` and `engine` in batches of `batch_size`.
-pub fn run<E, I, O>(embedder: &mut E, engine: &Engine, lines: I, batch_size: usize, observer: &mut O) -> Result<StageTimes, Error>
+pub fn run<E, I, O>(
+    embedder: &mut E,
+    engine: &Engine,
+    lines: I,
+    batch_size: usize,
+    observer: &mut O,
+) -> Result<StageTimes, Error>
 where
     E: Embedder,
     I: Iterator<Item = (usize, Result<TrafficLine, LineError>)>,
@@ -62,13 +68,22 @@ where
                 let (meta, prompts): (Vec<(usize, TrafficLine)>, Vec<NewPrompt>) = batch
                     .into_iter()
                     .map(|(line, t, embedding)| {
-                        let p = NewPrompt { account_id: t.account_id.clone(), timestamp_ms: t.timestamp_ms, text: t.prompt.clone(), embedding };
+                        let p = NewPrompt {
+                            account_id: t.account_id.clone(),
+                            timestamp_ms: t.timestamp_ms,
+                            text: t.prompt.clone(),
+                            embedding,
+                        };
                         ((line, t), p)
                     })
                     .unzip();
                 let verdicts = engine.ingest(prompts)?;
                 busy += t.elapsed();
-                let out = meta.into_iter().zip(verdicts).map(|((l, t), v)| (l, t, v)).collect();
+                let out = meta
+                    .into_iter()
+                    .zip(verdicts)
+                    .map(|((l, t), v)| (l, t, v))
+                    .collect();
                 if verdict_tx.send(out).is_err() {
                     break;
                 }
@@ -86,8 +101,16 @@ where
             if let Some((line, parsed)) = next {
                 let checked = parsed.and_then(|t| {
                     validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, &limits)
-                        .map(|v| TrafficLine { account_id: v.account_id, prompt: v.prompt, timestamp_ms: v.timestamp_ms, label: t.label })
-                        .map_err(|e| LineError { line, reason: e.to_string() })
+                        .map(|v| TrafficLine {
+                            account_id: v.account_id,
+                            prompt: v.prompt,
+                            timestamp_ms: v.timestamp_ms,
+                            label: t.label,
+                        })
+                        .map_err(|e| LineError {
+                            line,
+                            reason: e.to_string(),
+                        })
                 });
                 match checked {
                     Ok(t) => pending.push((line, t)),
@@ -105,7 +128,11 @@ where
                 let texts: Vec<&str> = pending.iter().map(|(_, p)| p.prompt.as_str()).collect();
                 let vectors = embedder.embed(&texts)?;
                 times.embed += t.elapsed();
-                let batch: Vec<_> = pending.drain(..).zip(vectors).map(|((l, t), v)| (l, t, v)).collect();
+                let batch: Vec<_> = pending
+                    .drain(..)
+                    .zip(vectors)
+                    .map(|((l, t), v)| (l, t, v))
+                    .collect();
                 if tx.send(batch).is_err() {
                     send_failed = true;
                 }
@@ -122,7 +149,9 @@ where
             }
         }
         drop(tx);
-        let ingest_result = ingest.join().map_err(|_| Error::Unavailable("ingest thread panicked".into()))?;
+        let ingest_result = ingest
+            .join()
+            .map_err(|_| Error::Unavailable("ingest thread panicked".into()))?;
         for out in verdict_rx.try_iter() {
             for (line, t, v) in out {
                 times.prompts += 1;
@@ -146,7 +175,11 @@ impl StageTimes {
             self.wall.as_secs_f64(),
             rate(self.wall),
             self.bad_lines,
-            if self.stopped { " (stopped at the first, --on-error stop)" } else { "" },
+            if self.stopped {
+                " (stopped at the first, --on-error stop)"
+            } else {
+                ""
+            },
             rate(self.parse),
             rate(self.embed),
             self.embed.as_secs_f64(),

@@ -33,11 +33,19 @@ pub struct LineError {
 }
 
 /// Iterates the non-blank lines of a traffic file: `(line number, parsed or error)`.
-pub fn lines(reader: impl BufRead) -> impl Iterator<Item = (usize, Result<TrafficLine, LineError>)> {
+pub fn lines(
+    reader: impl BufRead,
+) -> impl Iterator<Item = (usize, Result<TrafficLine, LineError>)> {
     reader.lines().enumerate().filter_map(|(i, l)| {
         let line = i + 1;
         match l {
-            Err(e) => Some((line, Err(LineError { line, reason: format!("unreadable: {e}") }))),
+            Err(e) => Some((
+                line,
+                Err(LineError {
+                    line,
+                    reason: format!("unreadable: {e}"),
+                }),
+            )),
             Ok(s) if s.trim().is_empty() => None,
             Ok(s) => Some((line, parse(line, &s))),
         }
@@ -49,7 +57,10 @@ pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
     serde_json::from_str::<TrafficLine>(s).map_err(|e| {
         let msg = e.to_string();
         // serde names the missing field ("missing field `account_id`"): keep that wording.
-        LineError { line, reason: format!("malformed JSON object: {msg}") }
+        LineError {
+            line,
+            reason: format!("malformed JSON object: {msg}"),
+        }
     })
 }
 

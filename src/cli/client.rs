@@ -42,7 +42,11 @@ pub async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
         .await
         .with_context(|| format!("cannot connect to {}", args.server))?;
     let token = match &args.auth_token {
-        Some(t) => Some(format!("Bearer {t}").parse().context("--auth-token has characters not allowed in a header")?),
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .context("--auth-token has characters not allowed in a header")?,
+        ),
         None => None,
     };
     Ok(RadarClient::with_interceptor(channel, Auth(token)).max_decoding_message_size(64 << 20))
@@ -72,8 +76,10 @@ enum Slot {
 
 /// Streams the file through CheckStream and writes verdicts in file order.
 pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
-    let total = traffic::count_lines(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
-    let file = std::fs::File::open(&args.input).with_context(|| format!("cannot open {}", args.input.display()))?;
+    let total = traffic::count_lines(&args.input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?;
+    let file = std::fs::File::open(&args.input)
+        .with_context(|| format!("cannot open {}", args.input.display()))?;
     let mut out: Box<dyn Write + Send> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
@@ -108,7 +114,11 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         }
     });
     let started = Instant::now();
-    let mut responses = client.check_stream(ReceiverStream::new(req_rx)).await.context("CheckStream")?.into_inner();
+    let mut responses = client
+        .check_stream(ReceiverStream::new(req_rx))
+        .await
+        .context("CheckStream")?
+        .into_inner();
     let bar = ProgressBar::new(total).with_style(
         ProgressStyle::with_template("{spinner} check [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -129,10 +139,16 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
             Err(reason) => Err(json!({"line": line, "error": reason})),
             Ok(r) if r.error.is_some() => {
                 let e = r.error.unwrap_or_default();
-                Err(json!({"line": line, "account_id": r.account_id, "error": format!("{}: {}", e.code, e.message)}))
+                Err(
+                    json!({"line": line, "account_id": r.account_id, "error": format!("{}: {}", e.code, e.message)}),
+                )
             }
             Ok(r) => {
-                let action = r.action().as_str_name().trim_start_matches("ACTION_").to_lowercase();
+                let action = r
+                    .action()
+                    .as_str_name()
+                    .trim_start_matches("ACTION_")
+                    .to_lowercase();
                 match r.action() {
                     proto::Action::Review => actions[1] += 1,
                     proto::Action::Block => actions[2] += 1,
@@ -153,7 +169,12 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
             }
             Err(v) => {
                 errors += 1;
-                bar.suspend(|| eprintln!("check: line {line}: {}", v["error"].as_str().unwrap_or("error")));
+                bar.suspend(|| {
+                    eprintln!(
+                        "check: line {line}: {}",
+                        v["error"].as_str().unwrap_or("error")
+                    )
+                });
                 writeln!(out, "{v}")?;
                 if stop_on_error {
                     stopped = true;
@@ -169,7 +190,13 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     let _ = reader.await;
     let secs = started.elapsed().as_secs_f64();
     micros.sort_unstable();
-    let pct = |p: f64| micros.get(((micros.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0) as f64 / 1000.0;
+    let pct = |p: f64| {
+        micros
+            .get(((micros.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
     eprintln!(
         "check: {} lines in {:.1}s ({:.0} prompts/s): {ok} verdicts (allow {}, review {}, block {}), {errors} errors; server time p50 {:.1} ms, p99 {:.1} ms{}",
         ok + errors,
@@ -180,7 +207,11 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         actions[2],
         pct(0.5),
         pct(0.99),
-        if stopped { "; stopped at the first error (--on-error stop)" } else { "" }
+        if stopped {
+            "; stopped at the first error (--on-error stop)"
+        } else {
+            ""
+        }
     );
     Ok(errors == 0)
 }
@@ -202,16 +233,27 @@ pub struct AccountsArgs {
 pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.server).await?;
     let list = client
-        .list_accounts(proto::ListAccountsRequest { flagged_only: args.flagged, limit: 0 })
+        .list_accounts(proto::ListAccountsRequest {
+            flagged_only: args.flagged,
+            limit: 0,
+        })
         .await?
         .into_inner()
         .accounts;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.format == Format::Table {
-        writeln!(out, "{:<28} {:>7} {:>6} {:>7} {:>9}  campaigns / reason", "account", "action", "score", "prompts", "in-camp.")?;
+        writeln!(
+            out,
+            "{:<28} {:>7} {:>6} {:>7} {:>9}  campaigns / reason",
+            "account", "action", "score", "prompts", "in-camp."
+        )?;
     }
     for a in &list {
-        let action = a.action().as_str_name().trim_start_matches("ACTION_").to_lowercase();
+        let action = a
+            .action()
+            .as_str_name()
+            .trim_start_matches("ACTION_")
+            .to_lowercase();
         match args.format {
             Format::Jsonl => writeln!(
                 out,
@@ -229,7 +271,11 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
-    eprintln!("accounts: {} listed ({} flagged)", list.len(), list.iter().filter(|a| a.flagged).count());
+    eprintln!(
+        "accounts: {} listed ({} flagged)",
+        list.len(),
+        list.iter().filter(|a| a.flagged).count()
+    );
     Ok(())
 }
 
@@ -250,7 +296,10 @@ pub struct CampaignsArgs {
 pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.server).await?;
     let list = client
-        .list_campaigns(proto::ListCampaignsRequest { top: args.top.max(1), min_score: 0.0 })
+        .list_campaigns(proto::ListCampaignsRequest {
+            top: args.top.max(1),
+            min_score: 0.0,
+        })
         .await?
         .into_inner()
         .campaigns;
@@ -270,10 +319,21 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                 writeln!(
                     out,
                     "campaign {}  score {:.3}  {} accounts  {} prompts ({} distinct)  seen {}..{}",
-                    c.campaign_id, c.score, c.accounts, c.prompts, c.distinct_prompts, c.first_seen_ms, c.last_seen_ms
+                    c.campaign_id,
+                    c.score,
+                    c.accounts,
+                    c.prompts,
+                    c.distinct_prompts,
+                    c.first_seen_ms,
+                    c.last_seen_ms
                 )?;
                 writeln!(out, "  template: {}", truncate(&c.template, 160))?;
-                let top: Vec<String> = c.top_accounts.iter().take(5).map(|a| format!("{} ({})", a.account_id, a.prompts)).collect();
+                let top: Vec<String> = c
+                    .top_accounts
+                    .iter()
+                    .take(5)
+                    .map(|a| format!("{} ({})", a.account_id, a.prompts))
+                    .collect();
                 writeln!(out, "  top accounts: {}", top.join(", "))?;
             }
         }
@@ -289,7 +349,12 @@ pub struct SearchArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Text to search for.
-    #[arg(long, env = "PROMPT_RADAR_TEXT", conflicts_with = "id", required_unless_present = "id")]
+    #[arg(
+        long,
+        env = "PROMPT_RADAR_TEXT",
+        conflicts_with = "id",
+        required_unless_present = "id"
+    )]
     pub text: Option<String>,
     /// Search for the neighbours of a stored prompt instead.
     #[arg(long, env = "PROMPT_RADAR_ID")]
@@ -353,5 +418,9 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
 }
 
 fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n).collect::<String>()) }
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
 }

@@ -14,7 +14,9 @@ use clap::Args;
 use prompt_radar::detect::{Action, Verdict};
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 use prompt_radar::engine::Engine;
-use prompt_radar::eval::{self, AccountOutcome, ExactHashBaseline, LabelledStream, MinHashLshBaseline, Metrics};
+use prompt_radar::eval::{
+    self, AccountOutcome, ExactHashBaseline, LabelledStream, Metrics, MinHashLshBaseline,
+};
 use prompt_radar::offline::{self, Observer};
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
@@ -70,7 +72,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         let mut out = Vec::new();
         for (line, parsed) in traffic::lines(std::io::BufReader::new(f)) {
             let t = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            anyhow::ensure!(t.label.is_some(), "{}: line {line}: missing field `label`", p.display());
+            anyhow::ensure!(
+                t.label.is_some(),
+                "{}: line {line}: missing field `label`",
+                p.display()
+            );
             out.push((line, t));
         }
         Ok(out)
@@ -79,7 +85,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     let labels: HashMap<String, String> = {
         let mut m = HashMap::new();
         for (_, t) in &lines {
-            m.entry(t.account_id.clone()).or_insert_with(|| t.label.clone().unwrap_or_default());
+            m.entry(t.account_id.clone())
+                .or_insert_with(|| t.label.clone().unwrap_or_default());
         }
         m
     };
@@ -87,10 +94,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     let mut engine_args = args.engine.clone();
     let temp = !args.keep_data;
     if temp {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        engine_args.data_dir = std::env::temp_dir().join(format!("prompt-radar-eval-{}-{nanos}", std::process::id()));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        engine_args.data_dir =
+            std::env::temp_dir().join(format!("prompt-radar-eval-{}-{nanos}", std::process::id()));
     } else {
-        anyhow::ensure!(!engine_args.data_dir.join(prompt_radar::store::DB_FILE).exists(), "--keep-data needs an empty --data-dir");
+        anyhow::ensure!(
+            !engine_args
+                .data_dir
+                .join(prompt_radar::store::DB_FILE)
+                .exists(),
+            "--keep-data needs an empty --data-dir"
+        );
     }
     let mut embedder = CandleEmbedder::load(&args.model.model, args.model.device)?;
     let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;
@@ -104,7 +121,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     obs.progress.bar.finish_and_clear();
     eprintln!("{}", times.summary("eval"));
 
-    let final_flags: HashMap<String, bool> = engine.accounts(false, 0).into_iter().map(|a| (a.account_id, a.flagged)).collect();
+    let final_flags: HashMap<String, bool> = engine
+        .accounts(false, 0)
+        .into_iter()
+        .map(|a| (a.account_id, a.flagged))
+        .collect();
     let detector: Vec<AccountOutcome> = labels
         .iter()
         .map(|(account, label)| AccountOutcome {
@@ -120,7 +141,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     }
 
     let labelled = LabelledStream {
-        prompts: lines.iter().map(|(_, t)| (t.account_id.clone(), t.prompt.clone())).collect(),
+        prompts: lines
+            .iter()
+            .map(|(_, t)| (t.account_id.clone(), t.prompt.clone()))
+            .collect(),
         labels: labels.clone(),
     };
     let timed = |f: &mut dyn FnMut() -> Vec<AccountOutcome>| {
@@ -128,14 +152,38 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         let out = f();
         (eval::compute(&out), t.elapsed().as_secs_f64())
     };
-    let (exact, exact_s) = timed(&mut || eval::run_baseline(&mut ExactHashBaseline::new(5), &labelled));
-    let (minhash, minhash_s) = timed(&mut || eval::run_baseline(&mut MinHashLshBaseline::new(5), &labelled));
+    let (exact, exact_s) =
+        timed(&mut || eval::run_baseline(&mut ExactHashBaseline::new(5), &labelled));
+    let (minhash, minhash_s) =
+        timed(&mut || eval::run_baseline(&mut MinHashLshBaseline::new(5), &labelled));
     let ours = eval::compute(&detector);
 
-    println!("{}", ours.report(&format!("prompt-radar on {} ({:.1}s)", args.input.display(), times.wall.as_secs_f64())));
-    println!("{}", exact.report(&format!("baseline: exact-text hashing ({exact_s:.1}s)")));
-    println!("{}", minhash.report(&format!("baseline: MinHash-LSH on word shingles ({minhash_s:.1}s)")));
-    println!("{}", comparison(&[("prompt-radar", &ours), ("exact-hash", &exact), ("minhash-lsh", &minhash)]));
+    println!(
+        "{}",
+        ours.report(&format!(
+            "prompt-radar on {} ({:.1}s)",
+            args.input.display(),
+            times.wall.as_secs_f64()
+        ))
+    );
+    println!(
+        "{}",
+        exact.report(&format!("baseline: exact-text hashing ({exact_s:.1}s)"))
+    );
+    println!(
+        "{}",
+        minhash.report(&format!(
+            "baseline: MinHash-LSH on word shingles ({minhash_s:.1}s)"
+        ))
+    );
+    println!(
+        "{}",
+        comparison(&[
+            ("prompt-radar", &ours),
+            ("exact-hash", &exact),
+            ("minhash-lsh", &minhash)
+        ])
+    );
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "input": args.input.display().to_string(),
@@ -145,7 +193,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
             "exact_hash": exact.to_json(),
             "minhash_lsh": minhash.to_json(),
         });
-        std::fs::write(path, format!("{v:#}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, format!("{v:#}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(true)
 }
@@ -164,9 +213,9 @@ fn comparison(rows: &[(&str, &Metrics)]) -> String {
             m.f1,
             100.0 * m.organic_fpr,
             format!("{}/{}", m.campaigns_found, m.per_campaign.len()),
-            m.median_prompts_to_flag.map_or("-".to_string(), |x| format!("{x:.1}")),
+            m.median_prompts_to_flag
+                .map_or("-".to_string(), |x| format!("{x:.1}")),
         ));
     }
     s
 }
-

@@ -66,7 +66,11 @@ pub enum Format {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Directory with config.json, tokenizer.json and model.safetensors (`make model` fetches it).
-    #[arg(long, env = "PROMPT_RADAR_MODEL", default_value = "models/all-MiniLM-L6-v2")]
+    #[arg(
+        long,
+        env = "PROMPT_RADAR_MODEL",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
     pub model: PathBuf,
     /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
     #[arg(long, env = "PROMPT_RADAR_DEVICE", default_value = "cpu")]
@@ -113,10 +117,16 @@ impl EngineArgs {
             (0.0..=1.0).contains(&self.similarity_threshold),
             "--similarity-threshold must be within [0, 1]"
         );
-        anyhow::ensure!(self.review_score <= self.block_score, "--review-score must not exceed --block-score");
+        anyhow::ensure!(
+            self.review_score <= self.block_score,
+            "--review-score must not exceed --block-score"
+        );
         anyhow::ensure!(self.neighbours > 0, "--neighbours must be at least 1");
         anyhow::ensure!(self.segment_hours > 0, "--segment-hours must be at least 1");
-        anyhow::ensure!(self.retention_days >= 0, "--retention-days must not be negative");
+        anyhow::ensure!(
+            self.retention_days >= 0,
+            "--retention-days must not be negative"
+        );
         let mut c = EngineConfig::with_data_dir(&self.data_dir);
         c.detector = DetectorConfig {
             similarity_threshold: self.similarity_threshold,
@@ -128,7 +138,8 @@ impl EngineArgs {
         };
         c.segments.max_points_per_segment = self.segment_max_points.max(1);
         c.segments.segment_span_ms = self.segment_hours * 3_600_000;
-        c.segments.retention_ms = (self.retention_days > 0).then_some(self.retention_days * 86_400_000);
+        c.segments.retention_ms =
+            (self.retention_days > 0).then_some(self.retention_days * 86_400_000);
         Ok(c)
     }
 }
@@ -137,7 +148,11 @@ impl EngineArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// The server's URL.
-    #[arg(long, env = "PROMPT_RADAR_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "PROMPT_RADAR_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub server: String,
     /// Bearer token, when the server requires one.
     #[arg(long, env = "PROMPT_RADAR_AUTH_TOKEN", hide_env_values = true)]

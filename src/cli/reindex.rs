@@ -46,9 +46,14 @@ pub struct Progress {
 impl Progress {
     /// A bar over `total` lines labelled `verb`.
     pub fn new(verb: &str, total: u64, on_error: OnError) -> Self {
-        let style = ProgressStyle::with_template(&format!("{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-        Self { bar: ProgressBar::new(total).with_style(style), keep_going: on_error == OnError::Skip }
+        let style = ProgressStyle::with_template(&format!(
+            "{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        Self {
+            bar: ProgressBar::new(total).with_style(style),
+            keep_going: on_error == OnError::Skip,
+        }
     }
 }
 
@@ -57,7 +62,8 @@ impl Observer for Progress {
         self.bar.inc(1);
     }
     fn bad_line(&mut self, error: &LineError) -> bool {
-        self.bar.suspend(|| eprintln!("line {}: {}", error.line, error.reason));
+        self.bar
+            .suspend(|| eprintln!("line {}: {}", error.line, error.reason));
         self.bar.inc(1);
         self.keep_going
     }
@@ -65,8 +71,10 @@ impl Observer for Progress {
 
 /// Runs the batch; returns whether every line was used.
 pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
-    let total = traffic::count_lines(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
-    let file = std::fs::File::open(&args.input).with_context(|| format!("cannot open {}", args.input.display()))?;
+    let total = traffic::count_lines(&args.input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?;
+    let file = std::fs::File::open(&args.input)
+        .with_context(|| format!("cannot open {}", args.input.display()))?;
     let load = Instant::now();
     let mut embedder = CandleEmbedder::load(&args.model.model, args.model.device)?;
     let engine = Engine::open(args.engine.to_config()?, embedder.dim())?;
@@ -79,7 +87,13 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     );
     let mut progress = Progress::new("reindex", total, args.on_error);
     let lines = traffic::lines(std::io::BufReader::new(file));
-    let times = offline::run(&mut embedder, &engine, lines, args.batch_size, &mut progress)?;
+    let times = offline::run(
+        &mut embedder,
+        &engine,
+        lines,
+        args.batch_size,
+        &mut progress,
+    )?;
     progress.bar.finish_and_clear();
     eprintln!("{}", times.summary("reindex"));
     Ok(times.bad_lines == 0)

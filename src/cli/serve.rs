@@ -40,9 +40,15 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     fn to_config(&self) -> anyhow::Result<Config> {
-        anyhow::ensure!(self.queue_capacity > 0, "--queue-capacity must be at least 1");
+        anyhow::ensure!(
+            self.queue_capacity > 0,
+            "--queue-capacity must be at least 1"
+        );
         anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
-        anyhow::ensure!(self.max_prompt_bytes > 0, "--max-prompt-bytes must be at least 1");
+        anyhow::ensure!(
+            self.max_prompt_bytes > 0,
+            "--max-prompt-bytes must be at least 1"
+        );
         let mut limits = default_limits();
         limits.max_prompt_bytes = self.max_prompt_bytes;
         Ok(Config {

@@ -143,7 +143,9 @@ impl Detector {
             if other == root {
                 continue;
             }
-            let Some(other_stats) = self.clusters.remove(&other) else { continue };
+            let Some(other_stats) = self.clusters.remove(&other) else {
+                continue;
+            };
             // Union by size: the bigger cluster's root survives.
             let (keep, keep_stats, gone, gone_stats) = if other_stats.prompts >= stats.prompts {
                 (other, other_stats, root, stats)
@@ -201,7 +203,12 @@ impl Detector {
             .filter_map(|&root| self.campaign(root))
             .filter(|c| c.score >= min_score && c.score > 0.0)
             .collect();
-        out.sort_by(|a, b| b.score.total_cmp(&a.score).then(b.accounts.cmp(&a.accounts)).then(a.id.cmp(&b.id)));
+        out.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then(b.accounts.cmp(&a.accounts))
+                .then(a.id.cmp(&b.id))
+        });
         out
     }
 
@@ -220,20 +227,33 @@ impl Detector {
             distinct_prompts: c.texts.len() as u64,
             first_seen_ms: c.first_seen_ms,
             last_seen_ms: c.last_seen_ms,
-            top_accounts: top.into_iter().map(|(a, n)| (self.account_names[a as usize].clone(), n)).collect(),
+            top_accounts: top
+                .into_iter()
+                .map(|(a, n)| (self.account_names[a as usize].clone(), n))
+                .collect(),
             samples: c.samples.clone(),
         })
     }
 
     /// The account's summary, if it has sent anything.
     pub fn account(&self, account_id: &str) -> Option<AccountSummary> {
-        self.account_ids.get(account_id).map(|&a| self.account_summary(a))
+        self.account_ids
+            .get(account_id)
+            .map(|&a| self.account_summary(a))
     }
 
     /// Every account's summary, highest score first (ties: account id).
     pub fn accounts(&self) -> Vec<AccountSummary> {
-        let mut out: Vec<AccountSummary> = self.accounts.keys().map(|&a| self.account_summary(a)).collect();
-        out.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.account_id.cmp(&b.account_id)));
+        let mut out: Vec<AccountSummary> = self
+            .accounts
+            .keys()
+            .map(|&a| self.account_summary(a))
+            .collect();
+        out.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| a.account_id.cmp(&b.account_id))
+        });
         out
     }
 
@@ -246,7 +266,15 @@ impl Detector {
         match self.clusters.get(&root) {
             Some(c) => {
                 let accounts = c.accounts.len() as u32;
-                (campaign_score(accounts, c.prompts, c.texts.len() as u64, self.config.campaign_accounts), accounts)
+                (
+                    campaign_score(
+                        accounts,
+                        c.prompts,
+                        c.texts.len() as u64,
+                        self.config.campaign_accounts,
+                    ),
+                    accounts,
+                )
             }
             None => (0.0, 0),
         }
@@ -337,14 +365,23 @@ mod tests {
     use super::*;
 
     fn obs<'a>(id: u64, account: &'a str, hash: u64, links: &'a [u64]) -> Observation<'a> {
-        Observation { id, account_id: account, timestamp_ms: id as i64 * 1000, text_hash: hash, links }
+        Observation {
+            id,
+            account_id: account,
+            timestamp_ms: id as i64 * 1000,
+            text_hash: hash,
+            links,
+        }
     }
 
     #[test]
     fn unlinked_prompts_stay_alone_and_allowed() {
         let mut d = Detector::new(DetectorConfig::default());
         let v = d.observe(obs(1, "a", 1, &[]));
-        assert_eq!((v.cluster_id, v.campaign_id, v.action, v.neighbours), (1, None, Action::Allow, 0));
+        assert_eq!(
+            (v.cluster_id, v.campaign_id, v.action, v.neighbours),
+            (1, None, Action::Allow, 0)
+        );
         let v = d.observe(obs(2, "b", 2, &[]));
         assert_eq!(v.cluster_id, 2);
         assert!(d.campaigns(0.0).is_empty());
@@ -365,7 +402,10 @@ mod tests {
         assert_eq!(v.action, Action::Block);
         let c = d.campaigns(0.5);
         assert_eq!(c.len(), 1);
-        assert_eq!((c[0].accounts, c[0].prompts, c[0].distinct_prompts), (12, 12, 12));
+        assert_eq!(
+            (c[0].accounts, c[0].prompts, c[0].distinct_prompts),
+            (12, 12, 12)
+        );
         assert!(d.accounts().iter().all(|a| a.flagged));
     }
 

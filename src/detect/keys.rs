@@ -46,7 +46,10 @@ pub fn keys(text: &str) -> Vec<u64> {
         }
         h.digest()
     };
-    vec![hash(b"head", &t[..KEY_TOKENS]), hash(b"tail", &t[t.len() - KEY_TOKENS..])]
+    vec![
+        hash(b"head", &t[..KEY_TOKENS]),
+        hash(b"tail", &t[t.len() - KEY_TOKENS..]),
+    ]
 }
 
 /// Latest prompt id per template key.
@@ -92,7 +95,8 @@ impl KeyIndex {
 mod tests {
     use super::*;
 
-    const T: &str = "You are an expert programmer. Think step by step and explain your reasoning, then solve: ";
+    const T: &str =
+        "You are an expert programmer. Think step by step and explain your reasoning, then solve: ";
 
     #[test]
     fn same_template_different_slots_share_the_head_key() {
@@ -105,9 +109,15 @@ mod tests {
 
     #[test]
     fn normalisation_ignores_case_punctuation_and_digits() {
-        assert_eq!(tokens("Hello, WORLD!! Task 17: x"), vec!["hello", "world", "task", "00", "x"]);
-        let a = keys("Answer question 12 of the exam carefully and in detail please: what is a cell");
-        let b = keys("answer Question 99 of the exam, carefully and in detail please - why do cats purr");
+        assert_eq!(
+            tokens("Hello, WORLD!! Task 17: x"),
+            vec!["hello", "world", "task", "00", "x"]
+        );
+        let a =
+            keys("Answer question 12 of the exam carefully and in detail please: what is a cell");
+        let b = keys(
+            "answer Question 99 of the exam, carefully and in detail please - why do cats purr",
+        );
         assert_eq!(a[0], b[0]);
     }
 

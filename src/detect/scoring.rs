@@ -14,7 +14,12 @@
 
 /// Campaign score of a cluster with `accounts` distinct accounts, `prompts` members and
 /// `distinct_texts` distinct normalised texts.
-pub fn campaign_score(accounts: u32, prompts: u64, distinct_texts: u64, campaign_accounts: u32) -> f32 {
+pub fn campaign_score(
+    accounts: u32,
+    prompts: u64,
+    distinct_texts: u64,
+    campaign_accounts: u32,
+) -> f32 {
     if accounts <= 1 || prompts == 0 {
         return 0.0;
     }

@@ -6,7 +6,9 @@
 /// One sample gives itself back; no samples give an empty string.
 pub fn extract(samples: &[&str]) -> String {
     let mut iter = samples.iter();
-    let Some(first) = iter.next() else { return String::new() };
+    let Some(first) = iter.next() else {
+        return String::new();
+    };
     // Long prompts are aligned on their first 200 tokens: enough for a template, cheap for LCS.
     let mut template: Vec<Option<&str>> = first.split_whitespace().take(200).map(Some).collect();
     for s in iter {
@@ -82,8 +84,14 @@ mod tests {
 
     #[test]
     fn leading_and_trailing_slots() {
-        assert_eq!(extract(&["Q1: explain step by step", "Q2: explain step by step"]), "<*> explain step by step");
-        assert_eq!(extract(&["translate to French: cat", "translate to French: dog house"]), "translate to French: <*>");
+        assert_eq!(
+            extract(&["Q1: explain step by step", "Q2: explain step by step"]),
+            "<*> explain step by step"
+        );
+        assert_eq!(
+            extract(&["translate to French: cat", "translate to French: dog house"]),
+            "translate to French: <*>"
+        );
     }
 
     #[test]

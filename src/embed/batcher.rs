@@ -27,7 +27,11 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { queue_capacity: 1024, max_batch_requests: 64, max_batch_tokens: 16_384 }
+        Self {
+            queue_capacity: 1024,
+            max_batch_requests: 64,
+            max_batch_tokens: 16_384,
+        }
     }
 }
 
@@ -63,14 +67,21 @@ pub struct BatcherHandle<T> {
 
 impl<T> Clone for BatcherHandle<T> {
     fn clone(&self) -> Self {
-        Self { tx: self.tx.clone(), capacity: self.capacity }
+        Self {
+            tx: self.tx.clone(),
+            capacity: self.capacity,
+        }
     }
 }
 
 impl<T: Send + 'static> BatcherHandle<T> {
     /// Queues a text, failing at once when the queue is full.
     pub fn try_submit(&self, text: String, payload: T) -> Result<(), SubmitError> {
-        let job = Job { text, payload, queued_at: Instant::now() };
+        let job = Job {
+            text,
+            payload,
+            queued_at: Instant::now(),
+        };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SubmitError::Full(self.capacity),
             mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
@@ -79,7 +90,11 @@ impl<T: Send + 'static> BatcherHandle<T> {
 
     /// Queues a text, waiting for room (back-pressure for streams, whose in-flight count is bounded).
     pub async fn submit(&self, text: String, payload: T) -> Result<(), SubmitError> {
-        let job = Job { text, payload, queued_at: Instant::now() };
+        let job = Job {
+            text,
+            payload,
+            queued_at: Instant::now(),
+        };
         self.tx.send(job).await.map_err(|_| SubmitError::Closed)
     }
 
@@ -111,54 +126,63 @@ impl Batcher {
     {
         let capacity = config.queue_capacity.max(1);
         let (tx, mut rx) = mpsc::channel::<Job<T>>(capacity);
-        let thread = std::thread::Builder::new().name("embed-batcher".into()).spawn(move || {
-            let mut carry: Option<Job<T>> = None;
-            loop {
-                let first = match carry.take() {
-                    Some(j) => j,
-                    None => match rx.blocking_recv() {
+        let thread = std::thread::Builder::new()
+            .name("embed-batcher".into())
+            .spawn(move || {
+                let mut carry: Option<Job<T>> = None;
+                loop {
+                    let first = match carry.take() {
                         Some(j) => j,
-                        None => return, // every handle dropped: shut down
-                    },
-                };
-                let mut batch = Vec::with_capacity(config.max_batch_requests);
-                let mut longest = embedder.count_tokens(&first.text);
-                batch.push(first);
-                while batch.len() < config.max_batch_requests.max(1) {
-                    let Ok(job) = rx.try_recv() else { break };
-                    let tokens = embedder.count_tokens(&job.text);
-                    let padded = longest.max(tokens) * (batch.len() + 1);
-                    if padded > config.max_batch_tokens {
-                        carry = Some(job);
-                        break;
+                        None => match rx.blocking_recv() {
+                            Some(j) => j,
+                            None => return, // every handle dropped: shut down
+                        },
+                    };
+                    let mut batch = Vec::with_capacity(config.max_batch_requests);
+                    let mut longest = embedder.count_tokens(&first.text);
+                    batch.push(first);
+                    while batch.len() < config.max_batch_requests.max(1) {
+                        let Ok(job) = rx.try_recv() else { break };
+                        let tokens = embedder.count_tokens(&job.text);
+                        let padded = longest.max(tokens) * (batch.len() + 1);
+                        if padded > config.max_batch_tokens {
+                            carry = Some(job);
+                            break;
+                        }
+                        longest = longest.max(tokens);
+                        batch.push(job);
                     }
-                    longest = longest.max(tokens);
-                    batch.push(job);
+                    batch.retain(|j| !is_cancelled(&j.payload));
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let texts: Vec<&str> = batch.iter().map(|j| j.text.as_str()).collect();
+                    let out: Vec<Embedded<T>> = match embedder.embed(&texts) {
+                        Ok(vectors) if vectors.len() == batch.len() => {
+                            vectors.into_iter().map(Ok).zip(batch).collect()
+                        }
+                        Ok(vectors) => {
+                            let err = std::sync::Arc::new(EmbedError::Inference(format!(
+                                "model returned {} vectors for {} texts",
+                                vectors.len(),
+                                batch.len()
+                            )));
+                            batch.into_iter().map(|j| (Err(err.clone()), j)).collect()
+                        }
+                        Err(e) => {
+                            let err = std::sync::Arc::new(e);
+                            batch.into_iter().map(|j| (Err(err.clone()), j)).collect()
+                        }
+                    };
+                    sink(out);
                 }
-                batch.retain(|j| !is_cancelled(&j.payload));
-                if batch.is_empty() {
-                    continue;
-                }
-                let texts: Vec<&str> = batch.iter().map(|j| j.text.as_str()).collect();
-                let out: Vec<Embedded<T>> = match embedder.embed(&texts) {
-                    Ok(vectors) if vectors.len() == batch.len() => vectors.into_iter().map(Ok).zip(batch).collect(),
-                    Ok(vectors) => {
-                        let err = std::sync::Arc::new(EmbedError::Inference(format!(
-                            "model returned {} vectors for {} texts",
-                            vectors.len(),
-                            batch.len()
-                        )));
-                        batch.into_iter().map(|j| (Err(err.clone()), j)).collect()
-                    }
-                    Err(e) => {
-                        let err = std::sync::Arc::new(e);
-                        batch.into_iter().map(|j| (Err(err.clone()), j)).collect()
-                    }
-                };
-                sink(out);
-            }
-        })?;
-        Ok((Self { thread: Some(thread) }, BatcherHandle { tx, capacity }))
+            })?;
+        Ok((
+            Self {
+                thread: Some(thread),
+            },
+            BatcherHandle { tx, capacity },
+        ))
     }
 }
 
@@ -214,26 +238,42 @@ mod tests {
         let batches = Arc::new(Mutex::new(vec![]));
         let (out_tx, out_rx) = std::sync::mpsc::channel();
         let (entered_tx, entered_rx) = std::sync::mpsc::channel();
-        let e = GatedEmbedder { entered: entered_tx, gate: gate.clone(), batches: batches.clone() };
-        let (b, h) = Batcher::spawn(e, config, |_: &usize| false, move |out: Vec<Embedded<usize>>| {
-            for (v, j) in out {
-                out_tx.send((v.unwrap()[0], j.payload)).unwrap();
-            }
-        })
+        let e = GatedEmbedder {
+            entered: entered_tx,
+            gate: gate.clone(),
+            batches: batches.clone(),
+        };
+        let (b, h) = Batcher::spawn(
+            e,
+            config,
+            |_: &usize| false,
+            move |out: Vec<Embedded<usize>>| {
+                for (v, j) in out {
+                    out_tx.send((v.unwrap()[0], j.payload)).unwrap();
+                }
+            },
+        )
         .unwrap();
         (entered_rx, gate, batches, h, out_rx, b)
     }
 
     #[test]
     fn full_queue_is_refused_and_nothing_is_lost() {
-        let cfg = BatchConfig { queue_capacity: 4, max_batch_requests: 64, max_batch_tokens: 10_000 };
+        let cfg = BatchConfig {
+            queue_capacity: 4,
+            max_batch_requests: 64,
+            max_batch_tokens: 10_000,
+        };
         let (entered, gate, batches, h, out, _b) = setup(cfg);
         h.try_submit("first".into(), 0).unwrap();
         entered.recv().unwrap(); // the thread is inside the forward pass of batch [0]
         for i in 1..=4 {
             h.try_submit(format!("t{i}"), i).unwrap();
         }
-        assert_eq!(h.try_submit("overflow".into(), 99), Err(SubmitError::Full(4)));
+        assert_eq!(
+            h.try_submit("overflow".into(), 99),
+            Err(SubmitError::Full(4))
+        );
         gate.wait(); // batch [0]
         gate.wait(); // batch [1..=4], shared forward pass
         let got: Vec<usize> = (0..5).map(|_| out.recv().unwrap().1).collect();
@@ -244,7 +284,11 @@ mod tests {
     #[test]
     fn batches_are_capped_by_padded_tokens() {
         // Each text is 3 words + 2 = 5 tokens; a cap of 10 tokens allows 2 per batch.
-        let cfg = BatchConfig { queue_capacity: 16, max_batch_requests: 64, max_batch_tokens: 10 };
+        let cfg = BatchConfig {
+            queue_capacity: 16,
+            max_batch_requests: 64,
+            max_batch_tokens: 10,
+        };
         let (entered, gate, batches, h, out, _b) = setup(cfg);
         h.try_submit("a b c".into(), 0).unwrap();
         entered.recv().unwrap();

@@ -14,7 +14,12 @@ pub fn action(a: Action) -> proto::Action {
 }
 
 /// A check response for a verdict.
-pub fn check_response(request_id: String, account_id: String, v: &Verdict, micros: u64) -> proto::CheckResponse {
+pub fn check_response(
+    request_id: String,
+    account_id: String,
+    v: &Verdict,
+    micros: u64,
+) -> proto::CheckResponse {
     proto::CheckResponse {
         request_id,
         prompt_id: v.prompt_id,
@@ -31,11 +36,18 @@ pub fn check_response(request_id: String, account_id: String, v: &Verdict, micro
 }
 
 /// A stream item that failed, carrying its status code and message.
-pub fn check_error(request_id: String, account_id: String, status: &tonic::Status) -> proto::CheckResponse {
+pub fn check_error(
+    request_id: String,
+    account_id: String,
+    status: &tonic::Status,
+) -> proto::CheckResponse {
     proto::CheckResponse {
         request_id,
         account_id,
-        error: Some(proto::ItemError { code: format!("{:?}", status.code()), message: status.message().to_string() }),
+        error: Some(proto::ItemError {
+            code: format!("{:?}", status.code()),
+            message: status.message().to_string(),
+        }),
         ..Default::default()
     }
 }
@@ -67,7 +79,10 @@ pub fn campaign(c: CampaignView) -> proto::Campaign {
         top_accounts: s
             .top_accounts
             .into_iter()
-            .map(|(account_id, prompts)| proto::AccountCount { account_id, prompts })
+            .map(|(account_id, prompts)| proto::AccountCount {
+                account_id,
+                prompts,
+            })
             .collect(),
         examples: c.examples,
     }
@@ -76,7 +91,10 @@ pub fn campaign(c: CampaignView) -> proto::Campaign {
 /// An account with a plain-language reason.
 pub fn account(a: AccountSummary) -> proto::Account {
     let reason = if a.campaign_prompts == 0 {
-        format!("none of its {} prompts is in a multi-account campaign", a.prompts)
+        format!(
+            "none of its {} prompts is in a multi-account campaign",
+            a.prompts
+        )
     } else {
         format!(
             "{} of its {} prompts ({:.0}%) are in {} campaign(s) shared with other accounts; score {:.2}",

@@ -27,7 +27,11 @@ pub struct RadarService {
 impl RadarService {
     /// A service over a running engine and pipeline.
     pub fn new(engine: Arc<Engine>, pipeline: Arc<CheckPipeline>, limits: Limits) -> Self {
-        Self { engine, pipeline, limits }
+        Self {
+            engine,
+            pipeline,
+            limits,
+        }
     }
 
     /// The engine (for in-process use and tests).
@@ -36,14 +40,18 @@ impl RadarService {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Status> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Status> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(Status::from),
         Err(e) => Err(Status::internal(format!("worker task failed: {e}"))),
     }
 }
 
-async fn await_verdict(rx: tokio::sync::oneshot::Receiver<Timed<Verdict>>) -> Result<(Verdict, u64), Status> {
+async fn await_verdict(
+    rx: tokio::sync::oneshot::Receiver<Timed<Verdict>>,
+) -> Result<(Verdict, u64), Status> {
     match rx.await {
         Ok(Ok((v, t))) => Ok((v, t.as_micros() as u64)),
         Ok(Err(e)) => Err(e.into()),
@@ -55,12 +63,22 @@ type CheckStream = ReceiverStream<Result<proto::CheckResponse, Status>>;
 
 #[tonic::async_trait]
 impl Radar for RadarService {
-    async fn check(&self, request: Request<proto::CheckRequest>) -> Result<Response<proto::CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<proto::CheckRequest>,
+    ) -> Result<Response<proto::CheckResponse>, Status> {
         let r = request.into_inner();
         let p = validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &self.limits)?;
-        let rx = self.pipeline.try_check(p.prompt, p.account_id.clone(), p.timestamp_ms)?;
+        let rx = self
+            .pipeline
+            .try_check(p.prompt, p.account_id.clone(), p.timestamp_ms)?;
         let (v, micros) = await_verdict(rx).await?;
-        Ok(Response::new(convert::check_response(r.request_id, p.account_id, &v, micros)))
+        Ok(Response::new(convert::check_response(
+            r.request_id,
+            p.account_id,
+            &v,
+            micros,
+        )))
     }
 
     type CheckStreamStream = CheckStream;
@@ -86,9 +104,13 @@ impl Radar for RadarService {
                         break;
                     }
                 };
-                let item = match validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &limits) {
+                let item = match validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &limits)
+                {
                     Err(e) => Pending::Rejected(r.request_id, r.account_id, e.into()),
-                    Ok(p) => match pipeline.check(p.prompt, p.account_id.clone(), p.timestamp_ms).await {
+                    Ok(p) => match pipeline
+                        .check(p.prompt, p.account_id.clone(), p.timestamp_ms)
+                        .await
+                    {
                         Ok(rx) => Pending::Queued(r.request_id, p.account_id, rx),
                         Err(e) => Pending::Rejected(r.request_id, p.account_id, e.into()),
                     },
@@ -105,7 +127,9 @@ impl Radar for RadarService {
                         Ok((v, micros)) => convert::check_response(id, account, &v, micros),
                         Err(status) => convert::check_error(id, account, &status),
                     }),
-                    Pending::Rejected(id, account, status) => Ok(convert::check_error(id, account, &status)),
+                    Pending::Rejected(id, account, status) => {
+                        Ok(convert::check_error(id, account, &status))
+                    }
                     Pending::Failed(status) => Err(status),
                 };
                 if out_tx.send(out).await.is_err() {
@@ -116,11 +140,18 @@ impl Radar for RadarService {
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }
 
-    async fn search(&self, request: Request<proto::SearchRequest>) -> Result<Response<proto::SearchResponse>, Status> {
+    async fn search(
+        &self,
+        request: Request<proto::SearchRequest>,
+    ) -> Result<Response<proto::SearchResponse>, Status> {
         let r = request.into_inner();
         let k = validate::k(r.k, &self.limits)?;
         if r.from_ms < 0 || r.to_ms < 0 || (r.to_ms > 0 && r.from_ms > r.to_ms) {
-            return Err(Error::invalid("from_ms", "time range must be non-negative with from_ms <= to_ms").into());
+            return Err(Error::invalid(
+                "from_ms",
+                "time range must be non-negative with from_ms <= to_ms",
+            )
+            .into());
         }
         let account_id = Some(r.account_id.trim().to_string()).filter(|a| !a.is_empty());
         let filter = SearchFilter {
@@ -134,7 +165,11 @@ impl Radar for RadarService {
                     return Err(Error::invalid("text", "must not be empty or blank").into());
                 }
                 if t.len() > self.limits.max_prompt_bytes {
-                    return Err(Error::invalid("text", format!("exceeds {} bytes", self.limits.max_prompt_bytes)).into());
+                    return Err(Error::invalid(
+                        "text",
+                        format!("exceeds {} bytes", self.limits.max_prompt_bytes),
+                    )
+                    .into());
                 }
                 self.pipeline.embed(t).await?
             }
@@ -146,7 +181,9 @@ impl Radar for RadarService {
         };
         let engine = self.engine.clone();
         let hits = blocking(move || engine.search(&query, k, &filter)).await?;
-        Ok(Response::new(proto::SearchResponse { hits: hits.into_iter().map(convert::hit).collect() }))
+        Ok(Response::new(proto::SearchResponse {
+            hits: hits.into_iter().map(convert::hit).collect(),
+        }))
     }
 
     async fn list_campaigns(
@@ -160,16 +197,23 @@ impl Radar for RadarService {
         let top = if r.top == 0 { 20 } else { r.top as usize };
         let engine = self.engine.clone();
         let list = blocking(move || engine.campaigns(top, r.min_score)).await?;
-        Ok(Response::new(proto::ListCampaignsResponse { campaigns: list.into_iter().map(convert::campaign).collect() }))
+        Ok(Response::new(proto::ListCampaignsResponse {
+            campaigns: list.into_iter().map(convert::campaign).collect(),
+        }))
     }
 
-    async fn get_campaign(&self, request: Request<proto::GetCampaignRequest>) -> Result<Response<proto::Campaign>, Status> {
+    async fn get_campaign(
+        &self,
+        request: Request<proto::GetCampaignRequest>,
+    ) -> Result<Response<proto::Campaign>, Status> {
         let id = request.into_inner().campaign_id;
         if id == 0 {
             return Err(Error::invalid("campaign_id", "required").into());
         }
         let engine = self.engine.clone();
-        Ok(Response::new(convert::campaign(blocking(move || engine.campaign(id)).await?)))
+        Ok(Response::new(convert::campaign(
+            blocking(move || engine.campaign(id)).await?,
+        )))
     }
 
     async fn list_accounts(
@@ -179,22 +223,33 @@ impl Radar for RadarService {
         let r = request.into_inner();
         let engine = self.engine.clone();
         let list = blocking(move || Ok(engine.accounts(r.flagged_only, r.limit as usize))).await?;
-        Ok(Response::new(proto::ListAccountsResponse { accounts: list.into_iter().map(convert::account).collect() }))
+        Ok(Response::new(proto::ListAccountsResponse {
+            accounts: list.into_iter().map(convert::account).collect(),
+        }))
     }
 
-    async fn get_account(&self, request: Request<proto::GetAccountRequest>) -> Result<Response<proto::Account>, Status> {
+    async fn get_account(
+        &self,
+        request: Request<proto::GetAccountRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
         let id = request.into_inner().account_id.trim().to_string();
         if id.is_empty() {
             return Err(Error::invalid("account_id", "required").into());
         }
         let engine = self.engine.clone();
-        Ok(Response::new(convert::account(blocking(move || engine.account(&id)).await?)))
+        Ok(Response::new(convert::account(
+            blocking(move || engine.account(&id)).await?,
+        )))
     }
 }
 
 /// A stream item between reading and answering, kept in request order.
 enum Pending {
-    Queued(String, String, tokio::sync::oneshot::Receiver<Timed<Verdict>>),
+    Queued(
+        String,
+        String,
+        tokio::sync::oneshot::Receiver<Timed<Verdict>>,
+    ),
     Rejected(String, String, Status),
     Failed(Status),
 }

@@ -59,17 +59,33 @@ impl Prepared {
     }
 
     /// Opens the data directory with an already loaded embedder.
-    pub fn with_embedder<E: Embedder + 'static>(config: &Config, embedder: E) -> Result<Self, ServeError> {
+    pub fn with_embedder<E: Embedder + 'static>(
+        config: &Config,
+        embedder: E,
+    ) -> Result<Self, ServeError> {
         let engine = Arc::new(Engine::open(config.engine.clone(), embedder.dim())?);
-        let pipeline = Arc::new(CheckPipeline::start(embedder, engine.clone(), config.batch.clone())?);
+        let pipeline = Arc::new(CheckPipeline::start(
+            embedder,
+            engine.clone(),
+            config.batch.clone(),
+        )?);
         let service = RadarService::new(engine, pipeline, config.limits.clone());
-        Ok(Self { service, auth_token: config.auth_token.clone() })
+        Ok(Self {
+            service,
+            auth_token: config.auth_token.clone(),
+        })
     }
 
     /// Serves on `listener` until `shutdown` resolves.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<RadarServer<RadarService>>().await;
+        health_reporter
+            .set_serving::<RadarServer<RadarService>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -78,9 +94,15 @@ impl Prepared {
         let token = self.auth_token.map(|t| format!("Bearer {t}"));
         let radar = RadarServer::with_interceptor(self.service, move |req: tonic::Request<()>| {
             let Some(want) = &token else { return Ok(req) };
-            match req.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+            match req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(got) if got == want => Ok(req),
-                _ => Err(tonic::Status::unauthenticated("authorization: missing or wrong bearer token")),
+                _ => Err(tonic::Status::unauthenticated(
+                    "authorization: missing or wrong bearer token",
+                )),
             }
         });
         tonic::transport::Server::builder()

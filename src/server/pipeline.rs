@@ -20,9 +20,15 @@ pub type Timed<T> = Result<(T, std::time::Duration), Error>;
 /// What rides beside each text through the batcher.
 pub enum Work {
     /// A prompt to check and record.
-    Check { account_id: String, timestamp_ms: i64, reply: oneshot::Sender<Timed<Verdict>> },
+    Check {
+        account_id: String,
+        timestamp_ms: i64,
+        reply: oneshot::Sender<Timed<Verdict>>,
+    },
     /// A text to embed only (search by text).
-    Embed { reply: oneshot::Sender<Result<Vec<f32>, Error>> },
+    Embed {
+        reply: oneshot::Sender<Result<Vec<f32>, Error>>,
+    },
 }
 
 type IngestItem = (NewPrompt, oneshot::Sender<Timed<Verdict>>, Instant);
@@ -35,29 +41,64 @@ pub struct CheckPipeline {
 
 impl CheckPipeline {
     /// Starts the batcher thread (owning `embedder`) and the ingest thread (calling `engine`).
-    pub fn start<E: Embedder + 'static>(embedder: E, engine: Arc<Engine>, batch: BatchConfig) -> std::io::Result<Self> {
+    pub fn start<E: Embedder + 'static>(
+        embedder: E,
+        engine: Arc<Engine>,
+        batch: BatchConfig,
+    ) -> std::io::Result<Self> {
         let (ingest_tx, ingest_rx) = sync_channel::<Vec<IngestItem>>(4);
-        std::thread::Builder::new().name("ingest".into()).spawn(move || ingest_loop(&engine, &ingest_rx))?;
+        std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || ingest_loop(&engine, &ingest_rx))?;
         let is_cancelled = |w: &Work| match w {
             Work::Check { reply, .. } => reply.is_closed(),
             Work::Embed { reply } => reply.is_closed(),
         };
         let sink = move |out: Vec<Embedded<Work>>| route(out, &ingest_tx);
         let (batcher, handle) = Batcher::spawn(embedder, batch, is_cancelled, sink)?;
-        Ok(Self { handle, _batcher: batcher })
+        Ok(Self {
+            handle,
+            _batcher: batcher,
+        })
     }
 
     /// Queues a prompt; fails at once with `RESOURCE_EXHAUSTED` when the queue is full.
-    pub fn try_check(&self, text: String, account_id: String, timestamp_ms: i64) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
+    pub fn try_check(
+        &self,
+        text: String,
+        account_id: String,
+        timestamp_ms: i64,
+    ) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
         let (reply, rx) = oneshot::channel();
-        self.handle.try_submit(text, Work::Check { account_id, timestamp_ms, reply })?;
+        self.handle.try_submit(
+            text,
+            Work::Check {
+                account_id,
+                timestamp_ms,
+                reply,
+            },
+        )?;
         Ok(rx)
     }
 
     /// Queues a prompt, waiting for room (streams: their in-flight count is bounded instead).
-    pub async fn check(&self, text: String, account_id: String, timestamp_ms: i64) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
+    pub async fn check(
+        &self,
+        text: String,
+        account_id: String,
+        timestamp_ms: i64,
+    ) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
         let (reply, rx) = oneshot::channel();
-        self.handle.submit(text, Work::Check { account_id, timestamp_ms, reply }).await?;
+        self.handle
+            .submit(
+                text,
+                Work::Check {
+                    account_id,
+                    timestamp_ms,
+                    reply,
+                },
+            )
+            .await?;
         Ok(rx)
     }
 
@@ -65,7 +106,8 @@ impl CheckPipeline {
     pub async fn embed(&self, text: String) -> Result<Vec<f32>, Error> {
         let (reply, rx) = oneshot::channel();
         self.handle.try_submit(text, Work::Embed { reply })?;
-        rx.await.map_err(|_| Error::Unavailable("embedding worker stopped".into()))?
+        rx.await
+            .map_err(|_| Error::Unavailable("embedding worker stopped".into()))?
     }
 
     /// Requests waiting for the model now.
@@ -85,8 +127,20 @@ fn route(out: Vec<Embedded<Work>>, ingest_tx: &SyncSender<Vec<IngestItem>>) {
             (Work::Check { reply, .. }, Err(e)) => {
                 let _ = reply.send(Err(Error::Embed(clone_embed_error(&e))));
             }
-            (Work::Check { account_id, timestamp_ms, reply }, Ok(embedding)) => {
-                let p = NewPrompt { account_id, timestamp_ms, text: job.text, embedding };
+            (
+                Work::Check {
+                    account_id,
+                    timestamp_ms,
+                    reply,
+                },
+                Ok(embedding),
+            ) => {
+                let p = NewPrompt {
+                    account_id,
+                    timestamp_ms,
+                    text: job.text,
+                    embedding,
+                };
                 checks.push((p, reply, job.queued_at));
             }
         }
@@ -106,7 +160,8 @@ fn ingest_loop(engine: &Engine, rx: &Receiver<Vec<IngestItem>>) {
         while let Ok(more) = rx.try_recv() {
             items.extend(more);
         }
-        let (prompts, rest): (Vec<NewPrompt>, Vec<_>) = items.into_iter().map(|(p, r, t)| (p, (r, t))).unzip();
+        let (prompts, rest): (Vec<NewPrompt>, Vec<_>) =
+            items.into_iter().map(|(p, r, t)| (p, (r, t))).unzip();
         match engine.ingest(prompts) {
             Ok(verdicts) => {
                 for (v, (reply, t)) in verdicts.into_iter().zip(rest) {

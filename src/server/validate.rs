@@ -15,7 +15,12 @@ pub struct ValidPrompt {
 }
 
 /// Checks account id, prompt and timestamp against `limits`.
-pub fn prompt(account_id: &str, prompt: &str, timestamp_ms: i64, limits: &Limits) -> Result<ValidPrompt, Error> {
+pub fn prompt(
+    account_id: &str,
+    prompt: &str,
+    timestamp_ms: i64,
+    limits: &Limits,
+) -> Result<ValidPrompt, Error> {
     let account_id = account_id.trim();
     if account_id.is_empty() {
         return Err(Error::invalid("account_id", "required"));
@@ -23,11 +28,18 @@ pub fn prompt(account_id: &str, prompt: &str, timestamp_ms: i64, limits: &Limits
     if account_id.len() > limits.max_account_bytes {
         return Err(Error::invalid(
             "account_id",
-            format!("{} bytes exceeds the limit of {}", account_id.len(), limits.max_account_bytes),
+            format!(
+                "{} bytes exceeds the limit of {}",
+                account_id.len(),
+                limits.max_account_bytes
+            ),
         ));
     }
     if account_id.chars().any(char::is_control) {
-        return Err(Error::invalid("account_id", "must not contain control characters"));
+        return Err(Error::invalid(
+            "account_id",
+            "must not contain control characters",
+        ));
     }
     if prompt.trim().is_empty() {
         return Err(Error::invalid("prompt", "must not be empty or blank"));
@@ -35,30 +47,49 @@ pub fn prompt(account_id: &str, prompt: &str, timestamp_ms: i64, limits: &Limits
     if prompt.len() > limits.max_prompt_bytes {
         return Err(Error::invalid(
             "prompt",
-            format!("{} bytes exceeds the limit of {}", prompt.len(), limits.max_prompt_bytes),
+            format!(
+                "{} bytes exceeds the limit of {}",
+                prompt.len(),
+                limits.max_prompt_bytes
+            ),
         ));
     }
     if timestamp_ms < 0 {
-        return Err(Error::invalid("timestamp_ms", format!("{timestamp_ms} is negative")));
+        return Err(Error::invalid(
+            "timestamp_ms",
+            format!("{timestamp_ms} is negative"),
+        ));
     }
-    let timestamp_ms = if timestamp_ms == 0 { now_ms() } else { timestamp_ms };
-    Ok(ValidPrompt { account_id: account_id.to_string(), prompt: prompt.to_string(), timestamp_ms })
+    let timestamp_ms = if timestamp_ms == 0 {
+        now_ms()
+    } else {
+        timestamp_ms
+    };
+    Ok(ValidPrompt {
+        account_id: account_id.to_string(),
+        prompt: prompt.to_string(),
+        timestamp_ms,
+    })
 }
 
 /// Checks a search's `k` (0 → 10).
 pub fn k(k: u32, limits: &Limits) -> Result<usize, Error> {
     match k as usize {
         0 => Ok(10),
-        k if k > limits.max_search_k => {
-            Err(Error::invalid("k", format!("{k} exceeds the limit of {}", limits.max_search_k)))
-        }
+        k if k > limits.max_search_k => Err(Error::invalid(
+            "k",
+            format!("{k} exceeds the limit of {}", limits.max_search_k),
+        )),
         k => Ok(k),
     }
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -77,12 +108,24 @@ mod tests {
         let l = Limits::default();
         assert_eq!(field(prompt("", "hi", 0, &l).unwrap_err()), "account_id");
         assert_eq!(field(prompt("  ", "hi", 0, &l).unwrap_err()), "account_id");
-        assert_eq!(field(prompt("a\u{0}b", "hi", 0, &l).unwrap_err()), "account_id");
-        assert_eq!(field(prompt(&"x".repeat(300), "hi", 0, &l).unwrap_err()), "account_id");
+        assert_eq!(
+            field(prompt("a\u{0}b", "hi", 0, &l).unwrap_err()),
+            "account_id"
+        );
+        assert_eq!(
+            field(prompt(&"x".repeat(300), "hi", 0, &l).unwrap_err()),
+            "account_id"
+        );
         assert_eq!(field(prompt("a", "", 0, &l).unwrap_err()), "prompt");
         assert_eq!(field(prompt("a", " \n\t ", 0, &l).unwrap_err()), "prompt");
-        assert_eq!(field(prompt("a", &"x".repeat(40_000), 0, &l).unwrap_err()), "prompt");
-        assert_eq!(field(prompt("a", "hi", -1, &l).unwrap_err()), "timestamp_ms");
+        assert_eq!(
+            field(prompt("a", &"x".repeat(40_000), 0, &l).unwrap_err()),
+            "prompt"
+        );
+        assert_eq!(
+            field(prompt("a", "hi", -1, &l).unwrap_err()),
+            "timestamp_ms"
+        );
         assert_eq!(field(k(5000, &l).unwrap_err()), "k");
     }
 

@@ -30,7 +30,10 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     /// The data directory could not be created.
     #[error("store: {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     /// A stored record could not be decoded (corruption or a newer format).
     #[error("store: record {id}: {reason}")]
     Corrupt { id: u64, reason: String },
@@ -48,8 +51,10 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| StoreError::Io { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let db = Database::create(dir.join(DB_FILE)).map_err(db_err)?;
         // Create the tables so that read transactions never meet a missing table.
         let txn = db.begin_write().map_err(db_err)?;
@@ -124,13 +129,20 @@ impl Store {
     pub fn last_id(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(PROMPTS).map_err(db_err)?;
-        Ok(table.last().map_err(db_err)?.map(|(k, _)| k.value()).unwrap_or(0))
+        Ok(table
+            .last()
+            .map_err(db_err)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0))
     }
 
     /// Number of stored prompts.
     pub fn len(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        txn.open_table(PROMPTS).map_err(db_err)?.len().map_err(db_err)
+        txn.open_table(PROMPTS)
+            .map_err(db_err)?
+            .len()
+            .map_err(db_err)
     }
 
     /// True when no prompt is stored.
@@ -162,7 +174,15 @@ mod tests {
     use super::*;
 
     fn rec(id: u64, account: &str, text: &str) -> PromptRecord {
-        PromptRecord::new(id, account.into(), 1_700_000_000_000 + id as i64, text.into(), vec![0.5; 4], id, vec![])
+        PromptRecord::new(
+            id,
+            account.into(),
+            1_700_000_000_000 + id as i64,
+            text.into(),
+            vec![0.5; 4],
+            id,
+            vec![],
+        )
     }
 
     #[test]
@@ -171,7 +191,9 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.last_id().unwrap(), 0);
-            store.append(&[rec(1, "a", "one"), rec(2, "b", "two"), rec(3, "a", "three")]).unwrap();
+            store
+                .append(&[rec(1, "a", "one"), rec(2, "b", "two"), rec(3, "a", "three")])
+                .unwrap();
             assert_eq!(store.get(2).unwrap().unwrap().text, "two");
             assert!(store.get(9).unwrap().is_none());
         }
@@ -180,11 +202,12 @@ mod tests {
         assert_eq!(store.len().unwrap(), 3);
         assert_eq!(store.last_id().unwrap(), 3);
         let mut seen = vec![];
-        store.for_each_from(2, |r| {
-            seen.push((r.id, r.account_id));
-            Ok(())
-        })
-        .unwrap();
+        store
+            .for_each_from(2, |r| {
+                seen.push((r.id, r.account_id));
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(seen, vec![(2, "b".to_string()), (3, "a".to_string())]);
         let many = store.get_many(&[3, 7, 1]).unwrap();
         assert_eq!(many.iter().map(|r| r.id).collect::<Vec<_>>(), vec![3, 1]);

@@ -38,7 +38,16 @@ impl PromptRecord {
         links: Vec<u64>,
     ) -> Self {
         let text_hash = text_hash(&text);
-        Self { id, account_id, timestamp_ms, text, text_hash, embedding, cluster_id, links }
+        Self {
+            id,
+            account_id,
+            timestamp_ms,
+            text,
+            text_hash,
+            embedding,
+            cluster_id,
+            links,
+        }
     }
 
     /// Appends the encoding of `self` to `out`.
@@ -61,7 +70,10 @@ impl PromptRecord {
 
     /// Decodes a record stored under `id`.
     pub fn decode(id: u64, bytes: &[u8]) -> Result<Self, StoreError> {
-        let corrupt = |reason: &str| StoreError::Corrupt { id, reason: reason.to_string() };
+        let corrupt = |reason: &str| StoreError::Corrupt {
+            id,
+            reason: reason.to_string(),
+        };
         let mut r = Reader { bytes, pos: 0 };
         let version = r.take(1).ok_or_else(|| corrupt("empty"))?[0];
         if version != VERSION {
@@ -80,8 +92,20 @@ impl PromptRecord {
         }
         let dim = u32::from_le_bytes(r.array().ok_or_else(short)?) as usize;
         let raw = r.take(dim * 4).ok_or_else(short)?;
-        let embedding = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Ok(Self { id, account_id, timestamp_ms, text, text_hash, embedding, cluster_id, links })
+        let embedding = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(Self {
+            id,
+            account_id,
+            timestamp_ms,
+            text,
+            text_hash,
+            embedding,
+            cluster_id,
+            links,
+        })
     }
 }
 
@@ -130,7 +154,15 @@ mod tests {
 
     #[test]
     fn roundtrip() {
-        let r = PromptRecord::new(7, "acct-é".into(), -5, "héllo\nworld 🌍".into(), vec![0.25, -1.0], 3, vec![1, 2]);
+        let r = PromptRecord::new(
+            7,
+            "acct-é".into(),
+            -5,
+            "héllo\nworld 🌍".into(),
+            vec![0.25, -1.0],
+            3,
+            vec![1, 2],
+        );
         let mut buf = vec![];
         r.encode_into(&mut buf);
         assert_eq!(PromptRecord::decode(7, &buf).unwrap(), r);
@@ -142,7 +174,10 @@ mod tests {
         let mut buf = vec![];
         r.encode_into(&mut buf);
         for cut in 0..buf.len() {
-            assert!(PromptRecord::decode(1, &buf[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                PromptRecord::decode(1, &buf[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         assert!(PromptRecord::decode(1, &[9, 9, 9]).is_err());
         // A huge declared length must not allocate or panic.

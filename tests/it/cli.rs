@@ -8,15 +8,23 @@ use serde_json::Value;
 use crate::common::{ORGANIC, TestServer, config, model_dir, templated};
 
 fn bin(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prompt-radar")).args(args).output().expect("run prompt-radar")
+    Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(args)
+        .output()
+        .expect("run prompt-radar")
 }
 
 async fn run(args: Vec<String>) -> Output {
-    tokio::task::spawn_blocking(move || bin(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
+    tokio::task::spawn_blocking(move || bin(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .unwrap()
 }
 
 fn jsonl(bytes: &[u8]) -> Vec<Value> {
-    String::from_utf8_lossy(bytes).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Traffic with a campaign (8 accounts), an organic account and two bad lines (3 and 6).
@@ -33,13 +41,20 @@ fn traffic_file(dir: &std::path::Path) -> std::path::PathBuf {
             line(&mut f, "{not json".into());
         }
         if i == 4 {
-            line(&mut f, serde_json::json!({"prompt": "no account here"}).to_string());
+            line(
+                &mut f,
+                serde_json::json!({"prompt": "no account here"}).to_string(),
+            );
         }
         let v = serde_json::json!({"account_id": format!("bot-{}", i % 8), "prompt": templated(i), "timestamp_ms": 1_000 + i});
         line(&mut f, v.to_string());
     }
     for (i, p) in ORGANIC.iter().enumerate() {
-        line(&mut f, serde_json::json!({"account_id": "person", "prompt": p, "timestamp_ms": 2_000 + i}).to_string());
+        line(
+            &mut f,
+            serde_json::json!({"account_id": "person", "prompt": p, "timestamp_ms": 2_000 + i})
+                .to_string(),
+        );
     }
     path
 }
@@ -52,12 +67,33 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     let input = traffic_file(dir.path());
     let output = dir.path().join("verdicts.jsonl");
 
-    let o = run(vec!["check".into(), "--server".into(), url.clone(), "--input".into(), input.display().to_string(), "--output".into(), output.display().to_string()]).await;
+    let o = run(vec![
+        "check".into(),
+        "--server".into(),
+        url.clone(),
+        "--input".into(),
+        input.display().to_string(),
+        "--output".into(),
+        output.display().to_string(),
+    ])
+    .await;
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "bad lines make the exit status 1: {stderr}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "bad lines make the exit status 1: {stderr}"
+    );
     assert!(stderr.contains("line 3: malformed JSON"), "{stderr}");
-    assert!(stderr.contains("line 6:") && stderr.contains("account_id"), "{stderr}");
-    assert!(stderr.contains("check: 34 lines") && stderr.contains("32 verdicts") && stderr.contains("2 errors"), "{stderr}");
+    assert!(
+        stderr.contains("line 6:") && stderr.contains("account_id"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("check: 34 lines")
+            && stderr.contains("32 verdicts")
+            && stderr.contains("2 errors"),
+        "{stderr}"
+    );
     let verdicts = jsonl(&std::fs::read(&output).unwrap());
     assert_eq!(verdicts.len(), 34, "one output line per input line");
     for (i, v) in verdicts.iter().enumerate() {
@@ -66,12 +102,23 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     assert!(verdicts[2]["error"].is_string() && verdicts[5]["error"].is_string());
     let last_bot = &verdicts[25];
     assert_eq!(last_bot["account_id"], "bot-7");
-    assert!(["review", "block"].contains(&last_bot["action"].as_str().unwrap()), "{last_bot}");
+    assert!(
+        ["review", "block"].contains(&last_bot["action"].as_str().unwrap()),
+        "{last_bot}"
+    );
     assert!(last_bot["campaign_id"].is_u64() && last_bot["neighbours"].as_u64().unwrap() > 0);
     assert_eq!(verdicts[33]["action"], "allow");
     assert!(verdicts[33]["campaign_id"].is_null());
 
-    let o = run(vec!["accounts".into(), "--server".into(), url.clone(), "--flagged".into(), "--format".into(), "jsonl".into()]).await;
+    let o = run(vec![
+        "accounts".into(),
+        "--server".into(),
+        url.clone(),
+        "--flagged".into(),
+        "--format".into(),
+        "jsonl".into(),
+    ])
+    .await;
     assert!(o.status.success());
     let accounts = jsonl(&o.stdout);
     assert_eq!(accounts.len(), 8, "{accounts:?}");
@@ -83,21 +130,57 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     }
     let o = run(vec!["accounts".into(), "--server".into(), url.clone()]).await;
     let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("person") && table.contains("allow"), "{table}");
+    assert!(
+        table.contains("person") && table.contains("allow"),
+        "{table}"
+    );
 
-    let o = run(vec!["campaigns".into(), "--server".into(), url.clone(), "--format".into(), "jsonl".into()]).await;
+    let o = run(vec![
+        "campaigns".into(),
+        "--server".into(),
+        url.clone(),
+        "--format".into(),
+        "jsonl".into(),
+    ])
+    .await;
     let campaigns = jsonl(&o.stdout);
     assert_eq!(campaigns.len(), 1);
-    assert_eq!((campaigns[0]["accounts"].as_u64(), campaigns[0]["prompts"].as_u64()), (Some(8), Some(24)));
+    assert_eq!(
+        (
+            campaigns[0]["accounts"].as_u64(),
+            campaigns[0]["prompts"].as_u64()
+        ),
+        (Some(8), Some(24))
+    );
     assert!(campaigns[0]["template"].as_str().unwrap().contains("<*>"));
 
-    let o = run(vec!["search".into(), "--server".into(), url.clone(), "--text".into(), "banana bread".into(), "-k".into(), "3".into(), "--format".into(), "jsonl".into()]).await;
+    let o = run(vec![
+        "search".into(),
+        "--server".into(),
+        url.clone(),
+        "--text".into(),
+        "banana bread".into(),
+        "-k".into(),
+        "3".into(),
+        "--format".into(),
+        "jsonl".into(),
+    ])
+    .await;
     let hits = jsonl(&o.stdout);
     assert_eq!(hits.len(), 3);
     assert_eq!(hits[0]["prompt"], ORGANIC[0]);
 
     // --on-error stop: stops at line 3.
-    let o = run(vec!["check".into(), "--server".into(), url.clone(), "--input".into(), input.display().to_string(), "--on-error".into(), "stop".into()]).await;
+    let o = run(vec![
+        "check".into(),
+        "--server".into(),
+        url.clone(),
+        "--input".into(),
+        input.display().to_string(),
+        "--on-error".into(),
+        "stop".into(),
+    ])
+    .await;
     assert_eq!(o.status.code(), Some(1));
     let lines = jsonl(&o.stdout);
     assert_eq!(lines.len(), 3);
@@ -116,19 +199,37 @@ async fn reindex_builds_a_data_dir_that_serve_opens() {
     let input = traffic_file(dir.path());
     let data = dir.path().join("data");
     let o = run(vec![
-        "reindex".into(), "--input".into(), input.display().to_string(),
-        "--data-dir".into(), data.display().to_string(), "--model".into(), model_dir().display().to_string(),
+        "reindex".into(),
+        "--input".into(),
+        input.display().to_string(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--model".into(),
+        model_dir().display().to_string(),
     ])
     .await;
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "two bad lines: {stderr}");
-    assert!(stderr.contains("line 3:") && stderr.contains("line 6:"), "{stderr}");
-    assert!(stderr.contains("reindex: 32 prompts") && stderr.contains("prompts/s"), "{stderr}");
+    assert!(
+        stderr.contains("line 3:") && stderr.contains("line 6:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("reindex: 32 prompts") && stderr.contains("prompts/s"),
+        "{stderr}"
+    );
 
     let server = TestServer::start(config(&data)).await;
     let mut c = server.client().await;
-    let list = c.list_campaigns(prompt_radar::proto::ListCampaignsRequest::default()).await.unwrap().into_inner();
+    let list = c
+        .list_campaigns(prompt_radar::proto::ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.campaigns.len(), 1);
-    assert_eq!((list.campaigns[0].accounts, list.campaigns[0].prompts), (8, 24));
+    assert_eq!(
+        (list.campaigns[0].accounts, list.campaigns[0].prompts),
+        (8, 24)
+    );
     server.stop().await;
 }

@@ -13,7 +13,9 @@ pub fn model_dir() -> PathBuf {
 
 /// A file under `tests/data/`.
 pub fn data_file(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
 }
 
 use std::net::SocketAddr;
@@ -50,9 +52,10 @@ pub struct TestServer {
 impl TestServer {
     /// Loads the model, opens `config.engine.data_dir` and serves.
     pub async fn start(config: Config) -> Self {
-        let prepared = tokio::task::spawn_blocking(move || Prepared::load(&config).expect("server loads"))
-            .await
-            .unwrap();
+        let prepared =
+            tokio::task::spawn_blocking(move || Prepared::load(&config).expect("server loads"))
+                .await
+                .unwrap();
         let (listener, addr) = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -63,17 +66,27 @@ impl TestServer {
                 .await
                 .expect("server runs");
         });
-        Self { addr, stop: Some(stop), task: Some(task) }
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// A connected client.
     pub async fn client(&self) -> RadarClient<Channel> {
-        RadarClient::connect(format!("http://{}", self.addr)).await.unwrap()
+        RadarClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
     }
 
     /// A connected channel (for health and reflection clients).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     /// Graceful shutdown; waits for the server task.

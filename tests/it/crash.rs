@@ -12,7 +12,13 @@ use crate::common::{model_dir, templated};
 /// Starts `prompt-radar serve` on a free port and returns it with the address it printed.
 fn spawn_server(data_dir: &std::path::Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--segment-max-points", "25"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--segment-max-points",
+            "25",
+        ])
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--model")
@@ -35,7 +41,11 @@ fn spawn_server(data_dir: &std::path::Path) -> (Child, String) {
 
 fn prompt(i: usize) -> String {
     // Unique texts, half of them templated, so the restart also has clusters to rebuild.
-    if i.is_multiple_of(2) { templated(i) } else { format!("Organic question number {i}: how do tides depend on the moon and sun?") }
+    if i.is_multiple_of(2) {
+        templated(i)
+    } else {
+        format!("Organic question number {i}: how do tides depend on the moon and sun?")
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +55,11 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
     let mut c = RadarClient::connect(url.clone()).await.unwrap();
 
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut out = c.check_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut out = c
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let feeder = tokio::spawn(async move {
         for i in 0..2_000 {
             let r = proto::CheckRequest {
@@ -75,15 +89,26 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
     let mut c = RadarClient::connect(url).await.unwrap();
     for (id, text) in &acked {
         let by_id = c
-            .search(proto::SearchRequest { query: Some(Query::PromptId(*id)), k: 1, ..Default::default() })
+            .search(proto::SearchRequest {
+                query: Some(Query::PromptId(*id)),
+                k: 1,
+                ..Default::default()
+            })
             .await
             .unwrap_or_else(|e| panic!("acknowledged prompt {id} missing after restart: {e}"))
             .into_inner()
             .hits;
-        assert_eq!(by_id[0].prompt_id, *id, "prompt {id} is its own nearest neighbour");
+        assert_eq!(
+            by_id[0].prompt_id, *id,
+            "prompt {id} is its own nearest neighbour"
+        );
         assert_eq!(&by_id[0].prompt, text);
         let by_text = c
-            .search(proto::SearchRequest { query: Some(Query::Text(text.clone())), k: 1, ..Default::default() })
+            .search(proto::SearchRequest {
+                query: Some(Query::Text(text.clone())),
+                k: 1,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -91,9 +116,18 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
         assert_eq!(by_text[0].prompt_id, *id, "{text}");
         assert!(by_text[0].similarity > 0.999);
     }
-    let accounts = c.list_accounts(proto::ListAccountsRequest::default()).await.unwrap().into_inner().accounts;
+    let accounts = c
+        .list_accounts(proto::ListAccountsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts;
     let stored: u64 = accounts.iter().map(|a| a.prompts).sum();
-    assert!(stored >= acked.len() as u64, "stored {stored} < acknowledged {}", acked.len());
+    assert!(
+        stored >= acked.len() as u64,
+        "stored {stored} < acknowledged {}",
+        acked.len()
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -6,7 +6,12 @@ use tonic::Code;
 use crate::common::{ORGANIC, TestServer, config, templated};
 
 fn req(account: &str, prompt: &str) -> proto::CheckRequest {
-    proto::CheckRequest { account_id: account.into(), prompt: prompt.into(), timestamp_ms: 1_750_000_000_000, request_id: String::new() }
+    proto::CheckRequest {
+        account_id: account.into(),
+        prompt: prompt.into(),
+        timestamp_ms: 1_750_000_000_000,
+        request_id: String::new(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,41 +29,104 @@ async fn campaign_across_accounts_is_found_and_organic_traffic_is_not() {
     // Twelve accounts, one template, a different slot each time.
     let mut last = None;
     for i in 0..24 {
-        let v = c.check(req(&format!("harvester-{}", i % 12), &templated(i))).await.unwrap().into_inner();
+        let v = c
+            .check(req(&format!("harvester-{}", i % 12), &templated(i)))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(v.prompt_id > 0);
         last = Some(v);
     }
     let last = last.unwrap();
     assert!(last.neighbours > 0, "{last:?}");
     assert_eq!(last.cluster_accounts, 12, "{last:?}");
-    let campaign_id = last.campaign_id.expect("the template cluster is a campaign");
+    let campaign_id = last
+        .campaign_id
+        .expect("the template cluster is a campaign");
     assert_eq!(last.action(), proto::Action::Block, "{last:?}");
 
-    let list = c.list_campaigns(proto::ListCampaignsRequest { top: 10, min_score: 0.0 }).await.unwrap().into_inner();
+    let list = c
+        .list_campaigns(proto::ListCampaignsRequest {
+            top: 10,
+            min_score: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.campaigns.len(), 1, "{list:?}");
     let camp = &list.campaigns[0];
-    assert_eq!((camp.campaign_id, camp.accounts, camp.prompts), (campaign_id, 12, 24));
-    assert!(camp.template.starts_with("You are an expert competitive programmer."), "{}", camp.template);
+    assert_eq!(
+        (camp.campaign_id, camp.accounts, camp.prompts),
+        (campaign_id, 12, 24)
+    );
+    assert!(
+        camp.template
+            .starts_with("You are an expert competitive programmer."),
+        "{}",
+        camp.template
+    );
     assert!(camp.template.contains("<*>"), "{}", camp.template);
     assert!(!camp.examples.is_empty());
 
     // Any member prompt id resolves to the campaign.
-    let got = c.get_campaign(proto::GetCampaignRequest { campaign_id: last.prompt_id }).await.unwrap().into_inner();
+    let got = c
+        .get_campaign(proto::GetCampaignRequest {
+            campaign_id: last.prompt_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.campaign_id, campaign_id);
-    let err = c.get_campaign(proto::GetCampaignRequest { campaign_id: 999_999 }).await.unwrap_err();
+    let err = c
+        .get_campaign(proto::GetCampaignRequest {
+            campaign_id: 999_999,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
-    let flagged = c.list_accounts(proto::ListAccountsRequest { flagged_only: true, limit: 0 }).await.unwrap().into_inner();
-    let mut names: Vec<_> = flagged.accounts.iter().map(|a| a.account_id.clone()).collect();
+    let flagged = c
+        .list_accounts(proto::ListAccountsRequest {
+            flagged_only: true,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<_> = flagged
+        .accounts
+        .iter()
+        .map(|a| a.account_id.clone())
+        .collect();
     names.sort();
     let mut want: Vec<_> = (0..12).map(|i| format!("harvester-{i}")).collect();
     want.sort();
     assert_eq!(names, want);
-    let organic = c.get_account(proto::GetAccountRequest { account_id: "organic-1".into() }).await.unwrap().into_inner();
+    let organic = c
+        .get_account(proto::GetAccountRequest {
+            account_id: "organic-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!organic.flagged && organic.prompts == 8, "{organic:?}");
-    let h = c.get_account(proto::GetAccountRequest { account_id: "harvester-3".into() }).await.unwrap().into_inner();
-    assert!(h.flagged && h.campaigns == vec![campaign_id] && h.reason.contains("campaign"), "{h:?}");
-    let err = c.get_account(proto::GetAccountRequest { account_id: "nobody".into() }).await.unwrap_err();
+    let h = c
+        .get_account(proto::GetAccountRequest {
+            account_id: "harvester-3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        h.flagged && h.campaigns == vec![campaign_id] && h.reason.contains("campaign"),
+        "{h:?}"
+    );
+    let err = c
+        .get_account(proto::GetAccountRequest {
+            account_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     server.stop().await;
 }
@@ -74,23 +142,58 @@ async fn invalid_input_is_invalid_argument_naming_the_field() {
         (req("a", ""), "prompt"),
         (req("a", "   \n "), "prompt"),
         (req("a", &big), "prompt"),
-        (proto::CheckRequest { timestamp_ms: -5, ..req("a", "hi") }, "timestamp_ms"),
+        (
+            proto::CheckRequest {
+                timestamp_ms: -5,
+                ..req("a", "hi")
+            },
+            "timestamp_ms",
+        ),
     ];
     for (r, field) in cases {
         let e = c.check(r).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(e.message().starts_with(field), "{field}: {}", e.message());
     }
-    let e = c.search(proto::SearchRequest { query: None, k: 5, ..Default::default() }).await.unwrap_err();
-    assert_eq!((e.code(), e.message().starts_with("query")), (Code::InvalidArgument, true));
     let e = c
-        .search(proto::SearchRequest { query: Some(Query::Text("x".into())), k: 100_000, ..Default::default() })
+        .search(proto::SearchRequest {
+            query: None,
+            k: 5,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!((e.code(), e.message().starts_with("k")), (Code::InvalidArgument, true));
-    let e = c.search(proto::SearchRequest { query: Some(Query::PromptId(77)), k: 5, ..Default::default() }).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message().starts_with("query")),
+        (Code::InvalidArgument, true)
+    );
+    let e = c
+        .search(proto::SearchRequest {
+            query: Some(Query::Text("x".into())),
+            k: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message().starts_with("k")),
+        (Code::InvalidArgument, true)
+    );
+    let e = c
+        .search(proto::SearchRequest {
+            query: Some(Query::PromptId(77)),
+            k: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c.get_account(proto::GetAccountRequest { account_id: " ".into() }).await.unwrap_err();
+    let e = c
+        .get_account(proto::GetAccountRequest {
+            account_id: " ".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     // Nothing was stored by any of it, and the server still works.
     let ok = c.check(req("a", "hello there")).await.unwrap().into_inner();
@@ -104,12 +207,23 @@ async fn check_stream_answers_in_order_and_reports_bad_items_without_stopping() 
     let server = TestServer::start(config(dir.path())).await;
     let mut c = server.client().await;
     let mut reqs: Vec<proto::CheckRequest> = (0..40)
-        .map(|i| proto::CheckRequest { request_id: format!("r{i}"), ..req(&format!("acct-{}", i % 7), &templated(i)) })
+        .map(|i| proto::CheckRequest {
+            request_id: format!("r{i}"),
+            ..req(&format!("acct-{}", i % 7), &templated(i))
+        })
         .collect();
     reqs[17].prompt.clear();
     reqs[23].account_id.clear();
-    let out = c.check_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
-    let got: Vec<proto::CheckResponse> = tokio_stream::StreamExt::collect::<Vec<_>>(tokio_stream::StreamExt::map(out, |r| r.unwrap())).await;
+    let out = c
+        .check_stream(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<proto::CheckResponse> =
+        tokio_stream::StreamExt::collect::<Vec<_>>(tokio_stream::StreamExt::map(out, |r| {
+            r.unwrap()
+        }))
+        .await;
     assert_eq!(got.len(), 40);
     for (i, r) in got.iter().enumerate() {
         assert_eq!(r.request_id, format!("r{i}"));
@@ -122,7 +236,11 @@ async fn check_stream_answers_in_order_and_reports_bad_items_without_stopping() 
         }
     }
     // Ingested in stream order: ids increase along the stream.
-    let ids: Vec<u64> = got.iter().filter(|r| r.error.is_none()).map(|r| r.prompt_id).collect();
+    let ids: Vec<u64> = got
+        .iter()
+        .filter(|r| r.error.is_none())
+        .map(|r| r.prompt_id)
+        .collect();
     assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
     server.stop().await;
 }
@@ -133,7 +251,10 @@ async fn search_by_text_and_id_with_account_and_time_filters() {
     let server = TestServer::start(config(dir.path())).await;
     let mut c = server.client().await;
     for (i, p) in ORGANIC.iter().enumerate() {
-        let r = proto::CheckRequest { timestamp_ms: 1_000 + i as i64, ..req(if i % 2 == 0 { "even" } else { "odd" }, p) };
+        let r = proto::CheckRequest {
+            timestamp_ms: 1_000 + i as i64,
+            ..req(if i % 2 == 0 { "even" } else { "odd" }, p)
+        };
         c.check(r).await.unwrap();
     }
     let s = |q: Query, k: u32, account: &str, from_ms: i64, to_ms: i64| proto::SearchRequest {
@@ -143,16 +264,42 @@ async fn search_by_text_and_id_with_account_and_time_filters() {
         from_ms,
         to_ms,
     };
-    let hits = c.search(s(Query::Text("egg-free banana bread recipe".into()), 3, "", 0, 0)).await.unwrap().into_inner().hits;
+    let hits = c
+        .search(s(
+            Query::Text("egg-free banana bread recipe".into()),
+            3,
+            "",
+            0,
+            0,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .hits;
     assert_eq!(hits.len(), 3);
     assert_eq!(hits[0].prompt, ORGANIC[0]);
     assert!(hits[0].similarity > hits[1].similarity);
-    let hits = c.search(s(Query::PromptId(2), 1, "", 0, 0)).await.unwrap().into_inner().hits;
+    let hits = c
+        .search(s(Query::PromptId(2), 1, "", 0, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .hits;
     assert_eq!((hits[0].prompt_id, hits[0].similarity > 0.999), (2, true));
-    let hits = c.search(s(Query::Text("banana bread".into()), 10, "odd", 0, 0)).await.unwrap().into_inner().hits;
+    let hits = c
+        .search(s(Query::Text("banana bread".into()), 10, "odd", 0, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .hits;
     assert_eq!(hits.len(), 4);
     assert!(hits.iter().all(|h| h.account_id == "odd"));
-    let hits = c.search(s(Query::Text("banana bread".into()), 10, "", 1_002, 1_004)).await.unwrap().into_inner().hits;
+    let hits = c
+        .search(s(Query::Text("banana bread".into()), 10, "", 1_002, 1_004))
+        .await
+        .unwrap()
+        .into_inner()
+        .hits;
     let mut ts: Vec<i64> = hits.iter().map(|h| h.timestamp_ms).collect();
     ts.sort();
     assert_eq!(ts, vec![1_002, 1_003, 1_004]);
@@ -167,7 +314,8 @@ async fn overload_is_resource_exhausted_and_nothing_accepted_is_lost() {
     cfg.batch.max_batch_requests = 1;
     let server = TestServer::start(cfg).await;
     let c = server.client().await;
-    let long = "Summarise the following report in detail and list every risk it mentions. ".repeat(12);
+    let long =
+        "Summarise the following report in detail and list every risk it mentions. ".repeat(12);
     let calls = (0..48).map(|i| {
         let mut c = c.clone();
         let p = format!("{long} Report number {i}.");
@@ -182,11 +330,19 @@ async fn overload_is_resource_exhausted_and_nothing_accepted_is_lost() {
             Err(e) => panic!("unexpected status {e:?}"),
         }
     }
-    assert!(exhausted > 0, "48 concurrent checks against a queue of 1 must overflow");
+    assert!(
+        exhausted > 0,
+        "48 concurrent checks against a queue of 1 must overflow"
+    );
     assert_eq!(ok + exhausted, 48);
     // Exactly the accepted prompts are stored: the listing counts them.
     let mut c = server.client().await;
-    let accounts = c.list_accounts(proto::ListAccountsRequest::default()).await.unwrap().into_inner().accounts;
+    let accounts = c
+        .list_accounts(proto::ListAccountsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts;
     assert_eq!(accounts.iter().map(|a| a.prompts).sum::<u64>(), ok);
     server.stop().await;
 }
@@ -201,8 +357,16 @@ async fn health_reflection_and_auth() {
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["", "promptradar.v1.Radar"] {
-        let r = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.unwrap();
-        assert_eq!(r.into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            r.into_inner().status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
     }
 
     use tonic_reflection::pb::v1::{
@@ -210,19 +374,32 @@ async fn health_reflection_and_auth() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let mut refl = ServerReflectionClient::new(channel.clone());
-    let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut resp = refl.server_reflection_info(tokio_stream::iter([ask])).await.unwrap().into_inner();
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter([ask]))
+        .await
+        .unwrap()
+        .into_inner();
     let msg = resp.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("{msg:?}")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"promptradar.v1.Radar".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"promptradar.v1.Radar".to_string()),
+        "{names:?}"
+    );
 
     // Radar RPCs need the token.
     let mut c = server.client().await;
     let e = c.check(req("a", "hi")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     let mut r = tonic::Request::new(req("a", "hi"));
-    r.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+    r.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
     assert_eq!(c.check(r).await.unwrap().into_inner().prompt_id, 1);
     server.stop().await;
 }
@@ -235,26 +412,50 @@ async fn restart_keeps_prompts_campaigns_and_index() {
     let server = TestServer::start(cfg.clone()).await;
     let mut c = server.client().await;
     for i in 0..30 {
-        c.check(req(&format!("h{}", i % 6), &templated(i))).await.unwrap();
+        c.check(req(&format!("h{}", i % 6), &templated(i)))
+            .await
+            .unwrap();
     }
     c.check(req("solo", ORGANIC[3])).await.unwrap();
-    let before = c.list_campaigns(proto::ListCampaignsRequest::default()).await.unwrap().into_inner();
+    let before = c
+        .list_campaigns(proto::ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     server.stop().await;
-    assert!(dir.path().join("index").read_dir().unwrap().count() > 1, "sealed segments were dumped");
+    assert!(
+        dir.path().join("index").read_dir().unwrap().count() > 1,
+        "sealed segments were dumped"
+    );
 
     let server = TestServer::start(cfg).await;
     let mut c = server.client().await;
-    let after = c.list_campaigns(proto::ListCampaignsRequest::default()).await.unwrap().into_inner();
+    let after = c
+        .list_campaigns(proto::ListCampaignsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(before, after);
     let hits = c
-        .search(proto::SearchRequest { query: Some(Query::Text(ORGANIC[3].into())), k: 1, ..Default::default() })
+        .search(proto::SearchRequest {
+            query: Some(Query::Text(ORGANIC[3].into())),
+            k: 1,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
         .hits;
-    assert_eq!((hits[0].prompt_id, hits[0].account_id.as_str()), (31, "solo"));
+    assert_eq!(
+        (hits[0].prompt_id, hits[0].account_id.as_str()),
+        (31, "solo")
+    );
     // New prompts continue the id sequence and still join the campaign.
-    let v = c.check(req("h-new", &templated(31))).await.unwrap().into_inner();
+    let v = c
+        .check(req("h-new", &templated(31)))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(v.prompt_id, 32);
     assert_eq!(v.campaign_id, Some(before.campaigns[0].campaign_id));
     server.stop().await;
