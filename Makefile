@@ -15,7 +15,6 @@ run: model
 ## Every test: unit, integration and end to end (what CI runs). Benches are built and run once.
 test: model
 	PROMPT_RADAR_MODEL=$(CURDIR)/$(MODEL_DIR) $(CARGO) test --all-targets
-	PROMPT_RADAR_MODEL=$(CURDIR)/$(MODEL_DIR) $(CARGO) test --doc
 
 ## Criterion benches (release). Numbers go in BENCHMARKS.md.
 bench: model

@@ -31,25 +31,58 @@ pub fn tokens(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The template keys of a prompt: a head key and a tail key, or none for short prompts.
+/// The template keys of a prompt: the head and tail keys of the whole prompt and of each of its
+/// segments (lines, sentences) long enough to carry a slot. Segment keys share the tags of the
+/// whole-prompt keys on purpose: a template sentence matches whether it opens the prompt or
+/// follows a per-account greeting, and whether it closes the prompt or precedes a sign-off.
 pub fn keys(text: &str) -> Vec<u64> {
-    let t = tokens(text);
-    if t.len() < KEY_TOKENS + MIN_SLOT_TOKENS {
-        return Vec::new();
-    }
-    let hash = |tag: &[u8], words: &[String]| {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(tag);
-        for w in words {
-            h.update(w.as_bytes());
-            h.update(b"\x1f");
+    let mut out = Vec::new();
+    let mut add = |t: &[String]| {
+        if t.len() < KEY_TOKENS + MIN_SLOT_TOKENS {
+            return;
         }
-        h.digest()
+        for k in [hash(b"head", &t[..KEY_TOKENS]), hash(b"tail", &t[t.len() - KEY_TOKENS..])] {
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
     };
-    vec![
-        hash(b"head", &t[..KEY_TOKENS]),
-        hash(b"tail", &t[t.len() - KEY_TOKENS..]),
-    ]
+    add(&tokens(text));
+    let segments = segments(text);
+    if segments.len() > 1 {
+        for seg in segments {
+            add(&tokens(seg));
+        }
+    }
+    out
+}
+
+/// Lines, and sentences within lines (split after `.`, `!`, `?` or `:` followed by a space).
+pub fn segments(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut start = 0;
+        let bytes = line.as_bytes();
+        for i in 0..bytes.len().saturating_sub(1) {
+            if matches!(bytes[i], b'.' | b'!' | b'?' | b':') && bytes[i + 1] == b' ' {
+                out.push(&line[start..=i]);
+                start = i + 1;
+            }
+        }
+        out.push(&line[start..]);
+    }
+    out.retain(|s| !s.trim().is_empty());
+    out
+}
+
+fn hash(tag: &[u8], words: &[String]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(tag);
+    for w in words {
+        h.update(w.as_bytes());
+        h.update(b"\x1f");
+    }
+    h.digest()
 }
 
 /// Latest prompt id per template key.
@@ -127,6 +160,23 @@ mod tests {
         let a = keys("what is the best way to learn rust as a python developer with little time");
         let b = keys("what is the best way to cook rice so that it does not stick to the pot");
         assert_ne!(a[0], b[0], "8 tokens reach into the slot");
+    }
+
+    #[test]
+    fn per_account_prefixes_and_suffixes_do_not_hide_the_template_sentence() {
+        let sentence = "Write a complete Python solution with unit tests and a complexity analysis for this task";
+        let a = keys(&format!("Hey, it's Bob from team 7. {sentence}: reverse a linked list"));
+        let b = keys(&format!("{sentence}: merge two sorted arrays\nThanks a lot, cheers, Alice."));
+        assert!(a.iter().any(|k| b.contains(k)), "the template sentence's head key is shared");
+        let c = keys("Hey, it's Bob from team 7. What is the capital of France and why is it there?");
+        assert!(!c.iter().any(|k| b.contains(k)));
+    }
+
+    #[test]
+    fn segments_split_lines_and_sentences() {
+        assert_eq!(segments("One. Two! Three?\nFour: five\n\n"), vec!["One.", " Two!", " Three?", "Four:", " five"]);
+        assert_eq!(segments("3.14 is pi"), vec!["3.14 is pi"]);
+        assert!(segments("").is_empty());
     }
 
     #[test]
