@@ -21,21 +21,13 @@ use prompt_radar::offline::{self, Observer};
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
 use super::reindex::Progress;
-use super::{EngineArgs, ModelArgs, OnError};
+use super::{OfflineArgs, OnError};
 
 /// Flags of `eval`.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Labelled traffic JSONL (`label`: "organic" or a campaign name), e.g. from eval/make_traffic.py.
-    #[arg(long, env = "PROMPT_RADAR_INPUT")]
-    pub input: PathBuf,
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub engine: EngineArgs,
-    /// Prompts per forward pass.
-    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 64)]
-    pub batch_size: usize,
+    pub offline: OfflineArgs,
     /// Keep the data directory the run wrote (default: a temporary one, removed afterwards).
     #[arg(long, env = "PROMPT_RADAR_KEEP_DATA")]
     pub keep_data: bool,
@@ -81,7 +73,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         }
         Ok(out)
     };
-    let lines = read(&args.input)?;
+    let lines = read(&args.offline.input)?;
     let labels: HashMap<String, String> = {
         let mut m = HashMap::new();
         for (_, t) in &lines {
@@ -91,7 +83,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         m
     };
 
-    let mut engine_args = args.engine.clone();
+    let mut engine_args = args.offline.engine.clone();
     let temp = !args.keep_data;
     if temp {
         let nanos = std::time::SystemTime::now()
@@ -109,7 +101,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
             "--keep-data needs an empty --data-dir"
         );
     }
-    let mut embedder = CandleEmbedder::load(&args.model.model, args.model.device)?;
+    let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;
     let mut obs = FirstFlag {
         progress: Progress::new("eval", lines.len() as u64, OnError::Stop),
@@ -117,7 +109,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         first: HashMap::new(),
     };
     let stream = lines.iter().map(|(l, t)| (*l, Ok(t.clone())));
-    let times = offline::run(&mut embedder, &engine, stream, args.batch_size, &mut obs)?;
+    let times = offline::run(
+        &mut embedder,
+        &engine,
+        stream,
+        args.offline.batch_size,
+        &mut obs,
+    )?;
     obs.progress.bar.finish_and_clear();
     eprintln!("{}", times.summary("eval"));
 
@@ -162,7 +160,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         "{}",
         ours.report(&format!(
             "prompt-radar on {} ({:.1}s)",
-            args.input.display(),
+            args.offline.input.display(),
             times.wall.as_secs_f64()
         ))
     );
@@ -186,7 +184,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     );
     if let Some(path) = &args.json {
         let v = serde_json::json!({
-            "input": args.input.display().to_string(),
+            "input": args.offline.input.display().to_string(),
             "prompts": lines.len(),
             "seconds": times.wall.as_secs_f64(),
             "prompt_radar": ours.to_json(),

@@ -144,6 +144,21 @@ impl EngineArgs {
     }
 }
 
+/// Flags shared by the offline verbs (`reindex`, `eval`).
+#[derive(Debug, Clone, Args)]
+pub struct OfflineArgs {
+    /// Traffic JSONL: {"account_id", "prompt", "timestamp_ms"} per line (`eval` also needs "label").
+    #[arg(long, env = "PROMPT_RADAR_INPUT")]
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompts per forward pass.
+    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 64)]
+    pub batch_size: usize,
+}
+
 /// How to reach a running server.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {

@@ -2,7 +2,6 @@
 //! batches and ingests it through the same engine as the server (see `prompt_radar::offline`),
 //! with a progress bar and a summary line giving each stage's rate, so the bound is visible.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -15,21 +14,13 @@ use prompt_radar::engine::Engine;
 use prompt_radar::offline::{self, Observer};
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
-use super::{EngineArgs, ModelArgs, OnError};
+use super::{OfflineArgs, OnError};
 
 /// Flags of `reindex`.
 #[derive(Debug, Clone, Args)]
 pub struct ReindexArgs {
-    /// Traffic JSONL to embed and index.
-    #[arg(long, env = "PROMPT_RADAR_INPUT")]
-    pub input: PathBuf,
     #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub engine: EngineArgs,
-    /// Prompts per forward pass.
-    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 64)]
-    pub batch_size: usize,
+    pub offline: OfflineArgs,
     /// On a malformed line: report it with its line number and go on, or stop.
     #[arg(long, env = "PROMPT_RADAR_ON_ERROR", value_enum, default_value_t = OnError::Skip)]
     pub on_error: OnError,
@@ -71,13 +62,13 @@ impl Observer for Progress {
 
 /// Runs the batch; returns whether every line was used.
 pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
-    let total = traffic::count_lines(&args.input)
-        .with_context(|| format!("cannot read {}", args.input.display()))?;
-    let file = std::fs::File::open(&args.input)
-        .with_context(|| format!("cannot open {}", args.input.display()))?;
+    let total = traffic::count_lines(&args.offline.input)
+        .with_context(|| format!("cannot read {}", args.offline.input.display()))?;
+    let file = std::fs::File::open(&args.offline.input)
+        .with_context(|| format!("cannot open {}", args.offline.input.display()))?;
     let load = Instant::now();
-    let mut embedder = CandleEmbedder::load(&args.model.model, args.model.device)?;
-    let engine = Engine::open(args.engine.to_config()?, embedder.dim())?;
+    let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
+    let engine = Engine::open(args.offline.engine.to_config()?, embedder.dim())?;
     eprintln!(
         "reindex: model on {} and data dir {} ready in {:.1}s ({} prompts already stored)",
         embedder.device_name(),
@@ -91,7 +82,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         &mut embedder,
         &engine,
         lines,
-        args.batch_size,
+        args.offline.batch_size,
         &mut progress,
     )?;
     progress.bar.finish_and_clear();
