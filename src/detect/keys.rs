@@ -41,7 +41,10 @@ pub fn keys(text: &str) -> Vec<u64> {
         if t.len() < KEY_TOKENS + MIN_SLOT_TOKENS {
             return;
         }
-        for k in [hash(b"head", &t[..KEY_TOKENS]), hash(b"tail", &t[t.len() - KEY_TOKENS..])] {
+        for k in [
+            hash(b"head", &t[..KEY_TOKENS]),
+            hash(b"tail", &t[t.len() - KEY_TOKENS..]),
+        ] {
             if !out.contains(&k) {
                 out.push(k);
             }
@@ -165,16 +168,27 @@ mod tests {
     #[test]
     fn per_account_prefixes_and_suffixes_do_not_hide_the_template_sentence() {
         let sentence = "Write a complete Python solution with unit tests and a complexity analysis for this task";
-        let a = keys(&format!("Hey, it's Bob from team 7. {sentence}: reverse a linked list"));
-        let b = keys(&format!("{sentence}: merge two sorted arrays\nThanks a lot, cheers, Alice."));
-        assert!(a.iter().any(|k| b.contains(k)), "the template sentence's head key is shared");
-        let c = keys("Hey, it's Bob from team 7. What is the capital of France and why is it there?");
+        let a = keys(&format!(
+            "Hey, it's Bob from team 7. {sentence}: reverse a linked list"
+        ));
+        let b = keys(&format!(
+            "{sentence}: merge two sorted arrays\nThanks a lot, cheers, Alice."
+        ));
+        assert!(
+            a.iter().any(|k| b.contains(k)),
+            "the template sentence's head key is shared"
+        );
+        let c =
+            keys("Hey, it's Bob from team 7. What is the capital of France and why is it there?");
         assert!(!c.iter().any(|k| b.contains(k)));
     }
 
     #[test]
     fn segments_split_lines_and_sentences() {
-        assert_eq!(segments("One. Two! Three?\nFour: five\n\n"), vec!["One.", " Two!", " Three?", "Four:", " five"]);
+        assert_eq!(
+            segments("One. Two! Three?\nFour: five\n\n"),
+            vec!["One.", " Two!", " Three?", "Four:", " five"]
+        );
         assert_eq!(segments("3.14 is pi"), vec!["3.14 is pi"]);
         assert!(segments("").is_empty());
     }
