@@ -51,7 +51,6 @@ fn bench(c: &mut Criterion) {
         batch: BatchConfig::default(),
         limits: Limits::default(),
         auth_token: None,
-        shutdown_grace: Duration::from_secs(1),
     };
     let prepared = Prepared::load(&config).expect("model loads");
     let addr = rt.block_on(async {

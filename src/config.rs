@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::detect::DetectorConfig;
 use crate::embed::BatchConfig;
@@ -107,6 +106,4 @@ pub struct Config {
     pub limits: Limits,
     /// When set, every RPC but health must carry `authorization: Bearer <token>`.
     pub auth_token: Option<String>,
-    /// How long shutdown waits for in-flight requests.
-    pub shutdown_grace: Duration,
 }

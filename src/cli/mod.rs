@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use prompt_radar::config::{DeviceKind, EngineConfig, Limits};
+use prompt_radar::config::{DeviceKind, EngineConfig};
 use prompt_radar::detect::DetectorConfig;
 use prompt_radar::index::SegmentsConfig;
 
@@ -177,9 +177,4 @@ pub struct ServerArgs {
 /// Default listen address.
 pub fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 50051))
-}
-
-/// Default limits.
-pub fn default_limits() -> Limits {
-    Limits::default()
 }

@@ -1,15 +1,15 @@
 //! `prompt-radar serve`: loads the model, opens the data directory, serves until Ctrl-C/SIGTERM.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 
-use prompt_radar::config::Config;
+use prompt_radar::config::{Config, Limits};
 use prompt_radar::embed::BatchConfig;
 use prompt_radar::server::{Prepared, bind};
 
-use super::{EngineArgs, ModelArgs, default_limits, default_listen};
+use super::{EngineArgs, ModelArgs, default_listen};
 
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
@@ -31,7 +31,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROMPT_RADAR_MAX_BATCH_TOKENS", default_value_t = BatchConfig::default().max_batch_tokens)]
     pub max_batch_tokens: usize,
     /// Largest prompt accepted, in bytes.
-    #[arg(long, env = "PROMPT_RADAR_MAX_PROMPT_BYTES", default_value_t = default_limits().max_prompt_bytes)]
+    #[arg(long, env = "PROMPT_RADAR_MAX_PROMPT_BYTES", default_value_t = Limits::default().max_prompt_bytes)]
     pub max_prompt_bytes: usize,
     /// Require `authorization: Bearer <token>` on every Radar RPC (health stays open).
     #[arg(long, env = "PROMPT_RADAR_AUTH_TOKEN", hide_env_values = true)]
@@ -49,8 +49,10 @@ impl ServeArgs {
             self.max_prompt_bytes > 0,
             "--max-prompt-bytes must be at least 1"
         );
-        let mut limits = default_limits();
-        limits.max_prompt_bytes = self.max_prompt_bytes;
+        let limits = Limits {
+            max_prompt_bytes: self.max_prompt_bytes,
+            ..Limits::default()
+        };
         Ok(Config {
             listen: self.listen,
             model_dir: self.model.model.clone(),
@@ -63,7 +65,6 @@ impl ServeArgs {
             },
             limits,
             auth_token: self.auth_token.clone().filter(|t| !t.is_empty()),
-            shutdown_grace: Duration::from_secs(10),
         })
     }
 }

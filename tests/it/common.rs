@@ -19,7 +19,6 @@ pub fn data_file(name: &str) -> PathBuf {
 }
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use prompt_radar::config::{Config, DeviceKind, EngineConfig, Limits};
 use prompt_radar::embed::BatchConfig;
@@ -38,7 +37,6 @@ pub fn config(data_dir: &std::path::Path) -> Config {
         batch: BatchConfig::default(),
         limits: Limits::default(),
         auth_token: None,
-        shutdown_grace: Duration::from_secs(5),
     }
 }
 
