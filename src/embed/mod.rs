@@ -1,11 +1,14 @@
-//! Sentence embeddings. Owns the model (all-MiniLM-L6-v2 through candle) and the dynamic batcher
-//! that serialises access to it. Knows nothing of prompts, accounts or detection.
+//! Sentence embeddings. Owns the model (all-MiniLM-L6-v2: the project's fused BERT forward on the
+//! CPU, candle on CUDA) and the dynamic batcher that serialises access to it. Knows nothing of
+//! prompts, accounts or detection.
 
 mod batcher;
 mod candle_bert;
+mod fast_bert;
+mod fast_kernels;
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Embedded, Job, SubmitError};
-pub use candle_bert::CandleEmbedder;
+pub use candle_bert::{CandleEmbedder, CpuForward};
 
 /// Errors of the embedding layer.
 #[derive(Debug, thiserror::Error)]

@@ -1,8 +1,9 @@
 //! The candle embedder against sentence-transformers' own vectors (`tests/data/minilm-reference.jsonl`),
-//! batched and one by one, plus truncation, odd inputs and load errors.
+//! batched and one by one, the fused CPU forward against candle-transformers' forward, plus
+//! truncation, odd inputs and load errors.
 
 use prompt_radar::config::DeviceKind;
-use prompt_radar::embed::{CandleEmbedder, EmbedError, Embedder};
+use prompt_radar::embed::{CandleEmbedder, CpuForward, EmbedError, Embedder};
 
 use crate::common;
 
@@ -90,6 +91,54 @@ fn matches_sentence_transformers_batched_and_one_by_one() {
         .collect();
     let min_single = check("one by one", &refs, &single);
     println!("min cosine overall = {:.7}", min_batch.min(min_single));
+}
+
+/// Embeds `texts` as one batch and one by one.
+fn batched_and_single(embedder: &mut CandleEmbedder, texts: &[&str]) -> [Vec<Vec<f32>>; 2] {
+    let batched = embedder.embed(texts).expect("embed batch");
+    let single = texts
+        .iter()
+        .map(|t| embedder.embed(&[t]).expect("embed one").remove(0))
+        .collect();
+    [batched, single]
+}
+
+#[test]
+fn fused_forward_matches_candle_transformers() {
+    // The fixture's 25 texts (1 to ~1,300 tokens, two truncated at 256) and the 5 longest
+    // recall prompts.
+    let refs = references();
+    let path = common::data_file("recall_prompts.txt");
+    let prompts =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut longest: Vec<&str> = prompts.lines().collect();
+    longest.sort_by_key(|l| std::cmp::Reverse(l.len()));
+    let texts: Vec<&str> = refs
+        .iter()
+        .map(|r| r.text.as_str())
+        .chain(longest.into_iter().take(5))
+        .collect();
+
+    let mut fused = load();
+    let dir = common::model_dir();
+    let mut candle = CandleEmbedder::load_with(&dir, DeviceKind::Cpu, CpuForward::Candle)
+        .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
+    assert!(
+        texts.iter().any(|t| candle.count_tokens(t) == 256),
+        "a truncated text"
+    );
+    let want = batched_and_single(&mut candle, &texts);
+    let got = batched_and_single(&mut fused, &texts);
+    let mut min = f32::INFINITY;
+    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+        min = min.min(cosine(g, w));
+        assert!((norm(g) - 1.0).abs() < 1e-4, "norm {}", norm(g));
+    }
+    println!(
+        "fused vs candle-transformers: min cosine {min:.7} over {} texts",
+        texts.len()
+    );
+    assert!(min >= 0.99999, "min cosine {min}");
 }
 
 #[test]
