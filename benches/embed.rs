@@ -1,8 +1,10 @@
-//! Embedding throughput of the candle embedder on real prompts, by batch size.
+//! Embedding throughput of the embedder on real prompts, by batch size, with the fused CPU forward
+//! (the default) and with candle-transformers' forward (`embed/fused/N`, `embed/candle/N`).
 //!
 //! Prompts come from `tests/data/recall_prompts.txt` (one a line) when it exists, else from the
 //! texts of `tests/data/minilm-reference.jsonl`. The model directory is `PROMPT_RADAR_MODEL` or
-//! `models/all-MiniLM-L6-v2`. Run: `cargo bench --bench embed` (add `-- --quick` for a fast pass).
+//! `models/all-MiniLM-L6-v2`. Run: `cargo bench --bench embed` (add `-- --quick` for a fast pass,
+//! `-- fused` for one forward only).
 
 #![allow(clippy::unwrap_used)] // benches and tests may panic on setup failures
 
@@ -13,15 +15,18 @@ use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
 use prompt_radar::config::DeviceKind;
-use prompt_radar::embed::{CandleEmbedder, Embedder};
+use prompt_radar::embed::{CandleEmbedder, CpuForward, Embedder};
 
 /// Batch sizes measured.
 const BATCH_SIZES: [usize; 4] = [1, 8, 32, 128];
 /// Samples per batch size (criterion's minimum is 10).
 const SAMPLE_SIZE: usize = 10;
-/// Warm-up and measurement time per batch size: the whole bench stays within ~2–3 minutes on 2 cores.
+/// Warm-up and measurement time per batch size: the whole bench stays within ~3 minutes on 2 cores.
 const WARM_UP: Duration = Duration::from_secs(2);
-const MEASUREMENT: Duration = Duration::from_secs(8);
+const MEASUREMENT: Duration = Duration::from_secs(6);
+/// The CPU forward passes compared.
+const FORWARDS: [(&str, CpuForward); 2] =
+    [("fused", CpuForward::Fused), ("candle", CpuForward::Candle)];
 /// Prompts file (one a line) and the fallback fixture, under `tests/data/`.
 const PROMPTS_FILE: &str = "recall_prompts.txt";
 const FALLBACK_FILE: &str = "minilm-reference.jsonl";
@@ -66,8 +71,6 @@ fn prompts() -> Vec<String> {
 
 fn bench_embed(c: &mut Criterion) {
     let dir = model_dir();
-    let mut embedder = CandleEmbedder::load(&dir, DeviceKind::Cpu)
-        .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
     let prompts = prompts();
     assert!(!prompts.is_empty(), "no prompts to embed");
 
@@ -77,23 +80,28 @@ fn bench_embed(c: &mut Criterion) {
         .warm_up_time(WARM_UP)
         .measurement_time(MEASUREMENT)
         .sampling_mode(SamplingMode::Flat);
-    for batch in BATCH_SIZES {
-        // Consecutive prompts, wrapping around when the file holds fewer than `batch`.
-        let texts: Vec<&str> = prompts
-            .iter()
-            .cycle()
-            .take(batch)
-            .map(String::as_str)
-            .collect();
-        let tokens: usize = texts.iter().map(|t| embedder.count_tokens(t)).sum();
-        eprintln!(
-            "embed bench: batch {batch}: {tokens} tokens, {:.1} per prompt",
-            tokens as f64 / batch as f64
-        );
-        group.throughput(Throughput::Elements(batch as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(batch), &texts, |b, texts| {
-            b.iter(|| embedder.embed(std::hint::black_box(texts)).expect("embed"));
-        });
+    for (name, forward) in FORWARDS {
+        let mut embedder = CandleEmbedder::load_with(&dir, DeviceKind::Cpu, forward)
+            .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
+        for batch in BATCH_SIZES {
+            // Consecutive prompts, wrapping around when the file holds fewer than `batch`.
+            let texts: Vec<&str> = prompts
+                .iter()
+                .cycle()
+                .take(batch)
+                .map(String::as_str)
+                .collect();
+            let tokens: usize = texts.iter().map(|t| embedder.count_tokens(t)).sum();
+            eprintln!(
+                "embed bench: {name} batch {batch}: {tokens} tokens, {:.1} per prompt",
+                tokens as f64 / batch as f64
+            );
+            group.throughput(Throughput::Elements(batch as u64));
+            let id = BenchmarkId::new(name, batch);
+            group.bench_with_input(id, &texts, |b, texts| {
+                b.iter(|| embedder.embed(std::hint::black_box(texts)).expect("embed"));
+            });
+        }
     }
     group.finish();
 }

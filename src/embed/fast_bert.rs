@@ -89,12 +89,17 @@ pub struct FastBert {
 /// Reads one tensor by its name (without any `bert.` prefix) as f32 with its shape.
 pub type TensorSource<'a> = dyn FnMut(&str) -> Result<(Vec<f32>, Vec<usize>), EmbedError> + 'a;
 
+/// Reads one tensor by name, checked against the expected shape.
+type ShapedSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, EmbedError> + 'a;
+
 impl FastBert {
     /// Whether this forward implements `config` (GELU with erf, heads dividing the width).
     pub fn supports(config: &Config) -> bool {
         config.hidden_act == HiddenAct::Gelu
             && config.num_attention_heads > 0
-            && config.hidden_size % config.num_attention_heads == 0
+            && config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
     }
 
     /// Loads the weights from a safetensors file (names as in candle-transformers' BERT, with or
@@ -164,9 +169,7 @@ impl FastBert {
             }
             Ok(data)
         };
-        let norm = |get: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, EmbedError>,
-                    stem: &str|
-         -> Result<Norm, EmbedError> {
+        let norm = |get: &mut ShapedSource<'_>, stem: &str| -> Result<Norm, EmbedError> {
             Ok(Norm {
                 gamma: get(&format!("{stem}.LayerNorm.weight"), &[h])?,
                 beta: get(&format!("{stem}.LayerNorm.bias"), &[h])?,
