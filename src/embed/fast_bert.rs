@@ -19,8 +19,8 @@ use rayon::prelude::*;
 use super::EmbedError;
 use super::fast_kernels::{add_bias, add_bias_gelu, add_layer_norm, softmax_rows};
 
-/// Most tokens (rows) in one packed pass: bounds the scratch memory (about 40 KiB per token for
-/// MiniLM, so ~160 MiB at most) while keeping the matmuls large enough to run at full speed.
+/// Most tokens (rows) in one packed pass: bounds the scratch memory (about 15 KiB per token for
+/// MiniLM, so ~60 MiB at most) while keeping the matmuls large enough to run at full speed.
 pub const PASS_TOKENS: usize = 4096;
 
 /// Rows per rayon task in the elementwise passes.
