@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::EngineConfig;
+use crate::detect::allow::{AllowEntry, AllowList, AllowRule};
 use crate::detect::keys::{self, KeyIndex};
 use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict, template};
 use crate::error::Error;
-use crate::index::{Neighbour, SegmentedHnsw, SegmentsConfig, VectorSearch};
+use crate::index::{
+    HnswIndex, HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorInsert, VectorSearch,
+};
 use crate::store::{PromptRecord, Store};
 
 /// A prompt accepted for ingest, already validated and embedded.
@@ -37,6 +40,8 @@ pub struct NewPrompt {
     pub text: String,
     /// Its L2-normalised embedding.
     pub embedding: Vec<f32>,
+    /// Embeddings of its parts (`detect::keys::parts`, in that order); may be empty.
+    pub parts: Vec<Vec<f32>>,
 }
 
 /// Filters of a search.
@@ -89,13 +94,20 @@ pub struct OpenStats {
 struct IngestState {
     next_id: u64,
     keys: KeyIndex,
+    /// The allow-list as stored, and compiled.
+    allow: (Vec<AllowEntry>, AllowList),
 }
+
+/// Meta key of the allow-list (JSON array of [`AllowEntry`]).
+const ALLOW_META: &str = "allow_list";
 
 /// Store, index and detector, consistent with each other.
 pub struct Engine {
     config: EngineConfig,
     store: Store,
     index: RwLock<SegmentedHnsw>,
+    /// Part vectors, keyed `prompt id × PART_SLOTS + part number`; in memory, rebuilt on open.
+    parts: RwLock<HnswIndex>,
     detector: RwLock<Detector>,
     /// Serialises ingest; holds the next id and the template keys.
     ingest: Mutex<IngestState>,
@@ -120,6 +132,14 @@ impl Engine {
         let needs_index =
             |id: u64| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id));
 
+        let mut parts = HnswIndex::new(HnswParams::default(), dim);
+        let mut pending_parts: Vec<(u64, Vec<f32>)> = Vec::new();
+        let allow_entries: Vec<AllowEntry> = match store.meta(ALLOW_META)? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Unavailable(format!("store: allow-list is unreadable: {e}")))?,
+            None => Vec::new(),
+        };
+        let allow_list = AllowList::new(&allow_entries);
         let mut detector = Detector::new(config.detector.clone());
         let mut key_index = KeyIndex::default();
         let mut pending: Vec<(u64, i64, Vec<f32>)> = Vec::new();
@@ -142,8 +162,27 @@ impl Engine {
                 text_hash: r.text_hash,
                 links: &r.links,
             });
-            key_index.record(r.id, &keys::keys(&r.text));
+            if allow_list.matching(&r.text).is_none() {
+                key_index.record(
+                    r.id,
+                    keys::account_hash(&r.account_id),
+                    &keys::keys(&r.text),
+                );
+            }
             last_id = r.id;
+            for (j, v) in r.parts.into_iter().enumerate().take(PART_SLOTS as usize) {
+                pending_parts.push((r.id * PART_SLOTS + j as u64, v));
+            }
+            if pending_parts.len() >= 10_000 {
+                let items: Vec<(u64, &[f32])> = pending_parts
+                    .iter()
+                    .map(|(i, v)| (*i, v.as_slice()))
+                    .collect();
+                if let Err(e) = parts.parallel_insert(&items) {
+                    index_err.get_or_insert(e.into());
+                }
+                pending_parts.clear();
+            }
             if needs_index(r.id) {
                 pending.push((r.id, r.timestamp_ms, r.embedding));
                 if pending.len() >= 10_000
@@ -158,6 +197,11 @@ impl Engine {
             return Err(e);
         }
         flush(&mut index, &mut pending)?;
+        let items: Vec<(u64, &[f32])> = pending_parts
+            .iter()
+            .map(|(i, v)| (*i, v.as_slice()))
+            .collect();
+        parts.parallel_insert(&items)?;
         let open_stats = OpenStats {
             prompts,
             reloaded,
@@ -165,18 +209,128 @@ impl Engine {
             seconds: started.elapsed().as_secs_f64(),
         };
         tracing::info!(?open_stats, "engine opened");
-        Ok(Self {
+        let engine = Self {
             config,
             store,
             index: RwLock::new(index),
+            parts: RwLock::new(parts),
             detector: RwLock::new(detector),
             ingest: Mutex::new(IngestState {
                 next_id: last_id + 1,
                 keys: key_index,
+                allow: (allow_entries, allow_list),
             }),
             poisoned: AtomicBool::new(false),
             open_stats,
-        })
+        };
+        // Cluster marks are not stored: re-derive them from the allow-list.
+        let rules: Vec<AllowRule> = {
+            let state = engine.ingest.lock();
+            state
+                .allow
+                .0
+                .iter()
+                .filter_map(|e| AllowRule::compile(&e.template).ok())
+                .collect()
+        };
+        for rule in &rules {
+            engine.allow_matching_clusters(rule)?;
+        }
+        Ok(engine)
+    }
+
+    /// Allow-lists `template` (fixed words with `<*>` slots, as `campaigns` shows them): its
+    /// future prompts are never linked into campaigns, and current campaigns most of whose sample
+    /// prompts match it stop scoring. Durable before it returns. Returns the entry and how many
+    /// campaigns it cleared.
+    pub fn allow_template(
+        &self,
+        template: &str,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<(AllowEntry, usize), Error> {
+        let rule = AllowRule::compile(template).map_err(|r| Error::invalid("template", r))?;
+        let entry = {
+            let mut state = self.ingest.lock();
+            let id = state.allow.0.iter().map(|e| e.id).max().unwrap_or(0) + 1;
+            let entry = AllowEntry {
+                id,
+                template: template.trim().to_string(),
+                note: note.to_string(),
+                created_ms: now_ms,
+            };
+            let mut entries = state.allow.0.clone();
+            entries.push(entry.clone());
+            self.save_allow(&entries)?;
+            state.allow = (entries.clone(), AllowList::new(&entries));
+            entry
+        };
+        let cleared = self.allow_matching_clusters(&rule)?;
+        Ok((entry, cleared))
+    }
+
+    /// Allow-lists the template recovered from campaign `campaign_id` (see [`Engine::campaign`]).
+    pub fn allow_campaign(
+        &self,
+        campaign_id: u64,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<(AllowEntry, usize), Error> {
+        let view = self.campaign(campaign_id)?;
+        let (entry, mut cleared) = self.allow_template(&view.template, note, now_ms)?;
+        if self.detector.write().allow_cluster(view.summary.id) {
+            cleared = cleared.max(1);
+        }
+        Ok((entry, cleared))
+    }
+
+    /// The allow-list, oldest first.
+    pub fn allowed_templates(&self) -> Vec<AllowEntry> {
+        self.ingest.lock().allow.0.clone()
+    }
+
+    /// Removes allow-list entry `id`: later prompts of that template are judged again (clusters it
+    /// cleared stay cleared until a restart).
+    pub fn remove_allowed(&self, id: u64) -> Result<AllowEntry, Error> {
+        let mut state = self.ingest.lock();
+        let Some(pos) = state.allow.0.iter().position(|e| e.id == id) else {
+            return Err(Error::NotFound(format!("id: no allow-list entry {id}")));
+        };
+        let mut entries = state.allow.0.clone();
+        let gone = entries.remove(pos);
+        self.save_allow(&entries)?;
+        state.allow = (entries.clone(), AllowList::new(&entries));
+        Ok(gone)
+    }
+
+    fn save_allow(&self, entries: &[AllowEntry]) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(entries)
+            .map_err(|e| Error::Unavailable(format!("allow-list: {e}")))?;
+        self.store.set_meta(ALLOW_META, &bytes)?;
+        Ok(())
+    }
+
+    /// Marks campaigns most of whose sample prompts match `rule` as allowed; returns how many.
+    fn allow_matching_clusters(&self, rule: &AllowRule) -> Result<usize, Error> {
+        let campaigns = {
+            let d = self.detector.read();
+            d.campaigns(d.config().campaign_score)
+        };
+        let mut hit = Vec::new();
+        for c in campaigns {
+            let samples = self.store.get_many(&c.samples)?;
+            let matching = samples.iter().filter(|r| rule.matches(&r.text)).count();
+            if !samples.is_empty() && 2 * matching >= samples.len() {
+                hit.push(c.id);
+            }
+        }
+        let mut d = self.detector.write();
+        Ok(hit.into_iter().filter(|&id| d.allow_cluster(id)).count())
+    }
+
+    /// Whether prompts should come with part embeddings (`NewPrompt::parts`): part links are on.
+    pub fn uses_parts(&self) -> bool {
+        self.config.detector.part_matches > 0
     }
 
     /// What opening found and did.
@@ -198,39 +352,57 @@ impl Engine {
         }
         let mut state = self.ingest.lock();
         let cfg = &self.config.detector;
-        let mut records = Vec::with_capacity(batch.len());
+        let mut records: Vec<PromptRecord> = Vec::with_capacity(batch.len());
         let mut verdicts = Vec::with_capacity(batch.len());
         {
             let index = self.index.read();
+            let part_index = self.parts.read();
             let mut detector = self.detector.write();
             for p in batch {
                 let id = state.next_id;
                 state.next_id += 1;
-                let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
-                for (r, earlier) in records.iter().map(|r: &PromptRecord| (r, &r.embedding)) {
-                    near.push(Neighbour {
-                        id: r.id,
-                        similarity: dot(&p.embedding, earlier),
+                // A known legitimate app's prompt is stored and searchable but never linked.
+                let allowed = state.allow.1.matching(&p.text).is_some();
+                let mut links: Vec<u64> = Vec::new();
+                if !allowed {
+                    let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
+                    for r in &records {
+                        near.push(Neighbour {
+                            id: r.id,
+                            similarity: dot(&p.embedding, &r.embedding),
+                        });
+                    }
+                    near.retain(|n| n.similarity >= cfg.similarity_threshold);
+                    near.sort_by(|a, b| {
+                        b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id))
                     });
-                }
-                near.retain(|n| n.similarity >= cfg.similarity_threshold);
-                near.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id)));
-                near.truncate(cfg.neighbours_k);
-                let mut links: Vec<u64> = near.iter().map(|n| n.id).collect();
-                for l in state.keys.link(id, &keys::keys(&p.text)) {
-                    if !links.contains(&l) {
-                        links.push(l);
+                    near.truncate(cfg.neighbours_k);
+                    links.extend(near.iter().map(|n| n.id));
+                    let more = part_links(&part_index, &records, &p.parts, cfg)
+                        .into_iter()
+                        .chain(state.keys.link(
+                            id,
+                            keys::account_hash(&p.account_id),
+                            &keys::keys(&p.text),
+                        ));
+                    for l in more {
+                        if !links.contains(&l) {
+                            links.push(l);
+                        }
                     }
                 }
-                let record = PromptRecord::new(
-                    id,
-                    p.account_id,
-                    p.timestamp_ms,
-                    p.text,
-                    p.embedding,
-                    0,
-                    links,
-                );
+                let record = PromptRecord {
+                    parts: p.parts,
+                    ..PromptRecord::new(
+                        id,
+                        p.account_id,
+                        p.timestamp_ms,
+                        p.text,
+                        p.embedding,
+                        0,
+                        links,
+                    )
+                };
                 let verdict = detector.observe(Observation {
                     id,
                     account_id: &record.account_id,
@@ -250,6 +422,14 @@ impl Engine {
             // rebuilds memory from what the store really has.
             self.poisoned.store(true, Ordering::Release);
             return Err(e.into());
+        }
+        {
+            let mut part_index = self.parts.write();
+            for r in &records {
+                for (j, v) in r.parts.iter().enumerate().take(PART_SLOTS as usize) {
+                    part_index.insert(r.id * PART_SLOTS + j as u64, v)?;
+                }
+            }
         }
         let items: Vec<(u64, i64, Vec<f32>)> = records
             .into_iter()
@@ -405,6 +585,50 @@ impl Engine {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Ids per prompt in the part index (a prompt has at most `keys::MAX_PARTS` parts).
+const PART_SLOTS: u64 = 8;
+
+/// Earlier prompts that share at least `part_matches` of this prompt's parts (each part matched
+/// by cosine ≥ `part_similarity`), among indexed prompts and earlier prompts of the batch; most
+/// matched parts first, at most `neighbours_k`. One shared sentence proves little ("Thanks in
+/// advance!"); two — an instruction and its closing, say — are a reworded template's footprint.
+fn part_links(
+    index: &HnswIndex,
+    batch: &[PromptRecord],
+    parts: &[Vec<f32>],
+    cfg: &crate::detect::DetectorConfig,
+) -> Vec<u64> {
+    let mut matched: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    if cfg.part_matches == 0 {
+        return Vec::new();
+    }
+    for part in parts {
+        let mut hits: Vec<u64> = index
+            .search(part, cfg.neighbours_k)
+            .into_iter()
+            .filter(|n| n.similarity >= cfg.part_similarity)
+            .map(|n| n.id / PART_SLOTS)
+            .collect();
+        for r in batch {
+            if r.parts.iter().any(|q| dot(part, q) >= cfg.part_similarity) {
+                hits.push(r.id);
+            }
+        }
+        hits.sort_unstable();
+        hits.dedup();
+        for h in hits {
+            *matched.entry(h).or_default() += 1;
+        }
+    }
+    let mut out: Vec<(u64, u32)> = matched
+        .into_iter()
+        .filter(|&(_, n)| cfg.part_matches > 0 && n >= cfg.part_matches)
+        .collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    out.truncate(cfg.neighbours_k);
+    out.into_iter().map(|(id, _)| id).collect()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -42,6 +42,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<bool> {
             Command::Accounts(args) => cli::client::accounts(args).await.map(|()| true),
             Command::Campaigns(args) => cli::client::campaigns(args).await.map(|()| true),
             Command::Search(args) => cli::client::search(args).await.map(|()| true),
+            Command::Allow(args) => cli::client::allow(args).await.map(|()| true),
             Command::Reindex(_) | Command::Eval(_) => unreachable!("offline verbs return above"),
         }
     })

@@ -3,12 +3,15 @@
 //! overlaps search/cluster/commit. Same engine, same order as the server: the verdicts equal
 //! what `serve` + `check` would return for the same stream.
 
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant};
 
 use crate::config::Limits;
-use crate::detect::Verdict;
-use crate::embed::Embedder;
+use crate::detect::{Verdict, keys};
+use crate::embed::{EmbedError, Embedder};
 use crate::engine::{Engine, NewPrompt};
 use crate::error::Error;
 use crate::server::validate;
@@ -31,6 +34,168 @@ pub struct StageTimes {
     pub wall: Duration,
     /// Whether the run stopped at a bad line.
     pub stopped: bool,
+    /// Texts that went through the model (the rest were repeats served by the [`VectorCache`]).
+    pub embedded: u64,
+}
+
+/// Vectors of texts already embedded, keyed by a hash of the exact text: a repeated prompt (a
+/// popular one-liner, a batch job's repeated item, a re-run over the same file) is embedded once.
+/// Bounded: past `capacity` texts it stops remembering new ones. It can be saved to and loaded from
+/// a file, so that repeated evaluations of one traffic file skip the model (`eval --embed-cache`).
+pub struct VectorCache {
+    map: HashMap<u64, Vec<f32>>,
+    capacity: usize,
+    dim: usize,
+    tag: u64,
+}
+
+/// Distinct texts a run remembers for reuse by default (about 150 MB of 384-dim vectors).
+pub const DEDUPE_TEXTS: usize = 100_000;
+
+const CACHE_MAGIC: &[u8; 8] = b"PRVCACH1";
+
+impl VectorCache {
+    /// An empty cache of at most `capacity` vectors of `dim` values, for the model identified by
+    /// `tag` (see [`model_tag`]).
+    pub fn new(capacity: usize, dim: usize, tag: u64) -> Self {
+        Self {
+            map: HashMap::new(),
+            capacity,
+            dim,
+            tag,
+        }
+    }
+
+    /// Loads a cache saved by [`VectorCache::save`]; a missing file gives an empty cache. A file
+    /// written for another model or dimension, or damaged, is an error that says so.
+    pub fn load(path: &Path, capacity: usize, dim: usize, tag: u64) -> std::io::Result<Self> {
+        let mut cache = Self::new(capacity, dim, tag);
+        let mut bytes = Vec::new();
+        match std::fs::File::open(path) {
+            Ok(mut f) => f.read_to_end(&mut bytes)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cache),
+            Err(e) => return Err(e),
+        };
+        let bad = |why: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("embedding cache {}: {why}", path.display()),
+            )
+        };
+        if bytes.len() < 32 || &bytes[..8] != CACHE_MAGIC {
+            return Err(bad("not an embedding cache"));
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]));
+        if u64_at(8) != tag || u64_at(16) != dim as u64 {
+            return Err(bad("written for another model; delete it"));
+        }
+        let count = u64_at(24) as usize;
+        let record = 8 + 4 * dim;
+        if bytes.len() != 32 + count.saturating_mul(record) {
+            return Err(bad("truncated or damaged; delete it"));
+        }
+        for r in bytes[32..].chunks_exact(record) {
+            let key = u64::from_le_bytes(r[..8].try_into().unwrap_or([0; 8]));
+            let v = r[8..]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap_or([0; 4])))
+                .collect();
+            cache.map.insert(key, v);
+        }
+        Ok(cache)
+    }
+
+    /// Writes the cache to `path` (through a temporary file and a rename).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut write = || -> std::io::Result<()> {
+            w.write_all(CACHE_MAGIC)?;
+            w.write_all(&self.tag.to_le_bytes())?;
+            w.write_all(&(self.dim as u64).to_le_bytes())?;
+            w.write_all(&(self.map.len() as u64).to_le_bytes())?;
+            for (k, v) in &self.map {
+                w.write_all(&k.to_le_bytes())?;
+                for x in v {
+                    w.write_all(&x.to_le_bytes())?;
+                }
+            }
+            w.flush()
+        };
+        write()?;
+        drop(w);
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Vectors cached.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Vectors for `texts` in order: cached ones from the cache, the rest (each distinct text once)
+    /// from `embedder`. Returns the vectors and how many texts the model embedded.
+    pub fn embed<E: Embedder + ?Sized>(
+        &mut self,
+        embedder: &mut E,
+        texts: &[&str],
+    ) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
+        let keys: Vec<u64> = texts
+            .iter()
+            .map(|t| xxhash_rust::xxh3::xxh3_64(t.as_bytes()))
+            .collect();
+        let mut todo: Vec<&str> = Vec::new();
+        let mut todo_keys: Vec<u64> = Vec::new();
+        for (t, k) in texts.iter().zip(&keys) {
+            if !self.map.contains_key(k) && !todo_keys.contains(k) {
+                todo.push(t);
+                todo_keys.push(*k);
+            }
+        }
+        let fresh = if todo.is_empty() {
+            Vec::new()
+        } else {
+            embedder.embed(&todo)?
+        };
+        let mut batch: HashMap<u64, Vec<f32>> = todo_keys.iter().copied().zip(fresh).collect();
+        let out = keys
+            .iter()
+            .map(|k| {
+                self.map
+                    .get(k)
+                    .or_else(|| batch.get(k))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        for (k, v) in batch.drain() {
+            if self.map.len() >= self.capacity {
+                break;
+            }
+            self.map.insert(k, v);
+        }
+        Ok((out, todo.len()))
+    }
+}
+
+/// An identity for the model in `model_dir` (its config and the size and first MiB of its weights),
+/// so that a saved [`VectorCache`] is not used with another model.
+pub fn model_tag(model_dir: &Path) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    if let Ok(c) = std::fs::read(model_dir.join("config.json")) {
+        h.update(&c);
+    }
+    if let Ok(mut f) = std::fs::File::open(model_dir.join("model.safetensors")) {
+        let mut head = vec![0u8; 1 << 20];
+        let n = f.read(&mut head).unwrap_or(0);
+        h.update(&head[..n]);
+        h.update(&f.metadata().map(|m| m.len()).unwrap_or(0).to_le_bytes());
+    }
+    h.digest()
 }
 
 /// What happens to each input line.
@@ -44,6 +209,7 @@ pub trait Observer {
 /// Runs `lines` through `embedder` and `engine` in batches of `batch_size`.
 pub fn run<E, I, O>(
     embedder: &mut E,
+    cache: &mut VectorCache,
     engine: &Engine,
     lines: I,
     batch_size: usize,
@@ -58,7 +224,8 @@ where
     let limits = Limits::default();
     let batch_size = batch_size.max(1);
     let mut times = StageTimes::default();
-    let (tx, rx) = sync_channel::<Vec<(usize, TrafficLine, Vec<f32>)>>(4);
+    let (tx, rx) = sync_channel::<Vec<(usize, TrafficLine, Vec<f32>, Vec<Vec<f32>>)>>(4);
+    let with_parts = engine.uses_parts();
     let (verdict_tx, verdict_rx) = std::sync::mpsc::channel::<Vec<(usize, TrafficLine, Verdict)>>();
     std::thread::scope(|scope| -> Result<(), Error> {
         let ingest = scope.spawn(move || -> Result<Duration, Error> {
@@ -67,12 +234,13 @@ where
                 let t = Instant::now();
                 let (meta, prompts): (Vec<(usize, TrafficLine)>, Vec<NewPrompt>) = batch
                     .into_iter()
-                    .map(|(line, t, embedding)| {
+                    .map(|(line, t, embedding, parts)| {
                         let p = NewPrompt {
                             account_id: t.account_id.clone(),
                             timestamp_ms: t.timestamp_ms,
                             text: t.prompt.clone(),
                             embedding,
+                            parts,
                         };
                         ((line, t), p)
                     })
@@ -125,13 +293,27 @@ where
             times.parse += t.elapsed();
             if pending.len() >= batch_size || ((done || times.stopped) && !pending.is_empty()) {
                 let t = Instant::now();
-                let texts: Vec<&str> = pending.iter().map(|(_, p)| p.prompt.as_str()).collect();
-                let vectors = embedder.embed(&texts)?;
+                let mut texts: Vec<&str> = pending.iter().map(|(_, p)| p.prompt.as_str()).collect();
+                let mut part_counts = Vec::with_capacity(pending.len());
+                for (_, p) in &pending {
+                    let parts = if with_parts {
+                        keys::parts(&p.prompt)
+                    } else {
+                        Vec::new()
+                    };
+                    part_counts.push(parts.len());
+                    texts.extend(parts);
+                }
+                let (vectors, embedded) = cache.embed(embedder, &texts)?;
+                times.embedded += embedded as u64;
                 times.embed += t.elapsed();
+                let mut vectors = vectors.into_iter();
+                let wholes: Vec<Vec<f32>> = vectors.by_ref().take(pending.len()).collect();
                 let batch: Vec<_> = pending
                     .drain(..)
-                    .zip(vectors)
-                    .map(|((l, t), v)| (l, t, v))
+                    .zip(wholes)
+                    .zip(part_counts)
+                    .map(|(((l, t), v), n)| (l, t, v, vectors.by_ref().take(n).collect()))
                     .collect();
                 if tx.send(batch).is_err() {
                     send_failed = true;
@@ -170,7 +352,7 @@ impl StageTimes {
     pub fn summary(&self, verb: &str) -> String {
         let rate = |d: Duration| self.prompts as f64 / d.as_secs_f64().max(1e-9);
         format!(
-            "{verb}: {} prompts in {:.1}s ({:.0} prompts/s end to end), {} bad lines{}; stages: parse {:.0}/s, embed {:.0}/s ({:.1}s busy), ingest {:.0}/s ({:.1}s busy: search+cluster+store+index)",
+            "{verb}: {} prompts in {:.1}s ({:.0} prompts/s end to end), {} bad lines{}; stages: parse {:.0}/s, embed {:.0}/s ({:.1}s busy, {} distinct texts through the model), ingest {:.0}/s ({:.1}s busy: search+cluster+store+index)",
             self.prompts,
             self.wall.as_secs_f64(),
             rate(self.wall),
@@ -183,6 +365,7 @@ impl StageTimes {
             rate(self.parse),
             rate(self.embed),
             self.embed.as_secs_f64(),
+            self.embedded,
             rate(self.ingest),
             self.ingest.as_secs_f64(),
         )

@@ -424,3 +424,107 @@ fn truncate(s: &str, n: usize) -> String {
         format!("{}…", s.chars().take(n).collect::<String>())
     }
 }
+
+/// Flags of `allow`.
+#[derive(Debug, Clone, Args)]
+pub struct AllowArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(subcommand)]
+    pub action: AllowAction,
+}
+
+/// What `allow` does.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AllowAction {
+    /// Allow-list a known legitimate app's template: by text (fixed words and <*> slots, as
+    /// `campaigns` shows templates) or by campaign id (its recovered template).
+    Add {
+        /// The template, e.g. "Rewrite the following text to be more professional: <*>".
+        #[arg(
+            long,
+            env = "PROMPT_RADAR_TEMPLATE",
+            conflicts_with = "campaign",
+            required_unless_present = "campaign"
+        )]
+        template: Option<String>,
+        /// A campaign id from `campaigns`.
+        #[arg(long, env = "PROMPT_RADAR_CAMPAIGN")]
+        campaign: Option<u64>,
+        /// Why it is legitimate.
+        #[arg(long, env = "PROMPT_RADAR_NOTE", default_value = "")]
+        note: String,
+    },
+    /// List the allow-list.
+    List {
+        /// Output format.
+        #[arg(long, env = "PROMPT_RADAR_FORMAT", value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Remove an entry by id.
+    Remove {
+        /// The entry's id (see `allow list`).
+        id: u64,
+    },
+}
+
+/// Runs `allow add|list|remove` against the server.
+pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
+    use proto::allow_template_request::Source;
+    let mut client = connect(&args.server).await?;
+    let line = |e: &proto::AllowedTemplate| {
+        format!(
+            "{}  {}  (note: {:?}, added {})",
+            e.id, e.template, e.note, e.created_ms
+        )
+    };
+    match args.action {
+        AllowAction::Add {
+            template,
+            campaign,
+            note,
+        } => {
+            let source = match (template, campaign) {
+                (Some(t), _) => Source::Template(t),
+                (None, Some(c)) => Source::CampaignId(c),
+                (None, None) => anyhow::bail!("give --template or --campaign"),
+            };
+            let r = client
+                .allow_template(proto::AllowTemplateRequest {
+                    source: Some(source),
+                    note,
+                })
+                .await?
+                .into_inner();
+            if let Some(e) = &r.entry {
+                println!("allowed {}", line(e));
+            }
+            eprintln!("allow: {} campaign(s) cleared", r.campaigns_cleared);
+        }
+        AllowAction::List { format } => {
+            let list = client
+                .list_allowed_templates(proto::ListAllowedTemplatesRequest {})
+                .await?
+                .into_inner()
+                .templates;
+            for e in &list {
+                match format {
+                    Format::Jsonl => println!(
+                        "{}",
+                        json!({"id": e.id, "template": e.template, "note": e.note, "created_ms": e.created_ms})
+                    ),
+                    Format::Table => println!("{}", line(e)),
+                }
+            }
+            eprintln!("allow: {} template(s)", list.len());
+        }
+        AllowAction::Remove { id } => {
+            let e = client
+                .remove_allowed_template(proto::RemoveAllowedTemplateRequest { id })
+                .await?
+                .into_inner();
+            println!("removed {}", line(&e));
+        }
+    }
+    Ok(())
+}

@@ -34,6 +34,15 @@ pub struct EvalArgs {
     /// Also write all metrics as one JSON object to this file.
     #[arg(long, env = "PROMPT_RADAR_JSON")]
     pub json: Option<PathBuf>,
+    /// Keep the vectors of every text in this file and reuse them on the next run over the same
+    /// traffic, so re-evaluating after a detector change skips the model (created if missing; a
+    /// cache of another model is refused). Timings with a warm cache are not embedding timings.
+    #[arg(long, env = "PROMPT_RADAR_EMBED_CACHE")]
+    pub embed_cache: Option<PathBuf>,
+    /// Also write each account's outcome (label, flagged, score, prompts, campaign prompts, first
+    /// flagged prompt) as JSONL to this file, for error analysis.
+    #[arg(long, env = "PROMPT_RADAR_ACCOUNTS_OUT")]
+    pub accounts_out: Option<PathBuf>,
 }
 
 /// Counts each account's own prompts and remembers when its verdict first left `allow`.
@@ -109,8 +118,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         first: HashMap::new(),
     };
     let stream = lines.iter().map(|(l, t)| (*l, Ok(t.clone())));
+    let tag = offline::model_tag(&args.offline.model.model);
+    let mut cache = match &args.embed_cache {
+        Some(p) => offline::VectorCache::load(p, usize::MAX, embedder.dim(), tag)?,
+        None => offline::VectorCache::new(offline::DEDUPE_TEXTS, embedder.dim(), tag),
+    };
     let times = offline::run(
         &mut embedder,
+        &mut cache,
         &engine,
         stream,
         args.offline.batch_size,
@@ -118,9 +133,32 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     )?;
     obs.progress.bar.finish_and_clear();
     eprintln!("{}", times.summary("eval"));
+    if let Some(p) = &args.embed_cache {
+        cache
+            .save(p)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
 
-    let final_flags: HashMap<String, bool> = engine
-        .accounts(false, 0)
+    let summaries = engine.accounts(false, 0);
+    if let Some(p) = &args.accounts_out {
+        let mut out = String::new();
+        for a in &summaries {
+            let v = serde_json::json!({
+                "account_id": a.account_id,
+                "label": labels.get(&a.account_id),
+                "flagged": a.flagged,
+                "score": a.score,
+                "prompts": a.prompts,
+                "campaign_prompts": a.campaign_prompts,
+                "cross_account_prompts": a.cross_account_prompts,
+                "campaigns": a.campaigns,
+                "first_flag_prompt": obs.first.get(&a.account_id),
+            });
+            out.push_str(&format!("{v}\n"));
+        }
+        std::fs::write(p, out).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let final_flags: HashMap<String, bool> = summaries
         .into_iter()
         .map(|a| (a.account_id, a.flagged))
         .collect();

@@ -42,6 +42,8 @@ pub enum Command {
     Reindex(reindex::ReindexArgs),
     /// Run labelled traffic through the detector and print its metrics beside two baselines.
     Eval(eval::EvalArgs),
+    /// Manage the allow-list of known legitimate app templates (admin).
+    Allow(client::AllowArgs),
 }
 
 /// What to do with a bad input line.
@@ -89,6 +91,13 @@ pub struct EngineArgs {
     /// Neighbours looked up per prompt.
     #[arg(long, env = "PROMPT_RADAR_NEIGHBOURS", default_value_t = DetectorConfig::default().neighbours_k)]
     pub neighbours: usize,
+    /// Link two prompts by their parts (sentences, lines) when their part embeddings have at least
+    /// this cosine (see --part-matches).
+    #[arg(long, env = "PROMPT_RADAR_PART_SIMILARITY", default_value_t = DetectorConfig::default().part_similarity)]
+    pub part_similarity: f32,
+    /// Matched parts two prompts must share to be linked by their parts (0 turns part links off).
+    #[arg(long, env = "PROMPT_RADAR_PART_MATCHES", default_value_t = DetectorConfig::default().part_matches)]
+    pub part_matches: u32,
     /// Distinct accounts at which a cluster's account factor reaches 0.63.
     #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_ACCOUNTS", default_value_t = DetectorConfig::default().campaign_accounts)]
     pub campaign_accounts: u32,
@@ -98,6 +107,13 @@ pub struct EngineArgs {
     /// Account score from which the action is `block`.
     #[arg(long, env = "PROMPT_RADAR_BLOCK_SCORE", default_value_t = DetectorConfig::default().block_score)]
     pub block_score: f32,
+    /// Prompts an account must have in campaigns before it is flagged at all.
+    #[arg(long, env = "PROMPT_RADAR_MIN_CAMPAIGN_PROMPTS", default_value_t = DetectorConfig::default().min_campaign_prompts)]
+    pub min_campaign_prompts: u32,
+    /// Share of an account's prompts in a campaign that must link directly to other accounts'
+    /// prompts for all of its prompts there to count (below it, only those linked ones count).
+    #[arg(long, env = "PROMPT_RADAR_MIN_CROSS_ACCOUNT_SHARE", default_value_t = DetectorConfig::default().min_cross_account_share)]
+    pub min_cross_account_share: f32,
     /// Most vectors in one HNSW segment before it is sealed and dumped.
     #[arg(long, env = "PROMPT_RADAR_SEGMENT_MAX_POINTS", default_value_t = SegmentsConfig::default().max_points_per_segment)]
     pub segment_max_points: usize,
@@ -118,6 +134,10 @@ impl EngineArgs {
             "--similarity-threshold must be within [0, 1]"
         );
         anyhow::ensure!(
+            (0.0..=1.0).contains(&self.part_similarity),
+            "--part-similarity must be within [0, 1]"
+        );
+        anyhow::ensure!(
             self.review_score <= self.block_score,
             "--review-score must not exceed --block-score"
         );
@@ -131,9 +151,13 @@ impl EngineArgs {
         c.detector = DetectorConfig {
             similarity_threshold: self.similarity_threshold,
             neighbours_k: self.neighbours,
+            part_similarity: self.part_similarity,
+            part_matches: self.part_matches,
             campaign_accounts: self.campaign_accounts.max(2),
             review_score: self.review_score,
             block_score: self.block_score,
+            min_campaign_prompts: self.min_campaign_prompts,
+            min_cross_account_share: self.min_cross_account_share,
             ..DetectorConfig::default()
         };
         c.segments.max_points_per_segment = self.segment_max_points.max(1);

@@ -78,8 +78,10 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     );
     let mut progress = Progress::new("reindex", total, args.on_error);
     let lines = traffic::lines(std::io::BufReader::new(file));
+    let mut cache = offline::VectorCache::new(offline::DEDUPE_TEXTS, embedder.dim(), 0);
     let times = offline::run(
         &mut embedder,
+        &mut cache,
         &engine,
         lines,
         args.offline.batch_size,

@@ -45,6 +45,12 @@ struct AccountStats {
     last_seen_ms: i64,
     /// Prompt count by the cluster id the prompt joined (resolve with `find`).
     clusters: HashMap<u64, u64>,
+    /// Of those, the prompts linked directly to another account's prompt: evidence that the
+    /// account shares a template with others, not just that its own prompts resemble each other
+    /// (a one-account batch job chained into a big cluster through a few look-alikes).
+    shared: HashMap<u64, u64>,
+    /// Prompts of other accounts this account's prompts have linked to.
+    targets: HashSet<u64>,
 }
 
 /// A cluster as analysts see it.
@@ -83,8 +89,10 @@ pub struct AccountSummary {
     pub flagged: bool,
     /// Prompts sent.
     pub prompts: u64,
-    /// Prompts that sit in campaigns.
+    /// Prompts that count as campaign traffic (see `DetectorConfig::min_cross_account_share`).
     pub campaign_prompts: u64,
+    /// Of its prompts in campaigns, those linked directly to another account's prompt.
+    pub cross_account_prompts: u64,
     /// The campaigns it takes part in, most prompts first.
     pub campaigns: Vec<u64>,
     /// First send time.
@@ -102,6 +110,13 @@ pub struct Detector {
     accounts: HashMap<u32, AccountStats>,
     account_ids: HashMap<String, u32>,
     account_names: Vec<String>,
+    /// The interned account of each prompt id (`u32::MAX`: unknown).
+    prompt_account: Vec<u32>,
+    /// Whether each prompt id counts as shared (see `observe`).
+    prompt_shared: Vec<bool>,
+    /// Cluster roots an analyst allow-listed (see `allow`): they score 0. A merge keeps the mark
+    /// when the surviving (bigger) side had it.
+    allowed: HashSet<u64>,
 }
 
 impl Detector {
@@ -114,7 +129,20 @@ impl Detector {
             accounts: HashMap::new(),
             account_ids: HashMap::new(),
             account_names: Vec::new(),
+            allowed: HashSet::new(),
+            prompt_account: Vec::new(),
+            prompt_shared: Vec::new(),
         }
+    }
+
+    /// Marks the cluster holding prompt `id` as allow-listed; returns whether it was a campaign.
+    pub fn allow_cluster(&mut self, id: u64) -> bool {
+        let root = self.cluster_of(id);
+        let was = self.cluster_score(root).0 >= self.config.campaign_score;
+        if self.clusters.contains_key(&root) {
+            self.allowed.insert(root);
+        }
+        was
     }
 
     /// The thresholds in force.
@@ -153,12 +181,47 @@ impl Detector {
                 (root, stats, other, other_stats)
             };
             self.parent[gone as usize] = keep;
+            self.allowed.remove(&gone);
             root = keep;
             stats = merge(keep_stats, gone_stats);
         }
         self.parent[obs.id as usize] = root;
         self.clusters.insert(root, stats);
 
+        // Cross-account evidence. A prompt counts as shared when it links to a prompt of another
+        // account that this account had not linked to before (a batch job that keeps linking to
+        // the one look-alike someone else sent gets credit once), and the prompt it links to
+        // counts as shared for its own account too (so the first account of a campaign, whose
+        // early prompts had nobody to link to yet, gets credit when others follow).
+        let i = obs.id as usize;
+        if self.prompt_account.len() <= i {
+            self.prompt_account.resize(i + 1, u32::MAX);
+            self.prompt_shared.resize(i + 1, false);
+        }
+        let mut shared = false;
+        for &l in obs.links {
+            let li = l as usize;
+            if l >= obs.id {
+                continue;
+            }
+            let Some(&other) = self.prompt_account.get(li) else {
+                continue;
+            };
+            if other == acct || other == u32::MAX {
+                continue;
+            }
+            if self.accounts.entry(acct).or_default().targets.insert(l) {
+                shared = true;
+            }
+            if !self.prompt_shared[li] {
+                self.prompt_shared[li] = true;
+                if let Some(o) = self.accounts.get_mut(&other) {
+                    *o.shared.entry(root).or_default() += 1;
+                }
+            }
+        }
+        self.prompt_account[i] = acct;
+        self.prompt_shared[i] = shared;
         let a = self.accounts.entry(acct).or_default();
         if a.prompts == 0 {
             a.first_seen_ms = obs.timestamp_ms;
@@ -167,6 +230,9 @@ impl Detector {
         a.first_seen_ms = a.first_seen_ms.min(obs.timestamp_ms);
         a.last_seen_ms = a.last_seen_ms.max(obs.timestamp_ms);
         *a.clusters.entry(root).or_default() += 1;
+        if shared {
+            *a.shared.entry(root).or_default() += 1;
+        }
 
         let summary = self.account_summary(acct);
         let (campaign_score, cluster_accounts) = self.cluster_score(root);
@@ -264,6 +330,7 @@ impl Detector {
 
     fn cluster_score(&self, root: u64) -> (f32, u32) {
         match self.clusters.get(&root) {
+            Some(c) if self.allowed.contains(&root) => (0.0, c.accounts.len() as u32),
             Some(c) => {
                 let accounts = c.accounts.len() as u32;
                 (
@@ -282,30 +349,54 @@ impl Detector {
 
     fn account_summary(&self, acct: u32) -> AccountSummary {
         let a = &self.accounts[&acct];
-        let mut by_root: HashMap<u64, u64> = HashMap::new();
+        // Per cluster: the account's prompts there, and those linked directly to another
+        // account's prompt. A cluster counts in full when enough of the account's prompts there
+        // are linked across accounts (a campaign member, whose own bursts may link to itself);
+        // otherwise only the cross-account ones count (a one-account batch job that a few
+        // look-alikes chained into a big cluster).
+        let mut by_root: HashMap<u64, (u64, u64)> = HashMap::new();
         for (&c, &n) in &a.clusters {
-            *by_root.entry(self.cluster_of(c)).or_default() += n;
+            by_root.entry(self.cluster_of(c)).or_default().0 += n;
+        }
+        for (&c, &m) in &a.shared {
+            by_root.entry(self.cluster_of(c)).or_default().1 += m;
         }
         let mut campaigns = Vec::new();
         let mut campaign_prompts = 0;
+        let mut cross_account_prompts = 0;
         let mut weighted = Vec::with_capacity(by_root.len());
-        for (&root, &n) in &by_root {
+        for (&root, &(n, m)) in &by_root {
             let s = self.cluster_score(root).0;
-            weighted.push((n, s));
-            if s >= self.config.campaign_score {
-                campaigns.push((root, n));
-                campaign_prompts += n;
+            let credited = if m as f32 >= self.config.min_cross_account_share * n as f32 {
+                n
+            } else {
+                m
+            };
+            weighted.push((credited, s));
+            if s >= self.config.campaign_score && credited > 0 {
+                campaigns.push((root, credited));
+                campaign_prompts += credited;
+                cross_account_prompts += m;
             }
         }
         campaigns.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
         let score = account_score(a.prompts, weighted);
+        // One prompt that lands in a campaign is weak evidence (an ordinary question can sit next
+        // to a campaign's slot); an account is judged on at least `min_campaign_prompts`.
+        let enough = campaign_prompts >= u64::from(self.config.min_campaign_prompts);
+        let action = if enough {
+            self.config.action(score)
+        } else {
+            Action::Allow
+        };
         AccountSummary {
             account_id: self.account_names[acct as usize].clone(),
             score,
-            action: self.config.action(score),
-            flagged: score >= self.config.review_score,
+            action,
+            flagged: action != Action::Allow,
             prompts: a.prompts,
             campaign_prompts,
+            cross_account_prompts,
             campaigns: campaigns.into_iter().map(|(r, _)| r).collect(),
             first_seen_ms: a.first_seen_ms,
             last_seen_ms: a.last_seen_ms,
@@ -391,9 +482,19 @@ mod tests {
     fn template_across_many_accounts_becomes_a_campaign_and_flags_them() {
         let mut d = Detector::new(DetectorConfig::default());
         let mut last = None;
-        for i in 1..=12u64 {
+        for i in 1..=36u64 {
             let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
-            last = Some(d.observe(obs(i, &format!("acct-{i}"), 100 + i, &links)));
+            let acct = format!("acct-{}", (i - 1) % 12);
+            last = Some(d.observe(obs(i, &acct, 100 + i, &links)));
+            if i == 12 {
+                // One prompt each so far: a single prompt is not enough evidence to flag.
+                let v = last.clone().unwrap();
+                assert_eq!(v.campaign_id, Some(v.cluster_id));
+                assert_eq!(v.action, Action::Allow, "{v:?}");
+                assert!(d.accounts().iter().all(|a| !a.flagged));
+                // Every prompt links to, or is linked from, another account's prompt.
+                assert_eq!(d.accounts().iter().filter(|a| a.score > 0.9).count(), 12);
+            }
         }
         let v = last.unwrap();
         assert_eq!(v.cluster_accounts, 12);
@@ -404,9 +505,62 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(
             (c[0].accounts, c[0].prompts, c[0].distinct_prompts),
-            (12, 12, 12)
+            (12, 36, 36)
         );
         assert!(d.accounts().iter().all(|a| a.flagged));
+
+        // An analyst allow-lists it: the cluster stops scoring and nobody stays flagged.
+        assert!(d.allow_cluster(5));
+        assert!(d.campaigns(0.5).is_empty());
+        assert!(d.accounts().iter().all(|a| !a.flagged));
+    }
+
+    #[test]
+    fn a_batch_job_chained_to_a_campaign_by_one_look_alike_is_not_flagged() {
+        let mut d = Detector::new(DetectorConfig::default());
+        // A campaign: 10 accounts × 3 prompts, each linked to the previous prompt.
+        for i in 1..=30u64 {
+            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
+            d.observe(obs(i, &format!("camp-{}", i % 10), i, &links));
+        }
+        // A one-account batch job of 200 prompts, each linked to its previous prompt and, through
+        // a key someone else once used, to the same campaign prompt 30.
+        for i in 31..=230u64 {
+            let links: Vec<u64> = if i == 31 { vec![30] } else { vec![i - 1, 30] };
+            d.observe(obs(i, "batch", i, &links));
+        }
+        let batch = d.account("batch").unwrap();
+        assert!(d.campaign(31).unwrap().accounts == 11);
+        assert!(!batch.flagged, "{batch:?}");
+        assert_eq!(batch.cross_account_prompts, 1);
+        assert!(
+            d.accounts()
+                .iter()
+                .filter(|a| a.account_id.starts_with("camp-"))
+                .all(|a| a.flagged)
+        );
+    }
+
+    #[test]
+    fn the_first_account_of_a_campaign_gets_credit_when_others_follow() {
+        let mut d = Detector::new(DetectorConfig::default());
+        // "first" sends a burst of 4 linked only to itself; then 8 accounts link to its prompts.
+        for i in 1..=4u64 {
+            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
+            d.observe(obs(i, "first", i, &links));
+        }
+        assert!(!d.account("first").unwrap().flagged);
+        for i in 5..=20u64 {
+            d.observe(obs(
+                i,
+                &format!("later-{}", i % 8),
+                i,
+                &[(i % 4) + 1, i - 1],
+            ));
+        }
+        let first = d.account("first").unwrap();
+        assert!(first.flagged, "{first:?}");
+        assert_eq!(first.campaign_prompts, 4);
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub fn tokens(text: &str) -> Vec<String> {
 /// follows a per-account greeting, and whether it closes the prompt or precedes a sign-off.
 pub fn keys(text: &str) -> Vec<u64> {
     let mut out = Vec::new();
-    let mut add = |t: &[String]| {
+    let add = |out: &mut Vec<u64>, t: &[String]| {
         if t.len() < KEY_TOKENS + MIN_SLOT_TOKENS {
             return;
         }
@@ -50,14 +50,63 @@ pub fn keys(text: &str) -> Vec<u64> {
             }
         }
     };
-    add(&tokens(text));
+    add(&mut out, &tokens(text));
     let segments = segments(text);
     if segments.len() > 1 {
         for seg in segments {
-            add(&tokens(seg));
+            let t = tokens(seg);
+            // A whole short segment repeated verbatim is a template's fixed phrase even when it
+            // is too short for head/tail keys ("Summarize this dialogue:", "Are they duplicates?").
+            if (PART_MIN_TOKENS..=PART_MAX_TOKENS).contains(&t.len()) && is_prose(seg) {
+                let k = hash(b"segment", &t);
+                if !out.contains(&k) {
+                    out.push(k);
+                }
+            }
+            add(&mut out, &t);
         }
     }
     out
+}
+
+/// Fewest normalised tokens of a part (shorter segments are greetings and fillers).
+pub const PART_MIN_TOKENS: usize = 3;
+/// Most normalised tokens of a part: longer segments are mostly slot (a question, a code block).
+pub const PART_MAX_TOKENS: usize = 32;
+/// Most parts taken from one prompt: the first and the last few eligible segments, where a
+/// template's instruction, slot intro and closing usually sit.
+pub const MAX_PARTS: usize = 4;
+
+/// The parts of a prompt embedded on their own, so that reworded instructions meet in the vector
+/// index even when the slot dominates the whole-prompt vector: its segments (see [`segments`]) of
+/// [`PART_MIN_TOKENS`]..=[`PART_MAX_TOKENS`] tokens, trimmed, distinct, the first and last
+/// [`MAX_PARTS`]` / 2`. Empty for single-segment prompts (the whole-prompt vector covers those).
+pub fn parts(text: &str) -> Vec<&str> {
+    let segs = segments(text);
+    if segs.len() < 2 {
+        return Vec::new();
+    }
+    let mut eligible: Vec<&str> = Vec::new();
+    for s in segs {
+        let s = s.trim();
+        let n = tokens(s).len();
+        if (PART_MIN_TOKENS..=PART_MAX_TOKENS).contains(&n) && is_prose(s) && !eligible.contains(&s)
+        {
+            eligible.push(s);
+        }
+    }
+    if eligible.len() > MAX_PARTS {
+        let tail = eligible.split_off(eligible.len() - MAX_PARTS / 2);
+        eligible.truncate(MAX_PARTS - tail.len());
+        eligible.extend(tail);
+    }
+    eligible
+}
+
+/// Whether a segment reads as prose rather than code or markup: short code lines (`return a + b`,
+/// `if n == 0:`) recur across unrelated programs and are slot, not template.
+pub fn is_prose(segment: &str) -> bool {
+    !segment.chars().any(|c| "=(){}[];<>+*\\|`_#".contains(c))
 }
 
 /// Lines, and sentences within lines (split after `.`, `!`, `?` or `:` followed by a space).
@@ -88,32 +137,70 @@ fn hash(tag: &[u8], words: &[String]) -> u64 {
     h.digest()
 }
 
-/// Latest prompt id per template key.
+/// Per template key, the latest prompt and the latest prompt of another account than that one.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
-    latest: HashMap<u64, u64>,
+    latest: HashMap<u64, Latest>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    id: u64,
+    account: u64,
+    /// The latest prompt under the key from an account other than `account`.
+    other: Option<u64>,
 }
 
 impl KeyIndex {
-    /// Links of prompt `id` with `keys` (the latest earlier prompt per key), and records `id`.
-    pub fn link(&mut self, id: u64, keys: &[u64]) -> Vec<u64> {
+    /// Links of prompt `id` from `account` (a hash of the account id) with `keys`: per key, the
+    /// latest earlier prompt and the latest earlier prompt of another account — so a template an
+    /// account repeats in a burst still links it to the other accounts that share it. Records `id`.
+    pub fn link(&mut self, id: u64, account: u64, keys: &[u64]) -> Vec<u64> {
         let mut links = Vec::with_capacity(keys.len());
         for &k in keys {
-            if let Some(prev) = self.latest.insert(k, id)
-                && prev < id
-                && !links.contains(&prev)
-            {
-                links.push(prev);
+            if let Some(prev) = self.latest.get(&k).copied() {
+                let other = if prev.account != account {
+                    Some(prev.id)
+                } else {
+                    prev.other
+                };
+                for l in [Some(prev.id), other].into_iter().flatten() {
+                    if l < id && !links.contains(&l) {
+                        links.push(l);
+                    }
+                }
             }
+            self.record_one(id, account, k);
         }
         links
     }
 
     /// Records `id` under `keys` without linking (replay: the links are already stored).
-    pub fn record(&mut self, id: u64, keys: &[u64]) {
+    pub fn record(&mut self, id: u64, account: u64, keys: &[u64]) {
         for &k in keys {
-            self.latest.insert(k, id);
+            self.record_one(id, account, k);
         }
+    }
+
+    fn record_one(&mut self, id: u64, account: u64, key: u64) {
+        let next = match self.latest.get(&key) {
+            Some(prev) if prev.account != account => Latest {
+                id,
+                account,
+                other: Some(prev.id),
+            },
+            Some(prev) => Latest {
+                id,
+                account,
+                other: prev.other,
+            },
+            None => Latest {
+                id,
+                account,
+                other: None,
+            },
+        };
+        self.latest.insert(key, next);
     }
 
     /// Keys remembered.
@@ -127,6 +214,11 @@ impl KeyIndex {
     }
 }
 
+/// The account hash [`KeyIndex`] takes.
+pub fn account_hash(account_id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(account_id.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,9 +230,11 @@ mod tests {
     fn same_template_different_slots_share_the_head_key() {
         let a = keys(&format!("{T}reverse a linked list in place"));
         let b = keys(&format!("{T}parse ISO 8601 dates with time zones"));
-        assert_eq!(a.len(), 2);
         assert_eq!(a[0], b[0], "head keys match");
         assert_ne!(a[1], b[1], "tail keys differ (the slot is at the end)");
+        // The template's sentences are also keys of their own; the slot's is not shared.
+        let shared = a.iter().filter(|k| b.contains(k)).count();
+        assert_eq!(shared, 3, "head + two template sentences: {a:?} {b:?}");
     }
 
     #[test]
@@ -194,13 +288,59 @@ mod tests {
     }
 
     #[test]
+    fn code_lines_are_neither_parts_nor_segment_keys() {
+        let code = "Write a docstring for this Python function:\ndef add(a, b):\n    total = a + b\n    return total";
+        assert_eq!(
+            parts(code),
+            vec!["Write a docstring for this Python function:"]
+        );
+        let other = "Explain this function:\ndef sub(a, b):\n    total = a + b\n    return total";
+        let shared: Vec<_> = keys(code)
+            .into_iter()
+            .filter(|k| keys(other).contains(k))
+            .collect();
+        assert!(
+            shared.is_empty(),
+            "code lines must not link unrelated prompts"
+        );
+    }
+
+    #[test]
+    fn parts_are_the_short_segments_first_and_last() {
+        assert!(parts("What is the capital of France and why is it there?").is_empty());
+        let p = parts(
+            "Evening.\n\nFigure out the problem stage by stage please.\n\nDetails: Faraday owns a shop. He sells sunflowers at $2 each.",
+        );
+        assert_eq!(
+            p,
+            vec![
+                "Figure out the problem stage by stage please.",
+                "Faraday owns a shop.",
+                "He sells sunflowers at $2 each."
+            ]
+        );
+        let many: String = (0..20)
+            .map(|i| format!("Sentence number {i} here.\n"))
+            .collect();
+        let p = parts(&many);
+        assert_eq!(p.len(), MAX_PARTS);
+        assert_eq!(p[0], "Sentence number 0 here.");
+        assert_eq!(p[MAX_PARTS - 1], "Sentence number 19 here.");
+    }
+
+    #[test]
     fn index_links_to_the_latest_prompt_per_key() {
         let mut idx = KeyIndex::default();
-        assert!(idx.link(1, &[10, 20]).is_empty());
-        assert_eq!(idx.link(2, &[10, 30]), vec![1]);
-        assert_eq!(idx.link(3, &[10, 20]), vec![2, 1]);
-        idx.record(4, &[30]);
-        assert_eq!(idx.link(5, &[30]), vec![4]);
+        assert!(idx.link(1, 100, &[10, 20]).is_empty());
+        assert_eq!(idx.link(2, 200, &[10, 30]), vec![1]);
+        assert_eq!(idx.link(3, 300, &[10, 20]), vec![2, 1]);
+        idx.record(4, 400, &[30]);
+        assert_eq!(idx.link(5, 500, &[30]), vec![4]);
         assert_eq!(idx.len(), 3);
+        // A burst of one account still links to the latest other account under the key.
+        assert_eq!(idx.link(6, 600, &[10]), vec![3]);
+        assert_eq!(idx.link(7, 600, &[10]), vec![6, 3]);
+        assert_eq!(idx.link(8, 600, &[10]), vec![7, 3]);
+        assert_eq!(idx.link(9, 300, &[10]), vec![8]);
     }
 }

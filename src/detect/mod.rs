@@ -6,6 +6,7 @@
 //! vary (harvesters vary slots; popular one-liners repeat verbatim), and that makes up most of an
 //! account's traffic. See [`scoring`] for the formulas.
 
+pub mod allow;
 mod clusters;
 pub mod keys;
 pub mod scoring;
@@ -40,8 +41,13 @@ impl Action {
 pub struct DetectorConfig {
     /// Two prompts are linked when the cosine of their embeddings is at least this.
     pub similarity_threshold: f32,
-    /// Neighbours looked up per prompt.
+    /// Neighbours looked up per prompt (and per part).
     pub neighbours_k: usize,
+    /// Two prompt parts (sentences, lines) match when the cosine of their embeddings is at least
+    /// this; paraphrases of one instruction sit around 0.7–0.9.
+    pub part_similarity: f32,
+    /// Matched parts two prompts must share to be linked by their parts.
+    pub part_matches: u32,
     /// Distinct accounts at which a cluster's account factor reaches 1 − 1/e (≈ 0.63).
     pub campaign_accounts: u32,
     /// Account score at or above which the action is `review` (and the account is flagged).
@@ -50,6 +56,11 @@ pub struct DetectorConfig {
     pub block_score: f32,
     /// A cluster counts as a campaign at or above this campaign score.
     pub campaign_score: f32,
+    /// Prompts an account must have in campaigns before it is flagged at all.
+    pub min_campaign_prompts: u32,
+    /// Share of an account's prompts in a cluster that must link directly to other accounts'
+    /// prompts for all of them to count as campaign traffic; below it only those linked ones count.
+    pub min_cross_account_share: f32,
 }
 
 impl Default for DetectorConfig {
@@ -57,10 +68,14 @@ impl Default for DetectorConfig {
         Self {
             similarity_threshold: 0.85,
             neighbours_k: 16,
+            part_similarity: 0.8,
+            part_matches: 2,
             campaign_accounts: 5,
             review_score: 0.5,
             block_score: 0.8,
             campaign_score: 0.5,
+            min_campaign_prompts: 2,
+            min_cross_account_share: 0.25,
         }
     }
 }

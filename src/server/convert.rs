@@ -118,3 +118,13 @@ pub fn account(a: AccountSummary) -> proto::Account {
         reason,
     }
 }
+
+/// An allow-list entry.
+pub fn allowed(e: crate::detect::allow::AllowEntry) -> proto::AllowedTemplate {
+    proto::AllowedTemplate {
+        id: e.id,
+        template: e.template,
+        note: e.note,
+        created_ms: e.created_ms,
+    }
+}

@@ -241,6 +241,70 @@ impl Radar for RadarService {
             blocking(move || engine.account(&id)).await?,
         )))
     }
+
+    async fn allow_template(
+        &self,
+        request: Request<proto::AllowTemplateRequest>,
+    ) -> Result<Response<proto::AllowTemplateResponse>, Status> {
+        use proto::allow_template_request::Source;
+        let req = request.into_inner();
+        let note = req.note;
+        if note.len() > 4096 {
+            return Err(Error::invalid("note", "at most 4096 bytes").into());
+        }
+        let engine = self.engine.clone();
+        let now = validate::now_ms();
+        let (entry, cleared) = match req.source {
+            Some(Source::Template(t)) => {
+                if t.trim().is_empty() {
+                    return Err(Error::invalid("template", "required").into());
+                }
+                if t.len() > self.limits.max_prompt_bytes {
+                    return Err(Error::invalid(
+                        "template",
+                        format!("at most {} bytes", self.limits.max_prompt_bytes),
+                    )
+                    .into());
+                }
+                blocking(move || engine.allow_template(&t, &note, now)).await?
+            }
+            Some(Source::CampaignId(id)) => {
+                blocking(move || engine.allow_campaign(id, &note, now)).await?
+            }
+            None => {
+                return Err(Error::invalid("source", "give a template or a campaign_id").into());
+            }
+        };
+        Ok(Response::new(proto::AllowTemplateResponse {
+            entry: Some(convert::allowed(entry)),
+            campaigns_cleared: cleared as u32,
+        }))
+    }
+
+    async fn list_allowed_templates(
+        &self,
+        _request: Request<proto::ListAllowedTemplatesRequest>,
+    ) -> Result<Response<proto::ListAllowedTemplatesResponse>, Status> {
+        Ok(Response::new(proto::ListAllowedTemplatesResponse {
+            templates: self
+                .engine
+                .allowed_templates()
+                .into_iter()
+                .map(convert::allowed)
+                .collect(),
+        }))
+    }
+
+    async fn remove_allowed_template(
+        &self,
+        request: Request<proto::RemoveAllowedTemplateRequest>,
+    ) -> Result<Response<proto::AllowedTemplate>, Status> {
+        let id = request.into_inner().id;
+        let engine = self.engine.clone();
+        Ok(Response::new(convert::allowed(
+            blocking(move || engine.remove_allowed(id)).await?,
+        )))
+    }
 }
 
 /// A stream item between reading and answering, kept in request order.

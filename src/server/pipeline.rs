@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::detect::Verdict;
+use crate::detect::{Verdict, keys};
 use crate::embed::{BatchConfig, Batcher, BatcherHandle, Embedded, Embedder};
 use crate::engine::{Engine, NewPrompt};
 use crate::error::Error;
@@ -47,6 +47,11 @@ impl CheckPipeline {
         batch: BatchConfig,
     ) -> std::io::Result<Self> {
         let (ingest_tx, ingest_rx) = sync_channel::<Vec<IngestItem>>(4);
+        let dim = embedder.dim();
+        let embedder = WithParts {
+            inner: embedder,
+            on: engine.uses_parts(),
+        };
         std::thread::Builder::new()
             .name("ingest".into())
             .spawn(move || ingest_loop(&engine, &ingest_rx))?;
@@ -54,7 +59,7 @@ impl CheckPipeline {
             Work::Check { reply, .. } => reply.is_closed(),
             Work::Embed { reply } => reply.is_closed(),
         };
-        let sink = move |out: Vec<Embedded<Work>>| route(out, &ingest_tx);
+        let sink = move |out: Vec<Embedded<Work>>| route(out, dim, &ingest_tx);
         let (batcher, handle) = Batcher::spawn(embedder, batch, is_cancelled, sink)?;
         Ok(Self {
             handle,
@@ -117,11 +122,15 @@ impl CheckPipeline {
 }
 
 /// Runs on the batcher thread: answers embed-only work, forwards checks to the ingest thread.
-fn route(out: Vec<Embedded<Work>>, ingest_tx: &SyncSender<Vec<IngestItem>>) {
+fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<IngestItem>>) {
     let mut checks = Vec::with_capacity(out.len());
     for (vector, job) in out {
         match (job.payload, vector) {
             (Work::Embed { reply }, v) => {
+                let v = v.map(|mut v| {
+                    v.truncate(dim);
+                    v
+                });
                 let _ = reply.send(v.map_err(|e| Error::Embed(clone_embed_error(&e))));
             }
             (Work::Check { reply, .. }, Err(e)) => {
@@ -133,13 +142,21 @@ fn route(out: Vec<Embedded<Work>>, ingest_tx: &SyncSender<Vec<IngestItem>>) {
                     timestamp_ms,
                     reply,
                 },
-                Ok(embedding),
+                Ok(mut embedding),
             ) => {
+                let parts = embedding
+                    .get(dim..)
+                    .unwrap_or_default()
+                    .chunks_exact(dim.max(1))
+                    .map(<[f32]>::to_vec)
+                    .collect();
+                embedding.truncate(dim);
                 let p = NewPrompt {
                     account_id,
                     timestamp_ms,
                     text: job.text,
                     embedding,
+                    parts,
                 };
                 checks.push((p, reply, job.queued_at));
             }
@@ -152,6 +169,45 @@ fn route(out: Vec<Embedded<Work>>, ingest_tx: &SyncSender<Vec<IngestItem>>) {
                 let _ = reply.send(Err(Error::Unavailable("ingest worker stopped".into())));
             }
         }
+    }
+}
+
+/// The model behind the batcher, also embedding each prompt's parts (`detect::keys::parts`) in
+/// the same call so they share forward passes: each text's vector comes back as its own vector
+/// followed by its parts' vectors, split again in [`route`].
+struct WithParts<E> {
+    inner: E,
+    on: bool,
+}
+
+impl<E: Embedder> Embedder for WithParts<E> {
+    fn embed(
+        &mut self,
+        texts: &[&str],
+    ) -> Result<crate::embed::Embeddings, crate::embed::EmbedError> {
+        if !self.on {
+            return self.inner.embed(texts);
+        }
+        let parts: Vec<Vec<&str>> = texts.iter().map(|t| keys::parts(t)).collect();
+        let mut all: Vec<&str> = texts.to_vec();
+        all.extend(parts.iter().flatten());
+        let mut vectors = self.inner.embed(&all)?.into_iter();
+        let mut out: Vec<Vec<f32>> = vectors.by_ref().take(texts.len()).collect();
+        for (v, p) in out.iter_mut().zip(&parts) {
+            for part in vectors.by_ref().take(p.len()) {
+                v.extend(part);
+            }
+        }
+        Ok(out)
+    }
+    fn count_tokens(&self, text: &str) -> usize {
+        self.inner.count_tokens(text)
+    }
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    fn device_name(&self) -> String {
+        self.inner.device_name()
     }
 }
 

@@ -2,7 +2,8 @@
 
 use super::StoreError;
 
-const VERSION: u8 = 1;
+/// Version 2 added `parts`; version 1 records (no parts) still decode.
+const VERSION: u8 = 2;
 
 /// One accepted prompt as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +25,9 @@ pub struct PromptRecord {
     /// Earlier prompts it was linked to at ingest; replaying these links rebuilds the clusters
     /// exactly, without searching the index again.
     pub links: Vec<u64>,
+    /// Embeddings of the prompt's parts (see `detect::keys::parts`), each as long as `embedding`;
+    /// kept so the part index can be rebuilt on start.
+    pub parts: Vec<Vec<f32>>,
 }
 
 impl PromptRecord {
@@ -47,6 +51,7 @@ impl PromptRecord {
             embedding,
             cluster_id,
             links,
+            parts: Vec::new(),
         }
     }
 
@@ -66,6 +71,17 @@ impl PromptRecord {
         for x in &self.embedding {
             out.extend_from_slice(&x.to_le_bytes());
         }
+        let parts: Vec<&Vec<f32>> = self
+            .parts
+            .iter()
+            .filter(|p| p.len() == self.embedding.len())
+            .collect();
+        out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+        for p in parts {
+            for x in p {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
     }
 
     /// Decodes a record stored under `id`.
@@ -76,7 +92,7 @@ impl PromptRecord {
         };
         let mut r = Reader { bytes, pos: 0 };
         let version = r.take(1).ok_or_else(|| corrupt("empty"))?[0];
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(corrupt(&format!("unknown record version {version}")));
         }
         let short = || corrupt("truncated");
@@ -92,10 +108,19 @@ impl PromptRecord {
         }
         let dim = u32::from_le_bytes(r.array().ok_or_else(short)?) as usize;
         let raw = r.take(dim * 4).ok_or_else(short)?;
-        let embedding = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let floats = |raw: &[u8]| -> Vec<f32> {
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let embedding = floats(raw);
+        let mut parts = Vec::new();
+        if version >= 2 {
+            let n = u32::from_le_bytes(r.array().ok_or_else(short)?) as usize;
+            for _ in 0..n {
+                parts.push(floats(r.take(dim * 4).ok_or_else(short)?));
+            }
+        }
         Ok(Self {
             id,
             account_id,
@@ -105,6 +130,7 @@ impl PromptRecord {
             embedding,
             cluster_id,
             links,
+            parts,
         })
     }
 }
@@ -165,6 +191,19 @@ mod tests {
         );
         let mut buf = vec![];
         r.encode_into(&mut buf);
+        assert_eq!(PromptRecord::decode(7, &buf).unwrap(), r);
+        let with_parts = PromptRecord {
+            parts: vec![vec![0.5, 0.5], vec![-0.5, 1.0]],
+            ..r.clone()
+        };
+        buf.clear();
+        with_parts.encode_into(&mut buf);
+        assert_eq!(PromptRecord::decode(7, &buf).unwrap(), with_parts);
+        // A version-1 record (before parts) still decodes, with no parts.
+        buf.clear();
+        r.encode_into(&mut buf);
+        buf[0] = 1;
+        buf.truncate(buf.len() - 4);
         assert_eq!(PromptRecord::decode(7, &buf).unwrap(), r);
     }
 

@@ -460,3 +460,119 @@ async fn restart_keeps_prompts_campaigns_and_index() {
     assert_eq!(v.campaign_id, Some(before.campaigns[0].campaign_id));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_list_clears_a_known_app_and_survives_a_restart() {
+    use proto::allow_template_request::Source;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    for i in 0..24 {
+        c.check(req(&format!("app-user-{}", i % 12), &templated(i)))
+            .await
+            .unwrap();
+    }
+    let campaigns = |list: proto::ListCampaignsResponse| list.campaigns;
+    let list = campaigns(
+        c.list_campaigns(proto::ListCampaignsRequest {
+            top: 10,
+            min_score: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    );
+    assert_eq!(list.len(), 1, "{list:?}");
+
+    // Bad requests first: nothing is added.
+    let allow = |source: Option<Source>| proto::AllowTemplateRequest {
+        source,
+        note: "our own code tutor".into(),
+    };
+    let err = c.allow_template(allow(None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .allow_template(allow(Some(Source::Template("what is <*>".into()))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("template"), "{err:?}");
+    let err = c
+        .allow_template(allow(Some(Source::CampaignId(999_999))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Allow the campaign's own template: it stops scoring and its accounts are cleared.
+    let r = c
+        .allow_template(allow(Some(Source::CampaignId(list[0].campaign_id))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.campaigns_cleared, 1, "{r:?}");
+    let entry = r.entry.unwrap();
+    assert!(
+        entry
+            .template
+            .starts_with("You are an expert competitive programmer."),
+        "{entry:?}"
+    );
+    let flagged = c
+        .list_accounts(proto::ListAccountsRequest {
+            flagged_only: true,
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(flagged.accounts.is_empty(), "{flagged:?}");
+
+    // New prompts of the template are stored but never linked.
+    for i in 24..30 {
+        let v = c
+            .check(req(&format!("app-user-new-{i}"), &templated(i)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (v.neighbours, v.action(), v.campaign_id),
+            (0, proto::Action::Allow, None),
+            "{v:?}"
+        );
+    }
+    server.stop().await;
+
+    // After a restart the entry and its effect are still there.
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    let listed = c
+        .list_allowed_templates(proto::ListAllowedTemplatesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .templates;
+    assert_eq!(listed, vec![entry.clone()]);
+    let list = campaigns(
+        c.list_campaigns(proto::ListCampaignsRequest {
+            top: 10,
+            min_score: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    );
+    assert!(list.is_empty(), "{list:?}");
+
+    let gone = c
+        .remove_allowed_template(proto::RemoveAllowedTemplateRequest { id: entry.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gone, entry);
+    let err = c
+        .remove_allowed_template(proto::RemoveAllowedTemplateRequest { id: entry.id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    server.stop().await;
+}
