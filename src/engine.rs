@@ -132,7 +132,7 @@ impl Engine {
         let needs_index =
             |id: u64| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id));
 
-        let mut parts = HnswIndex::new(HnswParams::default(), dim);
+        let mut parts = HnswIndex::new(PART_HNSW, dim);
         let mut pending_parts: Vec<(u64, Vec<f32>)> = Vec::new();
         let allow_entries: Vec<AllowEntry> = match store.meta(ALLOW_META)? {
             Some(bytes) => serde_json::from_slice(&bytes)
@@ -586,6 +586,15 @@ impl Engine {
         self.len() == 0
     }
 }
+
+/// The part index trades a little recall for insert speed: it takes 1–4 vectors per prompt, and
+/// a part match needs only one of several near-identical template sentences to be found.
+const PART_HNSW: HnswParams = HnswParams {
+    m: 12,
+    ef_construction: 48,
+    ef_search: 32,
+    max_elements: 200_000,
+};
 
 /// Ids per prompt in the part index (a prompt has at most `keys::MAX_PARTS` parts).
 const PART_SLOTS: u64 = 8;

@@ -97,11 +97,12 @@ pub fn account(a: AccountSummary) -> proto::Account {
         )
     } else {
         format!(
-            "{} of its {} prompts ({:.0}%) are in {} campaign(s) shared with other accounts; score {:.2}",
+            "{} of its {} prompts ({:.0}%) are campaign traffic in {} campaign(s) shared with other accounts ({} linked directly to other accounts' prompts); score {:.2}",
             a.campaign_prompts,
             a.prompts,
             100.0 * a.campaign_prompts as f64 / a.prompts.max(1) as f64,
             a.campaigns.len(),
+            a.cross_account_prompts,
             a.score
         )
     };

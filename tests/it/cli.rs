@@ -233,3 +233,147 @@ async fn reindex_builds_a_data_dir_that_serve_opens() {
     );
     server.stop().await;
 }
+
+/// Labelled traffic: two campaigns (a fixed template; a short fixed phrase with per-account
+/// sign-offs), organic accounts with real prompts and a popular one-liner sent by many.
+fn labelled_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let real: Vec<String> = std::fs::read_to_string(crate::common::data_file("recall_prompts.txt"))
+        .unwrap()
+        .lines()
+        .take(400)
+        .map(str::to_string)
+        .collect();
+    let mut lines: Vec<(i64, Value)> = Vec::new();
+    let mut t = 1_750_000_000_000i64;
+    let mut push = |account: String, prompt: String, label: &str| {
+        t += 1_000;
+        lines.push((t, serde_json::json!({"account_id": account, "prompt": prompt, "timestamp_ms": t, "label": label})));
+    };
+    for i in 0..24 {
+        push(format!("tmpl-{}", i % 8), templated(i), "camp-a");
+        push(
+            format!("phrase-{}", i % 6),
+            format!(
+                "Summarize this dialogue:\n{}\nAre they duplicates?\nsent by agent {}",
+                real[200 + i],
+                i % 6
+            ),
+            "camp-b",
+        );
+    }
+    for (i, p) in real.iter().take(120).enumerate() {
+        push(format!("person-{}", i % 40), p.clone(), "organic");
+        if i % 4 == 0 {
+            push(
+                format!("person-{}", i % 40),
+                "tell me a joke".into(),
+                "organic",
+            );
+        }
+    }
+    let path = dir.join("labelled.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for (_, v) in &lines {
+        writeln!(f, "{v}").unwrap();
+    }
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_gives_the_same_verdicts_as_serve_check_and_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = labelled_file(dir.path());
+    let acc_out = dir.path().join("eval-accounts.jsonl");
+    let json_out = dir.path().join("eval.json");
+    let model = model_dir().display().to_string();
+    let o = run(vec![
+        "eval".into(),
+        "--input".into(),
+        input.display().to_string(),
+        "--model".into(),
+        model,
+        "--accounts-out".into(),
+        acc_out.display().to_string(),
+        "--json".into(),
+        json_out.display().to_string(),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        stdout.contains("minhash-lsh") && stdout.contains("exact-hash"),
+        "{stdout}"
+    );
+    let by_eval: std::collections::BTreeMap<String, (bool, String)> =
+        jsonl(&std::fs::read(&acc_out).unwrap())
+            .into_iter()
+            .map(|v| {
+                (
+                    v["account_id"].as_str().unwrap().to_string(),
+                    (
+                        v["flagged"].as_bool().unwrap(),
+                        v["label"].as_str().unwrap().to_string(),
+                    ),
+                )
+            })
+            .collect();
+    assert_eq!(by_eval.len(), 8 + 6 + 40);
+
+    let server = TestServer::start(config(&dir.path().join("data"))).await;
+    let url = format!("http://{}", server.addr);
+    let o = run(vec![
+        "check".into(),
+        "--server".into(),
+        url.clone(),
+        "--input".into(),
+        input.display().to_string(),
+        "--output".into(),
+        dir.path().join("verdicts.jsonl").display().to_string(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(vec![
+        "accounts".into(),
+        "--server".into(),
+        url,
+        "--format".into(),
+        "jsonl".into(),
+    ])
+    .await;
+    assert!(o.status.success());
+    let by_server: std::collections::BTreeMap<String, bool> = jsonl(&o.stdout)
+        .into_iter()
+        .map(|v| {
+            (
+                v["account_id"].as_str().unwrap().to_string(),
+                v["flagged"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let eval_flags: std::collections::BTreeMap<String, bool> =
+        by_eval.iter().map(|(a, (f, _))| (a.clone(), *f)).collect();
+    assert_eq!(by_server, eval_flags, "serve + check + accounts == eval");
+
+    // And the numbers eval printed follow from those verdicts: every campaign account flagged,
+    // no organic one.
+    let metrics: Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
+    let ours = &metrics["prompt_radar"];
+    let tp = by_eval
+        .values()
+        .filter(|(f, l)| *f && l != "organic")
+        .count();
+    let fp = by_eval
+        .values()
+        .filter(|(f, l)| *f && l == "organic")
+        .count();
+    assert_eq!(
+        (ours["tp"].as_u64(), ours["fp"].as_u64()),
+        (Some(tp as u64), Some(fp as u64))
+    );
+    assert_eq!((tp, fp), (14, 0), "{by_eval:?}");
+    server.stop().await;
+}
