@@ -101,6 +101,10 @@ pub struct EngineArgs {
     /// Distinct accounts at which a cluster's account factor reaches 0.63.
     #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_ACCOUNTS", default_value_t = DetectorConfig::default().campaign_accounts)]
     pub campaign_accounts: u32,
+    /// Prompts per account at which a cluster's repeat factor reaches 1: harvesters send their
+    /// template again and again, organic templates reach many users about once each (1 = off).
+    #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_PROMPTS_PER_ACCOUNT", default_value_t = DetectorConfig::default().campaign_prompts_per_account)]
+    pub campaign_prompts_per_account: f32,
     /// Account score from which the action is `review` (and the account is flagged).
     #[arg(long, env = "PROMPT_RADAR_REVIEW_SCORE", default_value_t = DetectorConfig::default().review_score)]
     pub review_score: f32,
@@ -154,6 +158,7 @@ impl EngineArgs {
             part_similarity: self.part_similarity,
             part_matches: self.part_matches,
             campaign_accounts: self.campaign_accounts.max(2),
+            campaign_prompts_per_account: self.campaign_prompts_per_account.max(1.0),
             review_score: self.review_score,
             block_score: self.block_score,
             min_campaign_prompts: self.min_campaign_prompts,

@@ -50,6 +50,9 @@ pub struct DetectorConfig {
     pub part_matches: u32,
     /// Distinct accounts at which a cluster's account factor reaches 1 − 1/e (≈ 0.63).
     pub campaign_accounts: u32,
+    /// Prompts per account at which a cluster's repeat factor reaches 1 (see `scoring`); 1.0 turns
+    /// the factor off.
+    pub campaign_prompts_per_account: f32,
     /// Account score at or above which the action is `review` (and the account is flagged).
     pub review_score: f32,
     /// Account score at or above which the action is `block`.
@@ -71,6 +74,7 @@ impl Default for DetectorConfig {
             part_similarity: 0.8,
             part_matches: 2,
             campaign_accounts: 5,
+            campaign_prompts_per_account: 1.5,
             review_score: 0.5,
             block_score: 0.8,
             campaign_score: 0.5,

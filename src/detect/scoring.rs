@@ -7,6 +7,9 @@
 //!   - diversity factor = clamp((D/N − 0.1) / 0.3, 0, 1) for D distinct texts among N prompts:
 //!     a popular prompt sent verbatim by hundreds of accounts has D/N ≈ 0 and scores 0; a harvester
 //!     that varies its slots has D/N ≈ 1.
+//!   - repeat factor = clamp((N/A − 1) / (R − 1), 0, 1) for R = `campaign_prompts_per_account`: a
+//!     harvester sends its template again and again from each account; a template that lives in
+//!     organic data (a recipe-request wording, an "act as" prompt) reaches many users about once each.
 //! - Account score = Σ over the account's clusters of (its prompts there × campaign score), divided
 //!   by the account's prompts: the share of its traffic that sits in campaigns, weighted by how
 //!   sure each campaign is. An account that mostly sends unrelated prompts stays low even if a few
@@ -19,6 +22,7 @@ pub fn campaign_score(
     prompts: u64,
     distinct_texts: u64,
     campaign_accounts: u32,
+    per_account: f32,
 ) -> f32 {
     if accounts <= 1 || prompts == 0 {
         return 0.0;
@@ -27,7 +31,12 @@ pub fn campaign_score(
     let account_factor = 1.0 - (-((accounts - 1) as f32) / (c - 1.0)).exp();
     let ratio = distinct_texts as f32 / prompts as f32;
     let diversity = ((ratio - 0.1) / 0.3).clamp(0.0, 1.0);
-    account_factor * diversity
+    let repeat = if per_account <= 1.0 {
+        1.0
+    } else {
+        ((prompts as f32 / accounts as f32 - 1.0) / (per_account - 1.0)).clamp(0.0, 1.0)
+    };
+    account_factor * diversity * repeat
 }
 
 /// Account score from its per-cluster prompt counts and those clusters' campaign scores.
@@ -45,14 +54,14 @@ mod tests {
 
     #[test]
     fn single_account_is_never_a_campaign() {
-        assert_eq!(campaign_score(1, 10_000, 10_000, 5), 0.0);
+        assert_eq!(campaign_score(1, 10_000, 10_000, 5, 1.5), 0.0);
     }
 
     #[test]
     fn grows_with_accounts() {
-        let s2 = campaign_score(2, 10, 10, 5);
-        let s5 = campaign_score(5, 10, 10, 5);
-        let s50 = campaign_score(50, 100, 100, 5);
+        let s2 = campaign_score(2, 10, 10, 5, 1.5);
+        let s5 = campaign_score(5, 10, 10, 5, 1.5);
+        let s50 = campaign_score(50, 100, 100, 5, 1.5);
         assert!(s2 < s5 && s5 < s50, "{s2} {s5} {s50}");
         assert!((s5 - (1.0 - (-1.0f32).exp())).abs() < 1e-6);
         assert!(s50 > 0.99);
@@ -61,7 +70,18 @@ mod tests {
     #[test]
     fn verbatim_popular_prompt_scores_zero() {
         // 300 accounts sending the same 2 texts.
-        assert_eq!(campaign_score(300, 300, 2, 5), 0.0);
+        assert_eq!(campaign_score(300, 300, 2, 5, 1.5), 0.0);
+    }
+
+    #[test]
+    fn a_template_each_account_sends_once_is_not_a_campaign() {
+        // 40 users, 42 prompts of one organic template: about once per user.
+        assert!(campaign_score(40, 42, 42, 5, 1.5) < 0.15);
+        assert!(campaign_score(40, 80, 80, 5, 1.5) > 0.99);
+        assert!(
+            campaign_score(40, 42, 42, 5, 1.0) > 0.99,
+            "1.0 turns the factor off"
+        );
     }
 
     #[test]
