@@ -23,6 +23,7 @@ use crate::config::EngineConfig;
 use crate::detect::allow::{AllowEntry, AllowList, AllowRule};
 use crate::detect::keys::{self, KeyIndex};
 use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict, template};
+use crate::embed::EmbedError;
 use crate::error::Error;
 use crate::index::{
     HnswIndex, HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorInsert, VectorSearch,
@@ -42,6 +43,40 @@ pub struct NewPrompt {
     pub embedding: Vec<f32>,
     /// Embeddings of its parts (`detect::keys::parts`, in that order); may be empty.
     pub parts: Vec<Vec<f32>>,
+}
+
+/// A text's vector and its parts' vectors.
+pub type WithPartVectors = (Vec<f32>, Vec<Vec<f32>>);
+
+/// A prompt id and its parts' vectors, on their way into the part index.
+type PendingParts = Vec<(u64, Vec<Vec<f32>>)>;
+
+/// Embeds `texts` and, when `with_parts`, each text's parts (`keys::parts`) through one call of
+/// `embed`, so prompts and parts share forward passes (and a caller's cache). Returns, per text,
+/// its vector and its parts' vectors — what [`NewPrompt`] takes. Used alike by the server's
+/// batcher and the offline runner.
+pub fn embed_with_parts<F>(
+    texts: &[&str],
+    with_parts: bool,
+    embed: F,
+) -> Result<Vec<WithPartVectors>, EmbedError>
+where
+    F: FnOnce(&[&str]) -> Result<Vec<Vec<f32>>, EmbedError>,
+{
+    let parts: Vec<Vec<&str>> = if with_parts {
+        texts.iter().map(|t| keys::parts(t)).collect()
+    } else {
+        vec![Vec::new(); texts.len()]
+    };
+    let mut all: Vec<&str> = texts.to_vec();
+    all.extend(parts.iter().flatten());
+    let mut vectors = embed(&all)?.into_iter();
+    let wholes: Vec<Vec<f32>> = vectors.by_ref().take(texts.len()).collect();
+    Ok(wholes
+        .into_iter()
+        .zip(&parts)
+        .map(|(v, p)| (v, vectors.by_ref().take(p.len()).collect()))
+        .collect())
 }
 
 /// Filters of a search.
@@ -133,7 +168,7 @@ impl Engine {
             |id: u64| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id));
 
         let mut parts = HnswIndex::new(PART_HNSW, dim);
-        let mut pending_parts: Vec<(u64, Vec<f32>)> = Vec::new();
+        let mut pending_parts: PendingParts = Vec::new();
         let allow_entries: Vec<AllowEntry> = match store.meta(ALLOW_META)? {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| Error::Unavailable(format!("store: allow-list is unreadable: {e}")))?,
@@ -170,18 +205,11 @@ impl Engine {
                 );
             }
             last_id = r.id;
-            for (j, v) in r.parts.into_iter().enumerate().take(PART_SLOTS as usize) {
-                pending_parts.push((r.id * PART_SLOTS + j as u64, v));
-            }
-            if pending_parts.len() >= 10_000 {
-                let items: Vec<(u64, &[f32])> = pending_parts
-                    .iter()
-                    .map(|(i, v)| (*i, v.as_slice()))
-                    .collect();
-                if let Err(e) = parts.parallel_insert(&items) {
-                    index_err.get_or_insert(e.into());
-                }
-                pending_parts.clear();
+            pending_parts.push((r.id, r.parts));
+            if pending_parts.len() >= 10_000
+                && let Err(e) = insert_parts(&mut parts, &mut pending_parts, true)
+            {
+                index_err.get_or_insert(e.into());
             }
             if needs_index(r.id) {
                 pending.push((r.id, r.timestamp_ms, r.embedding));
@@ -197,11 +225,7 @@ impl Engine {
             return Err(e);
         }
         flush(&mut index, &mut pending)?;
-        let items: Vec<(u64, &[f32])> = pending_parts
-            .iter()
-            .map(|(i, v)| (*i, v.as_slice()))
-            .collect();
-        parts.parallel_insert(&items)?;
+        insert_parts(&mut parts, &mut pending_parts, true)?;
         let open_stats = OpenStats {
             prompts,
             reloaded,
@@ -224,16 +248,8 @@ impl Engine {
             open_stats,
         };
         // Cluster marks are not stored: re-derive them from the allow-list.
-        let rules: Vec<AllowRule> = {
-            let state = engine.ingest.lock();
-            state
-                .allow
-                .0
-                .iter()
-                .filter_map(|e| AllowRule::compile(&e.template).ok())
-                .collect()
-        };
-        for rule in &rules {
+        let list = engine.ingest.lock().allow.1.clone();
+        for rule in list.rules() {
             engine.allow_matching_clusters(rule)?;
         }
         Ok(engine)
@@ -423,18 +439,11 @@ impl Engine {
             self.poisoned.store(true, Ordering::Release);
             return Err(e.into());
         }
-        {
-            let mut part_index = self.parts.write();
-            for r in &records {
-                for (j, v) in r.parts.iter().enumerate().take(PART_SLOTS as usize) {
-                    part_index.insert(r.id * PART_SLOTS + j as u64, v)?;
-                }
-            }
-        }
-        let items: Vec<(u64, i64, Vec<f32>)> = records
+        let (items, mut new_parts): (Vec<(u64, i64, Vec<f32>)>, PendingParts) = records
             .into_iter()
-            .map(|r| (r.id, r.timestamp_ms, r.embedding))
-            .collect();
+            .map(|r| ((r.id, r.timestamp_ms, r.embedding), (r.id, r.parts)))
+            .unzip();
+        insert_parts(&mut self.parts.write(), &mut new_parts, false)?;
         let mut index = self.index.write();
         if items.len() >= 32 {
             index.insert_bulk(&items)?;
@@ -599,6 +608,33 @@ const PART_HNSW: HnswParams = HnswParams {
 /// Ids per prompt in the part index (a prompt has at most `keys::MAX_PARTS` parts).
 const PART_SLOTS: u64 = 8;
 
+/// Inserts the parts of `(prompt id, parts)` pairs into the part index under
+/// `id × PART_SLOTS + part number`, and empties `pending`. `parallel` for rebuilds on open; ingest
+/// inserts in order, one by one.
+fn insert_parts(
+    index: &mut HnswIndex,
+    pending: &mut PendingParts,
+    parallel: bool,
+) -> Result<(), crate::index::IndexError> {
+    let items: Vec<(u64, &[f32])> = pending
+        .iter()
+        .flat_map(|(id, parts)| {
+            parts
+                .iter()
+                .take(PART_SLOTS as usize)
+                .enumerate()
+                .map(move |(j, v)| (id * PART_SLOTS + j as u64, v.as_slice()))
+        })
+        .collect();
+    let result = if parallel {
+        index.parallel_insert(&items)
+    } else {
+        items.iter().try_for_each(|(id, v)| index.insert(*id, v))
+    };
+    pending.clear();
+    result
+}
+
 /// Earlier prompts that share at least `part_matches` of this prompt's parts (each part matched
 /// by cosine ≥ `part_similarity`), among indexed prompts and earlier prompts of the batch; most
 /// matched parts first, at most `neighbours_k`. One shared sentence proves little ("Thanks in
@@ -609,10 +645,10 @@ fn part_links(
     parts: &[Vec<f32>],
     cfg: &crate::detect::DetectorConfig,
 ) -> Vec<u64> {
-    let mut matched: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     if cfg.part_matches == 0 {
         return Vec::new();
     }
+    let mut matched: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     for part in parts {
         let mut hits: Vec<u64> = index
             .search(part, cfg.neighbours_k)
@@ -633,7 +669,7 @@ fn part_links(
     }
     let mut out: Vec<(u64, u32)> = matched
         .into_iter()
-        .filter(|&(_, n)| cfg.part_matches > 0 && n >= cfg.part_matches)
+        .filter(|&(_, n)| n >= cfg.part_matches)
         .collect();
     out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
     out.truncate(cfg.neighbours_k);

@@ -10,9 +10,9 @@ use std::sync::mpsc::sync_channel;
 use std::time::{Duration, Instant};
 
 use crate::config::Limits;
-use crate::detect::{Verdict, keys};
+use crate::detect::Verdict;
 use crate::embed::{EmbedError, Embedder};
-use crate::engine::{Engine, NewPrompt};
+use crate::engine::{Engine, NewPrompt, embed_with_parts};
 use crate::error::Error;
 use crate::server::validate;
 use crate::traffic::{LineError, TrafficLine};
@@ -293,27 +293,19 @@ where
             times.parse += t.elapsed();
             if pending.len() >= batch_size || ((done || times.stopped) && !pending.is_empty()) {
                 let t = Instant::now();
-                let mut texts: Vec<&str> = pending.iter().map(|(_, p)| p.prompt.as_str()).collect();
-                let mut part_counts = Vec::with_capacity(pending.len());
-                for (_, p) in &pending {
-                    let parts = if with_parts {
-                        keys::parts(&p.prompt)
-                    } else {
-                        Vec::new()
-                    };
-                    part_counts.push(parts.len());
-                    texts.extend(parts);
-                }
-                let (vectors, embedded) = cache.embed(embedder, &texts)?;
+                let texts: Vec<&str> = pending.iter().map(|(_, p)| p.prompt.as_str()).collect();
+                let mut embedded = 0;
+                let vectors = embed_with_parts(&texts, with_parts, |all| {
+                    let (v, n) = cache.embed(embedder, all)?;
+                    embedded = n;
+                    Ok(v)
+                })?;
                 times.embedded += embedded as u64;
                 times.embed += t.elapsed();
-                let mut vectors = vectors.into_iter();
-                let wholes: Vec<Vec<f32>> = vectors.by_ref().take(pending.len()).collect();
                 let batch: Vec<_> = pending
                     .drain(..)
-                    .zip(wholes)
-                    .zip(part_counts)
-                    .map(|(((l, t), v), n)| (l, t, v, vectors.by_ref().take(n).collect()))
+                    .zip(vectors)
+                    .map(|((l, t), (v, parts))| (l, t, v, parts))
                     .collect();
                 if tx.send(batch).is_err() {
                     send_failed = true;

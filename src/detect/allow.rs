@@ -115,6 +115,11 @@ impl AllowList {
             .map(|(id, _)| *id)
     }
 
+    /// The compiled rules, in entry order.
+    pub fn rules(&self) -> impl Iterator<Item = &AllowRule> {
+        self.rules.iter().map(|(_, r)| r)
+    }
+
     /// True when there are no entries.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()

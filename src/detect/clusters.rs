@@ -53,6 +53,25 @@ struct AccountStats {
     targets: HashSet<u64>,
 }
 
+/// One observed prompt, as cross-account evidence needs it.
+#[derive(Debug, Clone, Copy)]
+struct PromptSeen {
+    /// Interned account (`u32::MAX`: no prompt with this id was observed).
+    account: u32,
+    /// Normalised-text hash.
+    text_hash: u64,
+    /// Whether it already counts as shared for its account.
+    shared: bool,
+}
+
+impl PromptSeen {
+    const NONE: Self = Self {
+        account: u32::MAX,
+        text_hash: 0,
+        shared: false,
+    };
+}
+
 /// A cluster as analysts see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CampaignSummary {
@@ -110,12 +129,8 @@ pub struct Detector {
     accounts: HashMap<u32, AccountStats>,
     account_ids: HashMap<String, u32>,
     account_names: Vec<String>,
-    /// The interned account of each prompt id (`u32::MAX`: unknown).
-    prompt_account: Vec<u32>,
-    /// Whether each prompt id counts as shared (see `observe`).
-    prompt_shared: Vec<bool>,
-    /// The normalised-text hash of each prompt id.
-    prompt_text: Vec<u64>,
+    /// What cross-account evidence needs of each prompt, by id (see `observe`).
+    prompts_seen: Vec<PromptSeen>,
     /// Cluster roots an analyst allow-listed (see `allow`): they score 0. A merge keeps the mark
     /// when the surviving (bigger) side had it.
     allowed: HashSet<u64>,
@@ -132,9 +147,7 @@ impl Detector {
             account_ids: HashMap::new(),
             account_names: Vec::new(),
             allowed: HashSet::new(),
-            prompt_account: Vec::new(),
-            prompt_shared: Vec::new(),
-            prompt_text: Vec::new(),
+            prompts_seen: Vec::new(),
         }
     }
 
@@ -197,41 +210,38 @@ impl Detector {
         // counts as shared for its own account too (so the first account of a campaign, whose
         // early prompts had nobody to link to yet, gets credit when others follow).
         let i = obs.id as usize;
-        if self.prompt_account.len() <= i {
-            self.prompt_account.resize(i + 1, u32::MAX);
-            self.prompt_shared.resize(i + 1, false);
-            self.prompt_text.resize(i + 1, 0);
+        if self.prompts_seen.len() <= i {
+            self.prompts_seen.resize(i + 1, PromptSeen::NONE);
         }
         let mut shared = false;
         for &l in obs.links {
-            let li = l as usize;
             if l >= obs.id {
                 continue;
             }
-            let Some(&other) = self.prompt_account.get(li) else {
+            let Some(&seen) = self.prompts_seen.get(l as usize) else {
                 continue;
             };
-            if other == acct || other == u32::MAX {
-                continue;
-            }
             // The same text sent by two accounts is a popular prompt, not a template with a
             // changing slot: it proves nothing about sharing a template.
-            if self.prompt_text.get(li) == Some(&obs.text_hash) {
+            if seen.account == acct || seen.account == u32::MAX || seen.text_hash == obs.text_hash {
                 continue;
             }
             if self.accounts.entry(acct).or_default().targets.insert(l) {
                 shared = true;
             }
-            if !self.prompt_shared[li] {
-                self.prompt_shared[li] = true;
-                if let Some(o) = self.accounts.get_mut(&other) {
+            let target = &mut self.prompts_seen[l as usize];
+            if !target.shared {
+                target.shared = true;
+                if let Some(o) = self.accounts.get_mut(&seen.account) {
                     *o.shared.entry(root).or_default() += 1;
                 }
             }
         }
-        self.prompt_account[i] = acct;
-        self.prompt_shared[i] = shared;
-        self.prompt_text[i] = obs.text_hash;
+        self.prompts_seen[i] = PromptSeen {
+            account: acct,
+            text_hash: obs.text_hash,
+            shared,
+        };
         let a = self.accounts.entry(acct).or_default();
         if a.prompts == 0 {
             a.first_seen_ms = obs.timestamp_ms;

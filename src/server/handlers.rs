@@ -161,16 +161,7 @@ impl Radar for RadarService {
         };
         let query = match r.query {
             Some(proto::search_request::Query::Text(t)) => {
-                if t.trim().is_empty() {
-                    return Err(Error::invalid("text", "must not be empty or blank").into());
-                }
-                if t.len() > self.limits.max_prompt_bytes {
-                    return Err(Error::invalid(
-                        "text",
-                        format!("exceeds {} bytes", self.limits.max_prompt_bytes),
-                    )
-                    .into());
-                }
+                validate::text("text", &t, &self.limits)?;
                 self.pipeline.embed(t).await?
             }
             Some(proto::search_request::Query::PromptId(id)) => {
@@ -256,16 +247,7 @@ impl Radar for RadarService {
         let now = validate::now_ms();
         let (entry, cleared) = match req.source {
             Some(Source::Template(t)) => {
-                if t.trim().is_empty() {
-                    return Err(Error::invalid("template", "required").into());
-                }
-                if t.len() > self.limits.max_prompt_bytes {
-                    return Err(Error::invalid(
-                        "template",
-                        format!("at most {} bytes", self.limits.max_prompt_bytes),
-                    )
-                    .into());
-                }
+                validate::text("template", &t, &self.limits)?;
                 blocking(move || engine.allow_template(&t, &note, now)).await?
             }
             Some(Source::CampaignId(id)) => {

@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::detect::{Verdict, keys};
+use crate::detect::Verdict;
 use crate::embed::{BatchConfig, Batcher, BatcherHandle, Embedded, Embedder};
-use crate::engine::{Engine, NewPrompt};
+use crate::engine::{Engine, NewPrompt, embed_with_parts};
 use crate::error::Error;
 
 /// A verdict and the time the server spent on it.
@@ -185,20 +185,17 @@ impl<E: Embedder> Embedder for WithParts<E> {
         &mut self,
         texts: &[&str],
     ) -> Result<crate::embed::Embeddings, crate::embed::EmbedError> {
-        if !self.on {
-            return self.inner.embed(texts);
-        }
-        let parts: Vec<Vec<&str>> = texts.iter().map(|t| keys::parts(t)).collect();
-        let mut all: Vec<&str> = texts.to_vec();
-        all.extend(parts.iter().flatten());
-        let mut vectors = self.inner.embed(&all)?.into_iter();
-        let mut out: Vec<Vec<f32>> = vectors.by_ref().take(texts.len()).collect();
-        for (v, p) in out.iter_mut().zip(&parts) {
-            for part in vectors.by_ref().take(p.len()) {
-                v.extend(part);
-            }
-        }
-        Ok(out)
+        let inner = &mut self.inner;
+        let out = embed_with_parts(texts, self.on, |all| inner.embed(all))?;
+        Ok(out
+            .into_iter()
+            .map(|(mut v, parts)| {
+                for p in parts {
+                    v.extend(p);
+                }
+                v
+            })
+            .collect())
     }
     fn count_tokens(&self, text: &str) -> usize {
         self.inner.count_tokens(text)

@@ -41,19 +41,7 @@ pub fn prompt(
             "must not contain control characters",
         ));
     }
-    if prompt.trim().is_empty() {
-        return Err(Error::invalid("prompt", "must not be empty or blank"));
-    }
-    if prompt.len() > limits.max_prompt_bytes {
-        return Err(Error::invalid(
-            "prompt",
-            format!(
-                "{} bytes exceeds the limit of {}",
-                prompt.len(),
-                limits.max_prompt_bytes
-            ),
-        ));
-    }
+    text("prompt", prompt, limits)?;
     if timestamp_ms < 0 {
         return Err(Error::invalid(
             "timestamp_ms",
@@ -70,6 +58,25 @@ pub fn prompt(
         prompt: prompt.to_string(),
         timestamp_ms,
     })
+}
+
+/// Checks a prompt-like text (a prompt, a search text, a template): not blank, and at most
+/// `limits.max_prompt_bytes`. Errors name `field`.
+pub fn text(field: &'static str, text: &str, limits: &Limits) -> Result<(), Error> {
+    if text.trim().is_empty() {
+        return Err(Error::invalid(field, "must not be empty or blank"));
+    }
+    if text.len() > limits.max_prompt_bytes {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{} bytes exceeds the limit of {}",
+                text.len(),
+                limits.max_prompt_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a search's `k` (0 → 10).
