@@ -2,6 +2,7 @@
 //! are parsed here and turned into the library's validated settings; every flag also reads an
 //! environment variable `PROMPT_RADAR_<FLAG>`.
 
+pub mod bench;
 pub mod client;
 pub mod eval;
 pub mod reindex;
@@ -44,6 +45,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Manage the allow-list of known legitimate app templates (admin).
     Allow(client::AllowArgs),
+    /// Time the embedder on real prompts (or fixed-length batches) per batch size.
+    BenchEmbed(bench::BenchEmbedArgs),
 }
 
 /// What to do with a bad input line.
@@ -183,8 +186,10 @@ pub struct OfflineArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Prompts per forward pass.
-    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 64)]
+    /// Prompts per forward pass (their parts go with them). Large batches keep both cores busy:
+    /// the pass is split into lanes that are balanced across threads, and a batch's last lane is
+    /// a smaller share of it.
+    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 256)]
     pub batch_size: usize,
 }
 

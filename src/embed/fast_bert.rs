@@ -26,6 +26,11 @@ pub const PASS_TOKENS: usize = 4096;
 /// Rows per rayon task in the elementwise passes.
 const ROWS_PER_TASK: usize = 16;
 
+/// Tokens per lane when a large pass is split into independent single-threaded lanes (see
+/// [`FastBert::embed`]): enough rows for `gemm` to run at full single-core speed, small enough
+/// that work stealing evens out the lanes.
+const LANE_TOKENS: usize = 768;
+
 /// The model's shapes.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -84,7 +89,8 @@ pub struct FastBert {
     zeros: Vec<f32>,
     embed_norm: Norm,
     layers: Vec<Layer>,
-    scratch: Scratch,
+    /// Scratch buffers, one per pass running at once (lanes run concurrently).
+    scratch: std::sync::Mutex<Vec<Scratch>>,
 }
 
 /// Reads one tensor by its name (without any `bert.` prefix) as f32 with its shape.
@@ -220,7 +226,7 @@ impl FastBert {
             zeros: vec![0.0; h],
             embed_norm,
             layers,
-            scratch: Scratch::default(),
+            scratch: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -244,23 +250,44 @@ impl FastBert {
                 )));
             }
         }
+        let threads = rayon::current_num_threads().max(1);
+        let total: usize = seqs.iter().map(|s| s.len()).sum();
+        if threads > 1 && total >= 2 * LANE_TOKENS {
+            // Many tokens: independent single-threaded lanes, balanced by work stealing. Unlike
+            // one pass with multi-threaded matmuls, which wait for their slowest thread at every
+            // step, a lane stalled by another process (the ingest thread of `eval`) holds up only
+            // itself.
+            let lanes = chunks(seqs, LANE_TOKENS);
+            let vectors: Vec<Vec<Vec<f32>>> = lanes
+                .into_par_iter()
+                .map(|lane| {
+                    let mut out = Vec::with_capacity(lane.len());
+                    self.with_scratch(|s| self.pass(lane, s, 1, &mut out));
+                    out
+                })
+                .collect();
+            return Ok(vectors.into_iter().flatten().collect());
+        }
         let mut out = Vec::with_capacity(seqs.len());
-        let mut start = 0;
-        while start < seqs.len() {
-            let mut end = start + 1;
-            let mut tokens = seqs[start].len();
-            while end < seqs.len() && tokens + seqs[end].len() <= PASS_TOKENS {
-                tokens += seqs[end].len();
-                end += 1;
-            }
-            self.pass(&seqs[start..end], &mut out);
-            start = end;
+        for pass in chunks(seqs, PASS_TOKENS) {
+            self.with_scratch(|s| self.pass(pass, s, threads, &mut out));
         }
         Ok(out)
     }
 
-    /// One packed forward pass over `seqs` (validated), pooled vectors appended to `out`.
-    fn pass(&mut self, seqs: &[&[u32]], out: &mut Vec<Vec<f32>>) {
+    /// Runs `f` with a scratch set no other pass is using.
+    fn with_scratch(&self, f: impl FnOnce(&mut Scratch)) {
+        let taken = self.scratch.lock().ok().and_then(|mut pool| pool.pop());
+        let mut scratch = taken.unwrap_or_default();
+        f(&mut scratch);
+        if let Ok(mut pool) = self.scratch.lock() {
+            pool.push(scratch);
+        }
+    }
+
+    /// One packed forward pass over `seqs` (validated), pooled vectors appended to `out`, on
+    /// `threads` rayon threads (1: entirely on the calling thread).
+    fn pass(&self, seqs: &[&[u32]], s: &mut Scratch, threads: usize, out: &mut Vec<Vec<f32>>) {
         let d = self.dims;
         let h = d.hidden;
         let total: usize = seqs.iter().map(|s| s.len()).sum();
@@ -273,8 +300,7 @@ impl FastBert {
                 Some(span)
             })
             .collect();
-        let threads = rayon::current_num_threads().max(1);
-        let s = &mut self.scratch;
+        let par = threads > 1;
         for (buf, len) in [
             (&mut s.x, total * h),
             (&mut s.qkv, total * 3 * h),
@@ -294,7 +320,7 @@ impl FastBert {
             rows.push((seq, head));
             rest = tail;
         }
-        rows.into_par_iter().for_each(|(seq, x)| {
+        let embed = |(seq, x): (&&[u32], &mut [f32])| {
             for (row, &id) in x.chunks_exact_mut(h).zip(seq.iter()) {
                 row.copy_from_slice(&self.word[id as usize * h..][..h]);
             }
@@ -307,16 +333,21 @@ impl FastBert {
                 &n.beta,
                 d.eps,
             );
-        });
+        };
+        if par {
+            rows.into_par_iter().for_each(embed);
+        } else {
+            rows.into_iter().for_each(embed);
+        }
 
         for layer in &self.layers {
             matmul(&mut s.qkv, &s.x, &layer.qkv_w, total, h, 3 * h, threads);
-            par_rows(&mut s.qkv, 3 * h, |rows| add_bias(rows, &layer.qkv_b));
+            par_rows(&mut s.qkv, 3 * h, par, |rows| add_bias(rows, &layer.qkv_b));
             attention(&s.qkv, &mut s.ctx, &mut s.scores, &spans, d, threads);
             matmul(&mut s.tmp, &s.ctx, &layer.out_w, total, h, h, threads);
-            norm_rows(&mut s.x, &s.tmp, &layer.out_b, &layer.attn_norm, d);
+            norm_rows(&mut s.x, &s.tmp, &layer.out_b, &layer.attn_norm, d, par);
             matmul(&mut s.inter, &s.x, &layer.up_w, total, h, d.inter, threads);
-            par_rows(&mut s.inter, d.inter, |rows| {
+            par_rows(&mut s.inter, d.inter, par, |rows| {
                 add_bias_gelu(rows, &layer.up_b)
             });
             matmul(
@@ -328,7 +359,7 @@ impl FastBert {
                 h,
                 threads,
             );
-            norm_rows(&mut s.x, &s.tmp, &layer.down_b, &layer.ffn_norm, d);
+            norm_rows(&mut s.x, &s.tmp, &layer.down_b, &layer.ffn_norm, d, par);
         }
 
         for &(offset, len) in &spans {
@@ -347,13 +378,39 @@ impl FastBert {
     }
 }
 
-/// Runs `f` on blocks of [`ROWS_PER_TASK`] rows of `width` in parallel.
-fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
-    buf.par_chunks_mut(ROWS_PER_TASK * width).for_each(f);
+/// Splits `seqs` into runs of consecutive sequences of at most `tokens` tokens each (a longer
+/// sequence is a run of its own).
+fn chunks<'a, 'b>(seqs: &'a [&'b [u32]], tokens: usize) -> Vec<&'a [&'b [u32]]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < seqs.len() {
+        let mut end = start + 1;
+        let mut sum = seqs[start].len();
+        while end < seqs.len() && sum + seqs[end].len() <= tokens {
+            sum += seqs[end].len();
+            end += 1;
+        }
+        out.push(&seqs[start..end]);
+        start = end;
+    }
+    out
 }
 
-/// `x = LayerNorm(x + a + bias)` row by row, in parallel.
-fn norm_rows(x: &mut [f32], a: &[f32], bias: &[f32], norm: &Norm, d: Dims) {
+/// Runs `f` on blocks of [`ROWS_PER_TASK`] rows of `width`, in parallel when `par`.
+fn par_rows(buf: &mut [f32], width: usize, par: bool, f: impl Fn(&mut [f32]) + Sync + Send) {
+    if par {
+        buf.par_chunks_mut(ROWS_PER_TASK * width).for_each(f);
+    } else {
+        f(buf);
+    }
+}
+
+/// `x = LayerNorm(x + a + bias)` row by row, in parallel when `par`.
+fn norm_rows(x: &mut [f32], a: &[f32], bias: &[f32], norm: &Norm, d: Dims, par: bool) {
+    if !par {
+        add_layer_norm(x, a, bias, &norm.gamma, &norm.beta, d.eps);
+        return;
+    }
     let block = ROWS_PER_TASK * d.hidden;
     x.par_chunks_mut(block)
         .zip(a.par_chunks(block))
@@ -439,26 +496,13 @@ fn attention(
     );
     let (ctx_ptr, scores_ptr) = (SharedMut(ctx.as_mut_ptr()), SharedMut(scores.as_mut_ptr()));
     let scale = 1.0 / (dh as f32).sqrt();
-    (0..spans.len() * d.heads).into_par_iter().for_each(|task| {
+    let run = |task: usize, slot: &mut [f32]| {
         let (offset, len) = spans[task / d.heads];
         let head = task % d.heads;
         if len == 0 {
             return;
         }
-        let mut own = Vec::new();
-        let slot = match rayon::current_thread_index().filter(|&i| i < threads) {
-            // SAFETY: one worker runs one task at a time, so slot `i` is used by one task at once.
-            Some(i) => unsafe {
-                std::slice::from_raw_parts_mut(
-                    scores_ptr.ptr().add(i * longest * longest),
-                    len * len,
-                )
-            },
-            None => {
-                own.resize(len * len, 0.0);
-                &mut own[..]
-            }
-        };
+        let slot = &mut slot[..len * len];
         let row = 3 * h as isize;
         // SAFETY: the offsets stay within the sequence's rows of `qkv` and `ctx` (asserted above);
         // the context written is this (sequence, head)'s own block, disjoint from other tasks'.
@@ -512,6 +556,29 @@ fn attention(
                 Parallelism::None,
             );
         }
+    };
+    let tasks = spans.len() * d.heads;
+    if threads <= 1 {
+        let slot = &mut scores[..longest * longest];
+        (0..tasks).for_each(|task| run(task, slot));
+        return;
+    }
+    (0..tasks).into_par_iter().for_each(|task| {
+        let mut own = Vec::new();
+        let slot = match rayon::current_thread_index().filter(|&i| i < threads) {
+            // SAFETY: one worker runs one task at a time, so slot `i` is used by one task at once.
+            Some(i) => unsafe {
+                std::slice::from_raw_parts_mut(
+                    scores_ptr.ptr().add(i * longest * longest),
+                    longest * longest,
+                )
+            },
+            None => {
+                own.resize(longest * longest, 0.0);
+                &mut own[..]
+            }
+        };
+        run(task, slot);
     });
 }
 
@@ -686,6 +753,35 @@ mod tests {
             assert!(
                 cosine(&single[0], got) >= 0.999_999,
                 "packing changes nothing"
+            );
+        }
+    }
+
+    #[test]
+    fn lanes_give_the_vectors_of_one_pass_in_input_order() {
+        let (config, tensors) = tiny();
+        let mut bert = fast(&config, &tensors);
+        // Enough tokens for several lanes, with lengths that do not split evenly.
+        let seqs: Vec<Vec<u32>> = (0..120)
+            .map(|s| {
+                let len = 1 + (s * 37) % 64;
+                (0..len).map(|t| ((t * 11 + s * 5) % 50) as u32).collect()
+            })
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        assert!(refs.iter().map(|s| s.len()).sum::<usize>() >= 3 * LANE_TOKENS);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("pool");
+        let laned = pool.install(|| bert.embed(&refs)).expect("lanes");
+        assert_eq!(laned.len(), refs.len());
+        for (seq, got) in refs.iter().zip(&laned) {
+            let single = bert.embed(&[seq]).expect("single");
+            assert!(
+                cosine(&single[0], got) >= 0.999_999,
+                "lane result differs for {} tokens",
+                seq.len()
             );
         }
     }
