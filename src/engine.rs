@@ -27,6 +27,7 @@ use crate::embed::EmbedError;
 use crate::error::Error;
 use crate::index::{
     HnswIndex, HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorInsert, VectorSearch,
+    dot,
 };
 use crate::store::{PromptRecord, Store};
 
@@ -674,8 +675,4 @@ fn part_links(
     out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
     out.truncate(cfg.neighbours_k);
     out.into_iter().map(|(id, _)| id).collect()
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }

@@ -19,11 +19,78 @@ impl Distance<f32> for DistDotClamped {
     }
 }
 
-/// Dot product over eight independent lanes, which lets the compiler vectorise the loop (a
-/// single sequential sum cannot be reordered).
+/// Dot product of two equally long vectors. The HNSW searches and inserts spend most of their
+/// time here, so on x86-64 CPUs with AVX2 and FMA (release builds target baseline SSE2) it runs a
+/// hand-vectorised loop picked at run time; elsewhere a portable loop the compiler vectorises.
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+/// Whether the CPU has AVX2 and FMA (detected once).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn avx2_fma() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static HAS: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 no, 2 yes
+    match HAS.load(Ordering::Relaxed) {
+        0 => {
+            let yes = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+            yes
+        }
+        v => v == 2,
+    }
+}
+
+/// AVX2 + FMA dot product: four 8-lane accumulators over 32 values a step, then the rest.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (all loads): `i + 32 <= n` / `i + 8 <= n` keep every 8-value load within both slices.
+    while i + 32 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let x = unsafe { _mm256_loadu_ps(pa.add(i + 8 * j)) };
+            let y = unsafe { _mm256_loadu_ps(pb.add(i + 8 * j)) };
+            *acc = _mm256_fmadd_ps(x, y, *acc);
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let x = unsafe { _mm256_loadu_ps(pa.add(i)) };
+        let y = unsafe { _mm256_loadu_ps(pb.add(i)) };
+        acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
+        i += 8;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    let one = _mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1));
+    let mut total = _mm_cvtss_f32(one);
+    while i < n {
+        total += a[i] * b[i];
+        i += 1;
+    }
+    total
+}
+
+/// Dot product over eight independent lanes, which lets the compiler vectorise the loop (a
+/// single sequential sum cannot be reordered).
+#[inline]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let (chunks_a, tail_a) = a.as_chunks::<8>();
     let (chunks_b, tail_b) = b.as_chunks::<8>();
     let mut lanes = [0.0f32; 8];
@@ -104,6 +171,20 @@ mod tests {
         assert!((dot(&vs[0], &vs[1]) - naive).abs() < 1e-5);
         let opposite: Vec<f32> = vs[2].iter().map(|x| -x).collect();
         assert!((DistDotClamped.eval(&vs[2], &opposite) - 2.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn dispatched_dot_matches_the_portable_loop_at_every_length() {
+        for len in [0, 1, 7, 8, 9, 31, 32, 33, 63, 64, 100, 384, 385] {
+            let vs = unit_vectors(len as u64 + 10, 2, len.max(1));
+            let (a, b) = (&vs[0][..len], &vs[1][..len]);
+            let naive: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(a, b) as f64 - naive).abs() < 1e-5, "len {len}");
+            assert!(
+                (dot_portable(a, b) as f64 - naive).abs() < 1e-5,
+                "len {len}"
+            );
+        }
     }
 
     #[test]

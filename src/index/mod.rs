@@ -5,6 +5,8 @@
 
 mod brute;
 mod distance;
+
+pub(crate) use distance::dot;
 mod hnsw;
 mod segmented;
 
