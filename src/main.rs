@@ -30,6 +30,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<bool> {
     let command = match cli.command {
         Command::Reindex(args) => return cli::reindex::run(args),
         Command::Eval(args) => return cli::eval::run(args),
+        Command::BenchEmbed(args) => return cli::bench::run(args),
         other => other,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -43,7 +44,9 @@ fn run(cli: cli::Cli) -> anyhow::Result<bool> {
             Command::Campaigns(args) => cli::client::campaigns(args).await.map(|()| true),
             Command::Search(args) => cli::client::search(args).await.map(|()| true),
             Command::Allow(args) => cli::client::allow(args).await.map(|()| true),
-            Command::Reindex(_) | Command::Eval(_) => unreachable!("offline verbs return above"),
+            Command::Reindex(_) | Command::Eval(_) | Command::BenchEmbed(_) => {
+                unreachable!("offline verbs return above")
+            }
         }
     })
 }

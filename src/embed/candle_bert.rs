@@ -180,20 +180,53 @@ impl CandleEmbedder {
         Ok(encodings)
     }
 
+    /// Embeds token-id sequences (each already truncated, special tokens included) without
+    /// tokenising: the model-only part of [`Embedder::embed`], for benchmarks.
+    pub fn embed_ids(&mut self, ids: &[&[u32]]) -> Result<Embeddings, EmbedError> {
+        let (model, device) = match &mut self.forward {
+            Forward::Fused(bert) => return bert.embed(ids),
+            Forward::Candle { model, device } => (&*model, &*device),
+        };
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let lens: Vec<usize> = order.iter().map(|&i| ids[i].len()).collect();
+        let mut out = vec![Vec::new(); ids.len()];
+        for pass in passes(&lens, self.pass) {
+            let rows: Vec<&[u32]> = order[pass.clone()].iter().map(|&i| ids[i]).collect();
+            let vectors = Self::candle_forward(model, device, &rows)
+                .map_err(|e| EmbedError::Inference(e.to_string()))?;
+            for (&i, vector) in order[pass].iter().zip(vectors) {
+                out[i] = vector;
+            }
+        }
+        if out.iter().any(Vec::is_empty) {
+            return Err(EmbedError::Inference("fewer vectors than inputs".into()));
+        }
+        Ok(out)
+    }
+
+    /// Tokenises `texts` as [`Embedder::embed`] does: the ids the model sees.
+    pub fn token_ids(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EmbedError> {
+        Ok(self
+            .encode(texts)?
+            .iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
+    }
+
     /// One candle forward pass over `rows` (right-padded to the longest), mean-pooled and
     /// normalised.
     fn candle_forward(
         model: &BertModel,
         device: &Device,
-        rows: &[&Encoding],
+        rows: &[&[u32]],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let width = rows.iter().map(|e| e.len()).max().unwrap_or(0);
+        let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut ids = vec![0u32; rows.len() * width];
         let mut mask = vec![0u32; rows.len() * width];
-        for (r, encoding) in rows.iter().enumerate() {
-            let n = encoding.get_ids().len();
-            ids[r * width..r * width + n].copy_from_slice(encoding.get_ids());
-            mask[r * width..r * width + n].copy_from_slice(encoding.get_attention_mask());
+        for (r, row) in rows.iter().enumerate() {
+            ids[r * width..r * width + row.len()].copy_from_slice(row);
+            mask[r * width..r * width + row.len()].fill(1);
         }
         let ids = Tensor::from_vec(ids, (rows.len(), width), device)?;
         let mask = Tensor::from_vec(mask, (rows.len(), width), device)?;
@@ -212,29 +245,8 @@ impl CandleEmbedder {
 impl Embedder for CandleEmbedder {
     fn embed(&mut self, texts: &[&str]) -> Result<Embeddings, EmbedError> {
         let encodings = self.encode(texts)?;
-        let (model, device) = match &mut self.forward {
-            Forward::Fused(bert) => {
-                let ids: Vec<&[u32]> = encodings.iter().map(Encoding::get_ids).collect();
-                return bert.embed(&ids);
-            }
-            Forward::Candle { model, device } => (&*model, &*device),
-        };
-        let mut order: Vec<usize> = (0..encodings.len()).collect();
-        order.sort_by_key(|&i| encodings[i].len());
-        let lens: Vec<usize> = order.iter().map(|&i| encodings[i].len()).collect();
-        let mut out = vec![Vec::new(); texts.len()];
-        for pass in passes(&lens, self.pass) {
-            let rows: Vec<&Encoding> = order[pass.clone()].iter().map(|&i| &encodings[i]).collect();
-            let vectors = Self::candle_forward(model, device, &rows)
-                .map_err(|e| EmbedError::Inference(e.to_string()))?;
-            for (&i, vector) in order[pass].iter().zip(vectors) {
-                out[i] = vector;
-            }
-        }
-        if out.iter().any(Vec::is_empty) {
-            return Err(EmbedError::Inference("fewer vectors than inputs".into()));
-        }
-        Ok(out)
+        let ids: Vec<&[u32]> = encodings.iter().map(Encoding::get_ids).collect();
+        self.embed_ids(&ids)
     }
 
     fn count_tokens(&self, text: &str) -> usize {
