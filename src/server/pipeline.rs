@@ -197,8 +197,19 @@ impl<E: Embedder> Embedder for WithParts<E> {
             })
             .collect())
     }
+    /// The prompt's tokens plus its parts' (which go through the model with it), so that the
+    /// batcher's token cap bounds the real work of a batch.
     fn count_tokens(&self, text: &str) -> usize {
+        let parts = if self.on {
+            crate::detect::keys::parts(text)
+        } else {
+            Vec::new()
+        };
         self.inner.count_tokens(text)
+            + parts
+                .iter()
+                .map(|p| self.inner.count_tokens(p))
+                .sum::<usize>()
     }
     fn dim(&self) -> usize {
         self.inner.dim()
