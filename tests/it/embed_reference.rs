@@ -230,3 +230,34 @@ fn cuda_without_the_feature_says_so() {
         "{err}"
     );
 }
+
+/// On a GPU build: the CUDA embedder against CPU f32 vectors and sentence-transformers' vectors on
+/// the reference fixture (cosine ≥ 0.999), batched and one by one. Needs a CUDA GPU (device 0):
+/// a `--features cuda` test binary is meant to run on the GPU machine.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_vectors_match_cpu_f32_vectors() {
+    let refs = references();
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let mut cpu = load();
+    let dir = common::model_dir();
+    let mut gpu = CandleEmbedder::load(&dir, DeviceKind::Cuda(0))
+        .unwrap_or_else(|e| panic!("cuda:0 (this test needs a GPU): {e}"));
+    assert_eq!(gpu.device_name(), "cuda:0");
+    let want = cpu.embed(&texts).expect("cpu batch");
+    let [batched, single] = batched_and_single(&mut gpu, &texts);
+    let mut min = f32::INFINITY;
+    for got in [&batched, &single] {
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g.iter().all(|x| x.is_finite()), "finite cuda vector");
+            assert!((norm(g) - 1.0).abs() < 1e-3, "norm {}", norm(g));
+            min = min.min(cosine(g, w));
+        }
+    }
+    println!(
+        "cuda vs cpu f32: min cosine {min:.6} over {} texts",
+        texts.len()
+    );
+    assert!(min >= 0.999, "min cosine {min}");
+    check("cuda batch vs sentence-transformers", &refs, &batched);
+}
