@@ -494,7 +494,7 @@ fn attention(
         scores.len() >= threads * longest * longest,
         "attention scratch"
     );
-    let (ctx_ptr, scores_ptr) = (SharedMut(ctx.as_mut_ptr()), SharedMut(scores.as_mut_ptr()));
+    let ctx_ptr = SharedMut(ctx.as_mut_ptr());
     let scale = 1.0 / (dh as f32).sqrt();
     let run = |task: usize, slot: &mut [f32]| {
         let (offset, len) = spans[task / d.heads];
@@ -563,6 +563,7 @@ fn attention(
         (0..tasks).for_each(|task| run(task, slot));
         return;
     }
+    let scores_ptr = SharedMut(scores.as_mut_ptr());
     (0..tasks).into_par_iter().for_each(|task| {
         let mut own = Vec::new();
         let slot = match rayon::current_thread_index().filter(|&i| i < threads) {

@@ -27,28 +27,13 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if avx2_fma() {
+        // std caches the detection: each check is one atomic load.
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
             return unsafe { dot_avx2(a, b) };
         }
     }
     dot_portable(a, b)
-}
-
-/// Whether the CPU has AVX2 and FMA (detected once).
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn avx2_fma() -> bool {
-    use std::sync::atomic::{AtomicU8, Ordering};
-    static HAS: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 no, 2 yes
-    match HAS.load(Ordering::Relaxed) {
-        0 => {
-            let yes = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-            HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
-            yes
-        }
-        v => v == 2,
-    }
 }
 
 /// AVX2 + FMA dot product: four 8-lane accumulators over 32 values a step, then the rest.

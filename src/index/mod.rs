@@ -5,10 +5,10 @@
 
 mod brute;
 mod distance;
-
-pub(crate) use distance::dot;
 mod hnsw;
 mod segmented;
+
+pub(crate) use distance::dot;
 
 pub use brute::BruteForceIndex;
 pub use distance::DistDotClamped;

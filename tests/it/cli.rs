@@ -20,6 +20,20 @@ async fn run(args: Vec<String>) -> Output {
         .unwrap()
 }
 
+/// `prompt-radar check` of `input` against the server at `url`, verdicts written to `output`.
+async fn check_to_file(url: &str, input: &std::path::Path, output: &std::path::Path) -> Output {
+    run(vec![
+        "check".into(),
+        "--server".into(),
+        url.into(),
+        "--input".into(),
+        input.display().to_string(),
+        "--output".into(),
+        output.display().to_string(),
+    ])
+    .await
+}
+
 fn jsonl(bytes: &[u8]) -> Vec<Value> {
     String::from_utf8_lossy(bytes)
         .lines()
@@ -67,16 +81,7 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     let input = traffic_file(dir.path());
     let output = dir.path().join("verdicts.jsonl");
 
-    let o = run(vec![
-        "check".into(),
-        "--server".into(),
-        url.clone(),
-        "--input".into(),
-        input.display().to_string(),
-        "--output".into(),
-        output.display().to_string(),
-    ])
-    .await;
+    let o = check_to_file(&url, &input, &output).await;
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
         o.status.code(),
@@ -325,16 +330,7 @@ async fn eval_gives_the_same_verdicts_as_serve_check_and_accounts() {
 
     let server = TestServer::start(config(&dir.path().join("data"))).await;
     let url = format!("http://{}", server.addr);
-    let o = run(vec![
-        "check".into(),
-        "--server".into(),
-        url.clone(),
-        "--input".into(),
-        input.display().to_string(),
-        "--output".into(),
-        dir.path().join("verdicts.jsonl").display().to_string(),
-    ])
-    .await;
+    let o = check_to_file(&url, &input, &dir.path().join("verdicts.jsonl")).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = run(vec![
         "accounts".into(),
