@@ -15,7 +15,7 @@ use criterion::{
     BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
 };
 use prompt_radar::config::DeviceKind;
-use prompt_radar::embed::{CandleEmbedder, CpuForward, Embedder};
+use prompt_radar::embed::{BertForward, CandleEmbedder, Embedder};
 
 /// Batch sizes measured.
 const BATCH_SIZES: [usize; 4] = [1, 8, 32, 128];
@@ -25,8 +25,8 @@ const SAMPLE_SIZE: usize = 10;
 const WARM_UP: Duration = Duration::from_secs(2);
 const MEASUREMENT: Duration = Duration::from_secs(6);
 /// The CPU forward passes compared.
-const FORWARDS: [(&str, CpuForward); 2] =
-    [("fused", CpuForward::Fused), ("candle", CpuForward::Candle)];
+const FORWARDS: [(&str, BertForward); 2] =
+    [("fused", BertForward::Own), ("candle", BertForward::Candle)];
 /// Prompts file (one a line) and the fallback fixture, under `tests/data/`.
 const PROMPTS_FILE: &str = "recall_prompts.txt";
 const FALLBACK_FILE: &str = "minilm-reference.jsonl";

@@ -8,14 +8,17 @@
 //! input of that pass (what `BatchLongest` does), after sorting a batch by length so short prompts
 //! are not padded to long ones.
 
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
+#[cfg(feature = "cuda")]
+use super::cuda_bert::CudaBert;
 use super::fast_bert::FastBert;
 use super::{EmbedError, Embedder, Embeddings};
 use crate::config::DeviceKind;
@@ -46,23 +49,58 @@ impl PassLimits {
     }
 }
 
-/// Which implementation runs BERT's forward pass on the CPU (CUDA always uses candle's).
+/// Which implementation runs BERT's forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CpuForward {
-    /// The project's fused forward on packed tokens ([`FastBert`]); about twice candle's speed.
+pub enum BertForward {
+    /// The project's own forward on packed tokens: [`FastBert`] (f32) on the CPU, about twice
+    /// candle's speed; [`CudaBert`] (f16, cuBLASLt with fused epilogues and its own kernels) on
+    /// CUDA.
     #[default]
-    Fused,
-    /// candle-transformers' `BertModel` on padded passes (the reference).
+    Own,
+    /// candle-transformers' `BertModel` in f32 on padded passes (the reference).
     Candle,
 }
 
 /// The loaded forward pass.
 enum Forward {
-    Candle { model: BertModel, device: Device },
+    Candle {
+        model: BertModel,
+        device: Device,
+    },
     Fused(FastBert),
+    #[cfg(feature = "cuda")]
+    Cuda(CudaBert),
 }
 
-/// A BERT sentence embedder (all-MiniLM-L6-v2) on the CPU or a CUDA GPU, f32.
+impl Forward {
+    /// Embeds token-id sequences, in passes within `limits` where the forward pads.
+    fn run(&mut self, ids: &[&[u32]], limits: PassLimits) -> Result<Embeddings, EmbedError> {
+        let (model, device) = match self {
+            Forward::Fused(bert) => return bert.embed(ids),
+            #[cfg(feature = "cuda")]
+            Forward::Cuda(bert) => return bert.embed(ids),
+            Forward::Candle { model, device } => (&*model, &*device),
+        };
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let lens: Vec<usize> = order.iter().map(|&i| ids[i].len()).collect();
+        let mut out = vec![Vec::new(); ids.len()];
+        for pass in passes(&lens, limits) {
+            let rows: Vec<&[u32]> = order[pass.clone()].iter().map(|&i| ids[i]).collect();
+            let vectors = candle_forward(model, device, &rows)
+                .map_err(|e| EmbedError::Inference(e.to_string()))?;
+            for (&i, vector) in order[pass].iter().zip(vectors) {
+                out[i] = vector;
+            }
+        }
+        if out.iter().any(Vec::is_empty) {
+            return Err(EmbedError::Inference("fewer vectors than inputs".into()));
+        }
+        Ok(out)
+    }
+}
+
+/// A BERT sentence embedder (all-MiniLM-L6-v2) on the CPU (f32) or a CUDA GPU (f16).
 pub struct CandleEmbedder {
     forward: Forward,
     tokenizer: Tokenizer,
@@ -73,18 +111,18 @@ pub struct CandleEmbedder {
 
 impl CandleEmbedder {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` (memory-mapped) from
-    /// `model_dir` onto `device`, with the fused forward on the CPU. Errors
+    /// `model_dir` onto `device`, with the project's own forward. Errors
     /// ([`EmbedError::Model`]) name the file or device at fault.
     pub fn load(model_dir: &Path, device: DeviceKind) -> Result<Self, EmbedError> {
-        Self::load_with(model_dir, device, CpuForward::default())
+        Self::load_with(model_dir, device, BertForward::default())
     }
 
-    /// [`CandleEmbedder::load`] with a choice of CPU forward pass; `cpu_forward` is ignored on
-    /// CUDA. [`CpuForward::Fused`] falls back to candle for a config it does not implement.
+    /// [`CandleEmbedder::load`] with a choice of forward pass. [`BertForward::Own`] falls back to
+    /// candle for a config it does not implement.
     pub fn load_with(
         model_dir: &Path,
         device: DeviceKind,
-        cpu_forward: CpuForward,
+        forward: BertForward,
     ) -> Result<Self, EmbedError> {
         let file = |name: &str| -> Result<PathBuf, EmbedError> {
             let path = model_dir.join(name);
@@ -122,32 +160,41 @@ impl CandleEmbedder {
             .with_truncation(Some(truncation))
             .map_err(|e| bad(&tokenizer_path, &e))?;
 
-        let (dev, pass) = match device {
-            DeviceKind::Cpu => (Device::Cpu, CPU_PASS),
+        let own = forward == BertForward::Own && FastBert::supports(&config);
+        let candle = |dev: Device| -> Result<Forward, EmbedError> {
+            // SAFETY: the weights file is mapped read-only; it must not be modified while the
+            // model lives (the model directory is treated as immutable).
+            let vb =
+                unsafe { VarBuilder::from_mmaped_safetensors(&[&weights_path], DType::F32, &dev) }
+                    .map_err(|e| bad(&weights_path, &e))?;
+            let model = BertModel::load(vb, &config).map_err(|e| bad(&weights_path, &e))?;
+            Ok(Forward::Candle { model, device: dev })
+        };
+        let (forward, pass) = match device {
+            DeviceKind::Cpu if own => (
+                Forward::Fused(FastBert::load(&weights_path, &config)?),
+                CPU_PASS,
+            ),
+            DeviceKind::Cpu => (candle(Device::Cpu)?, CPU_PASS),
+            DeviceKind::Cuda(n) if !cfg!(feature = "cuda") => {
+                return Err(EmbedError::Model(format!(
+                    "device cuda:{n}: this binary was built without the cuda feature (rebuild \
+                     with `--features cuda`, or `make cuda`)"
+                )));
+            }
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda(n)
+                if own
+                    && CudaBert::supports_dims(config.hidden_size, config.num_attention_heads) =>
+            {
+                let host = FastBert::load(&weights_path, &config)?;
+                (Forward::Cuda(CudaBert::from_host(&host, n)?), CUDA_PASS)
+            }
             DeviceKind::Cuda(n) => match Device::new_cuda(n) {
-                Ok(dev) => (dev, CUDA_PASS),
-                Err(_) if !cfg!(feature = "cuda") => {
-                    return Err(EmbedError::Model(format!(
-                        "device cuda:{n}: this binary was built without the cuda feature \
-                         (rebuild with `--features cuda`)"
-                    )));
-                }
+                Ok(dev) => (candle(dev)?, CUDA_PASS),
                 Err(e) => return Err(EmbedError::Model(format!("device cuda:{n}: {e}"))),
             },
         };
-        let forward =
-            if dev.is_cpu() && cpu_forward == CpuForward::Fused && FastBert::supports(&config) {
-                Forward::Fused(FastBert::load(&weights_path, &config)?)
-            } else {
-                // SAFETY: the weights file is mapped read-only; it must not be modified while the
-                // model lives (the model directory is treated as immutable).
-                let vb = unsafe {
-                    VarBuilder::from_mmaped_safetensors(&[&weights_path], DType::F32, &dev)
-                }
-                .map_err(|e| bad(&weights_path, &e))?;
-                let model = BertModel::load(vb, &config).map_err(|e| bad(&weights_path, &e))?;
-                Forward::Candle { model, device: dev }
-            };
         Ok(Self {
             forward,
             tokenizer,
@@ -157,52 +204,51 @@ impl CandleEmbedder {
         })
     }
 
-    /// Tokenises `texts` in parallel, truncated at [`MAX_TOKENS`], unpadded. A long text is first
-    /// tokenised by a prefix cut at whitespace; when that prefix fills [`MAX_TOKENS`] its tokens
-    /// are exactly the truncated tokens of the whole text, otherwise the whole text is tokenised.
+    /// Tokenises `texts` (see [`encode`]).
     fn encode(&self, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
-        let tok_err = |e: tokenizers::Error| EmbedError::Tokenizer(e.to_string());
-        let prefixes: Vec<&str> = texts.iter().map(|t| word_prefix(t, PREFIX_BYTES)).collect();
-        let mut encodings = self
-            .tokenizer
-            .encode_batch(prefixes.clone(), true)
-            .map_err(tok_err)?;
-        let redo: Vec<usize> = (0..texts.len())
-            .filter(|&i| prefixes[i].len() < texts[i].len() && encodings[i].len() < MAX_TOKENS)
-            .collect();
-        if !redo.is_empty() {
-            let whole = redo.iter().map(|&i| texts[i]).collect();
-            let again = self.tokenizer.encode_batch(whole, true).map_err(tok_err)?;
-            for (i, encoding) in redo.into_iter().zip(again) {
-                encodings[i] = encoding;
-            }
-        }
-        Ok(encodings)
+        encode(&self.tokenizer, texts)
     }
 
     /// Embeds token-id sequences (each already truncated, special tokens included) without
     /// tokenising: the model-only part of [`Embedder::embed`], for benchmarks.
     pub fn embed_ids(&mut self, ids: &[&[u32]]) -> Result<Embeddings, EmbedError> {
-        let (model, device) = match &mut self.forward {
-            Forward::Fused(bert) => return bert.embed(ids),
-            Forward::Candle { model, device } => (&*model, &*device),
-        };
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| ids[i].len());
-        let lens: Vec<usize> = order.iter().map(|&i| ids[i].len()).collect();
-        let mut out = vec![Vec::new(); ids.len()];
-        for pass in passes(&lens, self.pass) {
-            let rows: Vec<&[u32]> = order[pass.clone()].iter().map(|&i| ids[i]).collect();
-            let vectors = Self::candle_forward(model, device, &rows)
-                .map_err(|e| EmbedError::Inference(e.to_string()))?;
-            for (&i, vector) in order[pass].iter().zip(vectors) {
-                out[i] = vector;
+        self.forward.run(ids, self.pass)
+    }
+
+    /// Embeds `texts` in batches of `batch`, tokenising the next batch on another thread while
+    /// the model runs the current one (what a re-indexing job wants: the GPU never waits for
+    /// the tokeniser). `sink` gets each batch's range of `texts` and its vectors, in order, and
+    /// may stop the run early with [`ControlFlow::Break`].
+    pub fn embed_pipelined(
+        &mut self,
+        texts: &[&str],
+        batch: usize,
+        mut sink: impl FnMut(Range<usize>, Embeddings) -> ControlFlow<()>,
+    ) -> Result<(), EmbedError> {
+        let batch = batch.max(1);
+        let (tokenizer, forward, pass) = (&self.tokenizer, &mut self.forward, self.pass);
+        std::thread::scope(|scope| {
+            // Two batches ahead at most: bounded memory, and the model always has one waiting.
+            let (tx, rx) = sync_channel::<Result<(Range<usize>, Vec<Encoding>), EmbedError>>(2);
+            scope.spawn(move || {
+                for lo in (0..texts.len()).step_by(batch) {
+                    let range = lo..(lo + batch).min(texts.len());
+                    let encoded = encode(tokenizer, &texts[range.clone()]).map(|e| (range, e));
+                    if tx.send(encoded).is_err() {
+                        break;
+                    }
+                }
+            });
+            for encoded in rx {
+                let (range, encodings) = encoded?;
+                let ids: Vec<&[u32]> = encodings.iter().map(Encoding::get_ids).collect();
+                let vectors = forward.run(&ids, pass)?;
+                if sink(range, vectors).is_break() {
+                    break;
+                }
             }
-        }
-        if out.iter().any(Vec::is_empty) {
-            return Err(EmbedError::Inference("fewer vectors than inputs".into()));
-        }
-        Ok(out)
+            Ok(())
+        })
     }
 
     /// Tokenises `texts` as [`Embedder::embed`] does: the ids the model sees.
@@ -213,33 +259,33 @@ impl CandleEmbedder {
             .map(|e| e.get_ids().to_vec())
             .collect())
     }
+}
 
-    /// One candle forward pass over `rows` (right-padded to the longest), mean-pooled and
-    /// normalised.
-    fn candle_forward(
-        model: &BertModel,
-        device: &Device,
-        rows: &[&[u32]],
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        let mut ids = vec![0u32; rows.len() * width];
-        let mut mask = vec![0u32; rows.len() * width];
-        for (r, row) in rows.iter().enumerate() {
-            ids[r * width..r * width + row.len()].copy_from_slice(row);
-            mask[r * width..r * width + row.len()].fill(1);
-        }
-        let ids = Tensor::from_vec(ids, (rows.len(), width), device)?;
-        let mask = Tensor::from_vec(mask, (rows.len(), width), device)?;
-        let hidden = model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let counts = mask.sum(1)?.maximum(1e-9f32)?;
-        let mean = hidden
-            .broadcast_mul(&mask)?
-            .sum(1)?
-            .broadcast_div(&counts)?;
-        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12f32)?;
-        mean.broadcast_div(&norm)?.to_vec2::<f32>()
+/// One candle forward pass over `rows` (right-padded to the longest), mean-pooled and
+/// normalised.
+fn candle_forward(
+    model: &BertModel,
+    device: &Device,
+    rows: &[&[u32]],
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids = vec![0u32; rows.len() * width];
+    let mut mask = vec![0u32; rows.len() * width];
+    for (r, row) in rows.iter().enumerate() {
+        ids[r * width..r * width + row.len()].copy_from_slice(row);
+        mask[r * width..r * width + row.len()].fill(1);
     }
+    let ids = Tensor::from_vec(ids, (rows.len(), width), device)?;
+    let mask = Tensor::from_vec(mask, (rows.len(), width), device)?;
+    let hidden = model.forward(&ids, &ids.zeros_like()?, Some(&mask))?;
+    let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
+    let counts = mask.sum(1)?.maximum(1e-9f32)?;
+    let mean = hidden
+        .broadcast_mul(&mask)?
+        .sum(1)?
+        .broadcast_div(&counts)?;
+    let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12f32)?;
+    mean.broadcast_div(&norm)?.to_vec2::<f32>()
 }
 
 impl Embedder for CandleEmbedder {
@@ -263,6 +309,28 @@ impl Embedder for CandleEmbedder {
     fn device_name(&self) -> String {
         self.kind.to_string()
     }
+}
+
+/// Tokenises `texts` in parallel, truncated at [`MAX_TOKENS`], unpadded. A long text is first
+/// tokenised by a prefix cut at whitespace; when that prefix fills [`MAX_TOKENS`] its tokens
+/// are exactly the truncated tokens of the whole text, otherwise the whole text is tokenised.
+fn encode(tokenizer: &Tokenizer, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
+    let tok_err = |e: tokenizers::Error| EmbedError::Tokenizer(e.to_string());
+    let prefixes: Vec<&str> = texts.iter().map(|t| word_prefix(t, PREFIX_BYTES)).collect();
+    let mut encodings = tokenizer
+        .encode_batch(prefixes.clone(), true)
+        .map_err(tok_err)?;
+    let redo: Vec<usize> = (0..texts.len())
+        .filter(|&i| prefixes[i].len() < texts[i].len() && encodings[i].len() < MAX_TOKENS)
+        .collect();
+    if !redo.is_empty() {
+        let whole = redo.iter().map(|&i| texts[i]).collect();
+        let again = tokenizer.encode_batch(whole, true).map_err(tok_err)?;
+        for (i, encoding) in redo.into_iter().zip(again) {
+            encodings[i] = encoding;
+        }
+    }
+    Ok(encodings)
 }
 
 /// The longest prefix of `text` of at most `max_bytes` bytes that ends just before an ASCII space,

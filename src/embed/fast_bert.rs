@@ -33,40 +33,40 @@ const LANE_TOKENS: usize = 768;
 
 /// The model's shapes.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    hidden: usize,
-    heads: usize,
-    inter: usize,
-    vocab: usize,
-    positions: usize,
-    eps: f32,
+pub(super) struct Dims {
+    pub(super) hidden: usize,
+    pub(super) heads: usize,
+    pub(super) inter: usize,
+    pub(super) vocab: usize,
+    pub(super) positions: usize,
+    pub(super) eps: f32,
 }
 
 impl Dims {
-    fn head(&self) -> usize {
+    pub(super) fn head(&self) -> usize {
         self.hidden / self.heads
     }
 }
 
 /// LayerNorm scale and shift.
-struct Norm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
+pub(super) struct Norm {
+    pub(super) gamma: Vec<f32>,
+    pub(super) beta: Vec<f32>,
 }
 
 /// One encoder layer; every matrix is PyTorch's `[out, in]` row-major, which `gemm` reads as the
 /// transposed right operand (measured as fast as or faster than pre-transposed `[in, out]`).
-struct Layer {
-    qkv_w: Vec<f32>,
-    qkv_b: Vec<f32>,
-    out_w: Vec<f32>,
-    out_b: Vec<f32>,
-    attn_norm: Norm,
-    up_w: Vec<f32>,
-    up_b: Vec<f32>,
-    down_w: Vec<f32>,
-    down_b: Vec<f32>,
-    ffn_norm: Norm,
+pub(super) struct Layer {
+    pub(super) qkv_w: Vec<f32>,
+    pub(super) qkv_b: Vec<f32>,
+    pub(super) out_w: Vec<f32>,
+    pub(super) out_b: Vec<f32>,
+    pub(super) attn_norm: Norm,
+    pub(super) up_w: Vec<f32>,
+    pub(super) up_b: Vec<f32>,
+    pub(super) down_w: Vec<f32>,
+    pub(super) down_b: Vec<f32>,
+    pub(super) ffn_norm: Norm,
 }
 
 /// Buffers reused across passes (grown, never shrunk below the largest pass seen).
@@ -82,13 +82,13 @@ struct Scratch {
 
 /// A BERT encoder with mean pooling on the CPU; see the module docs.
 pub struct FastBert {
-    dims: Dims,
-    word: Vec<f32>,
+    pub(super) dims: Dims,
+    pub(super) word: Vec<f32>,
     /// Position embeddings with token type 0's embedding already added, `[positions, hidden]`.
-    pos_type: Vec<f32>,
+    pub(super) pos_type: Vec<f32>,
     zeros: Vec<f32>,
-    embed_norm: Norm,
-    layers: Vec<Layer>,
+    pub(super) embed_norm: Norm,
+    pub(super) layers: Vec<Layer>,
     /// Scratch buffers, one per pass running at once (lanes run concurrently).
     scratch: std::sync::Mutex<Vec<Scratch>>,
 }
@@ -235,21 +235,7 @@ impl FastBert {
     /// sequence gives a zero vector; an id past the vocabulary or a sequence longer than the
     /// position embeddings is an [`EmbedError::Inference`].
     pub fn embed(&mut self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        for s in seqs {
-            if s.len() > self.dims.positions {
-                return Err(EmbedError::Inference(format!(
-                    "sequence of {} tokens, the model takes at most {}",
-                    s.len(),
-                    self.dims.positions
-                )));
-            }
-            if let Some(id) = s.iter().find(|&&id| id as usize >= self.dims.vocab) {
-                return Err(EmbedError::Inference(format!(
-                    "token id {id} outside the vocabulary of {}",
-                    self.dims.vocab
-                )));
-            }
-        }
+        check_sequences(seqs, self.dims.positions, self.dims.vocab)?;
         let threads = rayon::current_num_threads().max(1);
         let total: usize = seqs.iter().map(|s| s.len()).sum();
         if threads > 1 && total >= 2 * LANE_TOKENS {
@@ -378,9 +364,32 @@ impl FastBert {
     }
 }
 
+/// An [`EmbedError::Inference`] for the first sequence longer than `max_len` tokens or holding an
+/// id outside a vocabulary of `vocab`.
+pub(super) fn check_sequences(
+    seqs: &[&[u32]],
+    max_len: usize,
+    vocab: usize,
+) -> Result<(), EmbedError> {
+    for s in seqs {
+        if s.len() > max_len {
+            return Err(EmbedError::Inference(format!(
+                "sequence of {} tokens, the model takes at most {max_len}",
+                s.len()
+            )));
+        }
+        if let Some(id) = s.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EmbedError::Inference(format!(
+                "token id {id} outside the vocabulary of {vocab}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Splits `seqs` into runs of consecutive sequences of at most `tokens` tokens each (a longer
 /// sequence is a run of its own).
-fn chunks<'a, 'b>(seqs: &'a [&'b [u32]], tokens: usize) -> Vec<&'a [&'b [u32]]> {
+pub(super) fn chunks<'a, 'b>(seqs: &'a [&'b [u32]], tokens: usize) -> Vec<&'a [&'b [u32]]> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < seqs.len() {

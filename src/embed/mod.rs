@@ -4,11 +4,13 @@
 
 mod batcher;
 mod candle_bert;
+#[cfg(feature = "cuda")]
+mod cuda_bert;
 mod fast_bert;
 mod fast_kernels;
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Embedded, Job, SubmitError};
-pub use candle_bert::{CandleEmbedder, CpuForward};
+pub use candle_bert::{BertForward, CandleEmbedder};
 
 /// Errors of the embedding layer.
 #[derive(Debug, thiserror::Error)]

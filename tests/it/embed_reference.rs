@@ -3,7 +3,7 @@
 //! truncation, odd inputs and load errors.
 
 use prompt_radar::config::DeviceKind;
-use prompt_radar::embed::{CandleEmbedder, CpuForward, EmbedError, Embedder};
+use prompt_radar::embed::{BertForward, CandleEmbedder, EmbedError, Embedder};
 
 use crate::common;
 
@@ -111,17 +111,12 @@ fn fused_forward_matches_candle_transformers() {
     let path = common::data_file("recall_prompts.txt");
     let prompts =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut longest: Vec<&str> = prompts.lines().collect();
-    longest.sort_by_key(|l| std::cmp::Reverse(l.len()));
-    let texts: Vec<&str> = refs
-        .iter()
-        .map(|r| r.text.as_str())
-        .chain(longest.into_iter().take(5))
-        .collect();
+    let texts = reference_and_long_texts(&refs, &prompts);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
 
     let mut fused = load();
     let dir = common::model_dir();
-    let mut candle = CandleEmbedder::load_with(&dir, DeviceKind::Cpu, CpuForward::Candle)
+    let mut candle = CandleEmbedder::load_with(&dir, DeviceKind::Cpu, BertForward::Candle)
         .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
     assert!(
         texts.iter().any(|t| candle.count_tokens(t) == 256),
@@ -139,6 +134,44 @@ fn fused_forward_matches_candle_transformers() {
         texts.len()
     );
     assert!(min >= 0.99999, "min cosine {min}");
+}
+
+/// The pipelined path (tokeniser a batch ahead on its own thread) gives `embed`'s vectors, batch
+/// by batch in order, and stops when the sink says so.
+#[test]
+fn pipelined_embedding_matches_embed_in_order() {
+    let path = common::data_file("recall_prompts.txt");
+    let prompts =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let texts: Vec<&str> = prompts.lines().take(70).collect();
+    let mut embedder = load();
+    let want = embedder.embed(&texts).expect("embed");
+    let mut got: Vec<Vec<f32>> = Vec::new();
+    let mut ranges = Vec::new();
+    embedder
+        .embed_pipelined(&texts, 16, |range, vectors| {
+            assert_eq!(
+                vectors.len(),
+                range.len(),
+                "one vector per text of the batch"
+            );
+            ranges.push(range);
+            got.extend(vectors);
+            std::ops::ControlFlow::Continue(())
+        })
+        .expect("pipelined");
+    assert_eq!(ranges, vec![0..16, 16..32, 32..48, 48..64, 64..70]);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(cosine(g, w) > 0.99999, "same vector as embed");
+    }
+    let mut batches = 0;
+    embedder
+        .embed_pipelined(&texts, 16, |_, _| {
+            batches += 1;
+            std::ops::ControlFlow::Break(())
+        })
+        .expect("stopped early");
+    assert_eq!(batches, 1, "the sink stopped the run");
 }
 
 #[test]
@@ -231,33 +264,113 @@ fn cuda_without_the_feature_says_so() {
     );
 }
 
-/// On a GPU build: the CUDA embedder against CPU f32 vectors and sentence-transformers' vectors on
-/// the reference fixture (cosine ≥ 0.999), batched and one by one. Needs a CUDA GPU (device 0):
-/// a `--features cuda` test binary is meant to run on the GPU machine.
+/// The reference texts plus the five longest prompts of `recall_prompts.txt` (truncated at 256
+/// tokens), and those prompts themselves.
+fn reference_and_long_texts(refs: &[Reference], prompts: &str) -> Vec<String> {
+    let mut longest: Vec<&str> = prompts.lines().collect();
+    longest.sort_by_key(|l| std::cmp::Reverse(l.len()));
+    refs.iter()
+        .map(|r| r.text.clone())
+        .chain(longest.into_iter().take(5).map(str::to_owned))
+        .collect()
+}
+
+/// `models/half.py`, the f16 copy of the model carried to GPU machines, embeds as the f32 model
+/// does on the CPU (weights rounded to f16, arithmetic in f32): the weight half of the CUDA
+/// forward's precision.
+#[test]
+fn half_precision_weights_keep_the_vectors() {
+    let refs = references();
+    let path = common::data_file("recall_prompts.txt");
+    let prompts =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let texts = reference_and_long_texts(&refs, &prompts);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let dir = common::model_dir();
+    let half = tempfile::tempdir().expect("tempdir");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/half.py");
+    let status = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&dir)
+        .arg(half.path())
+        .status()
+        .expect("python3 models/half.py");
+    assert!(status.success(), "models/half.py: {status}");
+    let size = |d: &std::path::Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .expect("weights")
+            .len()
+    };
+    assert!(
+        size(half.path()) * 10 < size(&dir) * 6,
+        "about half the size of the f32 weights"
+    );
+    let mut f32_model = load();
+    let mut f16_model = CandleEmbedder::load(half.path(), DeviceKind::Cpu).expect("load f16");
+    let want = f32_model.embed(&texts).expect("f32");
+    let got = f16_model.embed(&texts).expect("f16");
+    let min = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| cosine(g, w))
+        .fold(f32::INFINITY, f32::min);
+    println!(
+        "f16 weights vs f32: min cosine {min:.6} over {} texts",
+        texts.len()
+    );
+    assert!(min >= 0.9999, "min cosine {min}");
+}
+
+/// On a GPU build: the project's CUDA forward (f16) against CPU f32 vectors and
+/// sentence-transformers' vectors on the reference fixture plus truncated 256-token prompts
+/// (cosine ≥ 0.999), batched and one by one, then 3,000 real prompts in one call (several packed
+/// passes). Needs a CUDA GPU (device 0): a `--features cuda` test binary is meant to run on the GPU
+/// machine.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_vectors_match_cpu_f32_vectors() {
     let refs = references();
-    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let path = common::data_file("recall_prompts.txt");
+    let prompts =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let texts = reference_and_long_texts(&refs, &prompts);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut cpu = load();
     let dir = common::model_dir();
     let mut gpu = CandleEmbedder::load(&dir, DeviceKind::Cuda(0))
         .unwrap_or_else(|e| panic!("cuda:0 (this test needs a GPU): {e}"));
     assert_eq!(gpu.device_name(), "cuda:0");
-    let want = cpu.embed(&texts).expect("cpu batch");
-    let [batched, single] = batched_and_single(&mut gpu, &texts);
-    let mut min = f32::INFINITY;
-    for got in [&batched, &single] {
-        for (g, w) in got.iter().zip(&want) {
+    let min_cosine = |got: &[Vec<f32>], want: &[Vec<f32>]| {
+        assert_eq!(got.len(), want.len(), "one vector per text");
+        let mut min = f32::INFINITY;
+        for (g, w) in got.iter().zip(want) {
             assert!(g.iter().all(|x| x.is_finite()), "finite cuda vector");
             assert!((norm(g) - 1.0).abs() < 1e-3, "norm {}", norm(g));
             min = min.min(cosine(g, w));
         }
-    }
+        min
+    };
+    let want = cpu.embed(&texts).expect("cpu batch");
+    let [batched, single] = batched_and_single(&mut gpu, &texts);
+    let min = min_cosine(&batched, &want).min(min_cosine(&single, &want));
     println!(
         "cuda vs cpu f32: min cosine {min:.6} over {} texts",
         texts.len()
     );
     assert!(min >= 0.999, "min cosine {min}");
-    check("cuda batch vs sentence-transformers", &refs, &batched);
+    check(
+        "cuda batch vs sentence-transformers",
+        &refs,
+        &batched[..refs.len()],
+    );
+
+    let many: Vec<&str> = prompts.lines().take(3000).collect();
+    let want = cpu.embed(&many).expect("cpu many");
+    let got = gpu.embed(&many).expect("cuda many");
+    let min = min_cosine(&got, &want);
+    println!(
+        "cuda vs cpu f32: min cosine {min:.6} over {} prompts in one call",
+        many.len()
+    );
+    assert!(min >= 0.999, "min cosine {min}");
 }
