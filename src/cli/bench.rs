@@ -1,10 +1,13 @@
 //! `prompt-radar bench-embed`: throughput of the embedder on real prompts (tokenisation
-//! included, text in → normalised vectors on the host) or, with `--fixed-tokens`, of the model
-//! alone on fixed-length batches. Prints one row per batch size: sequences/s, tokens/s and the
-//! median time of one batch; `--json` writes the same rows for `benches/bench_embed_peer.py`,
+//! included, text in → normalised vectors on the host, the tokeniser running a batch ahead on its
+//! own thread as in a re-indexing job) or, with `--fixed-tokens`, of the model alone on
+//! fixed-length batches. Prints one row per batch size: sequences/s, tokens/s and the median time
+//! of one batch on its own (a gateway's latency: one `embed` call, tokenisation included);
+//! `--json` writes the same rows for `benches/bench_embed_peer.py`,
 //! which times sentence-transformers on the same texts and prints both side by side.
 
 use std::io::BufRead;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -13,6 +16,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use prompt_radar::config::DeviceKind;
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 
 use super::ModelArgs;
@@ -43,10 +47,17 @@ pub struct BenchEmbedArgs {
     /// Stop a batch size's round after this many seconds (rounds of large files on slow devices).
     #[arg(long, default_value_t = 60.0)]
     pub max_round_seconds: f64,
+    /// On a GPU: first embed this many of the texts on the device and on the CPU (f32) and fail
+    /// unless every pair's cosine is at least 0.999. 0 = skip.
+    #[arg(long, default_value_t = 2000)]
+    pub verify: usize,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
+
+/// Batches timed one by one per batch size for the latency column.
+const LATENCY_BATCHES: usize = 20;
 
 /// One measured batch size.
 #[derive(Debug, Serialize)]
@@ -114,6 +125,27 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
     let mut embedder = CandleEmbedder::load(&args.model.model, args.model.device)
         .with_context(|| format!("loading the model from {}", args.model.model.display()))?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    if args.model.device != DeviceKind::Cpu && args.verify > 0 {
+        let n = args.verify.min(refs.len());
+        let mut cpu = CandleEmbedder::load(&args.model.model, DeviceKind::Cpu)?;
+        let want = cpu.embed(&refs[..n])?;
+        let got = embedder.embed(&refs[..n])?;
+        let cosines: Vec<f64> = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| g.iter().zip(w).map(|(a, b)| f64::from(a * b)).sum::<f64>())
+            .collect();
+        let min = cosines.iter().copied().fold(f64::INFINITY, f64::min);
+        let mean = cosines.iter().sum::<f64>() / n.max(1) as f64;
+        println!(
+            "bench-embed: {} vs cpu f32 on {n} texts: min cosine {min:.6}, mean {mean:.7}",
+            embedder.device_name()
+        );
+        if min.is_nan() || min < 0.999 {
+            eprintln!("bench-embed: the device's vectors differ from the CPU's (cosine < 0.999)");
+            return Ok(false);
+        }
+    }
     let ids = embedder.token_ids(&refs)?;
     let fixed: Vec<Vec<u32>> = if args.fixed_tokens > 0 {
         anyhow::ensure!(
@@ -158,7 +190,7 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
         mean_tokens,
         mode
     );
-    let mut run_batch = |lo: usize, hi: usize| -> anyhow::Result<()> {
+    let run_batch = |embedder: &mut CandleEmbedder, lo: usize, hi: usize| -> anyhow::Result<()> {
         if fixed.is_empty() {
             embedder.embed(&refs[lo..hi])?;
         } else {
@@ -176,22 +208,43 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
     let mut rows = Vec::new();
     for &batch in &args.batch_sizes {
         bar.set_message(format!("batch {batch}"));
-        run_batch(0, batch.min(texts.len()))?; // warm-up: buffers, caches, kernels
+        run_batch(&mut embedder, 0, batch.min(texts.len()))?; // warm-up: buffers, caches, kernels
+        let mut batch_ms = Vec::new();
+        let started = Instant::now();
+        for k in 0..LATENCY_BATCHES {
+            let lo = (k * batch) % texts.len();
+            let hi = (lo + batch).min(texts.len());
+            let t = Instant::now();
+            run_batch(&mut embedder, lo, hi)?;
+            batch_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            if started.elapsed() >= budget {
+                break;
+            }
+        }
         let mut rates = Vec::new();
         let mut token_rates = Vec::new();
-        let mut batch_ms = Vec::new();
         for _ in 0..args.rounds {
             let (mut seqs, mut tokens) = (0usize, 0usize);
             let started = Instant::now();
-            let mut lo = 0;
-            while lo < texts.len() && started.elapsed() < budget {
-                let hi = (lo + batch).min(texts.len());
-                let t = Instant::now();
-                run_batch(lo, hi)?;
-                batch_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                seqs += hi - lo;
-                tokens += lens[lo..hi].iter().sum::<usize>();
-                lo = hi;
+            let mut count = |range: std::ops::Range<usize>| {
+                seqs += range.len();
+                tokens += lens[range].iter().sum::<usize>();
+                if started.elapsed() < budget {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            };
+            if fixed.is_empty() {
+                embedder.embed_pipelined(&refs, batch, |range, _| count(range))?;
+            } else {
+                for lo in (0..texts.len()).step_by(batch) {
+                    let hi = (lo + batch).min(texts.len());
+                    run_batch(&mut embedder, lo, hi)?;
+                    if count(lo..hi).is_break() {
+                        break;
+                    }
+                }
             }
             let secs = started.elapsed().as_secs_f64();
             rates.push(seqs as f64 / secs);

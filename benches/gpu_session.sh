@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs the issue-4 measurements on a lent GPU machine (no Rust there): everything the session needs
+# travels as two git-ignored paths named in the device tool's `carry`:
+#   dist/prompt-radar-cuda-sm90.xz   (`make cuda`, ~6 MB)
+#   dist/model-f16/                  (`python3 models/half.py models/all-MiniLM-L6-v2 dist/model-f16`,
+#                                     45 MB: the 90.9 MB f32 weights exceed the 64 MiB carry)
+# Prompts are sampled there from eval/data (tracked, so they travel with the tree).
+#
+# usage: benches/gpu_session.sh STEP...     steps: verify e2e model reindex (or all)
+# Writes its tables and JSON under $OUT (the device tool brings that folder back).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+BIN=/tmp/prompt-radar-cuda
+MODEL=${MODEL:-dist/model-f16}
+[ -x "$BIN" ] || xz -dc dist/prompt-radar-cuda-sm90.xz > "$BIN" && chmod +x "$BIN"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+prompts() { # N FILE [--traffic]
+  [ -f "$2" ] || python3 benches/sample_prompts.py --n "$1" ${3:-} --out "$2"
+}
+steps=("$@"); [ "${steps[*]:-all}" = all ] && steps=(verify e2e model reindex)
+for step in "${steps[@]}"; do
+  case $step in
+    verify) # cosine vs CPU f32 on 2,000 real prompts; the command fails below 0.999
+      prompts 20000 /tmp/p20k.jsonl
+      "$BIN" bench-embed --device cuda --model "$MODEL" --input /tmp/p20k.jsonl --texts 2000 \
+        --verify 2000 --batch-sizes 32 --rounds 1 | tee "$OUT/verify.txt" ;;
+    e2e) # text in -> normalised vectors on the host, tokenisation included, both systems
+      prompts 20000 /tmp/p20k.jsonl
+      "$BIN" bench-embed --device cuda --model "$MODEL" --input /tmp/p20k.jsonl --texts 20000 \
+        --verify 0 --batch-sizes 32,128,512,1024,4096 --json "$OUT/ours-e2e.json" | tee "$OUT/e2e.txt"
+      python3 benches/bench_embed_peer.py --model "$MODEL" --input /tmp/p20k.jsonl --texts 20000 \
+        --batch-sizes 32,128,512,1024,4096 --ours "$OUT/ours-e2e.json" --json "$OUT/peer-e2e.json" \
+        | tee -a "$OUT/e2e.txt" ;;
+    model) # fixed 64-token batches, model only, both systems
+      prompts 20000 /tmp/p20k.jsonl
+      "$BIN" bench-embed --device cuda --model "$MODEL" --input /tmp/p20k.jsonl --texts 20000 \
+        --verify 0 --fixed-tokens 64 --batch-sizes 32,128,512,1024 --json "$OUT/ours-model.json" \
+        | tee "$OUT/model.txt"
+      python3 benches/bench_embed_peer.py --model "$MODEL" --input /tmp/p20k.jsonl --texts 20000 \
+        --fixed-tokens 64 --batch-sizes 32,128,512,1024 --ours "$OUT/ours-model.json" \
+        --json "$OUT/peer-model.json" | tee -a "$OUT/model.txt" ;;
+    reindex) # 1M sampled prompts embedded, stored and indexed; per-stage rates in the summary
+      prompts 1000000 /tmp/p1m.jsonl --traffic
+      rm -rf /tmp/reindex-data
+      /usr/bin/time -v "$BIN" reindex --device cuda --model "$MODEL" --input /tmp/p1m.jsonl \
+        --data-dir /tmp/reindex-data --batch-size 4096 2>&1 | tail -40 | tee "$OUT/reindex.txt" ;;
+    *) echo "unknown step $step (verify e2e model reindex all)" >&2; exit 2 ;;
+  esac
+done
