@@ -7,6 +7,7 @@
 mod cli;
 mod common;
 mod crash;
+mod cuda_kernels;
 mod embed_reference;
 mod recall;
 mod server_e2e;
