@@ -41,7 +41,7 @@ cuda:
 	xz -6 -f dist/prompt-radar-cuda-sm90
 	@ls -l dist/prompt-radar-cuda-sm90.xz
 
-## Type-check the CUDA build (CI runs this so the GPU path cannot rot; no GPU needed).
+## Type-check and lint the CUDA build (CI runs this so the GPU path cannot rot; no GPU needed).
 cuda-check:
 	./scripts/cuda-toolchain.sh $(CUDA_PREFIX)
-	. $(CUDA_PREFIX)/env.sh && CARGO_TARGET_DIR=$(CUDA_TARGET) $(CARGO) check --features cuda --all-targets
+	. $(CUDA_PREFIX)/env.sh && CARGO_TARGET_DIR=$(CUDA_TARGET) $(CARGO) clippy --features cuda --all-targets -- -D warnings

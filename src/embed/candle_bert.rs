@@ -69,7 +69,7 @@ enum Forward {
     },
     Fused(FastBert),
     #[cfg(feature = "cuda")]
-    Cuda(CudaBert),
+    Cuda(Box<CudaBert>),
 }
 
 impl Forward {
@@ -188,7 +188,10 @@ impl CandleEmbedder {
                     && CudaBert::supports_dims(config.hidden_size, config.num_attention_heads) =>
             {
                 let host = FastBert::load(&weights_path, &config)?;
-                (Forward::Cuda(CudaBert::from_host(&host, n)?), CUDA_PASS)
+                (
+                    Forward::Cuda(Box::new(CudaBert::from_host(&host, n)?)),
+                    CUDA_PASS,
+                )
             }
             DeviceKind::Cuda(n) => match Device::new_cuda(n) {
                 Ok(dev) => (candle(dev)?, CUDA_PASS),

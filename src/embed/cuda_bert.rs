@@ -102,7 +102,6 @@ struct Scratch {
 /// A BERT encoder with mean pooling on one CUDA device; see the module docs.
 pub struct CudaBert {
     dims: Dims,
-    ordinal: usize,
     stream: Arc<CudaStream>,
     blas: CudaBlasLT,
     kernels: Kernels,
@@ -184,7 +183,6 @@ impl CudaBert {
         };
         Ok(Self {
             dims,
-            ordinal,
             word: up(&host.word)?,
             pos_type: up(&host.pos_type)?,
             embed_norm: norm(&host.embed_norm)?,
@@ -194,12 +192,6 @@ impl CudaBert {
             stream,
             scratch,
         })
-    }
-
-    /// The device's name as CUDA reports it.
-    pub fn device_name(&self) -> String {
-        let name = self.stream.context().name().unwrap_or_default();
-        format!("cuda:{} ({name})", self.ordinal)
     }
 
     /// Embeds token-id sequences into mean-pooled, L2-normalised vectors (see the module docs). A
@@ -459,5 +451,7 @@ fn residual_norm(
     b.arg(y).arg(&tokens_i).arg(&hidden_i);
     b.arg(&norm.gamma).arg(&norm.beta).arg(&d.eps).arg(x);
     // SAFETY: x and y hold `tokens` rows of `hidden`, gamma and beta `hidden`.
-    unsafe { b.launch(rows) }.map_err(|e| err("kernel")(&e))
+    unsafe { b.launch(rows) }
+        .map(drop)
+        .map_err(|e| err("kernel")(&e))
 }
