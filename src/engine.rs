@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
 
 use crate::config::EngineConfig;
 use crate::detect::allow::{AllowEntry, AllowList, AllowRule};
@@ -369,23 +370,29 @@ impl Engine {
         }
         let mut state = self.ingest.lock();
         let cfg = &self.config.detector;
+        let first_id = state.next_id;
         let mut records: Vec<PromptRecord> = Vec::with_capacity(batch.len());
         let mut verdicts = Vec::with_capacity(batch.len());
         {
             let index = self.index.read();
             let part_index = self.parts.read();
-            let mut detector = self.detector.write();
-            for p in batch {
-                let id = state.next_id;
-                state.next_id += 1;
-                // A known legitimate app's prompt is stored and searchable but never linked.
-                let allowed = state.allow.1.matching(&p.text).is_some();
-                let mut links: Vec<u64> = Vec::new();
-                if !allowed {
+            // Everything a prompt's links need but the key index, which changes as the batch goes
+            // in: index and part-index searches and the batch's earlier prompts, read-only, so
+            // the batch's prompts are looked up on all cores with the results of one by one.
+            let allow = &state.allow.1;
+            let found: Vec<Option<(Vec<u64>, Vec<u64>)>> = batch
+                .par_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    // A known legitimate app's prompt is stored and searchable but never linked.
+                    if allow.matching(&p.text).is_some() {
+                        return None;
+                    }
+                    let earlier = &batch[..i];
                     let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
-                    for r in &records {
+                    for (j, r) in earlier.iter().enumerate() {
                         near.push(Neighbour {
-                            id: r.id,
+                            id: first_id + j as u64,
                             similarity: dot(&p.embedding, &r.embedding),
                         });
                     }
@@ -394,14 +401,23 @@ impl Engine {
                         b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id))
                     });
                     near.truncate(cfg.neighbours_k);
-                    links.extend(near.iter().map(|n| n.id));
-                    let more = part_links(&part_index, &records, &p.parts, cfg)
-                        .into_iter()
-                        .chain(state.keys.link(
-                            id,
-                            keys::account_hash(&p.account_id),
-                            &keys::keys(&p.text),
-                        ));
+                    let near = near.iter().map(|n| n.id).collect();
+                    let parts = part_links(&part_index, earlier, first_id, &p.parts, cfg);
+                    Some((near, parts))
+                })
+                .collect();
+            let mut detector = self.detector.write();
+            for (p, found) in batch.into_iter().zip(found) {
+                let id = state.next_id;
+                state.next_id += 1;
+                let mut links: Vec<u64> = Vec::new();
+                if let Some((near, parts)) = found {
+                    links = near;
+                    let more = parts.into_iter().chain(state.keys.link(
+                        id,
+                        keys::account_hash(&p.account_id),
+                        &keys::keys(&p.text),
+                    ));
                     for l in more {
                         if !links.contains(&l) {
                             links.push(l);
@@ -444,7 +460,9 @@ impl Engine {
             .into_iter()
             .map(|r| ((r.id, r.timestamp_ms, r.embedding), (r.id, r.parts)))
             .unzip();
-        insert_parts(&mut self.parts.write(), &mut new_parts, false)?;
+        // Like the main index: a large batch goes in on all cores, a small one in order.
+        let many = new_parts.iter().map(|(_, p)| p.len()).sum::<usize>() >= 32;
+        insert_parts(&mut self.parts.write(), &mut new_parts, many)?;
         let mut index = self.index.write();
         if items.len() >= 32 {
             index.insert_bulk(&items)?;
@@ -610,8 +628,8 @@ const PART_HNSW: HnswParams = HnswParams {
 const PART_SLOTS: u64 = 8;
 
 /// Inserts the parts of `(prompt id, parts)` pairs into the part index under
-/// `id × PART_SLOTS + part number`, and empties `pending`. `parallel` for rebuilds on open; ingest
-/// inserts in order, one by one.
+/// `id × PART_SLOTS + part number`, and empties `pending`; `parallel`: on all cores (rebuilds on
+/// open, large batches), else in order, one by one.
 fn insert_parts(
     index: &mut HnswIndex,
     pending: &mut PendingParts,
@@ -637,12 +655,14 @@ fn insert_parts(
 }
 
 /// Earlier prompts that share at least `part_matches` of this prompt's parts (each part matched
-/// by cosine ≥ `part_similarity`), among indexed prompts and earlier prompts of the batch; most
-/// matched parts first, at most `neighbours_k`. One shared sentence proves little ("Thanks in
-/// advance!"); two — an instruction and its closing, say — are a reworded template's footprint.
+/// by cosine ≥ `part_similarity`), among indexed prompts and `earlier` prompts of the batch (ids
+/// from `first_id`); most matched parts first, at most `neighbours_k`. One shared sentence proves
+/// little ("Thanks in advance!"); two — an instruction and its closing, say — are a reworded
+/// template's footprint.
 fn part_links(
     index: &HnswIndex,
-    batch: &[PromptRecord],
+    earlier: &[NewPrompt],
+    first_id: u64,
     parts: &[Vec<f32>],
     cfg: &crate::detect::DetectorConfig,
 ) -> Vec<u64> {
@@ -657,9 +677,9 @@ fn part_links(
             .filter(|n| n.similarity >= cfg.part_similarity)
             .map(|n| n.id / PART_SLOTS)
             .collect();
-        for r in batch {
+        for (j, r) in earlier.iter().enumerate() {
             if r.parts.iter().any(|q| dot(part, q) >= cfg.part_similarity) {
-                hits.push(r.id);
+                hits.push(first_id + j as u64);
             }
         }
         hits.sort_unstable();
