@@ -380,32 +380,33 @@ impl Engine {
             // in: index and part-index searches and the batch's earlier prompts, read-only, so
             // the batch's prompts are looked up on all cores with the results of one by one.
             let allow = &state.allow.1;
-            let found: Vec<Option<(Vec<u64>, Vec<u64>)>> = batch
-                .par_iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    // A known legitimate app's prompt is stored and searchable but never linked.
-                    if allow.matching(&p.text).is_some() {
-                        return None;
-                    }
-                    let earlier = &batch[..i];
-                    let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
-                    for (j, r) in earlier.iter().enumerate() {
-                        near.push(Neighbour {
-                            id: first_id + j as u64,
-                            similarity: dot(&p.embedding, &r.embedding),
-                        });
-                    }
-                    near.retain(|n| n.similarity >= cfg.similarity_threshold);
-                    near.sort_by(|a, b| {
-                        b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id))
+            let lookup = |(i, p): (usize, &NewPrompt)| {
+                // A known legitimate app's prompt is stored and searchable but never linked.
+                if allow.matching(&p.text).is_some() {
+                    return None;
+                }
+                let earlier = &batch[..i];
+                let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
+                for (j, r) in earlier.iter().enumerate() {
+                    near.push(Neighbour {
+                        id: first_id + j as u64,
+                        similarity: dot(&p.embedding, &r.embedding),
                     });
-                    near.truncate(cfg.neighbours_k);
-                    let near = near.iter().map(|n| n.id).collect();
-                    let parts = part_links(&part_index, earlier, first_id, &p.parts, cfg);
-                    Some((near, parts))
-                })
-                .collect();
+                }
+                near.retain(|n| n.similarity >= cfg.similarity_threshold);
+                near.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id)));
+                near.truncate(cfg.neighbours_k);
+                let near = near.iter().map(|n| n.id).collect();
+                let parts = part_links(&part_index, earlier, first_id, &p.parts, cfg);
+                Some((near, parts))
+            };
+            // A small batch (a gateway's few requests) stays on this thread: handing it to the
+            // pool would queue it behind the embedder's work there.
+            let found: Vec<Option<(Vec<u64>, Vec<u64>)>> = if batch.len() >= PARALLEL_LOOKUPS {
+                batch.par_iter().enumerate().map(lookup).collect()
+            } else {
+                batch.iter().enumerate().map(lookup).collect()
+            };
             let mut detector = self.detector.write();
             for (p, found) in batch.into_iter().zip(found) {
                 let id = state.next_id;
@@ -614,6 +615,9 @@ impl Engine {
         self.len() == 0
     }
 }
+
+/// Prompts in a batch from which [`Engine::ingest`] looks them up on all cores.
+const PARALLEL_LOOKUPS: usize = 32;
 
 /// The part index trades a little recall for insert speed: it takes 1–4 vectors per prompt, and
 /// a part match needs only one of several near-identical template sentences to be found.

@@ -340,11 +340,28 @@ where
 }
 
 impl StageTimes {
-    /// One line: count, time, throughput end to end and per stage.
+    /// The busiest stage, which bounds the run (the stages overlap), and the share of the run's
+    /// wall time it was busy.
+    pub fn bound(&self) -> (&'static str, f64) {
+        let wall = self.wall.as_secs_f64().max(1e-9);
+        [
+            ("parse", self.parse),
+            ("embed", self.embed),
+            ("ingest", self.ingest),
+        ]
+        .into_iter()
+        .max_by_key(|&(_, busy)| busy)
+        .map_or(("parse", 0.0), |(name, busy)| {
+            (name, busy.as_secs_f64() / wall)
+        })
+    }
+
+    /// One line: count, time, throughput end to end and per stage, and the stage that bounds it.
     pub fn summary(&self, verb: &str) -> String {
         let rate = |d: Duration| self.prompts as f64 / d.as_secs_f64().max(1e-9);
+        let (bound, share) = self.bound();
         format!(
-            "{verb}: {} prompts in {:.1}s ({:.0} prompts/s end to end), {} bad lines{}; stages: parse {:.0}/s, embed {:.0}/s ({:.1}s busy, {} distinct texts through the model), ingest {:.0}/s ({:.1}s busy: search+cluster+store+index)",
+            "{verb}: {} prompts in {:.1}s ({:.0} prompts/s end to end), {} bad lines{}; stages: parse {:.0}/s, embed {:.0}/s ({:.1}s busy, {} distinct texts through the model), ingest {:.0}/s ({:.1}s busy: search+cluster+store+index); bound by {bound} (busy {:.0}% of the run)",
             self.prompts,
             self.wall.as_secs_f64(),
             rate(self.wall),
@@ -360,6 +377,33 @@ impl StageTimes {
             self.embedded,
             rate(self.ingest),
             self.ingest.as_secs_f64(),
+            share * 100.0,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_busiest_stage_bounds_the_run() {
+        let times = StageTimes {
+            prompts: 1000,
+            wall: Duration::from_secs(10),
+            parse: Duration::from_millis(200),
+            embed: Duration::from_secs(4),
+            ingest: Duration::from_secs(9),
+            ..StageTimes::default()
+        };
+        let (stage, share) = times.bound();
+        assert_eq!(stage, "ingest");
+        assert!((share - 0.9).abs() < 1e-9, "{share}");
+        let line = times.summary("reindex");
+        assert!(
+            line.contains("bound by ingest (busy 90% of the run)"),
+            "{line}"
+        );
+        assert!(line.contains("100 prompts/s end to end"), "{line}");
     }
 }
