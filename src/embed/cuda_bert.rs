@@ -290,13 +290,17 @@ impl CudaBert {
         let ids = s.meta.slice(token..token + tokens);
         let pos = s.meta.slice(total + token..total + token + tokens);
         let offsets = s.meta.slice(offsets_at..offsets_at + n + 1);
-        let (tokens_i, hidden_i, n_i) = (tokens as i32, h as i32, n as i32);
+        let (tokens_i, hidden_i) = (tokens as i32, h as i32);
         let rows = LaunchConfig {
             grid_dim: ((tokens as u32).div_ceil(ROW_WARPS), 1, 1),
             block_dim: (32 * ROW_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
         let launch = err("kernel");
+        if tokens == 0 {
+            // Only empty sequences: nothing to run but the pooling, which writes zeros.
+            return self.pool(offsets_at, n, seq);
+        }
 
         let mut b = self.stream.launch_builder(&self.kernels.embed);
         b.arg(&ids).arg(&pos).arg(&tokens_i).arg(&hidden_i);
@@ -375,7 +379,17 @@ impl CudaBert {
             )?;
         }
 
+        self.pool(offsets_at, n, seq)
+    }
+
+    /// Mean-pools and normalises the pass's `n` sequences (offsets at `meta[offsets_at]`) from
+    /// the hidden states into rows `seq..seq + n` of the output.
+    fn pool(&mut self, offsets_at: usize, n: usize, seq: usize) -> Result<(), EmbedError> {
+        let h = self.dims.hidden;
+        let s = &mut self.scratch;
+        let offsets = s.meta.slice(offsets_at..offsets_at + n + 1);
         let mut out = s.out.slice_mut(seq * h..(seq + n) * h);
+        let (n_i, hidden_i) = (n as i32, h as i32);
         let pool = LaunchConfig {
             grid_dim: ((n as u32).div_ceil(ROW_WARPS), 1, 1),
             block_dim: (32 * ROW_WARPS, 1, 1),
@@ -387,8 +401,9 @@ impl CudaBert {
             .arg(&n_i)
             .arg(&hidden_i)
             .arg(&mut out);
-        // SAFETY: x holds the pass's rows, out has n rows from `seq`.
-        unsafe { b.launch(pool) }.map_err(|e| launch(&e))?;
+        // SAFETY: x holds the pass's rows (none is read for an empty sequence), out has n rows
+        // from `seq`.
+        unsafe { b.launch(pool) }.map_err(|e| err("kernel")(&e))?;
         Ok(())
     }
 }
