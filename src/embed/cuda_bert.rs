@@ -157,14 +157,14 @@ impl CudaBert {
         let mut layers = Vec::with_capacity(host.layers.len());
         for l in &host.layers {
             layers.push(DevLayer {
-                qkv_w: up(&l.qkv_w)?,
+                qkv_w: up(&l.qkv_w.w)?,
                 qkv_b: up(&l.qkv_b)?,
-                out_w: up(&l.out_w)?,
+                out_w: up(&l.out_w.w)?,
                 out_b: up(&l.out_b)?,
                 attn_norm: norm(&l.attn_norm)?,
-                up_w: up(&l.up_w)?,
+                up_w: up(&l.up_w.w)?,
                 up_b: up(&l.up_b)?,
-                down_w: up(&l.down_w)?,
+                down_w: up(&l.down_w.w)?,
                 down_b: up(&l.down_b)?,
                 ffn_norm: norm(&l.ffn_norm)?,
             });

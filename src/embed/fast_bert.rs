@@ -4,9 +4,10 @@
 //! Sequences are *packed*: a pass concatenates the token rows of all its sequences with no
 //! padding, so the token-wise work (fused QKV projection, output projection, feed-forward,
 //! LayerNorms) wastes nothing; attention runs per (sequence, head) over that sequence's own tokens,
-//! so no mask is needed. Matmuls go through `gemm` reading the weights in place; biases,
-//! GELU, residuals and LayerNorms are fused into single passes ([`super::fast_kernels`]); scratch
-//! buffers live across calls. Knows nothing of tokenisation.
+//! so no mask is needed. Matmuls of large passes go through `gemm` reading the weights in place,
+//! those of small passes (one short request) through weights packed once at load
+//! ([`super::packed_gemm`]); biases, GELU, residuals and LayerNorms are fused into single passes
+//! ([`super::fast_kernels`]); scratch buffers live across calls. Knows nothing of tokenisation.
 
 use std::path::Path;
 
@@ -18,10 +19,16 @@ use rayon::prelude::*;
 
 use super::EmbedError;
 use super::fast_kernels::{add_bias, add_bias_gelu, add_layer_norm, softmax_rows};
+use super::packed_gemm::Packed;
 
 /// Most tokens (rows) in one packed pass: bounds the scratch memory (about 15 KiB per token for
 /// MiniLM, so ~60 MiB at most) while keeping the matmuls large enough to run at full speed.
 pub const PASS_TOKENS: usize = 4096;
+
+/// Most tokens in a pass that multiplies by the packed weights ([`super::packed_gemm`]) rather than
+/// through `gemm`: below this, packing the operands on every call costs `gemm` more than its cache
+/// blocking saves (measured crossover 256–768 rows on AVX-512, ~256 on AVX2).
+const SMALL_PASS_ROWS: usize = 256;
 
 /// Rows per rayon task in the elementwise passes.
 const ROWS_PER_TASK: usize = 16;
@@ -54,17 +61,44 @@ pub(super) struct Norm {
     pub(super) beta: Vec<f32>,
 }
 
-/// One encoder layer; every matrix is PyTorch's `[out, in]` row-major, which `gemm` reads as the
-/// transposed right operand (measured as fast as or faster than pre-transposed `[in, out]`).
+/// A weight matrix, PyTorch's `[out, in]` row-major, which `gemm` reads as the transposed right
+/// operand (measured as fast as or faster than pre-transposed `[in, out]`), plus a copy packed for
+/// [`super::packed_gemm`] when the CPU has its kernels, used by passes of at most
+/// [`SMALL_PASS_ROWS`] tokens.
+pub(super) struct Weight {
+    pub(super) w: Vec<f32>,
+    packed: Option<Packed>,
+    /// Output features (rows of `w`).
+    n: usize,
+    /// Input features (columns of `w`).
+    k: usize,
+}
+
+impl Weight {
+    fn new(w: Vec<f32>, n: usize, k: usize) -> Self {
+        let packed = Packed::new(&w, n, k);
+        Self { w, packed, n, k }
+    }
+
+    /// `dst[m×n] = a[m×k] · wᵀ` (row-major, contiguous) on `threads` threads.
+    fn matmul(&self, dst: &mut [f32], a: &[f32], m: usize, threads: usize) {
+        match &self.packed {
+            Some(p) if m <= SMALL_PASS_ROWS => p.matmul(dst, a, m, threads),
+            _ => matmul(dst, a, &self.w, m, self.k, self.n, threads),
+        }
+    }
+}
+
+/// One encoder layer.
 pub(super) struct Layer {
-    pub(super) qkv_w: Vec<f32>,
+    pub(super) qkv_w: Weight,
     pub(super) qkv_b: Vec<f32>,
-    pub(super) out_w: Vec<f32>,
+    pub(super) out_w: Weight,
     pub(super) out_b: Vec<f32>,
     pub(super) attn_norm: Norm,
-    pub(super) up_w: Vec<f32>,
+    pub(super) up_w: Weight,
     pub(super) up_b: Vec<f32>,
-    pub(super) down_w: Vec<f32>,
+    pub(super) down_w: Weight,
     pub(super) down_b: Vec<f32>,
     pub(super) ffn_norm: Norm,
 }
@@ -207,14 +241,22 @@ impl FastBert {
                 qkv_b.extend(get(&format!("{p}.attention.self.{part}.bias"), &[h])?);
             }
             layers.push(Layer {
-                qkv_w: qkv,
+                qkv_w: Weight::new(qkv, 3 * h, h),
                 qkv_b,
-                out_w: get(&format!("{p}.attention.output.dense.weight"), &[h, h])?,
+                out_w: Weight::new(
+                    get(&format!("{p}.attention.output.dense.weight"), &[h, h])?,
+                    h,
+                    h,
+                ),
                 out_b: get(&format!("{p}.attention.output.dense.bias"), &[h])?,
                 attn_norm: norm(&mut get, &format!("{p}.attention.output"))?,
-                up_w: get(&format!("{p}.intermediate.dense.weight"), &[i, h])?,
+                up_w: Weight::new(
+                    get(&format!("{p}.intermediate.dense.weight"), &[i, h])?,
+                    i,
+                    h,
+                ),
                 up_b: get(&format!("{p}.intermediate.dense.bias"), &[i])?,
-                down_w: get(&format!("{p}.output.dense.weight"), &[h, i])?,
+                down_w: Weight::new(get(&format!("{p}.output.dense.weight"), &[h, i])?, h, i),
                 down_b: get(&format!("{p}.output.dense.bias"), &[h])?,
                 ffn_norm: norm(&mut get, &format!("{p}.output"))?,
             });
@@ -327,24 +369,16 @@ impl FastBert {
         }
 
         for layer in &self.layers {
-            matmul(&mut s.qkv, &s.x, &layer.qkv_w, total, h, 3 * h, threads);
+            layer.qkv_w.matmul(&mut s.qkv, &s.x, total, threads);
             par_rows(&mut s.qkv, 3 * h, par, |rows| add_bias(rows, &layer.qkv_b));
             attention(&s.qkv, &mut s.ctx, &mut s.scores, &spans, d, threads);
-            matmul(&mut s.tmp, &s.ctx, &layer.out_w, total, h, h, threads);
+            layer.out_w.matmul(&mut s.tmp, &s.ctx, total, threads);
             norm_rows(&mut s.x, &s.tmp, &layer.out_b, &layer.attn_norm, d, par);
-            matmul(&mut s.inter, &s.x, &layer.up_w, total, h, d.inter, threads);
+            layer.up_w.matmul(&mut s.inter, &s.x, total, threads);
             par_rows(&mut s.inter, d.inter, par, |rows| {
                 add_bias_gelu(rows, &layer.up_b)
             });
-            matmul(
-                &mut s.tmp,
-                &s.inter,
-                &layer.down_w,
-                total,
-                d.inter,
-                h,
-                threads,
-            );
+            layer.down_w.matmul(&mut s.tmp, &s.inter, total, threads);
             norm_rows(&mut s.x, &s.tmp, &layer.down_b, &layer.ffn_norm, d, par);
         }
 

@@ -8,6 +8,7 @@ mod candle_bert;
 mod cuda_bert;
 mod fast_bert;
 mod fast_kernels;
+mod packed_gemm;
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Embedded, Job, SubmitError};
 pub use candle_bert::{BertForward, CandleEmbedder};
