@@ -6,9 +6,9 @@
 //! driver) is most of the work, and its threads have too little to share; a profile of one
 //! 38-token request put 44 % of the time in gemm's driver. Here nothing is packed per call and the
 //! panels split evenly across threads. Measured on the 2-vCPU AVX-512 box with MiniLM's shapes
-//! (BENCHMARKS.md, "Small passes"): 1.5–3× gemm's speed at 38–64 rows on two threads, even at 256
-//! rows; beyond that `gemm`'s cache blocking wins, so [`super::fast_bert`] keeps it for large
-//! passes.
+//! (BENCHMARKS.md, "Small passes"): 1.4–4× gemm's speed at 38–64 rows on two threads, about even
+//! at 256 rows; beyond that `gemm`'s cache blocking wins, so [`super::fast_bert`] keeps it for
+//! large passes.
 //!
 //! Kernels: AVX-512F (12 rows × 32 columns in 24 registers) or AVX2+FMA (6 rows × 16 columns,
 //! twice per panel), picked once at run time. Other CPUs get no packed copy ([`Packed::new`]
