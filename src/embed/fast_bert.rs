@@ -17,9 +17,9 @@ use candle_transformers::models::bert::{Config, HiddenAct};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::EmbedError;
 use super::fast_kernels::{add_bias, add_bias_gelu, add_layer_norm, softmax_rows};
 use super::packed_gemm::Packed;
+use super::{EmbedError, SharedMut};
 
 /// Most tokens (rows) in one packed pass: bounds the scratch memory (about 15 KiB per token for
 /// MiniLM, so ~60 MiB at most) while keeping the matmuls large enough to run at full speed.
@@ -502,20 +502,6 @@ fn matmul(dst: &mut [f32], a: &[f32], w: &[f32], m: usize, k: usize, n: usize, t
             false,
             par,
         );
-    }
-}
-
-/// A raw pointer shared by the attention tasks, which write disjoint parts of its buffer.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: tasks only write disjoint regions (see `attention`).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper, not its field).
-    fn ptr(self) -> *mut f32 {
-        self.0
     }
 }
 

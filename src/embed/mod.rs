@@ -27,6 +27,22 @@ pub enum EmbedError {
     Inference(String),
 }
 
+/// A raw pointer into a buffer shared by parallel tasks that each write a disjoint part of it
+/// (attention's per-(sequence, head) blocks, the packed matmul's column panels).
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every user hands it only to tasks that write disjoint regions (see `fast_bert::attention`
+// and `packed_gemm::Packed::matmul`).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper, not its field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// One L2-normalised vector per input text, in input order.
 pub type Embeddings = Vec<Vec<f32>>;
 

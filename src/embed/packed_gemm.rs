@@ -16,6 +16,8 @@
 
 use rayon::prelude::*;
 
+use super::SharedMut;
+
 /// Output columns per panel (two AVX-512 registers of f32).
 pub const NR: usize = 32;
 
@@ -137,20 +139,6 @@ impl Packed {
                 .into_par_iter()
                 .for_each(|g| run(panels * g / groups, panels * (g + 1) / groups));
         }
-    }
-}
-
-/// The destination pointer shared by the panel tasks, which write disjoint columns.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: tasks write disjoint column ranges (see `Packed::matmul`).
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper, not its field).
-    fn ptr(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -392,7 +380,7 @@ mod tests {
             let want = naive(&a, &w, m, k, n);
             for &isa in &isas {
                 for threads in [1, 2, 3] {
-                    // A guard column after every row proves nothing past `n` is written.
+                    // A guard value after the last row catches writes past the output's end.
                     let mut got = vec![f32::NAN; m * n + 1];
                     Packed::with_isa(&w, n, k, isa).matmul(&mut got, &a, m, threads);
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
