@@ -172,7 +172,7 @@ impl CandleEmbedder {
         };
         let (forward, pass) = match device {
             DeviceKind::Cpu if own => (
-                Forward::Fused(FastBert::load(&weights_path, &config)?),
+                Forward::Fused(FastBert::load(&weights_path, &config)?.with_packed_weights()),
                 CPU_PASS,
             ),
             DeviceKind::Cpu => (candle(Device::Cpu)?, CPU_PASS),

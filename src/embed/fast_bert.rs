@@ -62,9 +62,9 @@ pub(super) struct Norm {
 }
 
 /// A weight matrix, PyTorch's `[out, in]` row-major, which `gemm` reads as the transposed right
-/// operand (measured as fast as or faster than pre-transposed `[in, out]`), plus a copy packed for
-/// [`super::packed_gemm`] when the CPU has its kernels, used by passes of at most
-/// [`SMALL_PASS_ROWS`] tokens.
+/// operand (measured as fast as or faster than pre-transposed `[in, out]`), plus, once
+/// [`FastBert::with_packed_weights`] has run and the CPU has its kernels, a copy packed for
+/// [`super::packed_gemm`], used by passes of at most [`SMALL_PASS_ROWS`] tokens.
 pub(super) struct Weight {
     pub(super) w: Vec<f32>,
     packed: Option<Packed>,
@@ -76,8 +76,16 @@ pub(super) struct Weight {
 
 impl Weight {
     fn new(w: Vec<f32>, n: usize, k: usize) -> Self {
-        let packed = Packed::new(&w, n, k);
-        Self { w, packed, n, k }
+        Self {
+            w,
+            packed: None,
+            n,
+            k,
+        }
+    }
+
+    fn pack(&mut self) {
+        self.packed = Packed::new(&self.w, self.n, self.k);
     }
 
     /// `dst[m×n] = a[m×k] · wᵀ` (row-major, contiguous) on `threads` threads.
@@ -134,6 +142,19 @@ pub type TensorSource<'a> = dyn FnMut(&str) -> Result<(Vec<f32>, Vec<usize>), Em
 type ShapedSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, EmbedError> + 'a;
 
 impl FastBert {
+    /// Adds a copy of every weight packed for the CPU's small-pass kernels (about the model's
+    /// size again: 42 MB for MiniLM), so that passes of at most [`SMALL_PASS_ROWS`] tokens skip
+    /// gemm's per-call packing. For a model that runs here; one that only feeds the GPU's
+    /// upload does without. A CPU without AVX2 gets no copy and stays on gemm.
+    pub fn with_packed_weights(mut self) -> Self {
+        for l in &mut self.layers {
+            for w in [&mut l.qkv_w, &mut l.out_w, &mut l.up_w, &mut l.down_w] {
+                w.pack();
+            }
+        }
+        self
+    }
+
     /// Whether this forward implements `config` (GELU with erf, heads dividing the width).
     pub fn supports(config: &Config) -> bool {
         config.hidden_act == HiddenAct::Gelu
@@ -722,6 +743,11 @@ mod tests {
     }
 
     fn fast(config: &Config, tensors: &HashMap<String, Tensor>) -> FastBert {
+        unpacked(config, tensors).with_packed_weights()
+    }
+
+    /// The model without the packed copy: small passes go through gemm too.
+    fn unpacked(config: &Config, tensors: &HashMap<String, Tensor>) -> FastBert {
         let mut read = |name: &str| {
             let t = tensors
                 .get(name)
@@ -765,6 +791,7 @@ mod tests {
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
         let model = BertModel::load(vb, &config).expect("candle tiny model");
         let mut bert = fast(&config, &tensors);
+        let mut plain = unpacked(&config, &tensors);
         let seqs = seqs();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let batched = bert.embed(&refs).expect("batched");
@@ -787,6 +814,12 @@ mod tests {
             assert!(
                 cosine(&single[0], got) >= 0.999_999,
                 "packing changes nothing"
+            );
+            let via_gemm = plain.embed(&[seq]).expect("single, unpacked");
+            assert!(
+                cosine(&single[0], &via_gemm[0]) >= 0.999_999,
+                "packed weights and gemm agree for {} tokens",
+                seq.len()
             );
         }
     }
