@@ -4,7 +4,11 @@
 //! Prompts come from `tests/data/recall_prompts.txt` (one a line) when it exists, else from the
 //! texts of `tests/data/minilm-reference.jsonl`. The model directory is `PROMPT_RADAR_MODEL` or
 //! `models/all-MiniLM-L6-v2`. Run: `cargo bench --bench embed` (add `-- --quick` for a fast pass,
-//! `-- fused` for one forward only).
+//! `-- fused` for one forward only, `-- tokenize` for the tokeniser alone).
+//!
+//! `tokenize/request/N` tokenises N prompts one after the other on one thread, as the server does
+//! per request on the thread it arrived on; `tokenize/pooled/N` tokenises them as one batch on the
+//! thread pool, as `embed` and `reindex` do.
 
 #![allow(clippy::unwrap_used)] // benches and tests may panic on setup failures
 
@@ -91,7 +95,11 @@ fn bench_embed(c: &mut Criterion) {
                 .take(batch)
                 .map(String::as_str)
                 .collect();
-            let tokens: usize = texts.iter().map(|t| embedder.count_tokens(t)).sum();
+            let tokenizer = embedder.tokenizer();
+            let tokens: usize = texts
+                .iter()
+                .map(|t| tokenizer.ids(t).map_or(0, |ids| ids.len()))
+                .sum();
             eprintln!(
                 "embed bench: {name} batch {batch}: {tokens} tokens, {:.1} per prompt",
                 tokens as f64 / batch as f64
@@ -106,5 +114,47 @@ fn bench_embed(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_embed);
+/// Prompts tokenised per measured iteration.
+const TOKENIZE_PROMPTS: usize = 512;
+
+fn bench_tokenize(c: &mut Criterion) {
+    let dir = model_dir();
+    let prompts = prompts();
+    let embedder = CandleEmbedder::load(&dir, DeviceKind::Cpu)
+        .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
+    let texts: Vec<&str> = prompts
+        .iter()
+        .cycle()
+        .take(TOKENIZE_PROMPTS)
+        .map(String::as_str)
+        .collect();
+    let tokenizer = embedder.tokenizer();
+    let mut group = c.benchmark_group("tokenize");
+    group
+        .sample_size(SAMPLE_SIZE)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Elements(texts.len() as u64));
+    group.bench_with_input(
+        BenchmarkId::new("request", texts.len()),
+        &texts,
+        |b, texts| {
+            b.iter(|| {
+                for t in texts {
+                    std::hint::black_box(tokenizer.ids(t).expect("tokenize"));
+                }
+            });
+        },
+    );
+    group.bench_with_input(
+        BenchmarkId::new("pooled", texts.len()),
+        &texts,
+        |b, texts| {
+            b.iter(|| std::hint::black_box(embedder.token_ids(texts).expect("tokenize")));
+        },
+    );
+    group.finish();
+}
+
+criterion_group!(benches, bench_tokenize, bench_embed);
 criterion_main!(benches);

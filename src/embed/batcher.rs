@@ -4,7 +4,12 @@
 //! forward passes. A full queue is an immediate [`SubmitError::Full`] (→ `RESOURCE_EXHAUSTED`),
 //! never an unbounded wait. Requests whose caller has gone away are dropped before embedding.
 //!
-//! Generic over the payload `T` carried beside each text, handed with its vector to a sink that
+//! Requests arrive tokenised (by the submitter, on its own thread, with
+//! [`Embedder::tokenizer`]), so this thread, the one that drives the GPU when there is one, does
+//! nothing but run the model. A request is one or more token sequences (a prompt and its parts);
+//! its vectors come back concatenated in the same order.
+//!
+//! Generic over the payload `T` carried beside each request, handed with its vector to a sink that
 //! runs on the batcher thread: the server forwards it to the ingest stage, keeping FIFO order.
 
 use std::thread::JoinHandle;
@@ -21,7 +26,7 @@ pub struct BatchConfig {
     pub queue_capacity: usize,
     /// Most requests in one forward pass.
     pub max_batch_requests: usize,
-    /// Most padded tokens (requests × longest) in one forward pass.
+    /// Most padded tokens (sequences × longest sequence) in one forward pass.
     pub max_batch_tokens: usize,
 }
 
@@ -46,17 +51,18 @@ pub enum SubmitError {
     Closed,
 }
 
-/// One text waiting for the model, with its payload.
+/// One request waiting for the model, with its payload.
 pub struct Job<T> {
-    /// The text to embed.
-    pub text: String,
+    /// Its token-id sequences, from [`Embedder::tokenizer`].
+    pub seqs: Vec<Vec<u32>>,
     /// Carried through to the sink.
     pub payload: T,
     /// When it was queued (for queue-time metrics).
     pub queued_at: Instant,
 }
 
-/// What the sink receives for each request of a batch: its vector (or the batch's error).
+/// What the sink receives for each request of a batch: its sequences' vectors one after the
+/// other (or the batch's error).
 pub type Embedded<T> = (Result<Vec<f32>, std::sync::Arc<EmbedError>>, Job<T>);
 
 /// Submits texts to the batcher thread. Cheap to clone.
@@ -75,10 +81,22 @@ impl<T> Clone for BatcherHandle<T> {
 }
 
 impl<T: Send + 'static> BatcherHandle<T> {
-    /// Queues a text, failing at once when the queue is full.
-    pub fn try_submit(&self, text: String, payload: T) -> Result<(), SubmitError> {
+    /// Fails as [`BatcherHandle::try_submit`] would on a full queue, so that a caller can refuse
+    /// before preparing a request it could not queue.
+    pub fn has_room(&self) -> Result<(), SubmitError> {
+        if self.tx.is_closed() {
+            Err(SubmitError::Closed)
+        } else if self.tx.capacity() == 0 {
+            Err(SubmitError::Full(self.capacity))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Queues a request, failing at once when the queue is full.
+    pub fn try_submit(&self, seqs: Vec<Vec<u32>>, payload: T) -> Result<(), SubmitError> {
         let job = Job {
-            text,
+            seqs,
             payload,
             queued_at: Instant::now(),
         };
@@ -88,10 +106,11 @@ impl<T: Send + 'static> BatcherHandle<T> {
         })
     }
 
-    /// Queues a text, waiting for room (back-pressure for streams, whose in-flight count is bounded).
-    pub async fn submit(&self, text: String, payload: T) -> Result<(), SubmitError> {
+    /// Queues a request, waiting for room (back-pressure for streams, whose in-flight count is
+    /// bounded).
+    pub async fn submit(&self, seqs: Vec<Vec<u32>>, payload: T) -> Result<(), SubmitError> {
         let job = Job {
-            text,
+            seqs,
             payload,
             queued_at: Instant::now(),
         };
@@ -139,42 +158,24 @@ impl Batcher {
                         },
                     };
                     let mut batch = Vec::with_capacity(config.max_batch_requests);
-                    let mut longest = embedder.count_tokens(&first.text);
+                    let (mut rows, mut longest) = shape(&first);
                     batch.push(first);
                     while batch.len() < config.max_batch_requests.max(1) {
                         let Ok(job) = rx.try_recv() else { break };
-                        let tokens = embedder.count_tokens(&job.text);
-                        let padded = longest.max(tokens) * (batch.len() + 1);
+                        let (job_rows, job_longest) = shape(&job);
+                        let padded = longest.max(job_longest) * (rows + job_rows);
                         if padded > config.max_batch_tokens {
                             carry = Some(job);
                             break;
                         }
-                        longest = longest.max(tokens);
+                        (rows, longest) = (rows + job_rows, longest.max(job_longest));
                         batch.push(job);
                     }
                     batch.retain(|j| !is_cancelled(&j.payload));
                     if batch.is_empty() {
                         continue;
                     }
-                    let texts: Vec<&str> = batch.iter().map(|j| j.text.as_str()).collect();
-                    let out: Vec<Embedded<T>> = match embedder.embed(&texts) {
-                        Ok(vectors) if vectors.len() == batch.len() => {
-                            vectors.into_iter().map(Ok).zip(batch).collect()
-                        }
-                        Ok(vectors) => {
-                            let err = std::sync::Arc::new(EmbedError::Inference(format!(
-                                "model returned {} vectors for {} texts",
-                                vectors.len(),
-                                batch.len()
-                            )));
-                            batch.into_iter().map(|j| (Err(err.clone()), j)).collect()
-                        }
-                        Err(e) => {
-                            let err = std::sync::Arc::new(e);
-                            batch.into_iter().map(|j| (Err(err.clone()), j)).collect()
-                        }
-                    };
-                    sink(out);
+                    sink(run(&mut embedder, batch));
                 }
             })?;
         Ok((
@@ -184,6 +185,45 @@ impl Batcher {
             BatcherHandle { tx, capacity },
         ))
     }
+}
+
+/// Sequences and longest sequence of a request.
+fn shape<T>(job: &Job<T>) -> (usize, usize) {
+    let longest = job.seqs.iter().map(Vec::len).max().unwrap_or(0);
+    (job.seqs.len(), longest)
+}
+
+/// One forward pass over every sequence of `batch`; each request gets its sequences' vectors
+/// concatenated, or the pass's error.
+fn run<E: Embedder, T>(embedder: &mut E, batch: Vec<Job<T>>) -> Vec<Embedded<T>> {
+    let ids: Vec<&[u32]> = batch
+        .iter()
+        .flat_map(|j| j.seqs.iter().map(Vec::as_slice))
+        .collect();
+    let fail = |e: EmbedError, batch: Vec<Job<T>>| {
+        let err = std::sync::Arc::new(e);
+        batch.into_iter().map(|j| (Err(err.clone()), j)).collect()
+    };
+    let vectors = match embedder.embed_ids(&ids) {
+        Ok(v) if v.len() == ids.len() => v,
+        Ok(v) => {
+            let msg = format!(
+                "model returned {} vectors for {} inputs",
+                v.len(),
+                ids.len()
+            );
+            return fail(EmbedError::Inference(msg), batch);
+        }
+        Err(e) => return fail(e, batch),
+    };
+    let mut vectors = vectors.into_iter();
+    batch
+        .into_iter()
+        .map(|job| {
+            let parts: Vec<Vec<f32>> = vectors.by_ref().take(job.seqs.len()).collect();
+            (Ok(parts.concat()), job)
+        })
+        .collect()
 }
 
 impl Drop for Batcher {
@@ -206,15 +246,28 @@ mod tests {
         batches: Arc<Mutex<Vec<usize>>>,
     }
 
+    /// One id per word.
+    struct Words;
+
+    impl super::super::Tokenize for Words {
+        fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
+            Ok(text.split_whitespace().map(|w| w.len() as u32).collect())
+        }
+    }
+
     impl Embedder for GatedEmbedder {
-        fn embed(&mut self, texts: &[&str]) -> Result<super::super::Embeddings, EmbedError> {
+        /// One vector per sequence: its length, then its first id.
+        fn embed_ids(&mut self, ids: &[&[u32]]) -> Result<super::super::Embeddings, EmbedError> {
             self.entered.send(()).unwrap();
             self.gate.wait();
-            self.batches.lock().unwrap().push(texts.len());
-            Ok(texts.iter().map(|t| vec![t.len() as f32]).collect())
+            self.batches.lock().unwrap().push(ids.len());
+            Ok(ids
+                .iter()
+                .map(|s| vec![s.len() as f32, s.first().map_or(-1.0, |&x| x as f32)])
+                .collect())
         }
-        fn count_tokens(&self, text: &str) -> usize {
-            text.split_whitespace().count() + 2
+        fn tokenizer(&self) -> Arc<dyn super::super::Tokenize> {
+            Arc::new(Words)
         }
         fn dim(&self) -> usize {
             1
@@ -229,7 +282,7 @@ mod tests {
         Arc<Barrier>,
         Arc<Mutex<Vec<usize>>>,
         BatcherHandle<usize>,
-        std::sync::mpsc::Receiver<(f32, usize)>,
+        std::sync::mpsc::Receiver<(Vec<f32>, usize)>,
         Batcher,
     );
 
@@ -249,12 +302,17 @@ mod tests {
             |_: &usize| false,
             move |out: Vec<Embedded<usize>>| {
                 for (v, j) in out {
-                    out_tx.send((v.unwrap()[0], j.payload)).unwrap();
+                    out_tx.send((v.unwrap(), j.payload)).unwrap();
                 }
             },
         )
         .unwrap();
         (entered_rx, gate, batches, h, out_rx, b)
+    }
+
+    /// A request of one sequence of `len` tokens.
+    fn one(len: usize) -> Vec<Vec<u32>> {
+        vec![vec![7; len]]
     }
 
     #[test]
@@ -265,15 +323,14 @@ mod tests {
             max_batch_tokens: 10_000,
         };
         let (entered, gate, batches, h, out, _b) = setup(cfg);
-        h.try_submit("first".into(), 0).unwrap();
+        assert_eq!(h.has_room(), Ok(()));
+        h.try_submit(one(3), 0).unwrap();
         entered.recv().unwrap(); // the thread is inside the forward pass of batch [0]
         for i in 1..=4 {
-            h.try_submit(format!("t{i}"), i).unwrap();
+            h.try_submit(one(3), i).unwrap();
         }
-        assert_eq!(
-            h.try_submit("overflow".into(), 99),
-            Err(SubmitError::Full(4))
-        );
+        assert_eq!(h.has_room(), Err(SubmitError::Full(4)));
+        assert_eq!(h.try_submit(one(3), 99), Err(SubmitError::Full(4)));
         gate.wait(); // batch [0]
         gate.wait(); // batch [1..=4], shared forward pass
         let got: Vec<usize> = (0..5).map(|_| out.recv().unwrap().1).collect();
@@ -283,23 +340,58 @@ mod tests {
 
     #[test]
     fn batches_are_capped_by_padded_tokens() {
-        // Each text is 3 words + 2 = 5 tokens; a cap of 10 tokens allows 2 per batch.
+        // A cap of 10 padded tokens holds two requests of 5 tokens, or one of 5 and one of 4
+        // padded to 5; a request of two sequences counts both rows.
         let cfg = BatchConfig {
             queue_capacity: 16,
             max_batch_requests: 64,
             max_batch_tokens: 10,
         };
         let (entered, gate, batches, h, out, _b) = setup(cfg);
-        h.try_submit("a b c".into(), 0).unwrap();
+        h.try_submit(one(5), 0).unwrap();
         entered.recv().unwrap();
-        for i in 1..=4 {
-            h.try_submit("a b c".into(), i).unwrap();
-        }
-        for _ in 0..3 {
+        h.try_submit(one(5), 1).unwrap();
+        h.try_submit(one(4), 2).unwrap();
+        h.try_submit(vec![vec![1; 3], vec![2; 5]], 3).unwrap();
+        h.try_submit(one(2), 4).unwrap();
+        for _ in 0..4 {
             gate.wait();
         }
         let got: Vec<usize> = (0..5).map(|_| out.recv().unwrap().1).collect();
         assert_eq!(got, vec![0, 1, 2, 3, 4]);
-        assert_eq!(*batches.lock().unwrap(), vec![1, 2, 2]);
+        // [0] alone (the pass was already running), [1, 2] = 2 × 5, [3] = 2 × 5, [4].
+        assert_eq!(*batches.lock().unwrap(), vec![1, 2, 2, 1]);
+    }
+
+    #[test]
+    fn a_request_gets_its_sequences_vectors_in_order() {
+        let cfg = BatchConfig {
+            queue_capacity: 16,
+            max_batch_requests: 64,
+            max_batch_tokens: 10_000,
+        };
+        let (entered, gate, _batches, h, out, _b) = setup(cfg);
+        h.try_submit(one(1), 0).unwrap();
+        entered.recv().unwrap();
+        let words = Words;
+        let seqs = ["a bb", "ccc", "dddd e f"]
+            .iter()
+            .map(|t| super::super::Tokenize::ids(&words, t).unwrap())
+            .collect();
+        h.try_submit(seqs, 1).unwrap();
+        h.try_submit(vec![vec![9, 9]], 2).unwrap();
+        h.try_submit(Vec::new(), 3).unwrap();
+        gate.wait();
+        gate.wait();
+        let got: Vec<(Vec<f32>, usize)> = (0..4).map(|_| out.recv().unwrap()).collect();
+        assert_eq!(got[0], (vec![1.0, 7.0], 0));
+        // [length, first id] per sequence, concatenated.
+        assert_eq!(got[1], (vec![2.0, 1.0, 1.0, 3.0, 3.0, 4.0], 1));
+        assert_eq!(got[2], (vec![2.0, 9.0], 2));
+        assert_eq!(
+            got[3],
+            (Vec::new(), 3),
+            "no sequences, no vectors, no panic"
+        );
     }
 }

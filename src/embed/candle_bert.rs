@@ -10,6 +10,7 @@
 
 use std::ops::{ControlFlow, Range};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
 
 use candle_core::{DType, Device, Tensor};
@@ -20,7 +21,7 @@ use tokenizers::{Encoding, Tokenizer, TruncationParams};
 #[cfg(feature = "cuda")]
 use super::cuda_bert::CudaBert;
 use super::fast_bert::FastBert;
-use super::{EmbedError, Embedder, Embeddings};
+use super::{EmbedError, Embedder, Embeddings, Tokenize};
 use crate::config::DeviceKind;
 
 /// Most tokens the model sees of one input, special tokens included (sentence-transformers'
@@ -103,7 +104,7 @@ impl Forward {
 /// A BERT sentence embedder (all-MiniLM-L6-v2) on the CPU (f32) or a CUDA GPU (f16).
 pub struct CandleEmbedder {
     forward: Forward,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     kind: DeviceKind,
     dim: usize,
     pass: PassLimits,
@@ -200,7 +201,7 @@ impl CandleEmbedder {
         };
         Ok(Self {
             forward,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             kind: device,
             dim: config.hidden_size,
             pass,
@@ -210,12 +211,6 @@ impl CandleEmbedder {
     /// Tokenises `texts` (see [`encode`]).
     fn encode(&self, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
         encode(&self.tokenizer, texts)
-    }
-
-    /// Embeds token-id sequences (each already truncated, special tokens included) without
-    /// tokenising: the model-only part of [`Embedder::embed`], for benchmarks.
-    pub fn embed_ids(&mut self, ids: &[&[u32]]) -> Result<Embeddings, EmbedError> {
-        self.forward.run(ids, self.pass)
     }
 
     /// Embeds `texts` in batches of `batch`, tokenising the next batch on another thread while
@@ -229,7 +224,7 @@ impl CandleEmbedder {
         mut sink: impl FnMut(Range<usize>, Embeddings) -> ControlFlow<()>,
     ) -> Result<(), EmbedError> {
         let batch = batch.max(1);
-        let (tokenizer, forward, pass) = (&self.tokenizer, &mut self.forward, self.pass);
+        let (tokenizer, forward, pass) = (&*self.tokenizer, &mut self.forward, self.pass);
         std::thread::scope(|scope| {
             // Two batches ahead at most: bounded memory, and the model always has one waiting.
             let (tx, rx) = sync_channel::<Result<(Range<usize>, Vec<Encoding>), EmbedError>>(2);
@@ -298,11 +293,14 @@ impl Embedder for CandleEmbedder {
         self.embed_ids(&ids)
     }
 
-    fn count_tokens(&self, text: &str) -> usize {
-        match self.encode(&[text]) {
-            Ok(encodings) => encodings.first().map_or(MAX_TOKENS, Encoding::len),
-            Err(_) => MAX_TOKENS,
-        }
+    /// Token-id sequences (each already truncated, special tokens included) through the model
+    /// without tokenising: also the model-only part of [`Embedder::embed`], for benchmarks.
+    fn embed_ids(&mut self, ids: &[&[u32]]) -> Result<Embeddings, EmbedError> {
+        self.forward.run(ids, self.pass)
+    }
+
+    fn tokenizer(&self) -> Arc<dyn Tokenize> {
+        self.tokenizer.clone()
     }
 
     fn dim(&self) -> usize {
@@ -334,6 +332,20 @@ fn encode(tokenizer: &Tokenizer, texts: &[&str]) -> Result<Vec<Encoding>, EmbedE
         }
     }
     Ok(encodings)
+}
+
+impl Tokenize for Tokenizer {
+    /// [`encode`] for one text, without the thread pool that batches use: a request is tokenised
+    /// on the thread it arrived on, while the pool runs the model.
+    fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
+        let tok_err = |e: tokenizers::Error| EmbedError::Tokenizer(e.to_string());
+        let prefix = word_prefix(text, PREFIX_BYTES);
+        let mut encoding = self.encode(prefix, true).map_err(tok_err)?;
+        if prefix.len() < text.len() && encoding.len() < MAX_TOKENS {
+            encoding = self.encode(text, true).map_err(tok_err)?;
+        }
+        Ok(encoding.get_ids().to_vec())
+    }
 }
 
 /// The longest prefix of `text` of at most `max_bytes` bytes that ends just before an ASCII space,

@@ -46,14 +46,33 @@ impl SharedMut {
 /// One L2-normalised vector per input text, in input order.
 pub type Embeddings = Vec<Vec<f32>>;
 
+/// Turns a text into the token ids an [`Embedder`] takes (truncated at the model's maximum,
+/// special tokens included). Shared by any number of threads, so that requests are tokenised
+/// where they arrive, in parallel, and the thread that owns the model only runs the model.
+pub trait Tokenize: Send + Sync {
+    /// The ids of one text, tokenised on the calling thread.
+    fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError>;
+}
+
 /// A synchronous sentence embedder. Implementations are driven from one dedicated thread (see
 /// [`Batcher`]), so `embed` may be slow and need not be `Sync`.
 pub trait Embedder: Send {
     /// Embeds `texts` (already validated, non-empty) into L2-normalised vectors, truncating each
-    /// input at the model's maximum token count.
-    fn embed(&mut self, texts: &[&str]) -> Result<Embeddings, EmbedError>;
-    /// Number of tokens `text` occupies after truncation (used to cap batches by tokens).
-    fn count_tokens(&self, text: &str) -> usize;
+    /// input at the model's maximum token count. The default tokenises with [`Embedder::tokenizer`]
+    /// one text after the other, then runs [`Embedder::embed_ids`].
+    fn embed(&mut self, texts: &[&str]) -> Result<Embeddings, EmbedError> {
+        let tokenizer = self.tokenizer();
+        let ids = texts
+            .iter()
+            .map(|t| tokenizer.ids(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        self.embed_ids(&refs)
+    }
+    /// Embeds token-id sequences from [`Embedder::tokenizer`] into L2-normalised vectors, in order.
+    fn embed_ids(&mut self, ids: &[&[u32]]) -> Result<Embeddings, EmbedError>;
+    /// This model's tokeniser, to use on other threads.
+    fn tokenizer(&self) -> std::sync::Arc<dyn Tokenize>;
     /// Vector dimension.
     fn dim(&self) -> usize;
     /// Human-readable device name ("cpu", "cuda:0").

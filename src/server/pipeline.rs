@@ -1,7 +1,8 @@
-//! The check pipeline: validated prompts → embedding batcher thread → ingest thread → verdict.
-//! Two OS threads so that embedding the next batch overlaps committing the last one; both
-//! stages are FIFO, so prompts are ingested in the order they were submitted. The ingest thread
-//! coalesces whatever batches are waiting into one engine call (one store commit).
+//! The check pipeline: validated prompts, tokenised on the caller's thread → embedding batcher
+//! thread → ingest thread → verdict. Two OS threads so that embedding the next batch overlaps
+//! committing the last one; both stages are FIFO, so prompts are ingested in the order they were
+//! submitted. The ingest thread coalesces whatever batches are waiting into one engine call (one
+//! store commit).
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -10,8 +11,8 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use crate::detect::Verdict;
-use crate::embed::{BatchConfig, Batcher, BatcherHandle, Embedded, Embedder};
-use crate::engine::{Engine, NewPrompt, embed_with_parts};
+use crate::embed::{BatchConfig, Batcher, BatcherHandle, Embedded, Embedder, Tokenize};
+use crate::engine::{Engine, NewPrompt};
 use crate::error::Error;
 
 /// A verdict and the time the server spent on it.
@@ -21,6 +22,7 @@ pub type Timed<T> = Result<(T, std::time::Duration), Error>;
 pub enum Work {
     /// A prompt to check and record.
     Check {
+        text: String,
         account_id: String,
         timestamp_ms: i64,
         reply: oneshot::Sender<Timed<Verdict>>,
@@ -36,6 +38,9 @@ type IngestItem = (NewPrompt, oneshot::Sender<Timed<Verdict>>, Instant);
 /// Handle to the running pipeline. Dropping it stops both threads once queues drain.
 pub struct CheckPipeline {
     handle: BatcherHandle<Work>,
+    tokenizer: Arc<dyn Tokenize>,
+    /// Whether prompts' parts (`detect::keys::parts`) are embedded with them.
+    parts: bool,
     _batcher: Batcher,
 }
 
@@ -47,11 +52,7 @@ impl CheckPipeline {
         batch: BatchConfig,
     ) -> std::io::Result<Self> {
         let (ingest_tx, ingest_rx) = sync_channel::<Vec<IngestItem>>(4);
-        let dim = embedder.dim();
-        let embedder = WithParts {
-            inner: embedder,
-            on: engine.uses_parts(),
-        };
+        let (dim, tokenizer, parts) = (embedder.dim(), embedder.tokenizer(), engine.uses_parts());
         std::thread::Builder::new()
             .name("ingest".into())
             .spawn(move || ingest_loop(&engine, &ingest_rx))?;
@@ -63,8 +64,25 @@ impl CheckPipeline {
         let (batcher, handle) = Batcher::spawn(embedder, batch, is_cancelled, sink)?;
         Ok(Self {
             handle,
+            tokenizer,
+            parts,
             _batcher: batcher,
         })
+    }
+
+    /// The token sequences of a prompt: its own, then its parts' (which go through the model
+    /// with it, sharing forward passes; [`route`] splits the vectors again). Runs on the caller's
+    /// thread, so that requests are tokenised in parallel and the batcher only runs the model.
+    fn tokenize(&self, text: &str, with_parts: bool) -> Result<Vec<Vec<u32>>, Error> {
+        let parts = if with_parts && self.parts {
+            crate::detect::keys::parts(text)
+        } else {
+            Vec::new()
+        };
+        std::iter::once(text)
+            .chain(parts)
+            .map(|t| self.tokenizer.ids(t).map_err(Error::Embed))
+            .collect()
     }
 
     /// Queues a prompt; fails at once with `RESOURCE_EXHAUSTED` when the queue is full.
@@ -74,10 +92,13 @@ impl CheckPipeline {
         account_id: String,
         timestamp_ms: i64,
     ) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
+        self.handle.has_room()?; // refuse before tokenising
+        let seqs = self.tokenize(&text, true)?;
         let (reply, rx) = oneshot::channel();
         self.handle.try_submit(
-            text,
+            seqs,
             Work::Check {
+                text,
                 account_id,
                 timestamp_ms,
                 reply,
@@ -93,11 +114,13 @@ impl CheckPipeline {
         account_id: String,
         timestamp_ms: i64,
     ) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
+        let seqs = self.tokenize(&text, true)?;
         let (reply, rx) = oneshot::channel();
         self.handle
             .submit(
-                text,
+                seqs,
                 Work::Check {
+                    text,
                     account_id,
                     timestamp_ms,
                     reply,
@@ -109,8 +132,10 @@ impl CheckPipeline {
 
     /// Embeds a text (for search); fails at once when the queue is full.
     pub async fn embed(&self, text: String) -> Result<Vec<f32>, Error> {
+        self.handle.has_room()?; // refuse before tokenising
+        let seqs = self.tokenize(&text, false)?;
         let (reply, rx) = oneshot::channel();
-        self.handle.try_submit(text, Work::Embed { reply })?;
+        self.handle.try_submit(seqs, Work::Embed { reply })?;
         rx.await
             .map_err(|_| Error::Unavailable("embedding worker stopped".into()))?
     }
@@ -138,6 +163,7 @@ fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<Ingest
             }
             (
                 Work::Check {
+                    text,
                     account_id,
                     timestamp_ms,
                     reply,
@@ -154,7 +180,7 @@ fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<Ingest
                 let p = NewPrompt {
                     account_id,
                     timestamp_ms,
-                    text: job.text,
+                    text,
                     embedding,
                     parts,
                 };
@@ -169,53 +195,6 @@ fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<Ingest
                 let _ = reply.send(Err(Error::Unavailable("ingest worker stopped".into())));
             }
         }
-    }
-}
-
-/// The model behind the batcher, also embedding each prompt's parts (`detect::keys::parts`) in
-/// the same call so they share forward passes: each text's vector comes back as its own vector
-/// followed by its parts' vectors, split again in [`route`].
-struct WithParts<E> {
-    inner: E,
-    on: bool,
-}
-
-impl<E: Embedder> Embedder for WithParts<E> {
-    fn embed(
-        &mut self,
-        texts: &[&str],
-    ) -> Result<crate::embed::Embeddings, crate::embed::EmbedError> {
-        let inner = &mut self.inner;
-        let out = embed_with_parts(texts, self.on, |all| inner.embed(all))?;
-        Ok(out
-            .into_iter()
-            .map(|(mut v, parts)| {
-                for p in parts {
-                    v.extend(p);
-                }
-                v
-            })
-            .collect())
-    }
-    /// The prompt's tokens plus its parts' (which go through the model with it), so that the
-    /// batcher's token cap bounds the real work of a batch.
-    fn count_tokens(&self, text: &str) -> usize {
-        let parts = if self.on {
-            crate::detect::keys::parts(text)
-        } else {
-            Vec::new()
-        };
-        self.inner.count_tokens(text)
-            + parts
-                .iter()
-                .map(|p| self.inner.count_tokens(p))
-                .sum::<usize>()
-    }
-    fn dim(&self) -> usize {
-        self.inner.dim()
-    }
-    fn device_name(&self) -> String {
-        self.inner.device_name()
     }
 }
 

@@ -119,7 +119,7 @@ fn fused_forward_matches_candle_transformers() {
     let mut candle = CandleEmbedder::load_with(&dir, DeviceKind::Cpu, BertForward::Candle)
         .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
     assert!(
-        texts.iter().any(|t| candle.count_tokens(t) == 256),
+        texts.iter().any(|t| count(&candle, t) == 256),
         "a truncated text"
     );
     let want = batched_and_single(&mut candle, &texts);
@@ -174,20 +174,51 @@ fn pipelined_embedding_matches_embed_in_order() {
     assert_eq!(batches, 1, "the sink stopped the run");
 }
 
+/// Tokens of one text through the tokeniser handed to other threads.
+fn count(embedder: &CandleEmbedder, text: &str) -> usize {
+    embedder.tokenizer().ids(text).expect("tokenize").len()
+}
+
 #[test]
 fn counts_tokens_after_truncation() {
     let embedder = load();
     let long: String = (0..5000).map(|i| format!("word{} ", i % 97)).collect();
-    assert_eq!(embedder.count_tokens(&long), 256);
-    assert_eq!(
-        embedder.count_tokens(&"lorem ipsum dolor ".repeat(2000)),
-        256
-    );
-    assert_eq!(embedder.count_tokens("hi"), 3, "[CLS] hi [SEP]");
-    assert_eq!(embedder.count_tokens(""), 2, "[CLS] [SEP]");
+    assert_eq!(count(&embedder, &long), 256);
+    assert_eq!(count(&embedder, &"lorem ipsum dolor ".repeat(2000)), 256);
+    assert_eq!(count(&embedder, "hi"), 3, "[CLS] hi [SEP]");
+    assert_eq!(count(&embedder, ""), 2, "[CLS] [SEP]");
     // A long text whose first 4 KiB hold few tokens must still be counted in full.
     let sparse = format!("{} {}", "x".repeat(4000), "y ".repeat(300));
-    assert_eq!(embedder.count_tokens(&sparse), 256);
+    assert_eq!(count(&embedder, &sparse), 256);
+}
+
+/// The server tokenises each request on its own thread with `tokenizer()`; the batch paths use
+/// the pooled tokeniser. Both must give the model the same ids, and the ids the same vectors.
+#[test]
+fn request_tokeniser_matches_batch_tokenisation() {
+    let refs = references();
+    let path = common::data_file("recall_prompts.txt");
+    let prompts =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut texts = reference_and_long_texts(&refs, &prompts);
+    texts.push(format!("{} {}", "x".repeat(4000), "y ".repeat(300)));
+    texts.push((0..5000).map(|i| format!("word{} ", i % 97)).collect());
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut embedder = load();
+    let batch = embedder.token_ids(&texts).expect("batch tokenisation");
+    let tokenizer = embedder.tokenizer();
+    let one_by_one: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| tokenizer.ids(t).expect("tokenize one"))
+        .collect();
+    assert_eq!(one_by_one, batch);
+    let ids: Vec<&[u32]> = one_by_one.iter().map(Vec::as_slice).collect();
+    let from_ids = embedder.embed_ids(&ids).expect("embed ids");
+    let from_texts = embedder.embed(&texts).expect("embed texts");
+    for (a, b) in from_ids.iter().zip(&from_texts) {
+        assert!(cosine(a, b) >= 0.999_999, "same ids, same vectors");
+    }
+    assert_eq!(from_ids.len(), texts.len());
 }
 
 #[test]
@@ -220,7 +251,7 @@ fn odd_inputs_do_not_panic() {
         chinese.as_str(),
     ];
     for text in inputs {
-        let _ = embedder.count_tokens(text);
+        let _ = embedder.tokenizer().ids(text);
         if let Ok(v) = embedder.embed(&[text]) {
             assert_eq!(v.len(), 1);
             let head: String = text.chars().take(20).collect();
