@@ -65,7 +65,7 @@ pub struct Job<T> {
 /// other (or the batch's error).
 pub type Embedded<T> = (Result<Vec<f32>, std::sync::Arc<EmbedError>>, Job<T>);
 
-/// Submits texts to the batcher thread. Cheap to clone.
+/// Submits requests to the batcher thread. Cheap to clone.
 pub struct BatcherHandle<T> {
     tx: mpsc::Sender<Job<T>>,
     capacity: usize,
