@@ -73,6 +73,11 @@ fn prompts() -> Vec<String> {
     texts
 }
 
+/// `n` consecutive prompts, wrapping around when there are fewer.
+fn first(prompts: &[String], n: usize) -> Vec<&str> {
+    prompts.iter().cycle().take(n).map(String::as_str).collect()
+}
+
 fn bench_embed(c: &mut Criterion) {
     let dir = model_dir();
     let prompts = prompts();
@@ -88,17 +93,12 @@ fn bench_embed(c: &mut Criterion) {
         let mut embedder = CandleEmbedder::load_with(&dir, DeviceKind::Cpu, forward)
             .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
         for batch in BATCH_SIZES {
-            // Consecutive prompts, wrapping around when the file holds fewer than `batch`.
-            let texts: Vec<&str> = prompts
+            let texts = first(&prompts, batch);
+            let tokens: usize = embedder
+                .token_ids(&texts)
+                .expect("tokenize")
                 .iter()
-                .cycle()
-                .take(batch)
-                .map(String::as_str)
-                .collect();
-            let tokenizer = embedder.tokenizer();
-            let tokens: usize = texts
-                .iter()
-                .map(|t| tokenizer.ids(t).map_or(0, |ids| ids.len()))
+                .map(Vec::len)
                 .sum();
             eprintln!(
                 "embed bench: {name} batch {batch}: {tokens} tokens, {:.1} per prompt",
@@ -122,12 +122,7 @@ fn bench_tokenize(c: &mut Criterion) {
     let prompts = prompts();
     let embedder = CandleEmbedder::load(&dir, DeviceKind::Cpu)
         .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()));
-    let texts: Vec<&str> = prompts
-        .iter()
-        .cycle()
-        .take(TOKENIZE_PROMPTS)
-        .map(String::as_str)
-        .collect();
+    let texts = first(&prompts, TOKENIZE_PROMPTS);
     let tokenizer = embedder.tokenizer();
     let mut group = c.benchmark_group("tokenize");
     group

@@ -373,12 +373,8 @@ mod tests {
         let (entered, gate, _batches, h, out, _b) = setup(cfg);
         h.try_submit(one(1), 0).unwrap();
         entered.recv().unwrap();
-        let words = Words;
-        let seqs = ["a bb", "ccc", "dddd e f"]
-            .iter()
-            .map(|t| super::super::Tokenize::ids(&words, t).unwrap())
-            .collect();
-        h.try_submit(seqs, 1).unwrap();
+        h.try_submit(vec![vec![1, 2], vec![3], vec![4, 1, 1]], 1)
+            .unwrap();
         h.try_submit(vec![vec![9, 9]], 2).unwrap();
         h.try_submit(Vec::new(), 3).unwrap();
         gate.wait();

@@ -316,13 +316,12 @@ impl Embedder for CandleEmbedder {
 /// tokenised by a prefix cut at whitespace; when that prefix fills [`MAX_TOKENS`] its tokens
 /// are exactly the truncated tokens of the whole text, otherwise the whole text is tokenised.
 fn encode(tokenizer: &Tokenizer, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
-    let tok_err = |e: tokenizers::Error| EmbedError::Tokenizer(e.to_string());
     let prefixes: Vec<&str> = texts.iter().map(|t| word_prefix(t, PREFIX_BYTES)).collect();
     let mut encodings = tokenizer
         .encode_batch(prefixes.clone(), true)
         .map_err(tok_err)?;
     let redo: Vec<usize> = (0..texts.len())
-        .filter(|&i| prefixes[i].len() < texts[i].len() && encodings[i].len() < MAX_TOKENS)
+        .filter(|&i| needs_whole(prefixes[i], texts[i], &encodings[i]))
         .collect();
     if !redo.is_empty() {
         let whole = redo.iter().map(|&i| texts[i]).collect();
@@ -334,14 +333,23 @@ fn encode(tokenizer: &Tokenizer, texts: &[&str]) -> Result<Vec<Encoding>, EmbedE
     Ok(encodings)
 }
 
+/// Whether `text`, tokenised by its `prefix` into `encoding`, must be tokenised whole: the
+/// prefix is shorter than the text and its tokens do not fill [`MAX_TOKENS`].
+fn needs_whole(prefix: &str, text: &str, encoding: &Encoding) -> bool {
+    prefix.len() < text.len() && encoding.len() < MAX_TOKENS
+}
+
+fn tok_err(e: tokenizers::Error) -> EmbedError {
+    EmbedError::Tokenizer(e.to_string())
+}
+
 impl Tokenize for Tokenizer {
     /// [`encode`] for one text, without the thread pool that batches use: a request is tokenised
     /// on the thread it arrived on, while the pool runs the model.
     fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
-        let tok_err = |e: tokenizers::Error| EmbedError::Tokenizer(e.to_string());
         let prefix = word_prefix(text, PREFIX_BYTES);
         let mut encoding = self.encode(prefix, true).map_err(tok_err)?;
-        if prefix.len() < text.len() && encoding.len() < MAX_TOKENS {
+        if needs_whole(prefix, text, &encoding) {
             encoding = self.encode(text, true).map_err(tok_err)?;
         }
         Ok(encoding.get_ids().to_vec())

@@ -242,8 +242,7 @@ async fn reindex_builds_a_data_dir_that_serve_opens() {
 /// Labelled traffic: two campaigns (a fixed template; a short fixed phrase with per-account
 /// sign-offs), organic accounts with real prompts and a popular one-liner sent by many.
 fn labelled_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let real: Vec<String> = std::fs::read_to_string(crate::common::data_file("recall_prompts.txt"))
-        .unwrap()
+    let real: Vec<String> = crate::common::read_data("recall_prompts.txt")
         .lines()
         .take(400)
         .map(str::to_string)

@@ -18,6 +18,12 @@ pub fn data_file(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The text of a file under `tests/data/`; panics naming the path when it cannot be read.
+pub fn read_data(name: &str) -> String {
+    let path = data_file(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 use std::net::SocketAddr;
 
 use prompt_radar::config::{Config, DeviceKind, EngineConfig, Limits};

@@ -15,8 +15,7 @@ struct Reference {
 }
 
 fn references() -> Vec<Reference> {
-    let path = common::data_file("minilm-reference.jsonl");
-    let data = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let data = common::read_data("minilm-reference.jsonl");
     let refs: Vec<Reference> = data
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -108,9 +107,7 @@ fn fused_forward_matches_candle_transformers() {
     // The fixture's 25 texts (1 to ~1,300 tokens, two truncated at 256) and the 5 longest
     // recall prompts.
     let refs = references();
-    let path = common::data_file("recall_prompts.txt");
-    let prompts =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let prompts = common::read_data("recall_prompts.txt");
     let texts = reference_and_long_texts(&refs, &prompts);
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
 
@@ -140,9 +137,7 @@ fn fused_forward_matches_candle_transformers() {
 /// by batch in order, and stops when the sink says so.
 #[test]
 fn pipelined_embedding_matches_embed_in_order() {
-    let path = common::data_file("recall_prompts.txt");
-    let prompts =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let prompts = common::read_data("recall_prompts.txt");
     let texts: Vec<&str> = prompts.lines().take(70).collect();
     let mut embedder = load();
     let want = embedder.embed(&texts).expect("embed");
@@ -197,9 +192,7 @@ fn counts_tokens_after_truncation() {
 #[test]
 fn request_tokeniser_matches_batch_tokenisation() {
     let refs = references();
-    let path = common::data_file("recall_prompts.txt");
-    let prompts =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let prompts = common::read_data("recall_prompts.txt");
     let mut texts = reference_and_long_texts(&refs, &prompts);
     texts.push(format!("{} {}", "x".repeat(4000), "y ".repeat(300)));
     texts.push((0..5000).map(|i| format!("word{} ", i % 97)).collect());
@@ -312,9 +305,7 @@ fn reference_and_long_texts(refs: &[Reference], prompts: &str) -> Vec<String> {
 #[test]
 fn half_precision_weights_keep_the_vectors() {
     let refs = references();
-    let path = common::data_file("recall_prompts.txt");
-    let prompts =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let prompts = common::read_data("recall_prompts.txt");
     let texts = reference_and_long_texts(&refs, &prompts);
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let dir = common::model_dir();
@@ -361,9 +352,7 @@ fn half_precision_weights_keep_the_vectors() {
 #[test]
 fn cuda_vectors_match_cpu_f32_vectors() {
     let refs = references();
-    let path = common::data_file("recall_prompts.txt");
-    let prompts =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let prompts = common::read_data("recall_prompts.txt");
     let texts = reference_and_long_texts(&refs, &prompts);
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut cpu = load();
