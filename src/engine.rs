@@ -16,6 +16,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
@@ -127,12 +128,54 @@ pub struct OpenStats {
     pub seconds: f64,
 }
 
+/// Busy time of each phase of [`Engine::ingest`], summed over every batch since the engine was
+/// opened: which one bounds an ingest-bound run (`reindex`, `eval`) and whether it is one that
+/// more cores speed up.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct IngestTimes {
+    /// Batches ingested.
+    pub batches: u64,
+    /// Links found on all cores: index and part-index searches, comparisons with the batch's
+    /// earlier prompts.
+    pub lookup: std::time::Duration,
+    /// In order, on one thread: template keys, the detector's clustering and scoring.
+    pub cluster: std::time::Duration,
+    /// The store transaction (one commit per batch), on one thread.
+    pub store: std::time::Duration,
+    /// Index and part-index inserts (on all cores for large batches), sealing full segments.
+    pub index: std::time::Duration,
+}
+
+impl IngestTimes {
+    /// The phases by name, in ingest order.
+    pub fn phases(&self) -> [(&'static str, std::time::Duration); 4] {
+        [
+            ("lookup", self.lookup),
+            ("cluster", self.cluster),
+            ("store", self.store),
+            ("index", self.index),
+        ]
+    }
+
+    /// The time spent since `earlier`, a reading of the same engine.
+    pub fn since(&self, earlier: &IngestTimes) -> IngestTimes {
+        IngestTimes {
+            batches: self.batches.saturating_sub(earlier.batches),
+            lookup: self.lookup.saturating_sub(earlier.lookup),
+            cluster: self.cluster.saturating_sub(earlier.cluster),
+            store: self.store.saturating_sub(earlier.store),
+            index: self.index.saturating_sub(earlier.index),
+        }
+    }
+}
+
 /// What only the (serialised) ingest path touches.
 struct IngestState {
     next_id: u64,
     keys: KeyIndex,
     /// The allow-list as stored, and compiled.
     allow: (Vec<AllowEntry>, AllowList),
+    times: IngestTimes,
 }
 
 /// Meta key of the allow-list (JSON array of [`AllowEntry`]).
@@ -156,7 +199,7 @@ impl Engine {
     /// Opens the data directory: the store, the index (reloaded, then caught up from the
     /// store) and the detector (replayed from the store).
     pub fn open(config: EngineConfig, dim: usize) -> Result<Self, Error> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let store = Store::open(&config.data_dir)?;
         let segments = SegmentsConfig {
             dir: Some(config.data_dir.join("index")),
@@ -245,6 +288,7 @@ impl Engine {
                 next_id: last_id + 1,
                 keys: key_index,
                 allow: (allow_entries, allow_list),
+                times: IngestTimes::default(),
             }),
             poisoned: AtomicBool::new(false),
             open_stats,
@@ -369,6 +413,15 @@ impl Engine {
             ));
         }
         let mut state = self.ingest.lock();
+        let mut clock = Instant::now();
+        let mut lap = || {
+            let now = Instant::now();
+            let took = now - clock;
+            clock = now;
+            took
+        };
+        let mut times = state.times;
+        times.batches += 1;
         let cfg = &self.config.detector;
         let first_id = state.next_id;
         let mut records: Vec<PromptRecord> = Vec::with_capacity(batch.len());
@@ -407,6 +460,7 @@ impl Engine {
             } else {
                 batch.iter().enumerate().map(lookup).collect()
             };
+            times.lookup += lap();
             let mut detector = self.detector.write();
             for (p, found) in batch.into_iter().zip(found) {
                 let id = state.next_id;
@@ -451,12 +505,14 @@ impl Engine {
                 verdicts.push(verdict);
             }
         }
+        times.cluster += lap();
         if let Err(e) = self.store.append(&records) {
             // The detector already holds these prompts: refuse further writes until a restart
             // rebuilds memory from what the store really has.
             self.poisoned.store(true, Ordering::Release);
             return Err(e.into());
         }
+        times.store += lap();
         let (items, mut new_parts): (Vec<(u64, i64, Vec<f32>)>, PendingParts) = records
             .into_iter()
             .map(|r| ((r.id, r.timestamp_ms, r.embedding), (r.id, r.parts)))
@@ -477,7 +533,14 @@ impl Engine {
             let dropped = index.drop_expired(now);
             tracing::info!(dropped, "sealed an index segment");
         }
+        times.index += lap();
+        state.times = times;
         Ok(verdicts)
+    }
+
+    /// Busy time of each ingest phase since the engine was opened.
+    pub fn ingest_times(&self) -> IngestTimes {
+        self.ingest.lock().times
     }
 
     /// Nearest stored prompts to `query`, filtered; most similar first.

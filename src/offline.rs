@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::config::Limits;
 use crate::detect::Verdict;
 use crate::embed::{EmbedError, Embedder};
-use crate::engine::{Engine, NewPrompt, embed_with_parts};
+use crate::engine::{Engine, IngestTimes, NewPrompt, embed_with_parts};
 use crate::error::Error;
 use crate::server::validate;
 use crate::traffic::{LineError, TrafficLine};
@@ -36,6 +36,8 @@ pub struct StageTimes {
     pub stopped: bool,
     /// Texts that went through the model (the rest were repeats served by the [`VectorCache`]).
     pub embedded: u64,
+    /// Where the ingest time went.
+    pub ingest_phases: IngestTimes,
 }
 
 /// Vectors of texts already embedded, keyed by a hash of the exact text: a repeated prompt (a
@@ -221,6 +223,7 @@ where
     O: Observer,
 {
     let started = Instant::now();
+    let phases_before = engine.ingest_times();
     let limits = Limits::default();
     let batch_size = batch_size.max(1);
     let mut times = StageTimes::default();
@@ -336,6 +339,7 @@ where
         Ok(())
     })?;
     times.wall = started.elapsed();
+    times.ingest_phases = engine.ingest_times().since(&phases_before);
     Ok(times)
 }
 
@@ -356,12 +360,35 @@ impl StageTimes {
         })
     }
 
-    /// One line: count, time, throughput end to end and per stage, and the stage that bounds it.
+    /// One line: count, time, throughput end to end and per stage, where the ingest time went,
+    /// and the stage that bounds the run.
     pub fn summary(&self, verb: &str) -> String {
         let rate = |d: Duration| self.prompts as f64 / d.as_secs_f64().max(1e-9);
         let (bound, share) = self.bound();
+        let phases = self
+            .ingest_phases
+            .phases()
+            .iter()
+            .map(|(name, d)| format!("{name} {:.1}s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Within ingest, the phase that took longest: lookup and index run on all cores,
+        // cluster and store on one.
+        let ingest_bound = if bound == "ingest" {
+            self.ingest_phases
+                .phases()
+                .into_iter()
+                .max_by_key(|&(_, d)| d)
+                .map(|(name, d)| {
+                    let of = d.as_secs_f64() / self.ingest.as_secs_f64().max(1e-9);
+                    format!(", most of it in {name} ({:.0}% of ingest)", of * 100.0)
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         format!(
-            "{verb}: {} prompts in {:.1}s ({:.0} prompts/s end to end), {} bad lines{}; stages: parse {:.0}/s, embed {:.0}/s ({:.1}s busy, {} distinct texts through the model), ingest {:.0}/s ({:.1}s busy: search+cluster+store+index); bound by {bound} (busy {:.0}% of the run)",
+            "{verb}: {} prompts in {:.1}s ({:.0} prompts/s end to end), {} bad lines{}; stages: parse {:.0}/s, embed {:.0}/s ({:.1}s busy, {} distinct texts through the model), ingest {:.0}/s ({:.1}s busy: {phases}); bound by {bound} (busy {:.0}% of the run{ingest_bound})",
             self.prompts,
             self.wall.as_secs_f64(),
             rate(self.wall),
@@ -394,6 +421,13 @@ mod tests {
             parse: Duration::from_millis(200),
             embed: Duration::from_secs(4),
             ingest: Duration::from_secs(9),
+            ingest_phases: IngestTimes {
+                batches: 4,
+                lookup: Duration::from_secs(3),
+                cluster: Duration::from_millis(500),
+                store: Duration::from_millis(1500),
+                index: Duration::from_secs(4),
+            },
             ..StageTimes::default()
         };
         let (stage, share) = times.bound();
@@ -401,7 +435,13 @@ mod tests {
         assert!((share - 0.9).abs() < 1e-9, "{share}");
         let line = times.summary("reindex");
         assert!(
-            line.contains("bound by ingest (busy 90% of the run)"),
+            line.contains("lookup 3.0s, cluster 0.5s, store 1.5s, index 4.0s"),
+            "{line}"
+        );
+        assert!(
+            line.contains(
+                "bound by ingest (busy 90% of the run, most of it in index (44% of ingest))"
+            ),
             "{line}"
         );
         assert!(line.contains("100 prompts/s end to end"), "{line}");

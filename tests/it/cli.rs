@@ -223,6 +223,11 @@ async fn reindex_builds_a_data_dir_that_serve_opens() {
         stderr.contains("reindex: 32 prompts") && stderr.contains("prompts/s"),
         "{stderr}"
     );
+    // Where the ingest time went, phase by phase.
+    assert!(
+        stderr.contains("s busy: lookup ") && stderr.contains(", index "),
+        "{stderr}"
+    );
 
     let server = TestServer::start(config(&data)).await;
     let mut c = server.client().await;
