@@ -124,6 +124,10 @@ pub struct OpenStats {
     pub reloaded: usize,
     /// Vectors re-inserted from the store.
     pub rebuilt: usize,
+    /// Part vectors reloaded from the part index's checkpoint.
+    pub parts_reloaded: usize,
+    /// Part vectors re-inserted from the store.
+    pub parts_rebuilt: usize,
     /// Seconds the open took.
     pub seconds: f64,
 }
@@ -176,6 +180,19 @@ struct IngestState {
     /// The allow-list as stored, and compiled.
     allow: (Vec<AllowEntry>, AllowList),
     times: IngestTimes,
+    /// Highest prompt id whose parts the part index's checkpoint on disk holds.
+    parts_checkpoint: u64,
+}
+
+/// What [`Engine::checkpoint`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckpointStats {
+    /// Vectors of the active index segment now on disk (0 when it was empty or already written).
+    pub active_vectors: usize,
+    /// Part vectors now on disk (0 when none, or unchanged since the last checkpoint).
+    pub part_vectors: usize,
+    /// Seconds it took.
+    pub seconds: f64,
 }
 
 /// Meta key of the allow-list (JSON array of [`AllowEntry`]).
@@ -205,6 +222,7 @@ impl Engine {
             dir: Some(config.data_dir.join("index")),
             ..config.segments.clone()
         };
+        let index_dir = config.data_dir.join("index");
         let mut index = SegmentedHnsw::open(segments, dim)?;
         let reloaded = index.len();
         let covered = index.covered_up_to();
@@ -212,7 +230,9 @@ impl Engine {
         let needs_index =
             |id: u64| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id));
 
-        let mut parts = HnswIndex::new(PART_HNSW, dim);
+        let (mut parts, parts_covered) = load_parts(&index_dir, dim, store.last_id()?);
+        let parts_reloaded = parts.len();
+        let mut parts_rebuilt = 0;
         let mut pending_parts: PendingParts = Vec::new();
         let allow_entries: Vec<AllowEntry> = match store.meta(ALLOW_META)? {
             Some(bytes) => serde_json::from_slice(&bytes)
@@ -250,7 +270,10 @@ impl Engine {
                 );
             }
             last_id = r.id;
-            pending_parts.push((r.id, r.parts));
+            if r.id > parts_covered {
+                parts_rebuilt += r.parts.len().min(PART_SLOTS as usize);
+                pending_parts.push((r.id, r.parts));
+            }
             if pending_parts.len() >= 10_000
                 && let Err(e) = insert_parts(&mut parts, &mut pending_parts, true)
             {
@@ -275,6 +298,8 @@ impl Engine {
             prompts,
             reloaded,
             rebuilt,
+            parts_reloaded,
+            parts_rebuilt,
             seconds: started.elapsed().as_secs_f64(),
         };
         tracing::info!(?open_stats, "engine opened");
@@ -289,6 +314,7 @@ impl Engine {
                 keys: key_index,
                 allow: (allow_entries, allow_list),
                 times: IngestTimes::default(),
+                parts_checkpoint: parts_covered,
             }),
             poisoned: AtomicBool::new(false),
             open_stats,
@@ -538,6 +564,31 @@ impl Engine {
         Ok(verdicts)
     }
 
+    /// Writes what the next open would otherwise rebuild from the store: the active index
+    /// segment and the part index. Call it at a clean shutdown and at the end of a batch run;
+    /// ingest waits meanwhile. Prompts ingested afterwards are safe in the store and re-inserted
+    /// by the next open as before, so skipping it (a crash) costs only time.
+    pub fn checkpoint(&self) -> Result<CheckpointStats, Error> {
+        let started = Instant::now();
+        let mut state = self.ingest.lock();
+        let covered = state.next_id.saturating_sub(1);
+        let active_vectors = self.index.write().checkpoint()?;
+        let parts = self.parts.read();
+        let mut part_vectors = 0;
+        if covered > state.parts_checkpoint && !parts.is_empty() {
+            let dir = self.config.data_dir.join("index");
+            parts.dump(&dir, &parts_basename(covered))?;
+            remove_part_dumps(&dir, Some(covered));
+            state.parts_checkpoint = covered;
+            part_vectors = parts.len();
+        }
+        Ok(CheckpointStats {
+            active_vectors,
+            part_vectors,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
     /// Busy time of each ingest phase since the engine was opened.
     pub fn ingest_times(&self) -> IngestTimes {
         self.ingest.lock().times
@@ -693,6 +744,61 @@ const PART_HNSW: HnswParams = HnswParams {
 
 /// Ids per prompt in the part index (a prompt has at most `keys::MAX_PARTS` parts).
 const PART_SLOTS: u64 = 8;
+
+/// Name of the part index's checkpoint covering prompt ids up to `covered`.
+fn parts_basename(covered: u64) -> String {
+    format!("parts-{covered:012}")
+}
+
+/// Ids covered by the part-index checkpoints in `dir` (from their metadata files).
+fn part_dumps(dir: &Path) -> Vec<u64> {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    read.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name
+                .strip_prefix("parts-")?
+                .strip_suffix(".hnsw.meta.json")?;
+            n.parse().ok()
+        })
+        .collect()
+}
+
+/// Removes part-index files in `dir` but those of the checkpoint covering `keep`.
+fn remove_part_dumps(dir: &Path, keep: Option<u64>) {
+    let keep = keep.map(|k| format!("{}.hnsw.", parts_basename(k)));
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in read.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("parts-") && keep.as_ref().is_none_or(|k| !name.starts_with(k)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The part index from the newest checkpoint in `dir` that loads and covers no prompt past
+/// the store's `last_id`, and the id it covers; else an empty index and 0. Other part-index
+/// files are removed.
+fn load_parts(dir: &Path, dim: usize, last_id: u64) -> (HnswIndex, u64) {
+    let mut found = part_dumps(dir);
+    found.sort_unstable_by(|a, b| b.cmp(a));
+    for covered in found.into_iter().filter(|&c| c <= last_id) {
+        match HnswIndex::load(dir, &parts_basename(covered)) {
+            Ok(index) if index.dim() == dim => {
+                remove_part_dumps(dir, Some(covered));
+                return (index, covered);
+            }
+            Ok(_) => tracing::warn!(covered, "part index checkpoint of another dimension"),
+            Err(e) => tracing::warn!(covered, error = %e, "part index checkpoint failed to load"),
+        }
+    }
+    remove_part_dumps(dir, None);
+    (HnswIndex::new(PART_HNSW, dim), 0)
+}
 
 /// Inserts the parts of `(prompt id, parts)` pairs into the part index under
 /// `id × PART_SLOTS + part number`, and empties `pending`; `parallel`: on all cores (rebuilds on

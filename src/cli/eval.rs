@@ -133,6 +133,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     )?;
     obs.progress.bar.finish_and_clear();
     eprintln!("{}", times.summary("eval"));
+    if !temp {
+        // The kept data directory opens in `serve` without rebuilding the index.
+        engine.checkpoint()?;
+    }
     if let Some(p) = &args.embed_cache {
         cache
             .save(p)

@@ -89,5 +89,11 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     )?;
     progress.bar.finish_and_clear();
     eprintln!("{}", times.summary("reindex"));
+    // So that `serve` reloads the index instead of rebuilding what the last segment holds.
+    let saved = engine.checkpoint()?;
+    eprintln!(
+        "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} part vectors; `serve` reloads them)",
+        saved.seconds, saved.active_vectors, saved.part_vectors
+    );
     Ok(times.bad_lines == 0)
 }

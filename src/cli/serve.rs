@@ -82,17 +82,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (listener, addr) = bind(config.listen).await?;
     // One line people and scripts read: where it listens and what it loaded.
     println!(
-        "prompt-radar listening on {addr} (model {}, device {}, data {}, {} prompts: {} reloaded from segments, {} re-indexed; ready in {:.1}s)",
+        "prompt-radar listening on {addr} (model {}, device {}, data {}, {} prompts: {} reloaded from segments, {} re-indexed, part vectors {} reloaded, {} re-indexed; ready in {:.1}s)",
         config.model_dir.display(),
         config.device,
         config.engine.data_dir.display(),
         stats.prompts,
         stats.reloaded,
         stats.rebuilt,
+        stats.parts_reloaded,
+        stats.parts_rebuilt,
         started.elapsed().as_secs_f64()
     );
+    let engine = prepared.service.engine().clone();
     prepared.serve(listener, shutdown_signal()).await?;
-    println!("prompt-radar: shut down");
+    // What the next start would otherwise rebuild from the store.
+    let saved = tokio::task::spawn_blocking(move || engine.checkpoint()).await??;
+    println!(
+        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} part vectors, {:.1}s)",
+        saved.active_vectors, saved.part_vectors, saved.seconds
+    );
     Ok(())
 }
 

@@ -4,9 +4,12 @@
 //! Queries fan out over every segment; retention drops whole sealed segments.
 //!
 //! On disk (`dir`): each sealed segment's dump (`seg-NNNNNN.hnsw.*`, see [`HnswIndex::dump`]) and
-//! `manifest.json`, rewritten atomically after every seal or drop: the list of sealed segments
-//! with their id and time ranges. The active segment is never written: the store is the source
-//! of truth, and the engine re-inserts the prompts after [`SegmentedHnsw::covered_up_to`].
+//! `manifest.json`, rewritten atomically after every seal, drop or checkpoint: the list of sealed
+//! segments with their id and time ranges, and the active segment's checkpoint if there is one.
+//! The active segment is written only by [`SegmentedHnsw::checkpoint`] (a clean shutdown, the end
+//! of a `reindex`), and reloaded on open to go on growing; the store is the source of truth, and
+//! the engine re-inserts the prompts after [`SegmentedHnsw::covered_up_to`] (after a crash: all
+//! those since the last checkpoint or seal).
 
 use std::collections::HashSet;
 use std::fs;
@@ -103,6 +106,9 @@ struct Manifest {
     /// Highest id ever sealed, including segments since dropped by retention.
     sealed_up_to: u64,
     segments: Vec<SegmentEntry>,
+    /// The active segment as of its last checkpoint (its dump holds exactly `count` vectors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    active: Option<SegmentEntry>,
 }
 
 #[derive(Debug)]
@@ -122,6 +128,8 @@ pub struct SegmentedHnsw {
     lost: Vec<SegmentEntry>,
     next_segment: u64,
     sealed_up_to: u64,
+    /// The manifest's checkpoint of the active segment, while that dump is a prefix of it.
+    checkpointed: Option<SegmentEntry>,
 }
 
 impl SegmentedHnsw {
@@ -138,6 +146,7 @@ impl SegmentedHnsw {
             lost: Vec::new(),
             next_segment: 1,
             sealed_up_to: 0,
+            checkpointed: None,
         };
         let Some(dir) = me.config.dir.clone() else {
             return Ok(me);
@@ -177,15 +186,46 @@ impl SegmentedHnsw {
                 }
             }
             me.active = Segment::empty(&me.config, dim, me.next_segment);
+            if let Some(entry) = m.active {
+                match HnswIndex::load(&dir, &entry.basename) {
+                    Ok(index)
+                        if index.dim() == dim
+                            && index.len() == entry.info.count
+                            && entry.basename == me.active.entry.basename =>
+                    {
+                        me.active = Segment {
+                            index,
+                            entry: entry.clone(),
+                        };
+                        me.checkpointed = Some(entry);
+                    }
+                    // A seal that crashed between its dump and the manifest leaves a dump
+                    // larger than the checkpoint: the store re-inserts those prompts instead.
+                    Ok(_) => {
+                        tracing::warn!(segment = %entry.basename, "active checkpoint does not match the manifest; to be rebuilt");
+                    }
+                    Err(e) => {
+                        tracing::warn!(segment = %entry.basename, error = %e, "active checkpoint failed to load; to be rebuilt");
+                    }
+                }
+            }
         }
         remove_orphans(&dir, &me.listed());
         Ok(me)
     }
 
-    /// Highest prompt id held by sealed segments, loaded or since dropped by retention (0 if
-    /// none); ids in [`missing_ranges`](Self::missing_ranges) are not held despite being lower.
-    /// Prompts with larger ids must be re-inserted: the active segment is not persisted.
+    /// Highest prompt id on disk, in sealed segments (loaded or since dropped by retention) or
+    /// in the active segment's checkpoint (0 if none). After [`open`](Self::open), prompts with
+    /// larger ids must be re-inserted, and those in [`missing_ranges`](Self::missing_ranges)
+    /// despite being lower.
     pub fn covered_up_to(&self) -> u64 {
+        let checkpoint = self.checkpointed.as_ref().map_or(0, |e| e.info.last_id);
+        self.sealed_coverage().max(checkpoint)
+    }
+
+    /// Like [`covered_up_to`](Self::covered_up_to), for the sealed segments alone: what the
+    /// manifest may promise without a checkpoint.
+    fn sealed_coverage(&self) -> u64 {
         let loaded = self.sealed.iter().map(|s| s.entry.info.last_id);
         loaded.fold(self.sealed_up_to, u64::max)
     }
@@ -236,9 +276,12 @@ impl SegmentedHnsw {
             self.active.index.dump(dir, &entry.basename)?;
             let mut segments = self.listed_entries(&kept);
             segments.push(entry.clone());
-            write_manifest(dir, self.dim, self.next_segment + 1, sealed_up_to, segments)?;
+            let next = self.next_segment + 1;
+            write_manifest(dir, self.dim, next, sealed_up_to, segments, None)?;
             remove_segment_files(dir, &forgotten);
         }
+        // The dump under the checkpoint's name is now the sealed segment's.
+        self.checkpointed = None;
         self.lost = kept;
         self.next_segment += 1;
         self.sealed_up_to = sealed_up_to;
@@ -249,6 +292,30 @@ impl SegmentedHnsw {
             entry,
         });
         Ok(true)
+    }
+
+    /// Dumps the active segment and records it in the manifest, so that the next
+    /// [`open`](Self::open) reloads it and goes on inserting into it instead of rebuilding it
+    /// from the store. Returns the vectors written: 0 without `dir`, for an empty active
+    /// segment, or when it has not changed since its last checkpoint. Call only after the store
+    /// has committed the inserted prompts. On error the previous checkpoint stays valid.
+    pub fn checkpoint(&mut self) -> Result<usize, IndexError> {
+        let Some(dir) = &self.config.dir else {
+            return Ok(0);
+        };
+        let info = self.active.entry.info;
+        if info.count == 0 || self.checkpointed.as_ref().map(|e| e.info) == Some(info) {
+            return Ok(0);
+        }
+        // A crash between the dump and the manifest leaves the old checkpoint's entry with a
+        // dump of another size, which `open` refuses: the store then re-inserts the prompts.
+        self.active.index.dump(dir, &self.active.entry.basename)?;
+        let segments = self.listed_entries(&self.lost);
+        let (next, up_to) = (self.next_segment, self.sealed_coverage());
+        let entry = self.active.entry.clone();
+        write_manifest(dir, self.dim, next, up_to, segments, Some(entry.clone()))?;
+        self.checkpointed = Some(entry);
+        Ok(info.count)
     }
 
     /// Drops the sealed segments (and lost ones) whose newest prompt is older than
@@ -269,13 +336,14 @@ impl SegmentedHnsw {
         if let Some(dir) = &self.config.dir {
             let mut segments = self.listed_entries(&lost);
             segments.retain(|e| !expired(e));
-            let (next, up_to) = (self.next_segment, self.covered_up_to());
-            if let Err(e) = write_manifest(dir, self.dim, next, up_to, segments) {
+            let (next, up_to) = (self.next_segment, self.sealed_coverage());
+            let active = self.checkpointed.clone();
+            if let Err(e) = write_manifest(dir, self.dim, next, up_to, segments, active) {
                 tracing::warn!(error = %e, "cannot rewrite the index manifest; expired segments kept");
                 return 0;
             }
         }
-        self.sealed_up_to = self.covered_up_to();
+        self.sealed_up_to = self.sealed_coverage();
         let (gone, kept): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut self.sealed)
             .into_iter()
             .partition(|s| expired(&s.entry));
@@ -336,7 +404,12 @@ impl SegmentedHnsw {
     /// Basenames the manifest references.
     fn listed(&self) -> HashSet<String> {
         let entries = self.listed_entries(&self.lost);
-        entries.into_iter().map(|e| e.basename).collect()
+        let active = self.checkpointed.iter().map(|e| e.basename.clone());
+        entries
+            .into_iter()
+            .map(|e| e.basename)
+            .chain(active)
+            .collect()
     }
 }
 
@@ -398,7 +471,12 @@ fn read_manifest(dir: &Path, dim: usize) -> Result<Option<Manifest>, IndexError>
         b.strip_prefix("seg-")
             .is_some_and(|n| n.bytes().all(|c| c.is_ascii_digit()))
     };
-    if let Some(bad) = m.segments.iter().find(|e| !valid(&e.basename)) {
+    if let Some(bad) = m
+        .segments
+        .iter()
+        .chain(&m.active)
+        .find(|e| !valid(&e.basename))
+    {
         let why = format!("bad segment name {:?}", bad.basename);
         return Err(IndexError::Io(format!("{}: {why}", path.display())));
     }
@@ -411,6 +489,7 @@ fn write_manifest(
     next_segment: u64,
     sealed_up_to: u64,
     segments: Vec<SegmentEntry>,
+    active: Option<SegmentEntry>,
 ) -> Result<(), IndexError> {
     let m = Manifest {
         format: MANIFEST_FORMAT,
@@ -418,6 +497,7 @@ fn write_manifest(
         next_segment,
         sealed_up_to,
         segments,
+        active,
     };
     let json = serde_json::to_vec_pretty(&m).map_err(|e| IndexError::Io(e.to_string()))?;
     write_atomic(&dir.join(MANIFEST), &json)
@@ -575,6 +655,92 @@ mod tests {
         );
         assert_eq!(top1(&idx, &more[7]), 908);
         assert_eq!(top1(&idx, &vs[7]), 8);
+    }
+
+    #[test]
+    fn a_checkpointed_active_segment_is_reloaded_and_goes_on_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = unit_vectors(36, 500, DIM);
+        let queries = unit_vectors(37, 20, DIM);
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 300), DIM).unwrap();
+        feed(&mut idx, &vs[..400], 1, 0);
+        assert_eq!(
+            idx.covered_up_to(),
+            300,
+            "the active segment is not on disk yet"
+        );
+        assert_eq!(idx.checkpoint().unwrap(), 100);
+        assert_eq!(idx.checkpoint().unwrap(), 0, "unchanged: nothing to write");
+        assert_eq!(idx.covered_up_to(), 400);
+        let before: Vec<_> = queries.iter().map(|q| idx.search(q, 10)).collect();
+        // Inserted after the checkpoint: not on disk, so not covered after a restart.
+        idx.insert(401, 400_000, &vs[400]).unwrap();
+        drop(idx);
+
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 300), DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (400, 400));
+        let segs = idx.segments();
+        assert_eq!(segs.len(), 2);
+        assert_eq!(
+            (
+                segs[1].first_id,
+                segs[1].last_id,
+                segs[1].min_ts,
+                segs[1].count,
+                segs[1].sealed
+            ),
+            (301, 400, 300_000, 100, false)
+        );
+        let after: Vec<_> = queries.iter().map(|q| idx.search(q, 10)).collect();
+        assert_eq!(
+            before, after,
+            "the reloaded active segment answers as before"
+        );
+        // It goes on growing, then seals under its own name, replacing the checkpoint.
+        for (i, v) in vs.iter().enumerate().skip(400) {
+            idx.insert(i as u64 + 1, 1_000 * i as i64, v).unwrap();
+        }
+        assert_eq!(top1(&idx, &vs[450]), 451);
+        assert_eq!(top1(&idx, &vs[350]), 351);
+        assert!(!idx.seal_if_due().unwrap(), "200 of 300: not full");
+        assert_eq!(idx.checkpoint().unwrap(), 200);
+        feed(&mut idx, &unit_vectors(38, 100, DIM), 501, 500_000);
+        let segs = idx.segments();
+        assert_eq!(segs.len(), 2, "the reloaded active segment was sealed");
+        assert_eq!(
+            (segs[1].first_id, segs[1].last_id, segs[1].sealed),
+            (301, 600, true)
+        );
+        drop(idx);
+
+        let idx = SegmentedHnsw::open(config(Some(dir.path()), 300), DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (600, 600));
+        assert!(idx.segments().iter().all(|s| s.sealed));
+        assert_eq!(top1(&idx, &vs[450]), 451);
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 1 + 2 * 3, "a manifest and two dumps, no leftovers");
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_size_is_rebuilt_not_trusted() {
+        // A seal that crashed after dumping but before rewriting the manifest.
+        let dir = tempfile::tempdir().unwrap();
+        let vs = unit_vectors(39, 250, DIM);
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 200), DIM).unwrap();
+        feed(&mut idx, &vs[..150], 1, 0);
+        assert_eq!(idx.checkpoint().unwrap(), 150);
+        let manifest = std::fs::read(dir.path().join(MANIFEST)).unwrap();
+        feed(&mut idx, &vs[150..], 151, 150_000);
+        assert_eq!(idx.segments().len(), 2);
+        drop(idx);
+        std::fs::write(dir.path().join(MANIFEST), manifest).unwrap();
+
+        let idx = SegmentedHnsw::open(config(Some(dir.path()), 200), DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (0, 0), "nothing trusted");
+        assert!(
+            !dir.path().join("seg-000001.hnsw.graph").exists(),
+            "leftover removed"
+        );
     }
 
     #[test]

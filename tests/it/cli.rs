@@ -228,6 +228,25 @@ async fn reindex_builds_a_data_dir_that_serve_opens() {
         stderr.contains("s busy: lookup ") && stderr.contains(", index "),
         "{stderr}"
     );
+    // The index was checkpointed: the data directory opens without rebuilding anything.
+    assert!(
+        stderr.contains("index checkpoint written")
+            && stderr.contains("(32 active-segment vectors"),
+        "{stderr}"
+    );
+    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    let opened = engine.open_stats();
+    assert_eq!(
+        (
+            opened.prompts,
+            opened.reloaded,
+            opened.rebuilt,
+            opened.parts_rebuilt
+        ),
+        (32, 32, 0, 0),
+        "{opened:?}"
+    );
+    drop(engine);
 
     let server = TestServer::start(config(&data)).await;
     let mut c = server.client().await;

@@ -1,16 +1,19 @@
 //! Crash safety: SIGKILL the real `prompt-radar serve` process in the middle of a CheckStream and
 //! show that, after a restart on the same data directory, every prompt whose verdict was
-//! returned is present and searchable.
+//! returned is present and searchable. And a clean stop (SIGTERM) checkpoints the index, so the
+//! next start reloads it instead of rebuilding it from the store.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 use prompt_radar::proto::{self, radar_client::RadarClient, search_request::Query};
 
 use crate::common::{model_dir, templated};
 
-/// Starts `prompt-radar serve` on a free port and returns it with the address it printed.
-fn spawn_server(data_dir: &std::path::Path) -> (Child, String) {
+/// Starts `prompt-radar serve` on a free port and returns it with the address it printed, the
+/// line that said so, and the rest of its standard output (keep it open: the server prints
+/// again when it stops).
+fn spawn_server(data_dir: &std::path::Path) -> (Child, String, String, BufReader<ChildStdout>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
         .args([
             "serve",
@@ -27,16 +30,16 @@ fn spawn_server(data_dir: &std::path::Path) -> (Child, String) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn prompt-radar serve");
-    let stdout = child.stdout.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
+    stdout.read_line(&mut line).unwrap();
     let addr = line
         .split("listening on ")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
-    (child, format!("http://{addr}"))
+    (child, format!("http://{addr}"), line, stdout)
 }
 
 fn prompt(i: usize) -> String {
@@ -51,7 +54,7 @@ fn prompt(i: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url) = spawn_server(dir.path());
+    let (mut child, url, _, _out) = spawn_server(dir.path());
     let mut c = RadarClient::connect(url.clone()).await.unwrap();
 
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -85,7 +88,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
     feeder.abort();
     drop(out);
 
-    let (mut child, url) = spawn_server(dir.path());
+    let (mut child, url, _, _out) = spawn_server(dir.path());
     let mut c = RadarClient::connect(url).await.unwrap();
     for (id, text) in &acked {
         let by_id = c
@@ -128,6 +131,89 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
         "stored {stored} < acknowledged {}",
         acked.len()
     );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url, _, mut out) = spawn_server(dir.path());
+    let mut c = RadarClient::connect(url).await.unwrap();
+    let mut sent: Vec<(u64, String)> = Vec::new();
+    for i in 0..60 {
+        // Multi-line prompts, so the part index has vectors too.
+        let text = format!("{}\nAnswer in three sentences.\nCite sources.", prompt(i));
+        let r = c
+            .check(proto::CheckRequest {
+                account_id: format!("acct-{}", i % 7),
+                prompt: text.clone(),
+                timestamp_ms: 1_750_000_000_000 + i as i64,
+                request_id: i.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        sent.push((r.prompt_id, text));
+    }
+    drop(c);
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut bye = String::new();
+    out.read_line(&mut bye).unwrap();
+    assert!(child.wait().unwrap().success(), "clean exit: {bye}");
+    // 60 prompts in segments of 25: 50 sealed, 10 in the checkpointed active segment.
+    assert!(
+        bye.contains("shut down (index checkpoint: 10 active-segment vectors"),
+        "{bye}"
+    );
+
+    let (mut child, url, line, _out) = spawn_server(dir.path());
+    assert!(
+        line.contains("60 prompts: 60 reloaded from segments, 0 re-indexed, part vectors ")
+            && line.contains(" reloaded, 0 re-indexed;")
+            && !line.contains("part vectors 0 reloaded"),
+        "nothing rebuilt from the store: {line}"
+    );
+    let mut c = RadarClient::connect(url).await.unwrap();
+    for (id, text) in sent.iter().rev().take(15) {
+        let hits = c
+            .search(proto::SearchRequest {
+                query: Some(Query::Text(text.clone())),
+                k: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .hits;
+        assert_eq!(hits[0].prompt_id, *id, "{text}");
+    }
+    // The reloaded active segment goes on growing, and a new prompt is found.
+    let late = c
+        .check(proto::CheckRequest {
+            account_id: "acct-late".into(),
+            prompt: "A question sent after the restart about volcano formation.".into(),
+            timestamp_ms: 1_750_000_001_000,
+            request_id: "late".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hits = c
+        .search(proto::SearchRequest {
+            query: Some(Query::PromptId(late.prompt_id)),
+            k: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .hits;
+    assert_eq!(hits[0].prompt_id, late.prompt_id);
     child.kill().unwrap();
     child.wait().unwrap();
 }
