@@ -124,9 +124,11 @@ pub struct EngineArgs {
     /// Most vectors in one HNSW segment before it is sealed and dumped.
     #[arg(long, env = "PROMPT_RADAR_SEGMENT_MAX_POINTS", default_value_t = SegmentsConfig::default().max_points_per_segment)]
     pub segment_max_points: usize,
-    /// Hours of traffic one HNSW segment spans before it is sealed.
-    #[arg(long, env = "PROMPT_RADAR_SEGMENT_HOURS", default_value_t = 24)]
-    pub segment_hours: i64,
+    /// Hours of traffic one HNSW segment spans before it is sealed. Default: 24 with
+    /// --retention-days (whole segments are what retention drops), else none: segments seal by
+    /// size alone, as each one more is one more graph every search visits.
+    #[arg(long, env = "PROMPT_RADAR_SEGMENT_HOURS")]
+    pub segment_hours: Option<i64>,
     /// Drop sealed segments older than this many days from the index (0 = keep forever).
     /// The store keeps every prompt; only the searchable window shrinks.
     #[arg(long, env = "PROMPT_RADAR_RETENTION_DAYS", default_value_t = 0)]
@@ -149,7 +151,10 @@ impl EngineArgs {
             "--review-score must not exceed --block-score"
         );
         anyhow::ensure!(self.neighbours > 0, "--neighbours must be at least 1");
-        anyhow::ensure!(self.segment_hours > 0, "--segment-hours must be at least 1");
+        anyhow::ensure!(
+            self.segment_hours.is_none_or(|h| h > 0),
+            "--segment-hours must be at least 1"
+        );
         anyhow::ensure!(
             self.retention_days >= 0,
             "--retention-days must not be negative"
@@ -169,9 +174,12 @@ impl EngineArgs {
             ..DetectorConfig::default()
         };
         c.segments.max_points_per_segment = self.segment_max_points.max(1);
-        c.segments.segment_span_ms = self.segment_hours * 3_600_000;
         c.segments.retention_ms =
-            (self.retention_days > 0).then_some(self.retention_days * 86_400_000);
+            (self.retention_days > 0).then_some(self.retention_days.saturating_mul(86_400_000));
+        c.segments.segment_span_ms = match self.segment_hours {
+            Some(h) => Some(h.saturating_mul(3_600_000)),
+            None => c.segments.retention_ms.map(|_| 24 * 3_600_000),
+        };
         Ok(c)
     }
 }
@@ -211,4 +219,33 @@ pub struct ServerArgs {
 /// Default listen address.
 pub fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::EngineArgs;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn span(flags: &[&str]) -> anyhow::Result<Option<i64>> {
+        let args = std::iter::once("prompt-radar").chain(flags.iter().copied());
+        let flags = Flags::try_parse_from(args)?;
+        Ok(flags.engine.to_config()?.segments.segment_span_ms)
+    }
+
+    #[test]
+    fn segments_seal_by_time_only_for_retention_or_when_asked() {
+        assert_eq!(span(&[]).unwrap(), None, "by size alone");
+        let day = 24 * 3_600_000;
+        assert_eq!(span(&["--retention-days", "30"]).unwrap(), Some(day));
+        assert_eq!(span(&["--segment-hours", "6"]).unwrap(), Some(day / 4));
+        assert!(span(&["--segment-hours", "0"]).is_err());
+    }
 }

@@ -32,8 +32,10 @@ pub struct SegmentsConfig {
     pub params: HnswParams,
     /// The active segment is sealed once it holds this many vectors.
     pub max_points_per_segment: usize,
-    /// ... or once its timestamps span more than this many milliseconds.
-    pub segment_span_ms: i64,
+    /// ... or once its timestamps span more than this many milliseconds (`None`: by size
+    /// alone). Time slices are what retention drops; without retention each one is only one
+    /// more graph that every search visits.
+    pub segment_span_ms: Option<i64>,
     /// Sealed segments whose newest prompt is older than this are dropped; `None` keeps all.
     pub retention_ms: Option<i64>,
     /// Where sealed segments and the manifest live; `None` keeps everything in memory.
@@ -45,7 +47,7 @@ impl Default for SegmentsConfig {
         SegmentsConfig {
             params: HnswParams::default(),
             max_points_per_segment: 200_000,
-            segment_span_ms: 24 * 3_600_000,
+            segment_span_ms: None,
             retention_ms: None,
             dir: None,
         }
@@ -262,7 +264,8 @@ impl SegmentedHnsw {
         let info = self.active.entry.info;
         let span = info.max_ts.saturating_sub(info.min_ts);
         let full = info.count >= self.config.max_points_per_segment.max(1);
-        if info.count == 0 || !(full || span > self.config.segment_span_ms) {
+        let long = self.config.segment_span_ms.is_some_and(|max| span > max);
+        if info.count == 0 || !(full || long) {
             return Ok(false);
         }
         let mut entry = self.active.entry.clone();
@@ -611,7 +614,7 @@ mod tests {
     fn seals_by_time_span() {
         let vs = unit_vectors(31, 40, DIM);
         let cfg = SegmentsConfig {
-            segment_span_ms: 9_500,
+            segment_span_ms: Some(9_500),
             ..config(None, 1_000)
         };
         let mut idx = SegmentedHnsw::open(cfg, DIM).unwrap();
