@@ -152,8 +152,9 @@ impl VectorCache {
             .collect();
         let mut todo: Vec<&str> = Vec::new();
         let mut todo_keys: Vec<u64> = Vec::new();
+        let mut queued: std::collections::HashSet<u64> = std::collections::HashSet::new();
         for (t, k) in texts.iter().zip(&keys) {
-            if !self.map.contains_key(k) && !todo_keys.contains(k) {
+            if !self.map.contains_key(k) && queued.insert(*k) {
                 todo.push(t);
                 todo_keys.push(*k);
             }
@@ -410,8 +411,75 @@ impl StageTimes {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A unit-test embedder that records what reaches it. (The real model is exercised by the
+    /// integration tests.)
+    #[derive(Default)]
+    struct Counting {
+        seen: Vec<String>,
+    }
+
+    /// One id per byte.
+    struct Bytes;
+
+    impl crate::embed::Tokenize for Bytes {
+        fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
+            Ok(text.bytes().map(u32::from).collect())
+        }
+    }
+
+    impl Embedder for Counting {
+        /// The vector of a text: its length and first byte.
+        fn embed_ids(&mut self, ids: &[&[u32]]) -> Result<crate::embed::Embeddings, EmbedError> {
+            self.seen.extend(
+                ids.iter()
+                    .map(|s| s.iter().map(|&b| char::from(b as u8)).collect::<String>()),
+            );
+            Ok(ids
+                .iter()
+                .map(|s| vec![s.len() as f32, s.first().map_or(0.0, |&b| b as f32)])
+                .collect())
+        }
+        fn tokenizer(&self) -> std::sync::Arc<dyn crate::embed::Tokenize> {
+            std::sync::Arc::new(Bytes)
+        }
+        fn dim(&self) -> usize {
+            2
+        }
+        fn device_name(&self) -> String {
+            "test".into()
+        }
+    }
+
+    #[test]
+    fn the_cache_embeds_each_distinct_text_once_and_keeps_order() {
+        let mut model = Counting::default();
+        let mut cache = VectorCache::new(3, 2, 7);
+        let (v, n) = cache
+            .embed(&mut model, &["ab", "c", "ab", "dddd", "c"])
+            .unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(model.seen, ["ab", "c", "dddd"]);
+        let want = |t: &str| vec![t.len() as f32, f32::from(t.as_bytes()[0])];
+        assert_eq!(v, ["ab", "c", "ab", "dddd", "c"].map(want));
+        // Cached now: only the new text reaches the model; past capacity nothing more is kept.
+        let (v, n) = cache.embed(&mut model, &["eee", "dddd", "ab"]).unwrap();
+        assert_eq!((n, cache.len()), (1, 3));
+        assert_eq!(v, ["eee", "dddd", "ab"].map(want));
+        let (_, n) = cache.embed(&mut model, &["eee"]).unwrap();
+        assert_eq!(n, 1, "over capacity: not remembered");
+        // Saved and loaded for the same model only.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.bin");
+        cache.save(&path).unwrap();
+        let loaded = VectorCache::load(&path, 10, 2, 7).unwrap();
+        assert_eq!(loaded.len(), 3);
+        let other = VectorCache::load(&path, 10, 2, 8).err().unwrap();
+        assert!(other.to_string().contains("another model"), "{other}");
+    }
 
     #[test]
     fn the_busiest_stage_bounds_the_run() {
