@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -119,10 +118,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         .await
         .context("CheckStream")?
         .into_inner();
-    let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("{spinner} check [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let mut bar = super::progress::Progress::new("check", total);
     let (mut ok, mut errors) = (0u64, 0u64);
     let mut actions = [0u64; 3];
     let mut micros = Vec::with_capacity(total as usize);
@@ -186,7 +182,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     }
     drop(slot_rx);
     out.flush()?;
-    bar.finish_and_clear();
+    bar.finish();
     let _ = reader.await;
     let secs = started.elapsed().as_secs_f64();
     micros.sort_unstable();

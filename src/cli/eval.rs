@@ -131,7 +131,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         args.offline.batch_size,
         &mut obs,
     )?;
-    obs.progress.bar.finish_and_clear();
+    obs.progress.display.finish();
     eprintln!("{}", times.summary("eval"));
     if !temp {
         // The kept data directory opens in `serve` without rebuilding the index.

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod client;
 pub mod eval;
+pub mod progress;
 pub mod reindex;
 pub mod serve;
 

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use prompt_radar::detect::Verdict;
 use prompt_radar::embed::{CandleEmbedder, Embedder};
@@ -14,7 +13,7 @@ use prompt_radar::engine::Engine;
 use prompt_radar::offline::{self, Observer};
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
-use super::{OfflineArgs, OnError};
+use super::{OfflineArgs, OnError, progress};
 
 /// Flags of `reindex`.
 #[derive(Debug, Clone, Args)]
@@ -26,23 +25,19 @@ pub struct ReindexArgs {
     pub on_error: OnError,
 }
 
-/// A progress bar fed by the offline run; prints bad lines above it.
+/// A progress display fed by the offline run; prints bad lines above it.
 pub struct Progress {
-    /// The bar (on stderr; hidden when stderr is not a terminal).
-    pub bar: ProgressBar,
+    /// The bar (or plain lines, without a terminal).
+    pub display: progress::Progress,
     /// Whether to go on after a bad line.
     pub keep_going: bool,
 }
 
 impl Progress {
-    /// A bar over `total` lines labelled `verb`.
+    /// Progress over `total` lines labelled `verb`.
     pub fn new(verb: &str, total: u64, on_error: OnError) -> Self {
-        let style = ProgressStyle::with_template(&format!(
-            "{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
         Self {
-            bar: ProgressBar::new(total).with_style(style),
+            display: progress::Progress::new(verb, total),
             keep_going: on_error == OnError::Skip,
         }
     }
@@ -50,12 +45,12 @@ impl Progress {
 
 impl Observer for Progress {
     fn verdict(&mut self, _line: usize, _input: &TrafficLine, _verdict: &Verdict) {
-        self.bar.inc(1);
+        self.display.inc(1);
     }
     fn bad_line(&mut self, error: &LineError) -> bool {
-        self.bar
+        self.display
             .suspend(|| eprintln!("line {}: {}", error.line, error.reason));
-        self.bar.inc(1);
+        self.display.inc(1);
         self.keep_going
     }
 }
@@ -87,7 +82,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         args.offline.batch_size,
         &mut progress,
     )?;
-    progress.bar.finish_and_clear();
+    progress.display.finish();
     eprintln!("{}", times.summary("reindex"));
     // So that `serve` reloads the index instead of rebuilding what the last segment holds.
     let saved = engine.checkpoint()?;

@@ -1,0 +1,107 @@
+//! Progress of long runs (`reindex`, `eval`, `check`): a bar on a terminal, and elsewhere (a batch
+//! job's log, a pipe, `nohup`) a plain line every [`PLAIN_EVERY`], where indicatif draws nothing.
+
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How often a plain progress line is printed when standard error is not a terminal.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// A progress bar, or plain lines where no bar can be drawn.
+pub struct Progress {
+    bar: ProgressBar,
+    plain: Option<Plain>,
+}
+
+struct Plain {
+    verb: String,
+    every: Duration,
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    /// Progress over `total` items labelled `verb`, drawn on standard error.
+    pub fn new(verb: &str, total: u64) -> Self {
+        Self::with_bar(verb, ProgressBar::new(total), PLAIN_EVERY)
+    }
+
+    /// Progress through `bar`, with plain lines every `every` when it is hidden.
+    pub fn with_bar(verb: &str, bar: ProgressBar, every: Duration) -> Self {
+        let style = ProgressStyle::with_template(&format!(
+            "{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let plain = bar.is_hidden().then(|| Plain {
+            verb: verb.to_string(),
+            every,
+            started: Instant::now(),
+            last: Instant::now(),
+        });
+        Self {
+            bar: bar.with_style(style),
+            plain,
+        }
+    }
+
+    /// Counts `n` more items done.
+    pub fn inc(&mut self, n: u64) {
+        self.bar.inc(n);
+        if let Some(line) = self.plain_line() {
+            eprintln!("{line}");
+        }
+    }
+
+    /// The plain line due now, if any.
+    fn plain_line(&mut self) -> Option<String> {
+        let p = self.plain.as_mut()?;
+        if p.last.elapsed() < p.every {
+            return None;
+        }
+        p.last = Instant::now();
+        let (pos, total) = (self.bar.position(), self.bar.length().unwrap_or(0));
+        let secs = p.started.elapsed().as_secs_f64().max(1e-9);
+        let rate = pos as f64 / secs;
+        let share = 100.0 * pos as f64 / total.max(1) as f64;
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", total.saturating_sub(pos) as f64 / rate)
+        } else {
+            "?".into()
+        };
+        Some(format!(
+            "{}: {pos}/{total} ({share:.0}%) in {secs:.0}s, {rate:.0}/s, eta {eta}",
+            p.verb
+        ))
+    }
+
+    /// Prints through `f` without garbling the bar.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
+    /// Removes the bar (the caller prints its summary line next).
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use indicatif::ProgressDrawTarget;
+
+    #[test]
+    fn without_a_terminal_a_plain_line_reports_count_rate_and_eta() {
+        let bar = ProgressBar::with_draw_target(Some(1_000), ProgressDrawTarget::hidden());
+        let mut p = Progress::with_bar("reindex", bar, Duration::ZERO);
+        p.bar.inc(250);
+        let line = p.plain_line().unwrap_or_default();
+        assert!(line.starts_with("reindex: 250/1000 (25%) in "), "{line}");
+        assert!(line.contains("/s, eta ") && line.ends_with('s'), "{line}");
+        // On a schedule: not again before `every` has passed.
+        let bar = ProgressBar::with_draw_target(Some(10), ProgressDrawTarget::hidden());
+        let mut p = Progress::with_bar("check", bar, Duration::from_secs(3600));
+        assert_eq!(p.plain_line(), None);
+    }
+}
