@@ -121,12 +121,12 @@ fn bench_index(c: &mut Criterion) {
         N as f64 / secs
     );
 
-    let config = SegmentsConfig {
+    let config_for = |params| SegmentsConfig {
         params,
         max_points_per_segment: SEGMENT_POINTS,
         ..SegmentsConfig::default()
     };
-    let mut segmented = SegmentedHnsw::open(config, DIM).expect("open");
+    let mut segmented = SegmentedHnsw::open(config_for(params), DIM).expect("open");
     let bulk: Vec<(u64, i64, Vec<f32>)> = (1..)
         .zip(data.iter().cloned())
         .map(|(id, v)| (id, 0, v))
@@ -135,6 +135,28 @@ fn bench_index(c: &mut Criterion) {
         segmented.insert_bulk(chunk).expect("bulk insert");
         segmented.seal_if_due().expect("seal");
     }
+    // The same segments after the background merges the engine runs (here waited for).
+    let mut merged = SegmentedHnsw::open(
+        SegmentsConfig {
+            merge_max_points: N,
+            merge_threads: 2,
+            ..config_for(params)
+        },
+        DIM,
+    )
+    .expect("open");
+    for chunk in bulk.chunks(SEGMENT_POINTS) {
+        merged.insert_bulk(chunk).expect("bulk insert");
+        merged.seal_if_due().expect("seal");
+    }
+    let started = Instant::now();
+    let merges = merged.merge_all();
+    eprintln!(
+        "index bench: {merges} merges of {} segments into {} in {:.1} s",
+        segmented.segments().len(),
+        merged.segments().len(),
+        started.elapsed().as_secs_f64()
+    );
 
     let recall = |index: &dyn VectorSearch| {
         let mut hits = 0;
@@ -149,10 +171,11 @@ fn bench_index(c: &mut Criterion) {
         hits as f64 / (200 * K) as f64
     };
     eprintln!(
-        "index bench: recall@{K} on this data: one graph {:.3}, {} segments {:.3}",
+        "index bench: recall@{K} on this data: one graph {:.3}, {} segments {:.3}, merged {:.3}",
         recall(&hnsw),
         segmented.segments().len(),
-        recall(&segmented)
+        recall(&segmented),
+        recall(&merged)
     );
 
     let mut group = c.benchmark_group("index");
@@ -162,9 +185,10 @@ fn bench_index(c: &mut Criterion) {
         .measurement_time(MEASUREMENT);
 
     group.throughput(Throughput::Elements(1));
-    let searchers: [(&str, &dyn VectorSearch); 3] = [
+    let searchers: [(&str, &dyn VectorSearch); 4] = [
         ("search_hnsw_k10", &hnsw),
         ("search_segmented_k10", &segmented),
+        ("search_merged_k10", &merged),
         ("search_brute_k10", &brute),
     ];
     for (name, index) in searchers {

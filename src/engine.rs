@@ -294,6 +294,7 @@ impl Engine {
         }
         flush(&mut index, &mut pending)?;
         insert_parts(&mut parts, &mut pending_parts, true)?;
+        index.merge_step();
         let open_stats = OpenStats {
             prompts,
             reloaded,
@@ -558,6 +559,12 @@ impl Engine {
             let now = items.last().map(|i| i.1).unwrap_or(0);
             let dropped = index.drop_expired(now);
             tracing::info!(dropped, "sealed an index segment");
+        }
+        if index.merge_step() {
+            tracing::info!(
+                segments = index.segments().len(),
+                "merged two index segments"
+            );
         }
         times.index += lap();
         state.times = times;

@@ -130,6 +130,10 @@ pub struct EngineArgs {
     /// size alone, as each one more is one more graph every search visits.
     #[arg(long, env = "PROMPT_RADAR_SEGMENT_HOURS")]
     pub segment_hours: Option<i64>,
+    /// Merge adjacent sealed HNSW segments, in the background, into segments of up to this
+    /// many vectors (0 = never): every search visits every segment.
+    #[arg(long, env = "PROMPT_RADAR_SEGMENT_MERGE_POINTS", default_value_t = SegmentsConfig::default().merge_max_points)]
+    pub segment_merge_points: usize,
     /// Drop sealed segments older than this many days from the index (0 = keep forever).
     /// The store keeps every prompt; only the searchable window shrinks.
     #[arg(long, env = "PROMPT_RADAR_RETENTION_DAYS", default_value_t = 0)]
@@ -175,6 +179,7 @@ impl EngineArgs {
             ..DetectorConfig::default()
         };
         c.segments.max_points_per_segment = self.segment_max_points.max(1);
+        c.segments.merge_max_points = self.segment_merge_points;
         c.segments.retention_ms =
             (self.retention_days > 0).then_some(self.retention_days.saturating_mul(86_400_000));
         c.segments.segment_span_ms = match self.segment_hours {

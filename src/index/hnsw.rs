@@ -130,6 +130,15 @@ impl HnswIndex {
         Ok(())
     }
 
+    /// Every vector with its id, in no particular order (to rebuild or merge graphs).
+    pub fn points(&self) -> Vec<(u64, Vec<f32>)> {
+        let points = self.hnsw.get_point_indexation();
+        points
+            .into_iter()
+            .map(|p| (p.get_origin_id() as u64, p.get_v().to_vec()))
+            .collect()
+    }
+
     /// Dumps the index to `dir` (created if missing) as `{basename}.hnsw.{graph,data,meta.json}`,
     /// replacing a previous dump of that name. Crash-safe: files are written under temporary
     /// names, synced and renamed, and the metadata (the commit point) is written last.

@@ -1,7 +1,10 @@
 //! Time-segmented HNSW: hnsw_rs cannot delete, so the index is a list of HNSW graphs, one per
 //! slice of traffic. Inserts go to the one *active* segment; when it is full or spans too much
 //! time it is *sealed* (dumped to disk when a directory is configured) and a new one starts.
-//! Queries fan out over every segment; retention drops whole sealed segments.
+//! Queries fan out over every segment; retention drops whole sealed segments. Because every
+//! query visits every segment, adjacent sealed segments are *merged* in the background (a new
+//! graph built from both on a thread of its own, then swapped in through the manifest), by
+//! tiers, up to [`SegmentsConfig::merge_max_points`] vectors.
 //!
 //! On disk (`dir`): each sealed segment's dump (`seg-NNNNNN.hnsw.*`, see [`HnswIndex::dump`]) and
 //! `manifest.json`, rewritten atomically after every seal, drop or checkpoint: the list of sealed
@@ -14,6 +17,8 @@
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -40,6 +45,12 @@ pub struct SegmentsConfig {
     pub retention_ms: Option<i64>,
     /// Where sealed segments and the manifest live; `None` keeps everything in memory.
     pub dir: Option<PathBuf>,
+    /// Two adjacent sealed segments are merged, in the background, into one of at most this
+    /// many vectors (0: never). Every search visits every segment, so fewer, larger graphs
+    /// answer faster; with retention, a merged segment spans at most a quarter of it.
+    pub merge_max_points: usize,
+    /// Threads a merge inserts with.
+    pub merge_threads: usize,
 }
 
 impl Default for SegmentsConfig {
@@ -50,6 +61,8 @@ impl Default for SegmentsConfig {
             segment_span_ms: None,
             retention_ms: None,
             dir: None,
+            merge_max_points: 1_000_000,
+            merge_threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1)),
         }
     }
 }
@@ -115,8 +128,18 @@ struct Manifest {
 
 #[derive(Debug)]
 struct Segment {
-    index: HnswIndex,
+    /// Shared only by a sealed segment with a merge that reads it.
+    index: Arc<HnswIndex>,
     entry: SegmentEntry,
+}
+
+/// A merge running on its own thread: the names of its two inputs, and the merged segment it
+/// returns (dumped when there is a directory).
+#[derive(Debug)]
+struct Merge {
+    inputs: [String; 2],
+    output: String,
+    thread: JoinHandle<Result<Segment, IndexError>>,
 }
 
 /// HNSW split into time segments; see the module documentation.
@@ -132,6 +155,7 @@ pub struct SegmentedHnsw {
     sealed_up_to: u64,
     /// The manifest's checkpoint of the active segment, while that dump is a prefix of it.
     checkpointed: Option<SegmentEntry>,
+    merging: Option<Merge>,
 }
 
 impl SegmentedHnsw {
@@ -149,6 +173,7 @@ impl SegmentedHnsw {
             next_segment: 1,
             sealed_up_to: 0,
             checkpointed: None,
+            merging: None,
         };
         let Some(dir) = me.config.dir.clone() else {
             return Ok(me);
@@ -175,6 +200,7 @@ impl SegmentedHnsw {
             for (entry, index) in loaded {
                 match index {
                     Ok(index) if index.dim() == dim && index.len() == entry.info.count => {
+                        let index = Arc::new(index);
                         me.sealed.push(Segment { index, entry });
                     }
                     Ok(_) => {
@@ -196,7 +222,7 @@ impl SegmentedHnsw {
                             && entry.basename == me.active.entry.basename =>
                     {
                         me.active = Segment {
-                            index,
+                            index: Arc::new(index),
                             entry: entry.clone(),
                         };
                         me.checkpointed = Some(entry);
@@ -239,9 +265,15 @@ impl SegmentedHnsw {
         ranges.collect()
     }
 
+    /// The active segment's graph, to insert into (merges only ever share sealed ones).
+    fn active_mut(&mut self) -> Result<&mut HnswIndex, IndexError> {
+        Arc::get_mut(&mut self.active.index)
+            .ok_or_else(|| IndexError::Io("the active segment is shared".into()))
+    }
+
     /// Inserts a vector into the active segment.
     pub fn insert(&mut self, id: u64, timestamp_ms: i64, vector: &[f32]) -> Result<(), IndexError> {
-        self.active.index.insert(id, vector)?;
+        self.active_mut()?.insert(id, vector)?;
         self.active.entry.info.note(id, timestamp_ms);
         Ok(())
     }
@@ -250,7 +282,7 @@ impl SegmentedHnsw {
     /// Nothing is inserted unless every vector is valid.
     pub fn insert_bulk(&mut self, items: &[(u64, i64, Vec<f32>)]) -> Result<(), IndexError> {
         let refs: Vec<(u64, &[f32])> = items.iter().map(|(id, _, v)| (*id, v.as_slice())).collect();
-        self.active.index.parallel_insert(&refs)?;
+        self.active_mut()?.parallel_insert(&refs)?;
         for (id, ts, _) in items {
             self.active.entry.info.note(*id, *ts);
         }
@@ -295,6 +327,158 @@ impl SegmentedHnsw {
             entry,
         });
         Ok(true)
+    }
+
+    /// Background merging of sealed segments, one merge at a time: installs a finished merge
+    /// (the manifest names the merged segment, then the inputs' files go) and starts the next
+    /// one that [`SegmentsConfig::merge_max_points`] allows. Returns whether a merge was
+    /// installed. Cheap when there is nothing to do; the engine calls it after every batch.
+    /// A failed merge, or one whose inputs were dropped meanwhile, is discarded with a warning.
+    pub fn merge_step(&mut self) -> bool {
+        let installed = match self.merging.take() {
+            Some(m) if !m.thread.is_finished() => {
+                self.merging = Some(m);
+                return false;
+            }
+            Some(m) => self.install(m),
+            None => false,
+        };
+        self.start_merge();
+        installed
+    }
+
+    /// Waits for the running merge, and for every merge it makes possible (tests, benches).
+    pub fn merge_all(&mut self) -> usize {
+        let mut installed = 0;
+        self.start_merge();
+        while let Some(m) = self.merging.take() {
+            installed += usize::from(self.install(m));
+            self.start_merge();
+        }
+        installed
+    }
+
+    /// Whether a merge is running.
+    pub fn is_merging(&self) -> bool {
+        self.merging.is_some()
+    }
+
+    /// Installs the result of `m` (waiting for it); false when it failed or is stale.
+    fn install(&mut self, m: Merge) -> bool {
+        let merged = match m.thread.join() {
+            Ok(Ok(merged)) => merged,
+            Ok(Err(e)) => {
+                tracing::warn!(segment = %m.output, error = %e, "segment merge failed; inputs kept");
+                self.discard(&m.output);
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!(segment = %m.output, "segment merge panicked; inputs kept");
+                self.discard(&m.output);
+                return false;
+            }
+        };
+        let names: Vec<&str> = self
+            .sealed
+            .iter()
+            .map(|s| s.entry.basename.as_str())
+            .collect();
+        let Some(at) = names.windows(2).position(|w| w == m.inputs) else {
+            tracing::info!(segment = %m.output, "an input was dropped while merging; merge discarded");
+            self.discard(&m.output);
+            return false;
+        };
+        if let Some(dir) = &self.config.dir {
+            let mut segments = self.listed_entries(&self.lost);
+            segments.splice(at..at + 2, [merged.entry.clone()]);
+            let (next, up_to) = (self.next_segment, self.sealed_coverage());
+            let active = self.checkpointed.clone();
+            if let Err(e) = write_manifest(dir, self.dim, next, up_to, segments, active) {
+                tracing::warn!(error = %e, "cannot rewrite the index manifest; merge discarded");
+                self.discard(&m.output);
+                return false;
+            }
+        }
+        let inputs: Vec<Segment> = self.sealed.splice(at..at + 2, [merged]).collect();
+        if let Some(dir) = &self.config.dir {
+            let entries: Vec<SegmentEntry> = inputs.into_iter().map(|s| s.entry).collect();
+            remove_segment_files(dir, &entries);
+        }
+        true
+    }
+
+    /// Removes what a discarded merge wrote.
+    fn discard(&self, basename: &str) {
+        if let Some(dir) = &self.config.dir {
+            let entry = SegmentEntry {
+                basename: basename.to_string(),
+                info: self.active.entry.info,
+            };
+            remove_segment_files(dir, &[entry]);
+        }
+    }
+
+    /// The adjacent sealed pair to merge next: both together within `merge_max_points` (and a
+    /// quarter of the retention), the older at most twice the newer (so merges go by tiers and
+    /// each vector is re-inserted a few times at most), the smallest such pair first.
+    fn merge_candidate(&self) -> Option<usize> {
+        let cap = self.config.merge_max_points;
+        let max_span = self.config.retention_ms.map(|r| r / 4);
+        (0..self.sealed.len().saturating_sub(1))
+            .filter(|&i| {
+                let (a, b) = (self.sealed[i].entry.info, self.sealed[i + 1].entry.info);
+                let span = a
+                    .max_ts
+                    .max(b.max_ts)
+                    .saturating_sub(a.min_ts.min(b.min_ts));
+                a.count + b.count <= cap
+                    && a.count <= 2 * b.count
+                    && max_span.is_none_or(|m| span <= m)
+            })
+            .min_by_key(|&i| self.sealed[i].entry.info.count + self.sealed[i + 1].entry.info.count)
+    }
+
+    /// Starts merging the next candidate pair on a thread of its own, unless a merge runs.
+    fn start_merge(&mut self) {
+        if self.merging.is_some() || self.config.merge_max_points == 0 {
+            return;
+        }
+        let Some(i) = self.merge_candidate() else {
+            return;
+        };
+        let (a, b) = (&self.sealed[i], &self.sealed[i + 1]);
+        let mut info = a.entry.info;
+        info.first_id = info.first_id.min(b.entry.info.first_id);
+        info.last_id = info.last_id.max(b.entry.info.last_id);
+        info.min_ts = info.min_ts.min(b.entry.info.min_ts);
+        info.max_ts = info.max_ts.max(b.entry.info.max_ts);
+        info.count += b.entry.info.count;
+        let entry = SegmentEntry {
+            basename: merged_name(&a.entry.basename, &b.entry.basename),
+            info,
+        };
+        let inputs = [a.entry.basename.clone(), b.entry.basename.clone()];
+        let graphs = [a.index.clone(), b.index.clone()];
+        let params = HnswParams {
+            max_elements: info.count,
+            ..self.config.params
+        };
+        let (dim, dir, threads) = (self.dim, self.config.dir.clone(), self.config.merge_threads);
+        let output = entry.basename.clone();
+        let spawned = std::thread::Builder::new()
+            .name("index-merge".into())
+            .spawn(move || merge(graphs, entry, params, dim, dir, threads));
+        match spawned {
+            Ok(thread) => {
+                tracing::info!(segment = %output, vectors = info.count, "merging index segments");
+                self.merging = Some(Merge {
+                    inputs,
+                    output,
+                    thread,
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start a segment merge"),
+        }
     }
 
     /// Dumps the active segment and records it in the manifest, so that the next
@@ -446,10 +630,56 @@ impl Segment {
         };
         let basename = format!("seg-{number:06}");
         Segment {
-            index: HnswIndex::new(params, dim),
+            index: Arc::new(HnswIndex::new(params, dim)),
             entry: SegmentEntry { basename, info },
         }
     }
+}
+
+/// One graph holding the vectors of `graphs`, built on `threads` threads and dumped under
+/// `entry`'s name when there is a directory.
+fn merge(
+    graphs: [Arc<HnswIndex>; 2],
+    entry: SegmentEntry,
+    params: HnswParams,
+    dim: usize,
+    dir: Option<PathBuf>,
+    threads: usize,
+) -> Result<Segment, IndexError> {
+    let points: Vec<(u64, Vec<f32>)> = graphs.iter().flat_map(|g| g.points()).collect();
+    drop(graphs);
+    let refs: Vec<(u64, &[f32])> = points.iter().map(|(id, v)| (*id, v.as_slice())).collect();
+    let mut index = HnswIndex::new(params, dim);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("index-merge-{i}"))
+        .build()
+        .map_err(|e| IndexError::Io(format!("merge threads: {e}")))?;
+    pool.install(|| index.parallel_insert(&refs))?;
+    if let Some(dir) = &dir {
+        index.dump(dir, &entry.basename)?;
+    }
+    Ok(Segment {
+        index: Arc::new(index),
+        entry,
+    })
+}
+
+/// The name of the merge of segments `a` and `b` (in that order): `a`'s number with a merge
+/// generation one above either input's (`seg-000003` + `seg-000004` → `seg-000003-1`), unique
+/// because an input's name is gone once its merge is installed.
+fn merged_name(a: &str, b: &str) -> String {
+    let generation = |n: &str| {
+        n.rsplit_once('-')
+            .filter(|(head, _)| head.contains('-'))
+            .and_then(|(_, g)| g.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let number = a
+        .strip_prefix("seg-")
+        .and_then(|rest| rest.split('-').next())
+        .unwrap_or("000000");
+    format!("seg-{number}-{}", generation(a).max(generation(b)) + 1)
 }
 
 /// The manifest in `dir`: `Ok(None)` when there is none yet.
@@ -471,8 +701,13 @@ fn read_manifest(dir: &Path, dim: usize) -> Result<Option<Manifest>, IndexError>
     }
     // Names come from this module; anything else (a path, say) must never reach `remove_file`.
     let valid = |b: &str| {
-        b.strip_prefix("seg-")
-            .is_some_and(|n| n.bytes().all(|c| c.is_ascii_digit()))
+        b.strip_prefix("seg-").is_some_and(|n| {
+            let mut parts = n.split('-');
+            let digits = |p: &str| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit());
+            parts.next().is_some_and(digits)
+                && parts.next().is_none_or(digits)
+                && parts.next().is_none()
+        })
     };
     if let Some(bad) = m
         .segments
@@ -744,6 +979,105 @@ mod tests {
             !dir.path().join("seg-000001.hnsw.graph").exists(),
             "leftover removed"
         );
+    }
+
+    #[test]
+    fn sealed_segments_merge_by_tiers_and_reload_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SegmentsConfig {
+            merge_max_points: 400,
+            ..config(Some(dir.path()), 100)
+        };
+        let vs = unit_vectors(40, 700, DIM);
+        let mut idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
+        assert_eq!(feed(&mut idx, &vs, 1, 0), 7);
+        // 7 × 100 → (100+100), (100+100), (100+100), then (200+100), then (200+200).
+        assert_eq!(idx.merge_all(), 5);
+        assert!(!idx.is_merging());
+        let segs = idx.segments();
+        let shape: Vec<(u64, u64, usize)> = segs
+            .iter()
+            .map(|s| (s.first_id, s.last_id, s.count))
+            .collect();
+        assert_eq!(shape, vec![(1, 400, 400), (401, 700, 300)]);
+        assert_eq!((idx.len(), idx.covered_up_to()), (700, 700));
+        for (i, v) in vs.iter().enumerate() {
+            assert_eq!(top1(&idx, v), i as u64 + 1);
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".meta.json"))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["seg-000001-2.hnsw.meta.json", "seg-000005-2.hnsw.meta.json"],
+            "merged dumps only: the inputs' files are gone"
+        );
+        drop(idx);
+
+        let idx = SegmentedHnsw::open(cfg, DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (700, 700));
+        assert_eq!(idx.segments().len(), 2);
+        assert_eq!(top1(&idx, &vs[650]), 651);
+    }
+
+    #[test]
+    fn a_merge_whose_input_was_dropped_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SegmentsConfig {
+            retention_ms: Some(200_000),
+            merge_max_points: 1_000,
+            ..config(Some(dir.path()), 20)
+        };
+        let vs = unit_vectors(41, 100, DIM);
+        let mut idx = SegmentedHnsw::open(cfg, DIM).unwrap();
+        assert_eq!(feed(&mut idx, &vs, 1, 0), 5);
+        assert!(!idx.merge_step(), "started, not finished");
+        assert!(idx.is_merging());
+        // Retention drops the first input (newest prompt at 19 s) before the merge is installed.
+        assert_eq!(idx.drop_expired(19_001 + 200_000), 1);
+        idx.merge_all();
+        assert!(!dir.path().join("seg-000001-1.hnsw.graph").exists());
+        assert_eq!(idx.len(), 80);
+        assert!(
+            idx.search(&vs[5], 10).iter().all(|n| n.id > 20),
+            "dropped stays dropped"
+        );
+        assert_eq!(top1(&idx, &vs[50]), 51);
+        // Merged segments span at most a quarter of the retention: 50 s here.
+        assert!(idx.segments().iter().all(|s| s.max_ts - s.min_ts <= 50_000));
+    }
+
+    #[test]
+    fn merged_names_are_unique_and_valid_in_a_manifest() {
+        assert_eq!(merged_name("seg-000003", "seg-000004"), "seg-000003-1");
+        assert_eq!(merged_name("seg-000003-1", "seg-000005"), "seg-000003-2");
+        assert_eq!(merged_name("seg-000003-2", "seg-000007-4"), "seg-000003-5");
+        let dir = tempfile::tempdir().unwrap();
+        for (name, ok) in [
+            ("seg-000003-2", true),
+            ("seg-000003", true),
+            ("seg-1-2-3", false),
+            ("seg--1", false),
+            ("seg-1-", false),
+            ("../seg-1", false),
+        ] {
+            let entry = SegmentEntry {
+                basename: name.into(),
+                info: SegmentInfo {
+                    first_id: 1,
+                    last_id: 1,
+                    min_ts: 0,
+                    max_ts: 0,
+                    count: 1,
+                    sealed: true,
+                },
+            };
+            write_manifest(dir.path(), DIM, 2, 1, vec![entry], None).unwrap();
+            assert_eq!(read_manifest(dir.path(), DIM).is_ok(), ok, "{name}");
+        }
     }
 
     #[test]
