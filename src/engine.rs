@@ -11,8 +11,9 @@
 //!    the store lacks), and a full segment is sealed and dumped.
 //!
 //! On open, the detector is rebuilt by replaying the stored links (no searches needed), the key
-//! index from the stored texts, and the vector index is reloaded from its sealed segments plus
-//! the store's newer records.
+//! index from the stored texts, and the vector and part indexes are reloaded from their dumps
+//! (sealed segments, and the checkpoints of a clean stop: [`Engine::checkpoint`]) plus the
+//! store's newer records.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -195,6 +196,9 @@ pub struct CheckpointStats {
     pub seconds: f64,
 }
 
+/// Directory of the index segments and the part index's checkpoint, in the data directory.
+const INDEX_DIR: &str = "index";
+
 /// Meta key of the allow-list (JSON array of [`AllowEntry`]).
 const ALLOW_META: &str = "allow_list";
 
@@ -218,11 +222,11 @@ impl Engine {
     pub fn open(config: EngineConfig, dim: usize) -> Result<Self, Error> {
         let started = Instant::now();
         let store = Store::open(&config.data_dir)?;
+        let index_dir = config.data_dir.join(INDEX_DIR);
         let segments = SegmentsConfig {
-            dir: Some(config.data_dir.join("index")),
+            dir: Some(index_dir.clone()),
             ..config.segments.clone()
         };
-        let index_dir = config.data_dir.join("index");
         let mut index = SegmentedHnsw::open(segments, dim)?;
         let reloaded = index.len();
         let covered = index.covered_up_to();
@@ -583,7 +587,7 @@ impl Engine {
         let parts = self.parts.read();
         let mut part_vectors = 0;
         if covered > state.parts_checkpoint && !parts.is_empty() {
-            let dir = self.config.data_dir.join("index");
+            let dir = self.config.data_dir.join(INDEX_DIR);
             parts.dump(&dir, &parts_basename(covered))?;
             remove_part_dumps(&dir, Some(covered));
             state.parts_checkpoint = covered;
