@@ -192,6 +192,10 @@ pub struct CheckpointStats {
     pub active_vectors: usize,
     /// Part vectors now on disk (0 when none, or unchanged since the last checkpoint).
     pub part_vectors: usize,
+    /// Index segments, sealed and active: the graphs every search visits.
+    pub segments: usize,
+    /// Whether a segment merge was running (it is not saved: the next open starts it again).
+    pub merging: bool,
     /// Seconds it took.
     pub seconds: f64,
 }
@@ -583,7 +587,10 @@ impl Engine {
         let started = Instant::now();
         let mut state = self.ingest.lock();
         let covered = state.next_id.saturating_sub(1);
-        let active_vectors = self.index.write().checkpoint()?;
+        let mut index = self.index.write();
+        let active_vectors = index.checkpoint()?;
+        let (segments, merging) = (index.segments().len(), index.is_merging());
+        drop(index);
         let parts = self.parts.read();
         let mut part_vectors = 0;
         if covered > state.parts_checkpoint && !parts.is_empty() {
@@ -596,6 +603,8 @@ impl Engine {
         Ok(CheckpointStats {
             active_vectors,
             part_vectors,
+            segments,
+            merging,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

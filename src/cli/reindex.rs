@@ -87,8 +87,16 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     // So that `serve` reloads the index instead of rebuilding what the last segment holds.
     let saved = engine.checkpoint()?;
     eprintln!(
-        "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} part vectors; `serve` reloads them)",
-        saved.seconds, saved.active_vectors, saved.part_vectors
+        "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} part vectors; `serve` reloads them); {} index segments{}",
+        saved.seconds,
+        saved.active_vectors,
+        saved.part_vectors,
+        saved.segments,
+        if saved.merging {
+            " (a merge was running: `serve` starts it again)"
+        } else {
+            ""
+        }
     );
     Ok(times.bad_lines == 0)
 }

@@ -98,8 +98,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // What the next start would otherwise rebuild from the store.
     let saved = tokio::task::spawn_blocking(move || engine.checkpoint()).await??;
     println!(
-        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} part vectors, {:.1}s)",
-        saved.active_vectors, saved.part_vectors, saved.seconds
+        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} part vectors, {:.1}s; {} index segments{})",
+        saved.active_vectors,
+        saved.part_vectors,
+        saved.seconds,
+        saved.segments,
+        if saved.merging {
+            ", a merge left for the next start"
+        } else {
+            ""
+        }
     );
     Ok(())
 }
