@@ -313,7 +313,7 @@ impl SegmentedHnsw {
             segments.push(entry.clone());
             let next = self.next_segment + 1;
             write_manifest(dir, self.dim, next, sealed_up_to, segments, None)?;
-            remove_segment_files(dir, &forgotten);
+            remove_segment_files(dir, forgotten.iter().map(|e| e.basename.as_str()));
         }
         // The dump under the checkpoint's name is now the sealed segment's.
         self.checkpointed = None;
@@ -401,8 +401,7 @@ impl SegmentedHnsw {
         }
         let inputs: Vec<Segment> = self.sealed.splice(at..at + 2, [merged]).collect();
         if let Some(dir) = &self.config.dir {
-            let entries: Vec<SegmentEntry> = inputs.into_iter().map(|s| s.entry).collect();
-            remove_segment_files(dir, &entries);
+            remove_segment_files(dir, inputs.iter().map(|s| s.entry.basename.as_str()));
         }
         true
     }
@@ -410,11 +409,7 @@ impl SegmentedHnsw {
     /// Removes what a discarded merge wrote.
     fn discard(&self, basename: &str) {
         if let Some(dir) = &self.config.dir {
-            let entry = SegmentEntry {
-                basename: basename.to_string(),
-                info: self.active.entry.info,
-            };
-            remove_segment_files(dir, &[entry]);
+            remove_segment_files(dir, [basename]);
         }
     }
 
@@ -539,7 +534,7 @@ impl SegmentedHnsw {
         self.sealed = kept;
         self.lost = lost;
         if let Some(dir) = &self.config.dir {
-            remove_segment_files(dir, &gone);
+            remove_segment_files(dir, gone.iter().map(|e| e.basename.as_str()));
         }
         gone.len()
     }
@@ -741,11 +736,11 @@ fn write_manifest(
     write_atomic(&dir.join(MANIFEST), &json)
 }
 
-/// Best-effort removal of the dump files of `entries`.
-fn remove_segment_files(dir: &Path, entries: &[SegmentEntry]) {
-    for e in entries {
+/// Best-effort removal of the dump files of the segments named `basenames`.
+fn remove_segment_files<'a>(dir: &Path, basenames: impl IntoIterator<Item = &'a str>) {
+    for basename in basenames {
         for ext in ["meta.json", "graph", "data"] {
-            let path = dir.join(format!("{}.hnsw.{ext}", e.basename));
+            let path = dir.join(format!("{basename}.hnsw.{ext}"));
             if let Err(err) = fs::remove_file(&path)
                 && err.kind() != std::io::ErrorKind::NotFound
             {
