@@ -29,6 +29,8 @@ use std::net::SocketAddr;
 use prompt_radar::config::{Config, DeviceKind, EngineConfig, Limits};
 use prompt_radar::embed::BatchConfig;
 use prompt_radar::proto::radar_client::RadarClient;
+use prompt_radar::proto::search_request::Query;
+use prompt_radar::proto::{SearchHit, SearchRequest};
 use prompt_radar::server::{Prepared, bind};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -139,3 +141,19 @@ pub const ORGANIC: [&str; 8] = [
     "help me write a haiku about autumn rain",
     "how many grams of protein are in a boiled egg",
 ];
+
+/// The stored prompt nearest to `query` (a `Search` with k = 1), or the server's error.
+pub async fn nearest(
+    c: &mut RadarClient<Channel>,
+    query: Query,
+) -> Result<SearchHit, tonic::Status> {
+    let request = SearchRequest {
+        query: Some(query),
+        k: 1,
+        ..Default::default()
+    };
+    let hits = c.search(request).await?.into_inner().hits;
+    hits.into_iter()
+        .next()
+        .ok_or_else(|| tonic::Status::not_found("search returned no hit"))
+}

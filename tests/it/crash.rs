@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 
 use prompt_radar::proto::{self, radar_client::RadarClient, search_request::Query};
 
-use crate::common::{model_dir, templated};
+use crate::common::{model_dir, nearest, templated};
 
 /// Starts `prompt-radar serve` on a free port and returns it with the address it printed, the
 /// line that said so, and the rest of its standard output (keep it open: the server prints
@@ -91,33 +91,17 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
     let (mut child, url, _, _out) = spawn_server(dir.path());
     let mut c = RadarClient::connect(url).await.unwrap();
     for (id, text) in &acked {
-        let by_id = c
-            .search(proto::SearchRequest {
-                query: Some(Query::PromptId(*id)),
-                k: 1,
-                ..Default::default()
-            })
+        let by_id = nearest(&mut c, Query::PromptId(*id))
             .await
-            .unwrap_or_else(|e| panic!("acknowledged prompt {id} missing after restart: {e}"))
-            .into_inner()
-            .hits;
+            .unwrap_or_else(|e| panic!("acknowledged prompt {id} missing after restart: {e}"));
         assert_eq!(
-            by_id[0].prompt_id, *id,
+            by_id.prompt_id, *id,
             "prompt {id} is its own nearest neighbour"
         );
-        assert_eq!(&by_id[0].prompt, text);
-        let by_text = c
-            .search(proto::SearchRequest {
-                query: Some(Query::Text(text.clone())),
-                k: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .hits;
-        assert_eq!(by_text[0].prompt_id, *id, "{text}");
-        assert!(by_text[0].similarity > 0.999);
+        assert_eq!(&by_id.prompt, text);
+        let by_text = nearest(&mut c, Query::Text(text.clone())).await.unwrap();
+        assert_eq!(by_text.prompt_id, *id, "{text}");
+        assert!(by_text.similarity > 0.999);
     }
     let accounts = c
         .list_accounts(proto::ListAccountsRequest::default())
@@ -180,17 +164,8 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
     );
     let mut c = RadarClient::connect(url).await.unwrap();
     for (id, text) in sent.iter().rev().take(15) {
-        let hits = c
-            .search(proto::SearchRequest {
-                query: Some(Query::Text(text.clone())),
-                k: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .hits;
-        assert_eq!(hits[0].prompt_id, *id, "{text}");
+        let hit = nearest(&mut c, Query::Text(text.clone())).await.unwrap();
+        assert_eq!(hit.prompt_id, *id, "{text}");
     }
     // The reloaded active segment goes on growing, and a new prompt is found.
     let late = c
@@ -203,17 +178,10 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
         .await
         .unwrap()
         .into_inner();
-    let hits = c
-        .search(proto::SearchRequest {
-            query: Some(Query::PromptId(late.prompt_id)),
-            k: 1,
-            ..Default::default()
-        })
+    let hit = nearest(&mut c, Query::PromptId(late.prompt_id))
         .await
-        .unwrap()
-        .into_inner()
-        .hits;
-    assert_eq!(hits[0].prompt_id, late.prompt_id);
+        .unwrap();
+    assert_eq!(hit.prompt_id, late.prompt_id);
     child.kill().unwrap();
     child.wait().unwrap();
 }

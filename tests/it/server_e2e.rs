@@ -3,7 +3,7 @@
 use prompt_radar::proto::{self, search_request::Query};
 use tonic::Code;
 
-use crate::common::{ORGANIC, TestServer, config, templated};
+use crate::common::{ORGANIC, TestServer, config, nearest, templated};
 
 fn req(account: &str, prompt: &str) -> proto::CheckRequest {
     proto::CheckRequest {
@@ -436,20 +436,10 @@ async fn restart_keeps_prompts_campaigns_and_index() {
         .unwrap()
         .into_inner();
     assert_eq!(before, after);
-    let hits = c
-        .search(proto::SearchRequest {
-            query: Some(Query::Text(ORGANIC[3].into())),
-            k: 1,
-            ..Default::default()
-        })
+    let hit = nearest(&mut c, Query::Text(ORGANIC[3].into()))
         .await
-        .unwrap()
-        .into_inner()
-        .hits;
-    assert_eq!(
-        (hits[0].prompt_id, hits[0].account_id.as_str()),
-        (31, "solo")
-    );
+        .unwrap();
+    assert_eq!((hit.prompt_id, hit.account_id.as_str()), (31, "solo"));
     // New prompts continue the id sequence and still join the campaign.
     let v = c
         .check(req("h-new", &templated(31)))
