@@ -17,7 +17,6 @@ pub struct Progress {
 struct Plain {
     verb: String,
     every: Duration,
-    started: Instant,
     last: Instant,
 }
 
@@ -36,7 +35,6 @@ impl Progress {
         let plain = bar.is_hidden().then(|| Plain {
             verb: verb.to_string(),
             every,
-            started: Instant::now(),
             last: Instant::now(),
         });
         Self {
@@ -61,7 +59,7 @@ impl Progress {
         }
         p.last = Instant::now();
         let (pos, total) = (self.bar.position(), self.bar.length().unwrap_or(0));
-        let secs = p.started.elapsed().as_secs_f64().max(1e-9);
+        let secs = self.bar.elapsed().as_secs_f64().max(1e-9);
         let rate = pos as f64 / secs;
         let share = 100.0 * pos as f64 / total.max(1) as f64;
         let eta = if rate > 0.0 {
