@@ -7,8 +7,9 @@
 //!    latest earlier prompt sharing a template key (lexical evidence, see `detect::keys`);
 //! 2. the detector observes the prompt with those links → verdict;
 //! 3. one store transaction commits the whole batch (durable before any verdict is returned);
-//! 4. the vectors go into the index (after the commit, so a sealed segment never holds a prompt
-//!    the store lacks), and a full segment is sealed and dumped.
+//! 4. the vectors go into the index and the parts' into the part index (after the commit, so a
+//!    sealed segment never holds a prompt the store lacks); a full segment of either is sealed
+//!    and dumped, and retention drops the old ones.
 //!
 //! On open, the detector is rebuilt by replaying the stored links (no searches needed), the key
 //! index from the stored texts, and the vector and part indexes are reloaded from their dumps
@@ -28,10 +29,7 @@ use crate::detect::keys::{self, KeyIndex};
 use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict, template};
 use crate::embed::EmbedError;
 use crate::error::Error;
-use crate::index::{
-    HnswIndex, HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorInsert, VectorSearch,
-    dot,
-};
+use crate::index::{HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorSearch, dot};
 use crate::store::{PromptRecord, Store};
 
 /// A prompt accepted for ingest, already validated and embedded.
@@ -52,8 +50,8 @@ pub struct NewPrompt {
 /// A text's vector and its parts' vectors.
 pub type WithPartVectors = (Vec<f32>, Vec<Vec<f32>>);
 
-/// A prompt id and its parts' vectors, on their way into the part index.
-type PendingParts = Vec<(u64, Vec<Vec<f32>>)>;
+/// A prompt's id, timestamp and parts' vectors, on their way into the part index.
+type PendingParts = Vec<(u64, i64, Vec<Vec<f32>>)>;
 
 /// Embeds `texts` and, when `with_parts`, each text's parts (`keys::parts`) through one call of
 /// `embed`, so prompts and parts share forward passes (and a caller's cache). Returns, per text,
@@ -181,8 +179,6 @@ struct IngestState {
     /// The allow-list as stored, and compiled.
     allow: (Vec<AllowEntry>, AllowList),
     times: IngestTimes,
-    /// Highest prompt id whose parts the part index's checkpoint on disk holds.
-    parts_checkpoint: u64,
 }
 
 /// What [`Engine::checkpoint`] wrote.
@@ -190,7 +186,7 @@ struct IngestState {
 pub struct CheckpointStats {
     /// Vectors of the active index segment now on disk (0 when it was empty or already written).
     pub active_vectors: usize,
-    /// Part vectors now on disk (0 when none, or unchanged since the last checkpoint).
+    /// Vectors of the part index's active segment now on disk (0 likewise).
     pub part_vectors: usize,
     /// Index segments, sealed and active: the graphs every search visits.
     pub segments: usize,
@@ -200,8 +196,11 @@ pub struct CheckpointStats {
     pub seconds: f64,
 }
 
-/// Directory of the index segments and the part index's checkpoint, in the data directory.
+/// Directory of the index segments, in the data directory.
 const INDEX_DIR: &str = "index";
+
+/// Directory of the part index's segments, in [`INDEX_DIR`].
+const PARTS_DIR: &str = "parts";
 
 /// Meta key of the allow-list (JSON array of [`AllowEntry`]).
 const ALLOW_META: &str = "allow_list";
@@ -211,8 +210,9 @@ pub struct Engine {
     config: EngineConfig,
     store: Store,
     index: RwLock<SegmentedHnsw>,
-    /// Part vectors, keyed `prompt id × PART_SLOTS + part number`; in memory, rebuilt on open.
-    parts: RwLock<HnswIndex>,
+    /// Part vectors, keyed `prompt id × PART_SLOTS + part number`, in segments like the index's:
+    /// retention drops them alike, and a checkpoint writes only the active one.
+    parts: RwLock<SegmentedHnsw>,
     detector: RwLock<Detector>,
     /// Serialises ingest; holds the next id and the template keys.
     ingest: Mutex<IngestState>,
@@ -238,8 +238,17 @@ impl Engine {
         let needs_index =
             |id: u64| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id));
 
-        let (mut parts, parts_covered) = load_parts(&index_dir, dim, store.last_id()?);
+        remove_legacy_part_dumps(&index_dir);
+        let mut parts = SegmentedHnsw::open(part_segments(&config), dim)?;
         let parts_reloaded = parts.len();
+        // Part ids are `prompt id × PART_SLOTS + j`, and a prompt's parts are inserted together.
+        let parts_covered = parts.covered_up_to() / PART_SLOTS;
+        let parts_missing: Vec<(u64, u64)> = (parts.missing_ranges().into_iter())
+            .map(|(a, b)| (a / PART_SLOTS, b / PART_SLOTS))
+            .collect();
+        let needs_parts = |id: u64| {
+            id > parts_covered || parts_missing.iter().any(|&(a, b)| (a..=b).contains(&id))
+        };
         let mut parts_rebuilt = 0;
         let mut pending_parts: PendingParts = Vec::new();
         let allow_entries: Vec<AllowEntry> = match store.meta(ALLOW_META)? {
@@ -278,9 +287,9 @@ impl Engine {
                 );
             }
             last_id = r.id;
-            if r.id > parts_covered {
+            if needs_parts(r.id) && !r.parts.is_empty() {
                 parts_rebuilt += r.parts.len().min(PART_SLOTS as usize);
-                pending_parts.push((r.id, r.parts));
+                pending_parts.push((r.id, r.timestamp_ms, r.parts));
             }
             if pending_parts.len() >= 10_000
                 && let Err(e) = insert_parts(&mut parts, &mut pending_parts, true)
@@ -303,6 +312,7 @@ impl Engine {
         flush(&mut index, &mut pending)?;
         insert_parts(&mut parts, &mut pending_parts, true)?;
         index.merge_step();
+        parts.merge_step();
         let open_stats = OpenStats {
             prompts,
             reloaded,
@@ -323,7 +333,6 @@ impl Engine {
                 keys: key_index,
                 allow: (allow_entries, allow_list),
                 times: IngestTimes::default(),
-                parts_checkpoint: parts_covered,
             }),
             poisoned: AtomicBool::new(false),
             open_stats,
@@ -550,11 +559,24 @@ impl Engine {
         times.store += lap();
         let (items, mut new_parts): (Vec<(u64, i64, Vec<f32>)>, PendingParts) = records
             .into_iter()
-            .map(|r| ((r.id, r.timestamp_ms, r.embedding), (r.id, r.parts)))
+            .map(|r| {
+                let ts = r.timestamp_ms;
+                ((r.id, ts, r.embedding), (r.id, ts, r.parts))
+            })
             .unzip();
+        new_parts.retain(|(_, _, p)| !p.is_empty());
         // Like the main index: a large batch goes in on all cores, a small one in order.
-        let many = new_parts.iter().map(|(_, p)| p.len()).sum::<usize>() >= 32;
-        insert_parts(&mut self.parts.write(), &mut new_parts, many)?;
+        let many = new_parts.iter().map(|(_, _, p)| p.len()).sum::<usize>() >= 32;
+        let now = items.last().map_or(0, |i| i.1);
+        {
+            let mut parts = self.parts.write();
+            insert_parts(&mut parts, &mut new_parts, many)?;
+            if parts.seal_if_due()? {
+                let dropped = parts.drop_expired(now);
+                tracing::info!(dropped, "sealed a part index segment");
+            }
+            parts.merge_step();
+        }
         let mut index = self.index.write();
         if items.len() >= 32 {
             index.insert_bulk(&items)?;
@@ -564,7 +586,6 @@ impl Engine {
             }
         }
         if index.seal_if_due()? {
-            let now = items.last().map(|i| i.1).unwrap_or(0);
             let dropped = index.drop_expired(now);
             tracing::info!(dropped, "sealed an index segment");
         }
@@ -585,21 +606,14 @@ impl Engine {
     /// by the next open as before, so skipping it (a crash) costs only time.
     pub fn checkpoint(&self) -> Result<CheckpointStats, Error> {
         let started = Instant::now();
-        let mut state = self.ingest.lock();
-        let covered = state.next_id.saturating_sub(1);
+        let _ingest = self.ingest.lock();
         let mut index = self.index.write();
         let active_vectors = index.checkpoint()?;
-        let (segments, merging) = (index.segments().len(), index.is_merging());
+        let (segments, mut merging) = (index.segments().len(), index.is_merging());
         drop(index);
-        let parts = self.parts.read();
-        let mut part_vectors = 0;
-        if covered > state.parts_checkpoint && !parts.is_empty() {
-            let dir = self.config.data_dir.join(INDEX_DIR);
-            parts.dump(&dir, &parts_basename(covered))?;
-            remove_part_dumps(&dir, Some(covered));
-            state.parts_checkpoint = covered;
-            part_vectors = parts.len();
-        }
+        let mut parts = self.parts.write();
+        let part_vectors = parts.checkpoint()?;
+        merging |= parts.is_merging();
         Ok(CheckpointStats {
             active_vectors,
             part_vectors,
@@ -765,86 +779,56 @@ const PART_HNSW: HnswParams = HnswParams {
 /// Ids per prompt in the part index (a prompt has at most `keys::MAX_PARTS` parts).
 const PART_SLOTS: u64 = 8;
 
-/// Name of the part index's checkpoint covering prompt ids up to `covered`.
-fn parts_basename(covered: u64) -> String {
-    format!("parts-{covered:012}")
+/// The part index's segments: the index's settings (size, time span, retention, merges) with
+/// [`PART_HNSW`], in their own directory.
+fn part_segments(config: &EngineConfig) -> SegmentsConfig {
+    SegmentsConfig {
+        params: PART_HNSW,
+        dir: Some(config.data_dir.join(INDEX_DIR).join(PARTS_DIR)),
+        ..config.segments.clone()
+    }
 }
 
-/// Ids covered by the part-index checkpoints in `dir` (from their metadata files).
-fn part_dumps(dir: &Path) -> Vec<u64> {
-    let Ok(read) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    read.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let n = name
-                .strip_prefix("parts-")?
-                .strip_suffix(".hnsw.meta.json")?;
-            n.parse().ok()
-        })
-        .collect()
-}
-
-/// Removes part-index files in `dir` but those of the checkpoint covering `keep`.
-fn remove_part_dumps(dir: &Path, keep: Option<u64>) {
-    let keep = keep.map(|k| format!("{}.hnsw.", parts_basename(k)));
+/// Removes the one-file part-index checkpoints (`parts-<id>.hnsw.*`) earlier versions wrote in
+/// `dir`: the part index now lives in segments of its own, rebuilt from the store once.
+fn remove_legacy_part_dumps(dir: &Path) {
     let Ok(read) = std::fs::read_dir(dir) else {
         return;
     };
     for e in read.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("parts-") && keep.as_ref().is_none_or(|k| !name.starts_with(k)) {
+        if name.starts_with("parts-") && name.contains(".hnsw.") {
+            tracing::info!(file = %name, "removing an old part index checkpoint");
             let _ = std::fs::remove_file(e.path());
         }
     }
 }
 
-/// The part index from the newest checkpoint in `dir` that loads and covers no prompt past
-/// the store's `last_id`, and the id it covers; else an empty index and 0. Other part-index
-/// files are removed.
-fn load_parts(dir: &Path, dim: usize, last_id: u64) -> (HnswIndex, u64) {
-    let mut found = part_dumps(dir);
-    found.sort_unstable_by(|a, b| b.cmp(a));
-    for covered in found.into_iter().filter(|&c| c <= last_id) {
-        match HnswIndex::load(dir, &parts_basename(covered)) {
-            Ok(index) if index.dim() == dim => {
-                remove_part_dumps(dir, Some(covered));
-                return (index, covered);
-            }
-            Ok(_) => tracing::warn!(covered, "part index checkpoint of another dimension"),
-            Err(e) => tracing::warn!(covered, error = %e, "part index checkpoint failed to load"),
-        }
-    }
-    remove_part_dumps(dir, None);
-    (HnswIndex::new(PART_HNSW, dim), 0)
-}
-
-/// Inserts the parts of `(prompt id, parts)` pairs into the part index under
+/// Inserts the parts of `(prompt id, timestamp, parts)` triples into the part index under
 /// `id × PART_SLOTS + part number`, and empties `pending`; `parallel`: on all cores (rebuilds on
 /// open, large batches), else in order, one by one.
 fn insert_parts(
-    index: &mut HnswIndex,
+    index: &mut SegmentedHnsw,
     pending: &mut PendingParts,
     parallel: bool,
 ) -> Result<(), crate::index::IndexError> {
-    let items: Vec<(u64, &[f32])> = pending
-        .iter()
-        .flat_map(|(id, parts)| {
+    let items: Vec<(u64, i64, Vec<f32>)> = pending
+        .drain(..)
+        .flat_map(|(id, ts, parts)| {
             parts
-                .iter()
+                .into_iter()
                 .take(PART_SLOTS as usize)
                 .enumerate()
-                .map(move |(j, v)| (id * PART_SLOTS + j as u64, v.as_slice()))
+                .map(move |(j, v)| (id * PART_SLOTS + j as u64, ts, v))
         })
         .collect();
-    let result = if parallel {
-        index.parallel_insert(&items)
+    if parallel {
+        index.insert_bulk(&items)
     } else {
-        items.iter().try_for_each(|(id, v)| index.insert(*id, v))
-    };
-    pending.clear();
-    result
+        items
+            .iter()
+            .try_for_each(|(id, ts, v)| index.insert(*id, *ts, v))
+    }
 }
 
 /// Earlier prompts that share at least `part_matches` of this prompt's parts (each part matched
@@ -853,7 +837,7 @@ fn insert_parts(
 /// little ("Thanks in advance!"); two — an instruction and its closing, say — are a reworded
 /// template's footprint.
 fn part_links(
-    index: &HnswIndex,
+    index: &SegmentedHnsw,
     earlier: &[NewPrompt],
     first_id: u64,
     parts: &[Vec<f32>],
@@ -888,4 +872,152 @@ fn part_links(
     out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
     out.truncate(cfg.neighbours_k);
     out.into_iter().map(|(id, _)| id).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::index::testdata::unit_vectors;
+
+    const DIM: usize = 32;
+
+    /// Small segments (`max_points` vectors), no merges, optional retention.
+    fn config(dir: &Path, max_points: usize, retention_ms: Option<i64>) -> EngineConfig {
+        EngineConfig {
+            data_dir: dir.to_path_buf(),
+            detector: crate::detect::DetectorConfig::default(),
+            segments: SegmentsConfig {
+                params: HnswParams {
+                    max_elements: 1_000,
+                    ..HnswParams::default()
+                },
+                max_points_per_segment: max_points,
+                retention_ms,
+                merge_max_points: 0,
+                ..SegmentsConfig::default()
+            },
+        }
+    }
+
+    /// A prompt whose own vector and text share nothing with any other (`n` picks them), with
+    /// two given part vectors.
+    fn prompt(n: usize, ts: i64, parts: &[Vec<f32>]) -> NewPrompt {
+        let word = |k: usize| {
+            format!(
+                "q{}{}",
+                (b'a' + (k % 26) as u8) as char,
+                (b'a' + (k / 26 % 26) as u8) as char
+            )
+        };
+        NewPrompt {
+            account_id: format!("acct-{n}"),
+            timestamp_ms: ts,
+            text: format!("{} {}", word(2 * n), word(2 * n + 1)),
+            embedding: unit_vectors(1_000 + n as u64, 1, DIM).remove(0),
+            parts: parts.to_vec(),
+        }
+    }
+
+    /// Two part vectors no other pair shares.
+    fn pair(seed: u64) -> Vec<Vec<f32>> {
+        unit_vectors(seed, 2, DIM)
+    }
+
+    fn links(engine: &Engine, id: u64) -> Vec<u64> {
+        engine.record(id).unwrap().links
+    }
+
+    #[test]
+    fn the_part_index_is_sealed_checkpointed_and_reloaded_in_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        // 3 batches: 10 + 10 part vectors seal two part segments, 4 stay in the active one.
+        for (batch, n) in [(0, 5), (1, 5), (2, 2)] {
+            let prompts = (0..n)
+                .map(|i| {
+                    prompt(
+                        10 * batch + i,
+                        1_000 * batch as i64,
+                        &pair(10 * batch as u64 + i as u64),
+                    )
+                })
+                .collect();
+            engine.ingest(prompts).unwrap();
+        }
+        let sizes: Vec<usize> = engine
+            .parts
+            .read()
+            .segments()
+            .iter()
+            .map(|s| s.count)
+            .collect();
+        assert_eq!(sizes, [10, 10, 4]);
+        let saved = engine.checkpoint().unwrap();
+        assert_eq!((saved.active_vectors, saved.part_vectors), (2, 4));
+        drop(engine);
+
+        // Earlier versions kept the part index in one file per checkpoint: removed on open.
+        let legacy = dir
+            .path()
+            .join(INDEX_DIR)
+            .join("parts-000000000012.hnsw.data");
+        std::fs::write(&legacy, b"old").unwrap();
+        let parts_dir = dir.path().join(INDEX_DIR).join(PARTS_DIR);
+        assert!(parts_dir.join("manifest.json").exists());
+        assert!(parts_dir.join("seg-000003.hnsw.data").exists());
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        let opened = engine.open_stats();
+        assert_eq!((opened.parts_reloaded, opened.parts_rebuilt), (24, 0));
+        assert!(!legacy.exists());
+        // A reworded prompt sharing both parts of the first batch's second prompt (id 2) is
+        // linked to it through the reloaded part index, and to nothing else.
+        let verdicts = engine.ingest(vec![prompt(99, 5_000, &pair(1))]).unwrap();
+        assert_eq!(links(&engine, verdicts[0].prompt_id), [2]);
+    }
+
+    #[test]
+    fn a_crash_re_inserts_only_the_parts_stored_since_the_last_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        engine
+            .ingest((0..5).map(|i| prompt(i, 0, &pair(i as u64))).collect())
+            .unwrap();
+        engine
+            .ingest(vec![prompt(5, 1, &pair(5)), prompt(6, 1, &[])])
+            .unwrap();
+        drop(engine); // no checkpoint: as after a crash
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        let opened = engine.open_stats();
+        assert_eq!((opened.parts_reloaded, opened.parts_rebuilt), (10, 2));
+        assert_eq!(engine.parts.read().len(), 12);
+    }
+
+    #[test]
+    fn retention_drops_expired_part_segments_and_their_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 86_400_000;
+        let engine = Engine::open(config(dir.path(), 2, Some(day)), DIM).unwrap();
+        let shared = pair(7);
+        // Two prompts (4 part vectors) fill and seal a segment of each index on day 0.
+        let old = engine
+            .ingest(vec![prompt(0, 0, &shared), prompt(1, 0, &pair(8))])
+            .unwrap();
+        // On day 2 a prompt sharing the old one's parts is still linked to it: the drop comes
+        // after its batch goes in, with the day-0 segment past retention.
+        let then = engine
+            .ingest(vec![
+                prompt(2, 2 * day, &shared),
+                prompt(3, 2 * day, &pair(9)),
+            ])
+            .unwrap();
+        assert_eq!(links(&engine, then[0].prompt_id), [old[0].prompt_id]);
+        assert_eq!(engine.parts.read().len(), 4);
+        assert_eq!(engine.index.read().len(), 2);
+        // Now only the day-2 prompt is there to link to.
+        let now = engine
+            .ingest(vec![prompt(4, 2 * day + 1, &shared)])
+            .unwrap();
+        assert_eq!(links(&engine, now[0].prompt_id), [then[0].prompt_id]);
+    }
 }

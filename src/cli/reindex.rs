@@ -87,7 +87,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     // So that `serve` reloads the index instead of rebuilding what the last segment holds.
     let saved = engine.checkpoint()?;
     eprintln!(
-        "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} part vectors; `serve` reloads them); {} index segments{}",
+        "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} of the part index's; `serve` reloads them); {} index segments{}",
         saved.seconds,
         saved.active_vectors,
         saved.part_vectors,

@@ -98,7 +98,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // What the next start would otherwise rebuild from the store.
     let saved = tokio::task::spawn_blocking(move || engine.checkpoint()).await??;
     println!(
-        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} part vectors, {:.1}s; {} index segments{})",
+        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} of the part index's, {:.1}s; {} index segments{})",
         saved.active_vectors,
         saved.part_vectors,
         saved.seconds,

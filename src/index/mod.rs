@@ -9,6 +9,8 @@ mod hnsw;
 mod segmented;
 
 pub(crate) use distance::dot;
+#[cfg(test)]
+pub(crate) use distance::testdata;
 
 pub use brute::BruteForceIndex;
 pub use distance::DistDotClamped;
