@@ -129,6 +129,14 @@ impl VectorCache {
         std::fs::rename(&tmp, path)
     }
 
+    /// Every cached vector, in a fixed order (by the hash of its text): real embeddings for
+    /// index benchmarks (`benches/hnsw_params.rs`).
+    pub fn vectors(&self) -> Vec<&[f32]> {
+        let mut all: Vec<(&u64, &Vec<f32>)> = self.map.iter().collect();
+        all.sort_unstable_by_key(|(k, _)| **k);
+        all.into_iter().map(|(_, v)| v.as_slice()).collect()
+    }
+
     /// Vectors cached.
     pub fn len(&self) -> usize {
         self.map.len()

@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use prompt_radar::config::{DeviceKind, EngineConfig};
 use prompt_radar::detect::DetectorConfig;
-use prompt_radar::index::SegmentsConfig;
+use prompt_radar::index::{HnswParams, SegmentsConfig};
 
 /// prompt-radar: catches capability-harvesting campaigns (templated prompts spread across
 /// many accounts) with sentence embeddings, HNSW and template clustering.
@@ -122,6 +122,18 @@ pub struct EngineArgs {
     /// prompts for all of its prompts there to count (below it, only those linked ones count).
     #[arg(long, env = "PROMPT_RADAR_MIN_CROSS_ACCOUNT_SHARE", default_value_t = DetectorConfig::default().min_cross_account_share)]
     pub min_cross_account_share: f32,
+    /// HNSW links per vector and layer (layer 0 keeps twice as many): more find neighbours
+    /// better, at the cost of slower inserts and more memory. Applies to new segments.
+    #[arg(long, env = "PROMPT_RADAR_HNSW_M", default_value_t = HnswParams::default().m)]
+    pub hnsw_m: usize,
+    /// HNSW candidate list while inserting: larger builds a better graph, more slowly.
+    /// Applies to new segments.
+    #[arg(long, env = "PROMPT_RADAR_HNSW_EF_CONSTRUCTION", default_value_t = HnswParams::default().ef_construction)]
+    pub hnsw_ef_construction: usize,
+    /// HNSW candidate list while searching (at least --neighbours is used): larger misses fewer
+    /// neighbours, more slowly. Applies to every segment, reloaded ones too.
+    #[arg(long, env = "PROMPT_RADAR_HNSW_EF_SEARCH", default_value_t = HnswParams::default().ef_search)]
+    pub hnsw_ef_search: usize,
     /// Most vectors in one HNSW segment before it is sealed and dumped.
     #[arg(long, env = "PROMPT_RADAR_SEGMENT_MAX_POINTS", default_value_t = SegmentsConfig::default().max_points_per_segment)]
     pub segment_max_points: usize,
@@ -157,6 +169,14 @@ impl EngineArgs {
         );
         anyhow::ensure!(self.neighbours > 0, "--neighbours must be at least 1");
         anyhow::ensure!(
+            (2..=255).contains(&self.hnsw_m),
+            "--hnsw-m must be within [2, 255]"
+        );
+        anyhow::ensure!(
+            self.hnsw_ef_construction > 0 && self.hnsw_ef_search > 0,
+            "--hnsw-ef-construction and --hnsw-ef-search must be at least 1"
+        );
+        anyhow::ensure!(
             self.segment_hours.is_none_or(|h| h > 0),
             "--segment-hours must be at least 1"
         );
@@ -177,6 +197,12 @@ impl EngineArgs {
             min_campaign_prompts: self.min_campaign_prompts,
             min_cross_account_share: self.min_cross_account_share,
             ..DetectorConfig::default()
+        };
+        c.segments.params = HnswParams {
+            m: self.hnsw_m,
+            ef_construction: self.hnsw_ef_construction,
+            ef_search: self.hnsw_ef_search,
+            ..c.segments.params
         };
         c.segments.max_points_per_segment = self.segment_max_points.max(1);
         c.segments.merge_max_points = self.segment_merge_points;
@@ -240,10 +266,13 @@ mod tests {
         engine: EngineArgs,
     }
 
-    fn span(flags: &[&str]) -> anyhow::Result<Option<i64>> {
+    fn config(flags: &[&str]) -> anyhow::Result<prompt_radar::config::EngineConfig> {
         let args = std::iter::once("prompt-radar").chain(flags.iter().copied());
-        let flags = Flags::try_parse_from(args)?;
-        Ok(flags.engine.to_config()?.segments.segment_span_ms)
+        Flags::try_parse_from(args)?.engine.to_config()
+    }
+
+    fn span(flags: &[&str]) -> anyhow::Result<Option<i64>> {
+        Ok(config(flags)?.segments.segment_span_ms)
     }
 
     #[test]
@@ -253,5 +282,25 @@ mod tests {
         assert_eq!(span(&["--retention-days", "30"]).unwrap(), Some(day));
         assert_eq!(span(&["--segment-hours", "6"]).unwrap(), Some(day / 4));
         assert!(span(&["--segment-hours", "0"]).is_err());
+    }
+
+    #[test]
+    fn hnsw_settings_reach_the_index_and_are_checked() {
+        let params = config(&[]).unwrap().segments.params;
+        assert_eq!(params, super::HnswParams::default());
+        let flags = [
+            "--hnsw-m",
+            "12",
+            "--hnsw-ef-construction",
+            "64",
+            "--hnsw-ef-search",
+            "32",
+        ];
+        let params = config(&flags).unwrap().segments.params;
+        let want = (12, 64, 32);
+        assert_eq!((params.m, params.ef_construction, params.ef_search), want);
+        assert!(config(&["--hnsw-m", "1"]).is_err());
+        assert!(config(&["--hnsw-m", "256"]).is_err());
+        assert!(config(&["--hnsw-ef-search", "0"]).is_err());
     }
 }

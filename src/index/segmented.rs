@@ -199,7 +199,9 @@ impl SegmentedHnsw {
                 .collect();
             for (entry, index) in loaded {
                 match index {
-                    Ok(index) if index.dim() == dim && index.len() == entry.info.count => {
+                    Ok(mut index) if index.dim() == dim && index.len() == entry.info.count => {
+                        // Searches use today's setting, whatever the graph was built with.
+                        index.set_ef_search(me.config.params.ef_search);
                         let index = Arc::new(index);
                         me.sealed.push(Segment { index, entry });
                     }
@@ -216,11 +218,12 @@ impl SegmentedHnsw {
             me.active = Segment::empty(&me.config, dim, me.next_segment);
             if let Some(entry) = m.active {
                 match HnswIndex::load(&dir, &entry.basename) {
-                    Ok(index)
+                    Ok(mut index)
                         if index.dim() == dim
                             && index.len() == entry.info.count
                             && entry.basename == me.active.entry.basename =>
                     {
+                        index.set_ef_search(me.config.params.ef_search);
                         me.active = Segment {
                             index: Arc::new(index),
                             entry: entry.clone(),
@@ -952,6 +955,27 @@ mod tests {
         assert_eq!(top1(&idx, &vs[450]), 451);
         let files = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(files, 1 + 2 * 3, "a manifest and two dumps, no leftovers");
+    }
+
+    #[test]
+    fn reloaded_segments_search_with_the_configured_ef() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 100), DIM).unwrap();
+        feed(&mut idx, &unit_vectors(39, 150, DIM), 1, 0);
+        idx.checkpoint().unwrap();
+        drop(idx);
+        let mut narrow = config(Some(dir.path()), 100);
+        narrow.params.ef_search = 7;
+        let idx = SegmentedHnsw::open(narrow, DIM).unwrap();
+        let efs: Vec<usize> = std::iter::once(&idx.active)
+            .chain(&idx.sealed)
+            .map(|s| s.index.params().ef_search)
+            .collect();
+        assert_eq!(
+            efs,
+            [7, 7],
+            "the checkpointed active segment and the sealed one"
+        );
     }
 
     #[test]
