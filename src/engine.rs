@@ -6,10 +6,11 @@
 //!    earlier prompts of the same batch (brute force: the batch is not indexed yet), plus the
 //!    latest earlier prompt sharing a template key (lexical evidence, see `detect::keys`);
 //! 2. the detector observes the prompt with those links → verdict;
-//! 3. one store transaction commits the whole batch (durable before any verdict is returned);
-//! 4. the vectors go into the index and the parts' into the part index (after the commit, so a
-//!    sealed segment never holds a prompt the store lacks); a full segment of either is sealed
-//!    and dumped, and retention drops the old ones.
+//! 3. one store transaction commits the whole batch (durable before any verdict is returned),
+//!    on a thread of its own while the vectors go into the index and the parts' into the part
+//!    index, on all cores;
+//! 4. once both are done, a full segment of either index is sealed and dumped (after the commit,
+//!    so a sealed segment never holds a prompt the store lacks), and retention drops old ones.
 //!
 //! On open, the detector is rebuilt by replaying the stored links (no searches needed), the key
 //! index from the stored texts, and the vector and part indexes are reloaded from their dumps
@@ -143,9 +144,11 @@ pub struct IngestTimes {
     pub lookup: std::time::Duration,
     /// In order, on one thread: template keys, the detector's clustering and scoring.
     pub cluster: std::time::Duration,
-    /// The store transaction (one commit per batch), on one thread.
+    /// The store transaction (one commit per batch), on a thread of its own while the index
+    /// inserts run: it is within `index`'s time unless it is the longer of the two.
     pub store: std::time::Duration,
-    /// Index and part-index inserts (on all cores for large batches), sealing full segments.
+    /// Index and part-index inserts (on all cores for large batches) alongside the store
+    /// commit, until both are done; then sealing full segments.
     pub index: std::time::Duration,
 }
 
@@ -292,7 +295,7 @@ impl Engine {
                 pending_parts.push((r.id, r.timestamp_ms, r.parts));
             }
             if pending_parts.len() >= 10_000
-                && let Err(e) = insert_parts(&mut parts, &mut pending_parts, true)
+                && let Err(e) = flush_parts(&mut parts, &mut pending_parts)
             {
                 index_err.get_or_insert(e.into());
             }
@@ -310,7 +313,7 @@ impl Engine {
             return Err(e);
         }
         flush(&mut index, &mut pending)?;
-        insert_parts(&mut parts, &mut pending_parts, true)?;
+        flush_parts(&mut parts, &mut pending_parts)?;
         index.merge_step();
         parts.merge_step();
         let open_stats = OpenStats {
@@ -475,7 +478,8 @@ impl Engine {
             let part_index = self.parts.read();
             // Everything a prompt's links need but the key index, which changes as the batch goes
             // in: index and part-index searches and the batch's earlier prompts, read-only, so
-            // the batch's prompts are looked up on all cores with the results of one by one.
+            // the batch's prompts are looked up on all cores with the results of one by one; and
+            // the prompt's template keys, which the key index then takes in order.
             let allow = &state.allow.1;
             let lookup = |(i, p): (usize, &NewPrompt)| {
                 // A known legitimate app's prompt is stored and searchable but never linked.
@@ -495,11 +499,12 @@ impl Engine {
                 near.truncate(cfg.neighbours_k);
                 let near = near.iter().map(|n| n.id).collect();
                 let parts = part_links(&part_index, earlier, first_id, &p.parts, cfg);
-                Some((near, parts))
+                let keys = (keys::account_hash(&p.account_id), keys::keys(&p.text));
+                Some(Found { near, parts, keys })
             };
             // A small batch (a gateway's few requests) stays on this thread: handing it to the
             // pool would queue it behind the embedder's work there.
-            let found: Vec<Option<(Vec<u64>, Vec<u64>)>> = if batch.len() >= PARALLEL_LOOKUPS {
+            let found: Vec<Option<Found>> = if batch.len() >= PARALLEL_LOOKUPS {
                 batch.par_iter().enumerate().map(lookup).collect()
             } else {
                 batch.iter().enumerate().map(lookup).collect()
@@ -510,13 +515,11 @@ impl Engine {
                 let id = state.next_id;
                 state.next_id += 1;
                 let mut links: Vec<u64> = Vec::new();
-                if let Some((near, parts)) = found {
+                if let Some(Found { near, parts, keys }) = found {
                     links = near;
-                    let more = parts.into_iter().chain(state.keys.link(
-                        id,
-                        keys::account_hash(&p.account_id),
-                        &keys::keys(&p.text),
-                    ));
+                    let more = parts
+                        .into_iter()
+                        .chain(state.keys.link(id, keys.0, &keys.1));
                     for l in more {
                         if !links.contains(&l) {
                             links.push(l);
@@ -550,27 +553,32 @@ impl Engine {
             }
         }
         times.cluster += lap();
-        if let Err(e) = self.store.append(&records) {
-            // The detector already holds these prompts: refuse further writes until a restart
-            // rebuilds memory from what the store really has.
-            self.poisoned.store(true, Ordering::Release);
-            return Err(e.into());
+        // The store commits the batch on a thread of its own while the vectors go into the
+        // index and the part index: only sealing, which puts a segment on disk, waits for the
+        // commit, so a sealed segment never holds a prompt the store lacks. If the commit
+        // fails, the engine is poisoned and writes no checkpoint: what the active segments hold
+        // beyond the store never reaches disk.
+        let (committed, inserted) = std::thread::scope(|s| {
+            let store = s.spawn(|| {
+                let started = Instant::now();
+                (self.store.append(&records), started.elapsed())
+            });
+            let inserted = self.insert_vectors(&records);
+            (store.join(), inserted)
+        });
+        times.index += lap();
+        match committed {
+            Ok((Ok(()), took)) => times.store += took,
+            Ok((Err(e), _)) => return Err(self.poison(e.into())),
+            Err(_) => {
+                let e = Error::Unavailable("the store commit panicked".into());
+                return Err(self.poison(e));
+            }
         }
-        times.store += lap();
-        let (items, mut new_parts): (Vec<(u64, i64, Vec<f32>)>, PendingParts) = records
-            .into_iter()
-            .map(|r| {
-                let ts = r.timestamp_ms;
-                ((r.id, ts, r.embedding), (r.id, ts, r.parts))
-            })
-            .unzip();
-        new_parts.retain(|(_, _, p)| !p.is_empty());
-        // Like the main index: a large batch goes in on all cores, a small one in order.
-        let many = new_parts.iter().map(|(_, _, p)| p.len()).sum::<usize>() >= 32;
-        let now = items.last().map_or(0, |i| i.1);
+        inserted?;
+        let now = records.last().map_or(0, |r| r.timestamp_ms);
         {
             let mut parts = self.parts.write();
-            insert_parts(&mut parts, &mut new_parts, many)?;
             if parts.seal_if_due()? {
                 let dropped = parts.drop_expired(now);
                 tracing::info!(dropped, "sealed a part index segment");
@@ -578,13 +586,6 @@ impl Engine {
             parts.merge_step();
         }
         let mut index = self.index.write();
-        if items.len() >= 32 {
-            index.insert_bulk(&items)?;
-        } else {
-            for (id, ts, v) in &items {
-                index.insert(*id, *ts, v)?;
-            }
-        }
         if index.seal_if_due()? {
             let dropped = index.drop_expired(now);
             tracing::info!(dropped, "sealed an index segment");
@@ -600,13 +601,46 @@ impl Engine {
         Ok(verdicts)
     }
 
+    /// Refuses further writes after a failed store commit, until a restart rebuilds memory from
+    /// what the store really has: the detector (and the active index segments) already hold the
+    /// batch. Returns `e`.
+    fn poison(&self, e: Error) -> Error {
+        self.poisoned.store(true, Ordering::Release);
+        e
+    }
+
+    /// Inserts the batch's vectors into the active segments of the index and the part index:
+    /// a large batch on all cores, a small one in order.
+    fn insert_vectors(&self, records: &[PromptRecord]) -> Result<(), Error> {
+        let parts = part_items(records.iter().map(|r| (r.id, r.timestamp_ms, &r.parts[..])));
+        insert_parts(&mut self.parts.write(), &parts, parts.len() >= 32)?;
+        let items: Vec<(u64, i64, &[f32])> = records
+            .iter()
+            .map(|r| (r.id, r.timestamp_ms, &r.embedding[..]))
+            .collect();
+        let mut index = self.index.write();
+        if items.len() >= 32 {
+            index.insert_bulk(&items)?;
+        } else {
+            for (id, ts, v) in &items {
+                index.insert(*id, *ts, v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes what the next open would otherwise rebuild from the store: the active index
-    /// segment and the part index. Call it at a clean shutdown and at the end of a batch run;
+    /// segment and the part index's. Call it at a clean shutdown and at the end of a batch run;
     /// ingest waits meanwhile. Prompts ingested afterwards are safe in the store and re-inserted
     /// by the next open as before, so skipping it (a crash) costs only time.
     pub fn checkpoint(&self) -> Result<CheckpointStats, Error> {
         let started = Instant::now();
         let _ingest = self.ingest.lock();
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(
+                "index checkpoint not written: an earlier store commit failed".into(),
+            ));
+        }
         let mut index = self.index.write();
         let active_vectors = index.checkpoint()?;
         let (segments, mut merging) = (index.segments().len(), index.is_merging());
@@ -804,26 +838,52 @@ fn remove_legacy_part_dumps(dir: &Path) {
     }
 }
 
-/// Inserts the parts of `(prompt id, timestamp, parts)` triples into the part index under
-/// `id × PART_SLOTS + part number`, and empties `pending`; `parallel`: on all cores (rebuilds on
-/// open, large batches), else in order, one by one.
-fn insert_parts(
-    index: &mut SegmentedHnsw,
-    pending: &mut PendingParts,
-    parallel: bool,
-) -> Result<(), crate::index::IndexError> {
-    let items: Vec<(u64, i64, Vec<f32>)> = pending
-        .drain(..)
+/// What [`Engine::ingest`] looks up for a prompt on all cores.
+struct Found {
+    /// Neighbours above the similarity threshold.
+    near: Vec<u64>,
+    /// Prompts sharing enough parts.
+    parts: Vec<u64>,
+    /// The account's hash and the prompt's template keys.
+    keys: (u64, Vec<u64>),
+}
+
+/// The part-index entries of `(prompt id, timestamp, parts)`: each part under
+/// `id × PART_SLOTS + part number`.
+fn part_items<'a>(
+    prompts: impl Iterator<Item = (u64, i64, &'a [Vec<f32>])>,
+) -> Vec<(u64, i64, &'a [f32])> {
+    prompts
         .flat_map(|(id, ts, parts)| {
             parts
-                .into_iter()
+                .iter()
                 .take(PART_SLOTS as usize)
                 .enumerate()
-                .map(move |(j, v)| (id * PART_SLOTS + j as u64, ts, v))
+                .map(move |(j, v)| (id * PART_SLOTS + j as u64, ts, v.as_slice()))
         })
-        .collect();
+        .collect()
+}
+
+/// Inserts the parts of `pending` on all cores, and empties it.
+fn flush_parts(
+    index: &mut SegmentedHnsw,
+    pending: &mut PendingParts,
+) -> Result<(), crate::index::IndexError> {
+    let items = part_items(pending.iter().map(|(id, ts, p)| (*id, *ts, &p[..])));
+    let inserted = insert_parts(index, &items, true);
+    pending.clear();
+    inserted
+}
+
+/// Inserts part-index entries ([`part_items`]); `parallel`: on all cores (rebuilds on open,
+/// large batches), else in order, one by one.
+fn insert_parts(
+    index: &mut SegmentedHnsw,
+    items: &[(u64, i64, &[f32])],
+    parallel: bool,
+) -> Result<(), crate::index::IndexError> {
     if parallel {
-        index.insert_bulk(&items)
+        index.insert_bulk(items)
     } else {
         items
             .iter()

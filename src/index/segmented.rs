@@ -283,8 +283,11 @@ impl SegmentedHnsw {
 
     /// Inserts many vectors into the active segment on all cores (restart rebuilds, reindex).
     /// Nothing is inserted unless every vector is valid.
-    pub fn insert_bulk(&mut self, items: &[(u64, i64, Vec<f32>)]) -> Result<(), IndexError> {
-        let refs: Vec<(u64, &[f32])> = items.iter().map(|(id, _, v)| (*id, v.as_slice())).collect();
+    pub fn insert_bulk<V: AsRef<[f32]>>(
+        &mut self,
+        items: &[(u64, i64, V)],
+    ) -> Result<(), IndexError> {
+        let refs: Vec<(u64, &[f32])> = items.iter().map(|(id, _, v)| (*id, v.as_ref())).collect();
         self.active_mut()?.parallel_insert(&refs)?;
         for (id, ts, _) in items {
             self.active.entry.info.note(*id, *ts);
