@@ -44,11 +44,13 @@ for step in "${steps[@]}"; do
     reindex) # 1M sampled prompts embedded, stored and indexed; per-stage rates in the summary.
       # Without a terminal, reindex prints a progress line every 10 s: if the device's command
       # limit cuts the run short, the log that comes back still has the rate so far.
+      # REINDEX_FLAGS adds flags, e.g. "--hnsw-ef-construction 64" (BENCHMARKS.md, "Ingest").
       prompts 1000000 /tmp/p1m.jsonl --traffic
       rm -rf /tmp/reindex-data
+      # shellcheck disable=SC2086 # REINDEX_FLAGS is a list of flags
       timeout "${REINDEX_LIMIT_S:-540}" /usr/bin/time -v "$BIN" reindex --device cuda \
         --model "$MODEL" --input /tmp/p1m.jsonl --data-dir /tmp/reindex-data --batch-size 4096 \
-        2>&1 | tee "$OUT/reindex.txt" ;;
+        ${REINDEX_FLAGS:-} 2>&1 | tee "$OUT/reindex.txt" ;;
     *) echo "unknown step $step (verify e2e model reindex all)" >&2; exit 2 ;;
   esac
 done
