@@ -140,9 +140,9 @@ pub struct IngestTimes {
     /// Batches ingested.
     pub batches: u64,
     /// Links found on all cores: index and part-index searches, comparisons with the batch's
-    /// earlier prompts.
+    /// earlier prompts, template keys.
     pub lookup: std::time::Duration,
-    /// In order, on one thread: template keys, the detector's clustering and scoring.
+    /// In order, on one thread: the key index's links, the detector's clustering and scoring.
     pub cluster: std::time::Duration,
     /// The store transaction (one commit per batch), on a thread of its own while the index
     /// inserts run: it is within `index`'s time unless it is the longer of the two.
