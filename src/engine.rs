@@ -236,22 +236,18 @@ impl Engine {
         };
         let mut index = SegmentedHnsw::open(segments, dim)?;
         let reloaded = index.len();
-        let covered = index.covered_up_to();
-        let missing = index.missing_ranges();
-        let needs_index =
-            |id: u64| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id));
+        let needs_index = not_on_disk(index.covered_up_to(), index.missing_ranges());
 
         remove_legacy_part_dumps(&index_dir);
         let mut parts = SegmentedHnsw::open(part_segments(&config), dim)?;
         let parts_reloaded = parts.len();
         // Part ids are `prompt id × PART_SLOTS + j`, and a prompt's parts are inserted together.
-        let parts_covered = parts.covered_up_to() / PART_SLOTS;
-        let parts_missing: Vec<(u64, u64)> = (parts.missing_ranges().into_iter())
-            .map(|(a, b)| (a / PART_SLOTS, b / PART_SLOTS))
-            .collect();
-        let needs_parts = |id: u64| {
-            id > parts_covered || parts_missing.iter().any(|&(a, b)| (a..=b).contains(&id))
-        };
+        let needs_parts = not_on_disk(
+            parts.covered_up_to() / PART_SLOTS,
+            (parts.missing_ranges().into_iter())
+                .map(|(a, b)| (a / PART_SLOTS, b / PART_SLOTS))
+                .collect(),
+        );
         let mut parts_rebuilt = 0;
         let mut pending_parts: PendingParts = Vec::new();
         let allow_entries: Vec<AllowEntry> = match store.meta(ALLOW_META)? {
@@ -577,25 +573,8 @@ impl Engine {
         }
         inserted?;
         let now = records.last().map_or(0, |r| r.timestamp_ms);
-        {
-            let mut parts = self.parts.write();
-            if parts.seal_if_due()? {
-                let dropped = parts.drop_expired(now);
-                tracing::info!(dropped, "sealed a part index segment");
-            }
-            parts.merge_step();
-        }
-        let mut index = self.index.write();
-        if index.seal_if_due()? {
-            let dropped = index.drop_expired(now);
-            tracing::info!(dropped, "sealed an index segment");
-        }
-        if index.merge_step() {
-            tracing::info!(
-                segments = index.segments().len(),
-                "merged two index segments"
-            );
-        }
+        seal_and_merge(&mut self.parts.write(), now, "part index")?;
+        seal_and_merge(&mut self.index.write(), now, "index")?;
         times.index += lap();
         state.times = times;
         Ok(verdicts)
@@ -609,23 +588,15 @@ impl Engine {
         e
     }
 
-    /// Inserts the batch's vectors into the active segments of the index and the part index:
-    /// a large batch on all cores, a small one in order.
+    /// Inserts the batch's vectors into the active segments of the index and the part index.
     fn insert_vectors(&self, records: &[PromptRecord]) -> Result<(), Error> {
         let parts = part_items(records.iter().map(|r| (r.id, r.timestamp_ms, &r.parts[..])));
-        insert_parts(&mut self.parts.write(), &parts, parts.len() >= 32)?;
+        insert_batch(&mut self.parts.write(), &parts)?;
         let items: Vec<(u64, i64, &[f32])> = records
             .iter()
             .map(|r| (r.id, r.timestamp_ms, &r.embedding[..]))
             .collect();
-        let mut index = self.index.write();
-        if items.len() >= 32 {
-            index.insert_bulk(&items)?;
-        } else {
-            for (id, ts, v) in &items {
-                index.insert(*id, *ts, v)?;
-            }
-        }
+        insert_batch(&mut self.index.write(), &items)?;
         Ok(())
     }
 
@@ -870,25 +841,48 @@ fn flush_parts(
     pending: &mut PendingParts,
 ) -> Result<(), crate::index::IndexError> {
     let items = part_items(pending.iter().map(|(id, ts, p)| (*id, *ts, &p[..])));
-    let inserted = insert_parts(index, &items, true);
+    let inserted = index.insert_bulk(&items);
     pending.clear();
     inserted
 }
 
-/// Inserts part-index entries ([`part_items`]); `parallel`: on all cores (rebuilds on open,
-/// large batches), else in order, one by one.
-fn insert_parts(
+/// Inserts an ingest batch's entries into `index`: from 32 on all cores, fewer (a gateway's few
+/// requests) in order on this thread.
+fn insert_batch(
     index: &mut SegmentedHnsw,
     items: &[(u64, i64, &[f32])],
-    parallel: bool,
 ) -> Result<(), crate::index::IndexError> {
-    if parallel {
+    if items.len() >= 32 {
         index.insert_bulk(items)
     } else {
         items
             .iter()
             .try_for_each(|(id, ts, v)| index.insert(*id, *ts, v))
     }
+}
+
+/// After a batch is committed and inserted: seals `index`'s active segment when due (then drops
+/// what retention no longer keeps, as of `now`), and installs or starts a background merge.
+fn seal_and_merge(
+    index: &mut SegmentedHnsw,
+    now: i64,
+    name: &str,
+) -> Result<(), crate::index::IndexError> {
+    if index.seal_if_due()? {
+        let dropped = index.drop_expired(now);
+        tracing::info!(index = name, dropped, "sealed a segment");
+    }
+    if index.merge_step() {
+        let segments = index.segments().len();
+        tracing::info!(index = name, segments, "merged two segments");
+    }
+    Ok(())
+}
+
+/// Whether a prompt id must be re-inserted on open: past what the dumps on disk cover, or in a
+/// range whose dump failed to load.
+fn not_on_disk(covered: u64, missing: Vec<(u64, u64)>) -> impl Fn(u64) -> bool {
+    move |id| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id))
 }
 
 /// Earlier prompts that share at least `part_matches` of this prompt's parts (each part matched
