@@ -1,6 +1,8 @@
 //! Vector index speed at N = 20,000 seeded random unit vectors of dimension 384: HNSW search QPS
 //! (one graph, and the same data in time segments), exact brute-force search for comparison, and
-//! HNSW insert throughput (serial and parallel batches).
+//! HNSW insert throughput (serial and parallel batches); and the comparisons of an ingest batch's
+//! prompts with the batch's earlier ones (`batch_pairs`: one dot product per pair, as ingest did,
+//! against the blocked matrix product it does now).
 //!
 //! Data: with `CLUSTERS = 0`, normalised standard-normal vectors — the worst case for HNSW (no
 //! structure, every distance alike: recall@10 at ef 64 is only ~0.3). By default each vector is a
@@ -15,10 +17,13 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use hnsw_rs::prelude::Distance;
+use prompt_radar::index::pairs::{BLOCK_ROWS, Rows, even_blocks};
 use prompt_radar::index::{
-    BruteForceIndex, HnswIndex, HnswParams, SegmentedHnsw, SegmentsConfig, VectorInsert,
-    VectorSearch,
+    BruteForceIndex, DistDotClamped, HnswIndex, HnswParams, SegmentedHnsw, SegmentsConfig,
+    VectorInsert, VectorSearch,
 };
+use rayon::prelude::*;
 
 /// Vectors indexed before searching.
 const N: usize = 20_000;
@@ -234,5 +239,62 @@ fn bench_index(c: &mut Criterion) {
     eprintln!("index bench: HNSW holds {} vectors at the end", hnsw.len());
 }
 
-criterion_group!(benches, bench_index);
+/// Prompts in an ingest batch (what `reindex` on a GPU node uses), and a similarity threshold
+/// low enough that this data has pairs above it (the engine links at 0.85 on real vectors).
+const PAIRS_BATCH: usize = 4_096;
+const PAIRS_THRESHOLD: f32 = 0.5;
+
+/// Each of a batch's vectors against every earlier one, counting the pairs at or above the
+/// threshold, on all cores: one dot product per pair (ingest until this bench was added) and
+/// blocked matrix products (`index::pairs`, what ingest does now).
+fn bench_batch_pairs(c: &mut Criterion) {
+    let mut rng = Data::new(SEED ^ 1);
+    let batch: Vec<Vec<f32>> = (0..PAIRS_BATCH).map(|_| rng.vector()).collect();
+    let by_dot = || -> usize {
+        (0..batch.len())
+            .into_par_iter()
+            .map(|i| {
+                (0..i)
+                    .filter(|&j| 1.0 - DistDotClamped.eval(&batch[i], &batch[j]) >= PAIRS_THRESHOLD)
+                    .count()
+            })
+            .sum()
+    };
+    let by_gemm = || -> usize {
+        let rows = Rows::new(DIM, batch.iter().map(Vec::as_slice));
+        rows.earlier_similarities(
+            &even_blocks(batch.len(), BLOCK_ROWS),
+            true,
+            |_, block, sims| {
+                let width = block.end;
+                block
+                    .clone()
+                    .map(|r| {
+                        let row = &sims[(r - block.start) * width..][..r];
+                        row.iter().filter(|&&s| s >= PAIRS_THRESHOLD).count()
+                    })
+                    .sum::<usize>()
+            },
+        )
+        .into_iter()
+        .sum()
+    };
+    eprintln!(
+        "index bench: {PAIRS_BATCH} vectors, pairs at cosine >= {PAIRS_THRESHOLD}: {} by dot \
+         products, {} by matrix products",
+        by_dot(),
+        by_gemm()
+    );
+    let mut group = c.benchmark_group("batch_pairs");
+    group
+        .sample_size(SAMPLE_SIZE)
+        .warm_up_time(WARM_UP)
+        .measurement_time(MEASUREMENT)
+        .throughput(Throughput::Elements(PAIRS_BATCH as u64));
+    group.bench_function("dot_per_pair_4096", |b| b.iter(|| black_box(by_dot())));
+    group.bench_function("blocked_gemm_4096", |b| b.iter(|| black_box(by_gemm())));
+    group.finish();
+}
+
+criterion_group!(benches, bench_batch_pairs, bench_index);
 criterion_main!(benches);

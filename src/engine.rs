@@ -30,7 +30,9 @@ use crate::detect::keys::{self, KeyIndex};
 use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict, template};
 use crate::embed::EmbedError;
 use crate::error::Error;
-use crate::index::{HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorSearch, dot};
+use crate::index::{
+    HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorSearch, dot, pairs,
+};
 use crate::store::{PromptRecord, Store};
 
 /// A prompt accepted for ingest, already validated and embedded.
@@ -473,34 +475,34 @@ impl Engine {
             let index = self.index.read();
             let part_index = self.parts.read();
             // Everything a prompt's links need but the key index, which changes as the batch goes
-            // in: index and part-index searches and the batch's earlier prompts, read-only, so
-            // the batch's prompts are looked up on all cores with the results of one by one; and
-            // the prompt's template keys, which the key index then takes in order.
+            // in: index and part-index searches and the batch's earlier prompts (all pairs at
+            // once, by matrix products: `in_batch`), read-only, so the batch's prompts are looked
+            // up on all cores with the results of one by one; and the prompt's template keys,
+            // which the key index then takes in order.
             let allow = &state.allow.1;
+            // A small batch (a gateway's few requests) stays on this thread: handing it to the
+            // pool would queue it behind the embedder's work there.
+            let parallel = batch.len() >= PARALLEL_LOOKUPS;
+            let within = in_batch(&batch, index.dim(), cfg, parallel);
             let lookup = |(i, p): (usize, &NewPrompt)| {
                 // A known legitimate app's prompt is stored and searchable but never linked.
                 if allow.matching(&p.text).is_some() {
                     return None;
                 }
-                let earlier = &batch[..i];
                 let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
-                for (j, r) in earlier.iter().enumerate() {
-                    near.push(Neighbour {
-                        id: first_id + j as u64,
-                        similarity: dot(&p.embedding, &r.embedding),
-                    });
-                }
                 near.retain(|n| n.similarity >= cfg.similarity_threshold);
+                near.extend(within.near[i].iter().map(|&(j, similarity)| Neighbour {
+                    id: first_id + j as u64,
+                    similarity,
+                }));
                 near.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id)));
                 near.truncate(cfg.neighbours_k);
                 let near = near.iter().map(|n| n.id).collect();
-                let parts = part_links(&part_index, earlier, first_id, &p.parts, cfg);
+                let parts = part_links(&part_index, &p.parts, &within.parts[i], first_id, cfg);
                 let keys = (keys::account_hash(&p.account_id), keys::keys(&p.text));
                 Some(Found { near, parts, keys })
             };
-            // A small batch (a gateway's few requests) stays on this thread: handing it to the
-            // pool would queue it behind the embedder's work there.
-            let found: Vec<Option<Found>> = if batch.len() >= PARALLEL_LOOKUPS {
+            let found: Vec<Option<Found>> = if parallel {
                 batch.par_iter().enumerate().map(lookup).collect()
             } else {
                 batch.iter().enumerate().map(lookup).collect()
@@ -885,16 +887,16 @@ fn not_on_disk(covered: u64, missing: Vec<(u64, u64)>) -> impl Fn(u64) -> bool {
     move |id| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id))
 }
 
-/// Earlier prompts that share at least `part_matches` of this prompt's parts (each part matched
-/// by cosine ≥ `part_similarity`), among indexed prompts and `earlier` prompts of the batch (ids
-/// from `first_id`); most matched parts first, at most `neighbours_k`. One shared sentence proves
-/// little ("Thanks in advance!"); two — an instruction and its closing, say — are a reworded
-/// template's footprint.
+/// Earlier prompts that share at least `part_matches` of this prompt's `parts` (each part matched
+/// by cosine ≥ `part_similarity`): indexed prompts, and the batch's earlier prompts as counted by
+/// [`in_batch`] (`within`: batch position and parts shared; ids from `first_id`). Most matched
+/// parts first, at most `neighbours_k`. One shared sentence proves little ("Thanks in advance!");
+/// two — an instruction and its closing, say — are a reworded template's footprint.
 fn part_links(
     index: &SegmentedHnsw,
-    earlier: &[NewPrompt],
-    first_id: u64,
     parts: &[Vec<f32>],
+    within: &[(usize, u32)],
+    first_id: u64,
     cfg: &crate::detect::DetectorConfig,
 ) -> Vec<u64> {
     if cfg.part_matches == 0 {
@@ -908,24 +910,124 @@ fn part_links(
             .filter(|n| n.similarity >= cfg.part_similarity)
             .map(|n| n.id / PART_SLOTS)
             .collect();
-        for (j, r) in earlier.iter().enumerate() {
-            if r.parts.iter().any(|q| dot(part, q) >= cfg.part_similarity) {
-                hits.push(first_id + j as u64);
-            }
-        }
         hits.sort_unstable();
         hits.dedup();
         for h in hits {
             *matched.entry(h).or_default() += 1;
         }
     }
+    // Indexed prompts have ids below `first_id`, the batch's from it: the counts never mix.
     let mut out: Vec<(u64, u32)> = matched
         .into_iter()
         .filter(|&(_, n)| n >= cfg.part_matches)
+        .chain(within.iter().map(|&(j, n)| (first_id + j as u64, n)))
         .collect();
     out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
     out.truncate(cfg.neighbours_k);
     out.into_iter().map(|(id, _)| id).collect()
+}
+
+/// What each prompt of a batch links to among the batch's earlier prompts, which the indexes do
+/// not hold yet; exact, from matrix products of the batch's vectors ([`pairs`]).
+struct InBatch {
+    /// Per prompt: earlier prompts (batch positions) with similarity ≥ the threshold, with it;
+    /// the `neighbours_k` most similar (ties: the earlier prompt first).
+    near: Vec<Vec<(usize, f32)>>,
+    /// Per prompt: earlier prompts sharing at least `part_matches` of its parts, with how many
+    /// parts they share; the `neighbours_k` sharing most (ties: the later prompt first). Empty
+    /// when part matching is off.
+    parts: Vec<Vec<(usize, u32)>>,
+}
+
+/// Compares every prompt of `batch` (vectors of dimension `dim`) and its parts with the batch's
+/// earlier prompts; see [`InBatch`]. Blocks of rows run on the rayon pool when `parallel`.
+fn in_batch(
+    batch: &[NewPrompt],
+    dim: usize,
+    cfg: &crate::detect::DetectorConfig,
+    parallel: bool,
+) -> InBatch {
+    let k = cfg.neighbours_k;
+    let rows = pairs::Rows::new(dim, batch.iter().map(|p| p.embedding.as_slice()));
+    let near = rows
+        .earlier_similarities(
+            &pairs::even_blocks(batch.len(), pairs::BLOCK_ROWS),
+            parallel,
+            |_, block, sims| {
+                let width = block.end;
+                block
+                    .clone()
+                    .map(|r| {
+                        let row = &sims[(r - block.start) * width..][..r];
+                        let mut near: Vec<(usize, f32)> = (0..r)
+                            .filter(|&c| row[c] >= cfg.similarity_threshold)
+                            .map(|c| (c, row[c]))
+                            .collect();
+                        near.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                        near.truncate(k);
+                        near
+                    })
+                    .collect::<Vec<_>>()
+            },
+        )
+        .into_iter()
+        .flatten()
+        .collect();
+    if cfg.part_matches == 0 {
+        return InBatch {
+            near,
+            parts: vec![Vec::new(); batch.len()],
+        };
+    }
+    // Part rows grouped by prompt: prompt g's parts are rows starts[g]..starts[g + 1].
+    let mut starts = Vec::with_capacity(batch.len() + 1);
+    starts.push(0);
+    for p in batch {
+        starts.push(starts[starts.len() - 1] + p.parts.len());
+    }
+    let owner: Vec<usize> = (0..batch.len())
+        .flat_map(|g| std::iter::repeat_n(g, batch[g].parts.len()))
+        .collect();
+    let part_rows = pairs::Rows::new(
+        dim,
+        batch.iter().flat_map(|p| p.parts.iter().map(Vec::as_slice)),
+    );
+    let blocks = pairs::group_blocks(&starts, pairs::BLOCK_ROWS);
+    let row_blocks: Vec<_> = blocks.iter().map(|(rows, _)| rows.clone()).collect();
+    let parts = part_rows
+        .earlier_similarities(&row_blocks, parallel, |b, block, sims| {
+            let width = block.end;
+            blocks[b]
+                .1
+                .clone()
+                .map(|g| {
+                    let mut shared: std::collections::HashMap<usize, u32> =
+                        std::collections::HashMap::new();
+                    for r in starts[g]..starts[g + 1] {
+                        let row = &sims[(r - block.start) * width..][..starts[g]];
+                        let mut hits: Vec<usize> = (0..starts[g])
+                            .filter(|&c| row[c] >= cfg.part_similarity)
+                            .map(|c| owner[c])
+                            .collect();
+                        hits.dedup();
+                        for h in hits {
+                            *shared.entry(h).or_default() += 1;
+                        }
+                    }
+                    let mut out: Vec<(usize, u32)> = shared
+                        .into_iter()
+                        .filter(|&(_, n)| n >= cfg.part_matches)
+                        .collect();
+                    out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+                    out.truncate(k);
+                    out
+                })
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect();
+    InBatch { near, parts }
 }
 
 #[cfg(test)]
@@ -980,6 +1082,96 @@ mod tests {
 
     fn links(engine: &Engine, id: u64) -> Vec<u64> {
         engine.record(id).unwrap().links
+    }
+
+    /// A unit vector near `centre` (cosine about 1 − `noise`²/2 in expectation).
+    fn near(centre: &[f32], noise: f32, rng: &mut crate::index::testdata::Rng) -> Vec<f32> {
+        let mut v: Vec<f32> = centre.iter().map(|x| x + noise * rng.normal()).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+        v
+    }
+
+    #[test]
+    fn in_batch_links_match_comparing_each_prompt_with_every_earlier_one() {
+        // 300 prompts (five blocks of rows) drawn around 12 centres, with 0–4 parts drawn around
+        // 20 part centres, at noise levels on both sides of the thresholds (0.85 and 0.8 on
+        // vectors of 32 dimensions), so that many pairs are linked, many are not, and more
+        // than k = 16 earlier prompts qualify for some.
+        let mut rng = crate::index::testdata::Rng::new(11);
+        let centres = unit_vectors(5, 12, DIM);
+        let part_centres = unit_vectors(6, 20, DIM);
+        let batch: Vec<NewPrompt> = (0..300)
+            .map(|n| {
+                let noise = [0.05, 0.08, 0.12][n % 3];
+                let parts = (0..(n * 7) % 5)
+                    .map(|j| near(&part_centres[(n / 3 + j * 5) % 20], noise, &mut rng))
+                    .collect::<Vec<_>>();
+                NewPrompt {
+                    embedding: near(&centres[n % 12], noise, &mut rng),
+                    ..prompt(n, 0, &parts)
+                }
+            })
+            .collect();
+        let cfg = crate::detect::DetectorConfig::default();
+        let k = cfg.neighbours_k;
+        let mut linked = (0, 0, false);
+        for parallel in [false, true] {
+            let within = in_batch(&batch, DIM, &cfg, parallel);
+            for (i, p) in batch.iter().enumerate() {
+                // The reference: each earlier prompt compared one dot product at a time.
+                let mut want: Vec<(usize, f32)> = (0..i)
+                    .map(|j| (j, dot(&p.embedding, &batch[j].embedding)))
+                    .filter(|&(_, s)| s >= cfg.similarity_threshold)
+                    .collect();
+                want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                linked.2 |= want.len() > k;
+                want.truncate(k);
+                let got = &within.near[i];
+                assert_eq!(
+                    got.iter().map(|n| n.0).collect::<Vec<_>>(),
+                    want.iter().map(|n| n.0).collect::<Vec<_>>(),
+                    "prompt {i}: similar earlier prompts"
+                );
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g.1 - w.1).abs() < 1e-5, "prompt {i}: similarity");
+                }
+                let mut shared: Vec<(usize, u32)> = (0..i)
+                    .map(|j| {
+                        let n = p.parts.iter().filter(|a| {
+                            batch[j]
+                                .parts
+                                .iter()
+                                .any(|b| dot(a, b) >= cfg.part_similarity)
+                        });
+                        (j, n.count() as u32)
+                    })
+                    .filter(|&(_, n)| n >= cfg.part_matches)
+                    .collect();
+                shared.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+                shared.truncate(k);
+                assert_eq!(
+                    within.parts[i], shared,
+                    "prompt {i}: earlier prompts sharing parts"
+                );
+                linked.0 += want.len();
+                linked.1 += shared.len();
+            }
+        }
+        assert!(
+            linked.0 > 1_000 && linked.1 > 200 && linked.2,
+            "links found: {linked:?}"
+        );
+        let off = crate::detect::DetectorConfig {
+            part_matches: 0,
+            ..cfg
+        };
+        assert!(
+            in_batch(&batch, DIM, &off, true)
+                .parts
+                .iter()
+                .all(Vec::is_empty)
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod brute;
 mod distance;
 mod hnsw;
+pub mod pairs;
 mod segmented;
 
 pub(crate) use distance::dot;

@@ -573,6 +573,11 @@ impl SegmentedHnsw {
         sealed.chain(active).collect()
     }
 
+    /// The vector dimension this index accepts.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
     /// Number of vectors over all segments.
     pub fn len(&self) -> usize {
         self.sealed.iter().map(|s| s.index.len()).sum::<usize>() + self.active.index.len()
