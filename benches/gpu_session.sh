@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs the issue-4 measurements on a lent GPU machine (no Rust there): everything the session needs
-# travels as two git-ignored paths named in the device tool's `carry`:
-#   dist/prompt-radar-cuda-sm90.xz   (`make cuda`, ~6 MB)
+# travels as git-ignored paths named in the device tool's `carry`:
+#   dist/prompt-radar-cuda-sm90.xz   (`make cuda`, ~4 MB)
+#   dist/it-cuda-sm90.xz             (`make cuda-test`, the integration tests with the GPU test;
+#                                     only the `test` step needs it)
 #   dist/model-f16/                  (`python3 models/half.py models/all-MiniLM-L6-v2 dist/model-f16`,
 #                                     45 MB: the 90.9 MB f32 weights exceed the 64 MiB carry)
 # Prompts are sampled there from eval/data (tracked, so they travel with the tree).
 #
-# usage: benches/gpu_session.sh STEP...     steps: verify e2e model reindex (or all)
+# usage: benches/gpu_session.sh STEP...     steps: verify test e2e model reindex (or all)
 # Writes its tables and JSON under $OUT (the device tool brings that folder back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,13 +21,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 prompts() { # N FILE [--traffic]
   [ -f "$2" ] || python3 benches/sample_prompts.py --n "$1" ${3:-} --out "$2"
 }
-steps=("$@"); [ "${steps[*]:-all}" = all ] && steps=(verify e2e model reindex)
+steps=("$@"); [ "${steps[*]:-all}" = all ] && steps=(verify test e2e model reindex)
 for step in "${steps[@]}"; do
   case $step in
     verify) # cosine vs CPU f32 on 2,000 real prompts; the command fails below 0.999
       prompts 20000 /tmp/p20k.jsonl
       "$BIN" bench-embed --device cuda --model "$MODEL" --input /tmp/p20k.jsonl --texts 2000 \
         --verify 2000 --batch-sizes 32 --rounds 1 | tee "$OUT/verify.txt" ;;
+    test) # the GPU test of tests/it: CUDA vectors vs CPU f32 on the reference fixture, truncated
+      # 256-token prompts and 3,000 prompts in one call (cosine >= 0.999). The CPU side computes
+      # in f32 from the carried f16 weights (within 0.999999 of the f32 weights' vectors).
+      [ -x /tmp/it-cuda ] || { xz -dc dist/it-cuda-sm90.xz > /tmp/it-cuda && chmod +x /tmp/it-cuda; }
+      PROMPT_RADAR_REPO=$PWD PROMPT_RADAR_MODEL=$MODEL /tmp/it-cuda --exact \
+        embed_reference::cuda_vectors_match_cpu_f32_vectors --nocapture 2>&1 | tee "$OUT/test.txt"
+      grep -q 'test result: ok. 1 passed' "$OUT/test.txt" \
+        || { echo "the GPU test did not run (a binary built without --features cuda?)" >&2; exit 1; } ;;
     e2e) # text in -> normalised vectors on the host, tokenisation included, both systems
       prompts 20000 /tmp/p20k.jsonl
       "$BIN" bench-embed --device cuda --model "$MODEL" --input /tmp/p20k.jsonl --texts 20000 \
@@ -51,6 +61,6 @@ for step in "${steps[@]}"; do
       timeout "${REINDEX_LIMIT_S:-540}" /usr/bin/time -v "$BIN" reindex --device cuda \
         --model "$MODEL" --input /tmp/p1m.jsonl --data-dir /tmp/reindex-data --batch-size 4096 \
         ${REINDEX_FLAGS:-} 2>&1 | tee "$OUT/reindex.txt" ;;
-    *) echo "unknown step $step (verify e2e model reindex all)" >&2; exit 2 ;;
+    *) echo "unknown step $step (verify test e2e model reindex all)" >&2; exit 2 ;;
   esac
 done

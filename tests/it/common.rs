@@ -3,19 +3,24 @@
 
 use std::path::PathBuf;
 
+/// The repository root: `PROMPT_RADAR_REPO`, or where the tests were built. A test binary carried
+/// to another machine (the GPU test, `make cuda-test`) is told where its checkout is.
+pub fn repo_dir() -> PathBuf {
+    std::env::var_os("PROMPT_RADAR_REPO")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 /// The model directory: `PROMPT_RADAR_MODEL` or `models/all-MiniLM-L6-v2` in the repo.
 pub fn model_dir() -> PathBuf {
     match std::env::var_os("PROMPT_RADAR_MODEL") {
         Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"),
+        None => repo_dir().join("models/all-MiniLM-L6-v2"),
     }
 }
 
 /// A file under `tests/data/`.
 pub fn data_file(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
+    repo_dir().join("tests/data").join(name)
 }
 
 /// The text of a file under `tests/data/`; panics naming the path when it cannot be read.
