@@ -46,9 +46,9 @@ cuda:
 ## (`benches/gpu_session.sh test` runs it there; it shares that build's compiled dependencies).
 cuda-test:
 	./scripts/cuda-toolchain.sh $(CUDA_PREFIX)
+	mkdir -p dist $(CUDA_TARGET)
 	. $(CUDA_PREFIX)/env.sh && CARGO_TARGET_DIR=$(CUDA_TARGET) $(CARGO) test --release --features cuda \
 		--test it --no-run --message-format=json-render-diagnostics > $(CUDA_TARGET)/it-build.json
-	mkdir -p dist
 	strip -o dist/it-cuda-sm90 "$$(python3 scripts/test-executable.py it < $(CUDA_TARGET)/it-build.json)"
 	xz -6 -f dist/it-cuda-sm90
 	@ls -l dist/it-cuda-sm90.xz
