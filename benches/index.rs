@@ -262,22 +262,18 @@ fn bench_batch_pairs(c: &mut Criterion) {
     };
     let by_gemm = || -> usize {
         let rows = Rows::new(DIM, batch.iter().map(Vec::as_slice));
-        rows.earlier_similarities(
-            &even_blocks(batch.len(), BLOCK_ROWS),
-            true,
-            |_, block, sims| {
-                let width = block.end;
-                block
-                    .clone()
-                    .map(|r| {
-                        let row = &sims[(r - block.start) * width..][..r];
-                        row.iter().filter(|&&s| s >= PAIRS_THRESHOLD).count()
-                    })
-                    .sum::<usize>()
-            },
-        )
-        .into_iter()
-        .sum()
+        let blocks = even_blocks(batch.len(), BLOCK_ROWS);
+        let per_row = rows.earlier_similarities(&blocks, true, |_, block| {
+            (block.rows.clone())
+                .map(|r| {
+                    block.row(r)[..r]
+                        .iter()
+                        .filter(|&&s| s >= PAIRS_THRESHOLD)
+                        .count()
+                })
+                .collect()
+        });
+        per_row.into_iter().sum()
     };
     eprintln!(
         "index bench: {PAIRS_BATCH} vectors, pairs at cosine >= {PAIRS_THRESHOLD}: {} by dot \

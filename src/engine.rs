@@ -31,7 +31,7 @@ use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verd
 use crate::embed::EmbedError;
 use crate::error::Error;
 use crate::index::{
-    HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorSearch, dot, pairs,
+    HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorSearch, by_similarity, dot, pairs,
 };
 use crate::store::{PromptRecord, Store};
 
@@ -483,7 +483,7 @@ impl Engine {
             // A small batch (a gateway's few requests) stays on this thread: handing it to the
             // pool would queue it behind the embedder's work there.
             let parallel = batch.len() >= PARALLEL_LOOKUPS;
-            let within = in_batch(&batch, index.dim(), cfg, parallel);
+            let within = in_batch(&batch, first_id, index.dim(), cfg, parallel);
             let lookup = |(i, p): (usize, &NewPrompt)| {
                 // A known legitimate app's prompt is stored and searchable but never linked.
                 if allow.matching(&p.text).is_some() {
@@ -491,14 +491,11 @@ impl Engine {
                 }
                 let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
                 near.retain(|n| n.similarity >= cfg.similarity_threshold);
-                near.extend(within.near[i].iter().map(|&(j, similarity)| Neighbour {
-                    id: first_id + j as u64,
-                    similarity,
-                }));
-                near.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(a.id.cmp(&b.id)));
+                near.extend_from_slice(&within.near[i]);
+                near.sort_by(by_similarity);
                 near.truncate(cfg.neighbours_k);
                 let near = near.iter().map(|n| n.id).collect();
-                let parts = part_links(&part_index, &p.parts, &within.parts[i], first_id, cfg);
+                let parts = part_links(&part_index, &p.parts, &within.parts[i], cfg);
                 let keys = (keys::account_hash(&p.account_id), keys::keys(&p.text));
                 Some(Found { near, parts, keys })
             };
@@ -889,14 +886,13 @@ fn not_on_disk(covered: u64, missing: Vec<(u64, u64)>) -> impl Fn(u64) -> bool {
 
 /// Earlier prompts that share at least `part_matches` of this prompt's `parts` (each part matched
 /// by cosine ≥ `part_similarity`): indexed prompts, and the batch's earlier prompts as counted by
-/// [`in_batch`] (`within`: batch position and parts shared; ids from `first_id`). Most matched
-/// parts first, at most `neighbours_k`. One shared sentence proves little ("Thanks in advance!");
-/// two — an instruction and its closing, say — are a reworded template's footprint.
+/// [`in_batch`] (`within`: id and parts shared). Most matched parts first, at most
+/// `neighbours_k`. One shared sentence proves little ("Thanks in advance!"); two — an
+/// instruction and its closing, say — are a reworded template's footprint.
 fn part_links(
     index: &SegmentedHnsw,
     parts: &[Vec<f32>],
-    within: &[(usize, u32)],
-    first_id: u64,
+    within: &[(u64, u32)],
     cfg: &crate::detect::DetectorConfig,
 ) -> Vec<u64> {
     if cfg.part_matches == 0 {
@@ -916,63 +912,69 @@ fn part_links(
             *matched.entry(h).or_default() += 1;
         }
     }
-    // Indexed prompts have ids below `first_id`, the batch's from it: the counts never mix.
-    let mut out: Vec<(u64, u32)> = matched
+    // Indexed prompts have ids below the batch's, so the counts never mix.
+    let out = most_shared(matched, within.iter().copied(), cfg);
+    out.into_iter().map(|(id, _)| id).collect()
+}
+
+/// The prompts of `counted` (id, parts shared) and `more` (already filtered) sharing at least
+/// `part_matches` parts: most shared first (ties: the later prompt), at most `neighbours_k`.
+fn most_shared(
+    counted: std::collections::HashMap<u64, u32>,
+    more: impl Iterator<Item = (u64, u32)>,
+    cfg: &crate::detect::DetectorConfig,
+) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = counted
         .into_iter()
         .filter(|&(_, n)| n >= cfg.part_matches)
-        .chain(within.iter().map(|&(j, n)| (first_id + j as u64, n)))
+        .chain(more)
         .collect();
     out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
     out.truncate(cfg.neighbours_k);
-    out.into_iter().map(|(id, _)| id).collect()
+    out
 }
 
 /// What each prompt of a batch links to among the batch's earlier prompts, which the indexes do
 /// not hold yet; exact, from matrix products of the batch's vectors ([`pairs`]).
 struct InBatch {
-    /// Per prompt: earlier prompts (batch positions) with similarity ≥ the threshold, with it;
-    /// the `neighbours_k` most similar (ties: the earlier prompt first).
-    near: Vec<Vec<(usize, f32)>>,
-    /// Per prompt: earlier prompts sharing at least `part_matches` of its parts, with how many
-    /// parts they share; the `neighbours_k` sharing most (ties: the later prompt first). Empty
-    /// when part matching is off.
-    parts: Vec<Vec<(usize, u32)>>,
+    /// Per prompt: earlier prompts with similarity ≥ the threshold; the `neighbours_k` first by
+    /// [`by_similarity`].
+    near: Vec<Vec<Neighbour>>,
+    /// Per prompt: earlier prompts (id, parts shared) sharing at least `part_matches` of its
+    /// parts, as [`most_shared`] orders and cuts them. Empty when part matching is off.
+    parts: Vec<Vec<(u64, u32)>>,
 }
 
-/// Compares every prompt of `batch` (vectors of dimension `dim`) and its parts with the batch's
-/// earlier prompts; see [`InBatch`]. Blocks of rows run on the rayon pool when `parallel`.
+/// Compares every prompt of `batch` (ids from `first_id`, vectors of dimension `dim`) and its
+/// parts with the batch's earlier prompts; see [`InBatch`]. Blocks of rows run on the rayon pool
+/// when `parallel`.
 fn in_batch(
     batch: &[NewPrompt],
+    first_id: u64,
     dim: usize,
     cfg: &crate::detect::DetectorConfig,
     parallel: bool,
 ) -> InBatch {
-    let k = cfg.neighbours_k;
+    let id = |j: usize| first_id + j as u64;
     let rows = pairs::Rows::new(dim, batch.iter().map(|p| p.embedding.as_slice()));
-    let near = rows
-        .earlier_similarities(
-            &pairs::even_blocks(batch.len(), pairs::BLOCK_ROWS),
-            parallel,
-            |_, block, sims| {
-                let width = block.end;
-                block
-                    .clone()
-                    .map(|r| {
-                        let row = &sims[(r - block.start) * width..][..r];
-                        let mut near: Vec<(usize, f32)> = (0..r)
-                            .filter(|&c| row[c] >= cfg.similarity_threshold)
-                            .map(|c| (c, row[c]))
-                            .collect();
-                        near.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                        near.truncate(k);
-                        near
+    let blocks = pairs::even_blocks(batch.len(), pairs::BLOCK_ROWS);
+    let near = rows.earlier_similarities(&blocks, parallel, |_, block| {
+        (block.rows.clone())
+            .map(|r| {
+                let row = &block.row(r)[..r];
+                let mut near: Vec<Neighbour> = (0..r)
+                    .filter(|&c| row[c] >= cfg.similarity_threshold)
+                    .map(|c| Neighbour {
+                        id: id(c),
+                        similarity: row[c],
                     })
-                    .collect::<Vec<_>>()
-            },
-        )
-        .into_iter()
-        .flatten()
-        .collect();
+                    .collect();
+                near.sort_by(by_similarity);
+                near.truncate(cfg.neighbours_k);
+                near
+            })
+            .collect()
+    });
     if cfg.part_matches == 0 {
         return InBatch {
             near,
@@ -994,39 +996,26 @@ fn in_batch(
     );
     let blocks = pairs::group_blocks(&starts, pairs::BLOCK_ROWS);
     let row_blocks: Vec<_> = blocks.iter().map(|(rows, _)| rows.clone()).collect();
-    let parts = part_rows
-        .earlier_similarities(&row_blocks, parallel, |b, block, sims| {
-            let width = block.end;
-            blocks[b]
-                .1
-                .clone()
-                .map(|g| {
-                    let mut shared: std::collections::HashMap<usize, u32> =
-                        std::collections::HashMap::new();
-                    for r in starts[g]..starts[g + 1] {
-                        let row = &sims[(r - block.start) * width..][..starts[g]];
-                        let mut hits: Vec<usize> = (0..starts[g])
-                            .filter(|&c| row[c] >= cfg.part_similarity)
-                            .map(|c| owner[c])
-                            .collect();
-                        hits.dedup();
-                        for h in hits {
-                            *shared.entry(h).or_default() += 1;
-                        }
-                    }
-                    let mut out: Vec<(usize, u32)> = shared
-                        .into_iter()
-                        .filter(|&(_, n)| n >= cfg.part_matches)
+    let parts = part_rows.earlier_similarities(&row_blocks, parallel, |b, block| {
+        (blocks[b].1.clone())
+            .map(|g| {
+                let mut shared = std::collections::HashMap::new();
+                for r in starts[g]..starts[g + 1] {
+                    // Earlier prompts' parts only; owners ascend, so dedup leaves each once.
+                    let row = &block.row(r)[..starts[g]];
+                    let mut hits: Vec<usize> = (0..starts[g])
+                        .filter(|&c| row[c] >= cfg.part_similarity)
+                        .map(|c| owner[c])
                         .collect();
-                    out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
-                    out.truncate(k);
-                    out
-                })
-                .collect::<Vec<_>>()
-        })
-        .into_iter()
-        .flatten()
-        .collect();
+                    hits.dedup();
+                    for h in hits {
+                        *shared.entry(id(h)).or_default() += 1;
+                    }
+                }
+                most_shared(shared, std::iter::empty(), cfg)
+            })
+            .collect()
+    });
     InBatch { near, parts }
 }
 
@@ -1114,10 +1103,11 @@ mod tests {
             })
             .collect();
         let cfg = crate::detect::DetectorConfig::default();
-        let k = cfg.neighbours_k;
+        let (k, first_id) = (cfg.neighbours_k, 1_000);
+        let id = |j: usize| first_id + j as u64;
         let mut linked = (0, 0, false);
         for parallel in [false, true] {
-            let within = in_batch(&batch, DIM, &cfg, parallel);
+            let within = in_batch(&batch, first_id, DIM, &cfg, parallel);
             for (i, p) in batch.iter().enumerate() {
                 // The reference: each earlier prompt compared one dot product at a time.
                 let mut want: Vec<(usize, f32)> = (0..i)
@@ -1129,14 +1119,14 @@ mod tests {
                 want.truncate(k);
                 let got = &within.near[i];
                 assert_eq!(
-                    got.iter().map(|n| n.0).collect::<Vec<_>>(),
-                    want.iter().map(|n| n.0).collect::<Vec<_>>(),
+                    got.iter().map(|n| n.id).collect::<Vec<_>>(),
+                    want.iter().map(|n| id(n.0)).collect::<Vec<_>>(),
                     "prompt {i}: similar earlier prompts"
                 );
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((g.1 - w.1).abs() < 1e-5, "prompt {i}: similarity");
+                    assert!((g.similarity - w.1).abs() < 1e-5, "prompt {i}: similarity");
                 }
-                let mut shared: Vec<(usize, u32)> = (0..i)
+                let mut shared: Vec<(u64, u32)> = (0..i)
                     .map(|j| {
                         let n = p.parts.iter().filter(|a| {
                             batch[j]
@@ -1144,7 +1134,7 @@ mod tests {
                                 .iter()
                                 .any(|b| dot(a, b) >= cfg.part_similarity)
                         });
-                        (j, n.count() as u32)
+                        (id(j), n.count() as u32)
                     })
                     .filter(|&(_, n)| n >= cfg.part_matches)
                     .collect();
@@ -1167,7 +1157,7 @@ mod tests {
             ..cfg
         };
         assert!(
-            in_batch(&batch, DIM, &off, true)
+            in_batch(&batch, first_id, DIM, &off, true)
                 .parts
                 .iter()
                 .all(Vec::is_empty)

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod index;
+mod matmul;
 pub mod offline;
 pub mod server;
 pub mod store;

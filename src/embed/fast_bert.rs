@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use super::fast_kernels::{add_bias, add_bias_gelu, add_layer_norm, softmax_rows};
 use super::packed_gemm::Packed;
 use super::{EmbedError, SharedMut};
+use crate::matmul::matmul;
 
 /// Most tokens (rows) in one packed pass: bounds the scratch memory (about 15 KiB per token for
 /// MiniLM, so ~60 MiB at most) while keeping the matmuls large enough to run at full speed.
@@ -483,47 +484,6 @@ fn norm_rows(x: &mut [f32], a: &[f32], bias: &[f32], norm: &Norm, d: Dims, par: 
     x.par_chunks_mut(block)
         .zip(a.par_chunks(block))
         .for_each(|(x, a)| add_layer_norm(x, a, bias, &norm.gamma, &norm.beta, d.eps));
-}
-
-/// `dst[m×n] = a[m×k] · wᵀ` with `w` as `[n, k]`, all row-major and contiguous (the first `m`
-/// rows of `dst` and `a`).
-fn matmul(dst: &mut [f32], a: &[f32], w: &[f32], m: usize, k: usize, n: usize, threads: usize) {
-    assert!(
-        dst.len() >= m * n && a.len() >= m * k && w.len() == k * n,
-        "matmul shapes"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    let par = if threads > 1 && m * n * k >= 1 << 20 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the assert above keeps every access (row-major with these strides) in bounds.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
 }
 
 /// Multi-head self-attention of each packed sequence `(offset, len)` over its own rows of `qkv`

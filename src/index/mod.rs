@@ -9,6 +9,7 @@ mod hnsw;
 pub mod pairs;
 mod segmented;
 
+pub(crate) use brute::by_similarity;
 pub(crate) use distance::dot;
 #[cfg(test)]
 pub(crate) use distance::testdata;

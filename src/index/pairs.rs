@@ -9,8 +9,9 @@
 
 use std::ops::Range;
 
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::matmul::matmul;
 
 /// Rows of a block: `gemm` packs the columns (every row before the block's end) once per block,
 /// so more rows amortise that; fewer make more blocks to spread over the cores. On 4,096 vectors
@@ -55,10 +56,9 @@ impl Rows {
     }
 
     /// For each of `blocks` (consecutive, increasing row ranges), computes the dot product of
-    /// every row of the block with every row before the block's end, and returns
-    /// `f(b, blocks[b], sims)` where `sims` is `block.len()` rows of `block.end` similarities
-    /// (row-major: `sims[(r - block.start) * block.end + c]` = row r · row c). Results come in
-    /// block order. Blocks run on the rayon pool when `parallel`, else on this thread.
+    /// every row of the block with every row before the block's end, and hands them to
+    /// `f(b, block sims)` (`b` indexes `blocks`); returns what the calls return, in block order.
+    /// Blocks run on the rayon pool when `parallel`, else on this thread.
     pub fn earlier_similarities<T, F>(
         &self,
         blocks: &[Range<usize>],
@@ -67,17 +67,17 @@ impl Rows {
     ) -> Vec<T>
     where
         T: Send,
-        F: Fn(usize, Range<usize>, &[f32]) -> T + Sync,
+        F: Fn(usize, BlockSims<'_>) -> Vec<T> + Sync,
     {
         let one = |(b, block): (usize, &Range<usize>)| {
-            let block = block.start.min(self.len)..block.end.min(self.len);
-            let sims = self.block_products(block.clone());
-            f(b, block, &sims)
+            let rows = block.start.min(self.len)..block.end.min(self.len);
+            let sims = self.block_products(rows.clone());
+            f(b, BlockSims { rows, sims: &sims })
         };
         if parallel {
-            blocks.par_iter().enumerate().map(one).collect()
+            blocks.par_iter().enumerate().flat_map_iter(one).collect()
         } else {
-            blocks.iter().enumerate().map(one).collect()
+            blocks.iter().enumerate().flat_map(one).collect()
         }
     }
 
@@ -85,38 +85,28 @@ impl Rows {
     fn block_products(&self, block: Range<usize>) -> Vec<f32> {
         let (m, n, k) = (block.len(), block.end, self.dim);
         let mut sims = vec![0f32; m * n];
-        if m == 0 || k == 0 {
-            return sims;
-        }
-        let lhs = &self.data[block.start * k..block.end * k];
-        let rhs = &self.data[..n * k];
-        // SAFETY: `sims` is m × n row-major (column stride 1, row stride n), `lhs` m × k row-major
-        // (stride 1, k), and `rhs` is read as the k × n matrix whose column j is row j of the
-        // packed vectors (column stride k, row stride 1); the slices hold exactly those sizes.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                sims.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                lhs.as_ptr(),
-                1,
-                k as isize,
-                rhs.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            );
+        if k > 0 {
+            let lhs = &self.data[block.start * k..block.end * k];
+            matmul(&mut sims, lhs, &self.data[..n * k], m, k, n, 1);
         }
         sims
+    }
+}
+
+/// The similarities of one block of rows with every row before the block's end.
+#[derive(Debug, Clone)]
+pub struct BlockSims<'a> {
+    /// The block's rows.
+    pub rows: Range<usize>,
+    /// `rows.len()` × `rows.end`, row-major.
+    sims: &'a [f32],
+}
+
+impl<'a> BlockSims<'a> {
+    /// Similarities of row `r` (in the block) with rows `0..rows.end`.
+    pub fn row(&self, r: usize) -> &'a [f32] {
+        let width = self.rows.end;
+        &self.sims[(r - self.rows.start) * width..][..width]
     }
 }
 
@@ -162,22 +152,25 @@ mod tests {
         let blocks = even_blocks(rows.len(), 64);
         assert_eq!(blocks, vec![0..64, 64..128, 128..150]);
         for parallel in [false, true] {
-            let checked = rows.earlier_similarities(&blocks, parallel, |_, block, sims| {
-                let width = block.end;
-                assert_eq!(sims.len(), block.len() * width);
-                for r in block.clone() {
-                    for c in 0..width {
-                        let want = dot(&vectors[r], &vectors[c]);
-                        let got = sims[(r - block.start) * width + c];
-                        assert!(
-                            (got - want).abs() < 1e-5,
-                            "row {r} col {c}: {got} vs {want}"
-                        );
-                    }
-                }
-                block.len()
+            let checked = rows.earlier_similarities(&blocks, parallel, |b, block| {
+                assert_eq!(block.rows, blocks[b]);
+                block
+                    .rows
+                    .clone()
+                    .inspect(|&r| {
+                        let row = block.row(r);
+                        assert_eq!(row.len(), block.rows.end);
+                        for (c, &got) in row.iter().enumerate() {
+                            let want = dot(&vectors[r], &vectors[c]);
+                            assert!(
+                                (got - want).abs() < 1e-5,
+                                "row {r} col {c}: {got} vs {want}"
+                            );
+                        }
+                    })
+                    .collect()
             });
-            assert_eq!(checked, vec![64, 64, 22], "results in block order");
+            assert_eq!(checked, (0..150).collect::<Vec<_>>(), "rows in order");
         }
     }
 
@@ -186,8 +179,17 @@ mod tests {
         let a = [1.0, 0.0, 0.0];
         let short = [1.0, 0.0];
         let rows = Rows::new(3, [&a[..], &short[..], &a[..]]);
-        let sims = rows.earlier_similarities(&even_blocks(3, 64), false, |_, _, s| s.to_vec());
-        assert_eq!(sims[0], vec![1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0]);
+        let sims = rows.earlier_similarities(&even_blocks(3, 64), false, |_, block| {
+            block.rows.clone().map(|r| block.row(r).to_vec()).collect()
+        });
+        assert_eq!(
+            sims,
+            vec![
+                vec![1.0, 0.0, 1.0],
+                vec![0.0, 0.0, 0.0],
+                vec![1.0, 0.0, 1.0]
+            ]
+        );
     }
 
     #[test]
