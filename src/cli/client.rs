@@ -262,7 +262,12 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
             Format::Table => writeln!(
                 out,
                 "{:<28} {:>7} {:>6.3} {:>7} {:>9}  {}",
-                a.account_id, action, a.score, a.prompts, a.campaign_prompts, a.reason
+                shown(&a.account_id, usize::MAX),
+                action,
+                a.score,
+                a.prompts,
+                a.campaign_prompts,
+                shown(&a.reason, usize::MAX)
             )?,
         }
     }
@@ -323,12 +328,12 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                     c.first_seen_ms,
                     c.last_seen_ms
                 )?;
-                writeln!(out, "  template: {}", truncate(&c.template, 160))?;
+                writeln!(out, "  template: {}", shown(&c.template, 160))?;
                 let top: Vec<String> = c
                     .top_accounts
                     .iter()
                     .take(5)
-                    .map(|a| format!("{} ({})", a.account_id, a.prompts))
+                    .map(|a| format!("{} ({})", shown(&a.account_id, 64), a.prompts))
                     .collect();
                 writeln!(out, "  top accounts: {}", top.join(", "))?;
             }
@@ -402,9 +407,9 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
                 "{:.4}  #{:<8} {:<20} {:>14}  {}",
                 h.similarity,
                 h.prompt_id,
-                h.account_id,
+                shown(&h.account_id, 64),
                 h.timestamp_ms,
-                truncate(&h.prompt.replace('\n', " "), 100)
+                shown(&h.prompt, 100)
             )?,
         }
     }
@@ -413,12 +418,38 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
+/// Text from the server made safe to print in a table: at most `max` characters of `s` (then
+/// `…`), on one line, with nothing a terminal would act on.
+///
+/// Prompts and the templates recovered from them are written by whoever sends the traffic,
+/// attackers included. Printed raw, an escape sequence in a prompt could recolour, hide or
+/// overwrite what an analyst sees, or set the clipboard; a bidirectional override could reorder
+/// the words of a template. So whitespace controls (newline, tab, …) become spaces, and every
+/// other control character and bidirectional formatting character is shown escaped, as `\u{1b}`.
+/// `--format jsonl` keeps the exact text (JSON escapes control characters).
+pub(crate) fn shown(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\t' | '\n' | '\u{b}' | '\u{c}' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}' => {
+                out.push(' ')
+            }
+            c if c.is_control() || is_bidi_control(c) => {
+                out.extend(c.escape_unicode());
+            }
+            c => out.push(c),
+        }
     }
+    out
+}
+
+/// Unicode's bidirectional formatting characters (marks, embeddings, overrides, isolates).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Flags of `allow`.
@@ -470,8 +501,11 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.server).await?;
     let line = |e: &proto::AllowedTemplate| {
         format!(
-            "{}  {}  (note: {:?}, added {})",
-            e.id, e.template, e.note, e.created_ms
+            "{}  {}  (note: \"{}\", added {})",
+            e.id,
+            shown(&e.template, usize::MAX),
+            shown(&e.note, usize::MAX),
+            e.created_ms
         )
     };
     match args.action {
@@ -523,4 +557,37 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown;
+
+    #[test]
+    fn table_text_cannot_drive_the_terminal() {
+        // Conceal, clear screen, set the clipboard (OSC 52, BEL-terminated), a C1 CSI.
+        let attack =
+            "Solve \u{1b}[8mhidden\u{1b}[0m \u{1b}[2J \u{1b}]52;c;ZXZpbA==\u{7} \u{9b}31m x";
+        let s = shown(attack, usize::MAX);
+        assert!(!s.chars().any(char::is_control), "{s:?}");
+        assert_eq!(
+            s,
+            "Solve \\u{1b}[8mhidden\\u{1b}[0m \\u{1b}[2J \\u{1b}]52;c;ZXZpbA==\\u{7} \\u{9b}31m x"
+        );
+        // Bidirectional overrides and isolates, which reorder what follows them.
+        assert_eq!(shown("a\u{202e}b\u{2066}c", 10), "a\\u{202e}b\\u{2066}c");
+        // Line breaks and tabs keep the row on one line; other text is untouched.
+        assert_eq!(
+            shown("one\ntwo\r\n\tthree \u{2028}é 🌍", 100),
+            "one two   three  é 🌍"
+        );
+    }
+
+    #[test]
+    fn table_text_is_cut_after_max_characters() {
+        assert_eq!(shown("abcdef", 6), "abcdef");
+        assert_eq!(shown("abcdef", 4), "abcd…");
+        assert_eq!(shown("ééééé", 2), "éé…");
+        assert_eq!(shown("", 3), "");
+    }
 }

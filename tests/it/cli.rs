@@ -198,6 +198,91 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown device"));
 }
 
+/// Lines of a table on stdout, none of which may hold a control character (the line ends aside)
+/// or a bidirectional override.
+fn assert_terminal_safe(what: &str, stdout: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stdout).into_owned();
+    assert!(!text.trim().is_empty(), "{what}: empty table");
+    for line in text.lines() {
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{what}: {line:?}"
+        );
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_show_escape_sequences_in_prompts_escaped_and_jsonl_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(&dir.path().join("data"))).await;
+    let url = format!("http://{}", server.addr);
+    // A campaign whose fixed wording sets the analyst's clipboard (OSC 52), hides what follows
+    // (SGR 8) and reverses its direction (right-to-left override); the newline would break a
+    // search result's row in two.
+    let attack = "\u{1b}]52;c;ZXZpbA==\u{7}\u{1b}[8m\u{202e}";
+    let input = dir.path().join("traffic.jsonl");
+    let mut f = std::fs::File::create(&input).unwrap();
+    for i in 0..24 {
+        let prompt = format!("{attack}\n{}", templated(i));
+        let v = serde_json::json!({"account_id": format!("bot-{}", i % 8), "prompt": prompt, "timestamp_ms": 1_000 + i});
+        writeln!(f, "{v}").unwrap();
+    }
+    drop(f);
+    let o = check_to_file(&url, &input, &dir.path().join("verdicts.jsonl")).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let server_args = || vec!["--server".to_string(), url.clone()];
+    let o = run([vec!["campaigns".into()], server_args()].concat()).await;
+    let table = assert_terminal_safe("campaigns", &o.stdout);
+    assert!(
+        table
+            .contains("template: \\u{1b}]52;c;ZXZpbA==\\u{7}\\u{1b}[8m\\u{202e} You are an expert"),
+        "{table}"
+    );
+    let o = run([
+        vec!["campaigns".into()],
+        server_args(),
+        vec!["--format".into(), "jsonl".into()],
+    ]
+    .concat())
+    .await;
+    let campaigns = jsonl(&o.stdout);
+    assert_eq!(campaigns.len(), 1, "{campaigns:?}");
+    assert!(
+        campaigns[0]["template"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{attack} You are")),
+        "jsonl keeps the exact text: {}",
+        campaigns[0]["template"]
+    );
+
+    let search = vec![
+        "search".into(),
+        "--text".into(),
+        templated(3),
+        "-k".into(),
+        "3".into(),
+    ];
+    let o = run([search.clone(), server_args()].concat()).await;
+    let table = assert_terminal_safe("search", &o.stdout);
+    assert_eq!(table.lines().count(), 3, "one line per hit: {table}");
+    let o = run([
+        search,
+        server_args(),
+        vec!["--format".into(), "jsonl".into()],
+    ]
+    .concat())
+    .await;
+    let hits = jsonl(&o.stdout);
+    assert!(
+        hits[0]["prompt"].as_str().unwrap().starts_with(attack),
+        "{hits:?}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reindex_builds_a_data_dir_that_serve_opens() {
     let dir = tempfile::tempdir().unwrap();
