@@ -233,18 +233,25 @@ pub struct OfflineArgs {
     pub batch_size: usize,
 }
 
-/// How to reach a running server.
+/// How to reach a running server. Global, so that a verb with subcommands takes them after its
+/// subcommand too: `allow add --server URL …` as well as `allow --server URL add …`.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// The server's URL.
     #[arg(
         long,
+        global = true,
         env = "PROMPT_RADAR_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
     /// Bearer token, when the server requires one.
-    #[arg(long, env = "PROMPT_RADAR_AUTH_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "PROMPT_RADAR_AUTH_TOKEN",
+        hide_env_values = true
+    )]
     pub auth_token: Option<String>,
 }
 
@@ -282,6 +289,47 @@ mod tests {
         assert_eq!(span(&["--retention-days", "30"]).unwrap(), Some(day));
         assert_eq!(span(&["--segment-hours", "6"]).unwrap(), Some(day / 4));
         assert!(span(&["--segment-hours", "0"]).is_err());
+    }
+
+    /// The `allow` lines of README.md's "Using it", word for word: the server flag comes after
+    /// the subcommand there.
+    #[test]
+    fn allow_takes_the_server_flags_before_or_after_its_subcommand() {
+        use super::client::AllowAction;
+        use super::{Cli, Command};
+        let url = "http://10.0.0.7:50051";
+        let parse = |line: &str| match Cli::try_parse_from(line.split_whitespace()) {
+            Ok(Cli {
+                command: Command::Allow(a),
+            }) => (a.server.server, a.server.auth_token, a.action),
+            other => panic!("{line}: {other:?}"),
+        };
+        let (server, _, action) = parse(&format!(
+            "prompt-radar allow add --server {url} --template Rewrite:<*> --note app"
+        ));
+        assert_eq!(server, url);
+        assert!(
+            matches!(action, AllowAction::Add { template: Some(t), note, .. } if t == "Rewrite:<*>" && note == "app")
+        );
+        let (server, _, action) = parse(&format!(
+            "prompt-radar allow add --server {url} --campaign 4711"
+        ));
+        assert_eq!(server, url);
+        assert!(matches!(
+            action,
+            AllowAction::Add {
+                campaign: Some(4711),
+                ..
+            }
+        ));
+        let (server, token, action) = parse(&format!(
+            "prompt-radar allow remove 3 --server {url} --auth-token t0k"
+        ));
+        assert_eq!((server.as_str(), token.as_deref()), (url, Some("t0k")));
+        assert!(matches!(action, AllowAction::Remove { id: 3 }));
+        let (server, _, action) = parse(&format!("prompt-radar allow --server {url} list"));
+        assert_eq!(server, url);
+        assert!(matches!(action, AllowAction::List { .. }));
     }
 
     #[test]
