@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("prompt-radar: error: {e:#}");
+            eprintln!("prompt-radar: error: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
@@ -49,4 +49,60 @@ fn run(cli: cli::Cli) -> anyhow::Result<bool> {
             }
         }
     })
+}
+
+/// An error and its causes on one line, `: `-separated, leaving out a cause whose text is already
+/// shown: many error types (redb's, hyper's, some of ours) put their source's message in their
+/// own, and anyhow's `{:#}` would print it twice ("lock: lock", "tcp connect error: tcp connect
+/// error: …").
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    /// An error that shows its source in its own message and also returns it as the source.
+    #[derive(Debug)]
+    struct Wrapper(std::io::Error);
+
+    impl std::fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "tcp connect error: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn error_lines_name_each_cause_once() {
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(Wrapper(refused())).context("cannot connect to http://x:1");
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot connect to http://x:1: tcp connect error: refused: refused"
+        );
+        assert_eq!(
+            one_line(&e),
+            "cannot connect to http://x:1: tcp connect error: refused"
+        );
+        let e = anyhow::Error::new(refused()).context("cannot read in.jsonl");
+        assert_eq!(one_line(&e), "cannot read in.jsonl: refused");
+    }
 }

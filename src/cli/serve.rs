@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::Args;
 
 use prompt_radar::config::{Config, Limits};
@@ -79,7 +80,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     })
     .await??;
     let stats = prepared.service.engine().open_stats();
-    let (listener, addr) = bind(config.listen).await?;
+    let (listener, addr) = bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     // One line people and scripts read: where it listens and what it loaded.
     println!(
         "prompt-radar listening on {addr} (model {}, device {}, data {}, {} prompts: {} reloaded from segments, {} re-indexed, part vectors {} reloaded, {} re-indexed; ready in {:.1}s)",

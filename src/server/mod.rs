@@ -33,7 +33,7 @@ pub enum ServeError {
     #[error(transparent)]
     Engine(#[from] crate::error::Error),
     /// Binding or a worker thread failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// The transport failed.
     #[error(transparent)]

@@ -25,15 +25,13 @@ pub const DB_FILE: &str = "prompts.redb";
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be opened, read or written.
+    /// The database could not be opened, read or written. (The message shows redb's error; it
+    /// is not also given as the source, which would print it twice in an error chain.)
     #[error("store: {0}")]
-    Db(#[from] redb::Error),
+    Db(redb::Error),
     /// The data directory could not be created.
-    #[error("store: {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("store: {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     /// A stored record could not be decoded (corruption or a newer format).
     #[error("store: record {id}: {reason}")]
     Corrupt { id: u64, reason: String },
@@ -51,9 +49,9 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+        std::fs::create_dir_all(dir).map_err(|error| StoreError::Io {
             path: dir.display().to_string(),
-            source,
+            error,
         })?;
         let db = Database::create(dir.join(DB_FILE)).map_err(db_err)?;
         // Create the tables so that read transactions never meet a missing table.
