@@ -32,24 +32,126 @@ pub struct LineError {
     pub reason: String,
 }
 
+/// The longest line read: a prompt is at most 32 KiB (the default `--max-prompt-bytes`), and
+/// JSON's escapes can make it up to six times longer. A longer line is reported and skipped
+/// without being held in memory.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
 /// Iterates the non-blank lines of a traffic file: `(line number, parsed or error)`.
+///
+/// A line that is not UTF-8, or longer than [`MAX_LINE_BYTES`], is an error of its own and the
+/// next line is read as usual, so one damaged line of a large dump costs that line only. A read
+/// error of the file itself is reported (with the number of the line it hit) and ends the
+/// iteration: what follows cannot be read.
 pub fn lines(
     reader: impl BufRead,
 ) -> impl Iterator<Item = (usize, Result<TrafficLine, LineError>)> {
-    reader.lines().enumerate().filter_map(|(i, l)| {
-        let line = i + 1;
-        match l {
-            Err(e) => Some((
-                line,
-                Err(LineError {
-                    line,
-                    reason: format!("unreadable: {e}"),
-                }),
-            )),
-            Ok(s) if s.trim().is_empty() => None,
-            Ok(s) => Some((line, parse(line, &s))),
+    let mut raw = RawLines::new(reader);
+    std::iter::from_fn(move || {
+        loop {
+            let (line, read) = raw.next()?;
+            let error = |reason: String| Some((line, Err(LineError { line, reason })));
+            match read {
+                Err(e) => return error(format!("unreadable: {e}")),
+                Ok(Raw::TooLong(bytes)) => {
+                    return error(format!(
+                        "{bytes} bytes, longer than the {MAX_LINE_BYTES} a line may have (skipped)"
+                    ));
+                }
+                Ok(Raw::Line) => match std::str::from_utf8(raw.text()) {
+                    Err(e) => {
+                        return error(format!(
+                            "not valid UTF-8 (at byte {} of the line)",
+                            e.valid_up_to() + 1
+                        ));
+                    }
+                    Ok(s) if s.trim().is_empty() => continue,
+                    Ok(s) => return Some((line, parse(line, s))),
+                },
+            }
         }
     })
+}
+
+/// What [`RawLines`] read.
+enum Raw {
+    /// A line of at most [`MAX_LINE_BYTES`], now in [`RawLines::text`].
+    Line,
+    /// A longer line (its length in bytes), read past and dropped.
+    TooLong(usize),
+}
+
+/// Lines as bytes, each at most [`MAX_LINE_BYTES`] in memory, without the line end.
+struct RawLines<R> {
+    reader: R,
+    buf: Vec<u8>,
+    line: usize,
+    done: bool,
+}
+
+impl<R: BufRead> RawLines<R> {
+    fn new(reader: R) -> Self {
+        RawLines {
+            reader,
+            buf: Vec::new(),
+            line: 0,
+            done: false,
+        }
+    }
+
+    /// The bytes of the last [`Raw::Line`] (a `\r` before its `\n` removed).
+    fn text(&self) -> &[u8] {
+        self.buf.strip_suffix(b"\r").unwrap_or(&self.buf)
+    }
+
+    /// The next line's number and what was read; `None` at the end or after a read error.
+    fn next(&mut self) -> Option<(usize, std::io::Result<Raw>)> {
+        if self.done {
+            return None;
+        }
+        self.buf.clear();
+        let mut bytes = 0usize;
+        let mut too_long = false;
+        loop {
+            let available = match self.reader.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.done = true;
+                    return Some((self.line + 1, Err(e)));
+                }
+            };
+            if available.is_empty() {
+                self.done = true;
+                if bytes == 0 {
+                    return None;
+                }
+                break;
+            }
+            let end = available.iter().position(|&b| b == b'\n');
+            let chunk = &available[..end.unwrap_or(available.len())];
+            bytes += chunk.len();
+            if !too_long && self.buf.len() + chunk.len() > MAX_LINE_BYTES {
+                too_long = true;
+                self.buf = Vec::new();
+            }
+            if !too_long {
+                self.buf.extend_from_slice(chunk);
+            }
+            let used = chunk.len() + usize::from(end.is_some());
+            self.reader.consume(used);
+            if end.is_some() {
+                break;
+            }
+        }
+        self.line += 1;
+        let read = if too_long {
+            Raw::TooLong(bytes)
+        } else {
+            Raw::Line
+        };
+        Some((self.line, Ok(read)))
+    }
 }
 
 /// Parses one line.
@@ -64,14 +166,15 @@ pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
     })
 }
 
-/// Counts non-blank lines (for progress bars).
+/// Counts non-blank lines (for progress bars); lines that are not UTF-8 or too long count too,
+/// as [`lines`] reports each of them.
 pub fn count_lines(path: &std::path::Path) -> std::io::Result<u64> {
-    let f = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut raw = RawLines::new(std::io::BufReader::new(std::fs::File::open(path)?));
     let mut n = 0;
-    for l in f.lines() {
-        if !l?.trim().is_empty() {
-            n += 1;
-        }
+    while let Some((_, read)) = raw.next() {
+        let blank = matches!(read?, Raw::Line)
+            && std::str::from_utf8(raw.text()).is_ok_and(|s| s.trim().is_empty());
+        n += u64::from(!blank);
     }
     Ok(n)
 }
@@ -97,5 +200,73 @@ not json
         assert_eq!(e.line, 4);
         assert!(e.reason.contains("account_id"), "{}", e.reason);
         assert_eq!(got[3].1.as_ref().unwrap().label.as_deref(), Some("organic"));
+    }
+
+    fn line(account: &str, prompt: &str) -> String {
+        serde_json::json!({"account_id": account, "prompt": prompt}).to_string()
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_or_too_long_costs_that_line_only() {
+        let mut input = Vec::new();
+        input.extend_from_slice(line("a", "first").as_bytes());
+        input.extend_from_slice(b"\r\n{\"account_id\": \"b\", \"prompt\": \"bad \xff\xfe\"}\n\n");
+        let long = line("c", &"x".repeat(MAX_LINE_BYTES));
+        input.extend_from_slice(long.as_bytes());
+        input.extend_from_slice("\n \u{a0} \n".as_bytes());
+        input.extend_from_slice(line("d", "last, no line end").as_bytes());
+        let got: Vec<_> = lines(&input[..]).collect();
+        let numbers: Vec<usize> = got.iter().map(|g| g.0).collect();
+        assert_eq!(
+            numbers,
+            [1, 2, 4, 6],
+            "blank lines 3 and 5 are skipped, not renumbered"
+        );
+        assert_eq!(
+            got[0].1.as_ref().unwrap().prompt,
+            "first",
+            "CRLF is a line end"
+        );
+        let reason = |i: usize| got[i].1.as_ref().unwrap_err().reason.clone();
+        assert_eq!(reason(1), "not valid UTF-8 (at byte 36 of the line)");
+        let skipped = format!(
+            "{} bytes, longer than the {MAX_LINE_BYTES} a line may have (skipped)",
+            long.len()
+        );
+        assert_eq!(reason(2), skipped);
+        assert_eq!(got[3].1.as_ref().unwrap().account_id, "d");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        std::fs::write(&path, &input).unwrap();
+        assert_eq!(count_lines(&path).unwrap(), 4, "what `lines` reports");
+    }
+
+    /// A reader that gives `data` and then fails, as a failing disk would.
+    struct Failing<'a>(&'a [u8]);
+
+    impl std::io::Read for Failing<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(std::io::Error::other("device error"));
+            }
+            let n = out.len().min(self.0.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_read_error_is_reported_once_and_ends_the_lines() {
+        let data = format!("{}\n{}\n", line("a", "one"), line("b", "two"));
+        let got: Vec<_> = lines(std::io::BufReader::new(Failing(data.as_bytes()))).collect();
+        assert_eq!(
+            got.len(),
+            3,
+            "two lines, then the error, then nothing: {got:?}"
+        );
+        let e = got[2].1.as_ref().unwrap_err();
+        assert_eq!((e.line, e.reason.as_str()), (3, "unreadable: device error"));
     }
 }

@@ -531,3 +531,40 @@ fn serve_refuses_a_busy_port_or_data_dir_with_one_clear_line() {
         "{stderr}"
     );
 }
+
+/// One line of a stored dump that is not UTF-8 costs that line, not the run.
+#[test]
+fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("dump.jsonl");
+    let mut bytes = Vec::new();
+    for (i, p) in ORGANIC.iter().take(3).enumerate() {
+        let v = serde_json::json!({"account_id": format!("u{i}"), "prompt": p, "timestamp_ms": 1_000 + i});
+        writeln!(bytes, "{v}").unwrap();
+        if i == 0 {
+            bytes.extend_from_slice(b"{\"account_id\": \"u9\", \"prompt\": \"caf\xe9 latin-1\"}\n");
+        }
+    }
+    std::fs::write(&input, bytes).unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let model = model_dir().display().to_string();
+    let o = bin(&[
+        "reindex",
+        "--input",
+        &input.display().to_string(),
+        "--data-dir",
+        &data,
+        "--model",
+        &model,
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "a bad line: {stderr}");
+    assert!(
+        stderr.contains("line 2: not valid UTF-8 (at byte 36 of the line)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("reindex: 3 prompts") && stderr.contains("1 bad lines"),
+        "{stderr}"
+    );
+}
