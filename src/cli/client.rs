@@ -319,14 +319,14 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
             Format::Table => {
                 writeln!(
                     out,
-                    "campaign {}  score {:.3}  {} accounts  {} prompts ({} distinct)  seen {}..{}",
+                    "campaign {}  score {:.3}  {} accounts  {} prompts ({} distinct)  seen {} .. {}",
                     c.campaign_id,
                     c.score,
                     c.accounts,
                     c.prompts,
                     c.distinct_prompts,
-                    c.first_seen_ms,
-                    c.last_seen_ms
+                    utc(c.first_seen_ms),
+                    utc(c.last_seen_ms)
                 )?;
                 writeln!(out, "  template: {}", shown(&c.template, 160))?;
                 let top: Vec<String> = c
@@ -404,11 +404,11 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
             )?,
             Format::Table => writeln!(
                 out,
-                "{:.4}  #{:<8} {:<20} {:>14}  {}",
+                "{:.4}  #{:<8} {:<20} {:>20}  {}",
                 h.similarity,
                 h.prompt_id,
                 shown(&h.account_id, 64),
-                h.timestamp_ms,
+                utc(h.timestamp_ms),
                 shown(&h.prompt, 100)
             )?,
         }
@@ -445,6 +445,29 @@ pub(crate) fn shown(s: &str, max: usize) -> String {
         }
     }
     out
+}
+
+/// A time in milliseconds since the Unix epoch as UTC to the second, `2024-06-10 06:13:20Z`, for
+/// tables (`--format jsonl` keeps the milliseconds).
+pub(crate) fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days: the proleptic Gregorian date of a day number.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// Unicode's bidirectional formatting characters (marks, embeddings, overrides, isolates).
@@ -505,7 +528,7 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
             e.id,
             shown(&e.template, usize::MAX),
             shown(&e.note, usize::MAX),
-            e.created_ms
+            utc(e.created_ms)
         )
     };
     match args.action {
@@ -581,6 +604,24 @@ mod tests {
             shown("one\ntwo\r\n\tthree \u{2028}é 🌍", 100),
             "one two   three  é 🌍"
         );
+    }
+
+    #[test]
+    fn table_times_are_utc_dates() {
+        use super::utc;
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(1_718_000_000_000), "2024-06-10 06:13:20Z");
+        assert_eq!(
+            utc(951_782_400_000),
+            "2000-02-29 00:00:00Z",
+            "leap day of a 400-year leap year"
+        );
+        assert_eq!(
+            utc(4_107_542_399_999),
+            "2100-02-28 23:59:59Z",
+            "2100 is no leap year"
+        );
+        assert_eq!(utc(-1), "1969-12-31 23:59:59Z");
     }
 
     #[test]
