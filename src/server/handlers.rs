@@ -11,7 +11,7 @@ use super::convert;
 use super::pipeline::{CheckPipeline, Timed};
 use super::validate;
 use crate::config::Limits;
-use crate::detect::Verdict;
+use crate::detect::{AccountSummary, Verdict};
 use crate::engine::{Engine, SearchFilter};
 use crate::error::Error;
 use crate::proto::{self, radar_server::Radar};
@@ -60,6 +60,13 @@ async fn await_verdict(
 }
 
 type CheckStream = ReceiverStream<Result<proto::CheckResponse, Status>>;
+/// `StreamAccounts`' response: a listing taken at once, sent an account a message.
+type AccountStream = tokio_stream::Iter<
+    std::iter::Map<
+        std::vec::IntoIter<AccountSummary>,
+        fn(AccountSummary) -> Result<proto::Account, Status>,
+    >,
+>;
 
 #[tonic::async_trait]
 impl Radar for RadarService {
@@ -217,6 +224,23 @@ impl Radar for RadarService {
         Ok(Response::new(proto::ListAccountsResponse {
             accounts: list.into_iter().map(convert::account).collect(),
         }))
+    }
+
+    type StreamAccountsStream = AccountStream;
+
+    async fn stream_accounts(
+        &self,
+        request: Request<proto::ListAccountsRequest>,
+    ) -> Result<Response<AccountStream>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine.clone();
+        let list = blocking(move || Ok(engine.accounts(r.flagged_only, r.limit as usize))).await?;
+        // Converted one message at a time, as the transport takes them.
+        let convert: fn(AccountSummary) -> Result<proto::Account, Status> =
+            |a| Ok(convert::account(a));
+        Ok(Response::new(tokio_stream::iter(
+            list.into_iter().map(convert),
+        )))
     }
 
     async fn get_account(

@@ -102,6 +102,26 @@ async fn campaign_across_accounts_is_found_and_organic_traffic_is_not() {
     let mut want: Vec<_> = (0..12).map(|i| format!("harvester-{i}")).collect();
     want.sort();
     assert_eq!(names, want);
+    // StreamAccounts sends the same listing, in the same order, an account a message.
+    for flagged_only in [true, false] {
+        let request = proto::ListAccountsRequest {
+            flagged_only,
+            limit: 0,
+        };
+        let listed = c
+            .list_accounts(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .accounts;
+        let mut stream = c.stream_accounts(request).await.unwrap().into_inner();
+        let mut streamed = Vec::new();
+        while let Some(a) = stream.message().await.unwrap() {
+            streamed.push(a);
+        }
+        assert_eq!(streamed, listed, "flagged_only {flagged_only}");
+        assert_eq!(listed.len(), if flagged_only { 12 } else { 13 });
+    }
     let organic = c
         .get_account(proto::GetAccountRequest {
             account_id: "organic-1".into(),
