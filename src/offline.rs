@@ -34,6 +34,11 @@ pub struct StageTimes {
     pub wall: Duration,
     /// Whether the run stopped at a bad line.
     pub stopped: bool,
+    /// Whether the observer asked the run to stop ([`Observer::interrupted`]).
+    pub interrupted: bool,
+    /// The number of the last line read. When [`run`] returns, every line up to it has been
+    /// ingested or reported bad, so a stopped run goes on from the line after it.
+    pub last_line: usize,
     /// Texts that went through the model (the rest were repeats served by the [`VectorCache`]).
     pub embedded: u64,
     /// Where the ingest time went.
@@ -215,6 +220,11 @@ pub trait Observer {
     fn verdict(&mut self, line: usize, input: &TrafficLine, verdict: &Verdict);
     /// A line that could not be used. Return `false` to stop the run.
     fn bad_line(&mut self, error: &LineError) -> bool;
+    /// Asked before each line is read: `true` stops the run there (the lines read so far are
+    /// embedded and ingested first). Ctrl-C on `reindex`.
+    fn interrupted(&mut self) -> bool {
+        false
+    }
 }
 
 /// Runs `lines` through `embedder` and `engine` in batches of `batch_size`.
@@ -276,9 +286,15 @@ where
         let mut send_failed = false;
         loop {
             let t = Instant::now();
-            let next = lines.next();
+            times.interrupted = observer.interrupted();
+            let next = if times.interrupted {
+                None
+            } else {
+                lines.next()
+            };
             let done = next.is_none();
             if let Some((line, parsed)) = next {
+                times.last_line = line;
                 let checked = parsed.and_then(|t| {
                     validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, &limits)
                         .map(|v| TrafficLine {

@@ -46,10 +46,31 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 pub fn lines(
     reader: impl BufRead,
 ) -> impl Iterator<Item = (usize, Result<TrafficLine, LineError>)> {
+    lines_from(reader, 1)
+}
+
+/// [`lines`] from line `first` on (1-based): the lines before it are read past unparsed (to go
+/// on after a stopped run, `reindex --start-line`).
+pub fn lines_from(
+    reader: impl BufRead,
+    first: usize,
+) -> impl Iterator<Item = (usize, Result<TrafficLine, LineError>)> {
     let mut raw = RawLines::new(reader);
     std::iter::from_fn(move || {
         loop {
             let (line, read) = raw.next()?;
+            if line < first {
+                if let Err(e) = read {
+                    return Some((
+                        line,
+                        Err(LineError {
+                            line,
+                            reason: format!("unreadable: {e}"),
+                        }),
+                    ));
+                }
+                continue;
+            }
             let error = |reason: String| Some((line, Err(LineError { line, reason })));
             match read {
                 Err(e) => return error(format!("unreadable: {e}")),
@@ -166,13 +187,17 @@ pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
     })
 }
 
-/// Counts non-blank lines (for progress bars); lines that are not UTF-8 or too long count too,
-/// as [`lines`] reports each of them.
-pub fn count_lines(path: &std::path::Path) -> std::io::Result<u64> {
+/// Counts the non-blank lines from line `first` on (for progress bars); lines that are not UTF-8
+/// or too long count too, as [`lines`] reports each of them.
+pub fn count_lines(path: &std::path::Path, first: usize) -> std::io::Result<u64> {
     let mut raw = RawLines::new(std::io::BufReader::new(std::fs::File::open(path)?));
     let mut n = 0;
-    while let Some((_, read)) = raw.next() {
-        let blank = matches!(read?, Raw::Line)
+    while let Some((line, read)) = raw.next() {
+        let read = read?;
+        if line < first {
+            continue;
+        }
+        let blank = matches!(read, Raw::Line)
             && std::str::from_utf8(raw.text()).is_ok_and(|s| s.trim().is_empty());
         n += u64::from(!blank);
     }
@@ -239,7 +264,14 @@ not json
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.jsonl");
         std::fs::write(&path, &input).unwrap();
-        assert_eq!(count_lines(&path).unwrap(), 4, "what `lines` reports");
+        assert_eq!(count_lines(&path, 1).unwrap(), 4, "what `lines` reports");
+        assert_eq!(count_lines(&path, 4).unwrap(), 2);
+        let from: Vec<usize> = lines_from(&input[..], 4).map(|g| g.0).collect();
+        assert_eq!(
+            from,
+            [4, 6],
+            "line 2 (not UTF-8) is before the start: read past, not reported"
+        );
     }
 
     /// A reader that gives `data` and then fails, as a failing disk would.

@@ -75,7 +75,7 @@ enum Slot {
 
 /// Streams the file through CheckStream and writes verdicts in file order.
 pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
-    let total = traffic::count_lines(&args.input)
+    let total = traffic::count_lines(&args.input, 1)
         .with_context(|| format!("cannot read {}", args.input.display()))?;
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("cannot open {}", args.input.display()))?;

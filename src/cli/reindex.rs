@@ -2,6 +2,8 @@
 //! batches and ingests it through the same engine as the server (see `prompt_radar::offline`),
 //! with a progress bar and a summary line giving each stage's rate, so the bound is visible.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -23,6 +25,11 @@ pub struct ReindexArgs {
     /// On a malformed line: report it with its line number and go on, or stop.
     #[arg(long, env = "PROMPT_RADAR_ON_ERROR", value_enum, default_value_t = OnError::Skip)]
     pub on_error: OnError,
+    /// Start at this line of the input (1-based), skipping the ones before: to go on after a
+    /// stopped run (Ctrl-C, SIGTERM or --on-error stop), from the line its last message names.
+    /// The store does not deduplicate: reading a line again stores its prompt twice.
+    #[arg(long, env = "PROMPT_RADAR_START_LINE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub start_line: u64,
 }
 
 /// A progress display fed by the offline run; prints bad lines above it.
@@ -31,6 +38,11 @@ pub struct Progress {
     pub display: progress::Progress,
     /// Whether to go on after a bad line.
     pub keep_going: bool,
+    /// Set (by [`stop_on_signal`]) when the run should stop.
+    stop: Option<Arc<AtomicBool>>,
+    /// Whether the stop was announced.
+    stopping: bool,
+    verb: String,
 }
 
 impl Progress {
@@ -39,8 +51,52 @@ impl Progress {
         Self {
             display: progress::Progress::new(verb, total),
             keep_going: on_error == OnError::Skip,
+            stop: None,
+            stopping: false,
+            verb: verb.to_string(),
         }
     }
+}
+
+/// A flag that the first Ctrl-C (SIGINT) or SIGTERM sets; the second exits at once with status
+/// 130. Stopping between batches keeps the store and the index in step either way (each batch is
+/// one commit, and a start re-indexes what the last checkpoint lacks), but the first signal also
+/// ends with the summary, a checkpoint and the line to go on from. The handlers are in place when
+/// this returns.
+#[cfg(unix)]
+fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut interrupt, mut terminate) = {
+        let _entered = runtime.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                for _ in 0..2 {
+                    tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
+                    flag.fetch_or(true, Ordering::Relaxed);
+                }
+            });
+            eprintln!("\nreindex: stopped at once (second signal)");
+            std::process::exit(130);
+        })?;
+    Ok(stop)
+}
+
+/// Elsewhere a signal ends the run as the system does by default.
+#[cfg(not(unix))]
+fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    Ok(Arc::new(AtomicBool::new(false)))
 }
 
 impl Observer for Progress {
@@ -53,17 +109,39 @@ impl Observer for Progress {
         self.display.inc(1);
         self.keep_going
     }
+    fn interrupted(&mut self) -> bool {
+        if !self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            return false;
+        }
+        if !self.stopping {
+            self.stopping = true;
+            let verb = &self.verb;
+            self.display.suspend(|| {
+                eprintln!(
+                    "{verb}: stopping: the lines read so far are embedded and stored first (a second Ctrl-C quits at once)"
+                );
+            });
+        }
+        true
+    }
 }
 
 /// Runs the batch; returns whether every line was used.
 pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
-    let total = traffic::count_lines(&args.offline.input)
+    let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
+    let total = traffic::count_lines(&args.offline.input, first)
         .with_context(|| format!("cannot read {}", args.offline.input.display()))?;
     let file = std::fs::File::open(&args.offline.input)
         .with_context(|| format!("cannot open {}", args.offline.input.display()))?;
     let load = Instant::now();
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     let engine = Engine::open(args.offline.engine.to_config()?, embedder.dim())?;
+    let mut progress = Progress::new("reindex", total, args.on_error);
+    progress.stop = Some(stop_on_signal()?);
     eprintln!(
         "reindex: model on {} and data dir {} ready in {:.1}s ({} prompts already stored)",
         embedder.device_name(),
@@ -71,8 +149,10 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         load.elapsed().as_secs_f64(),
         engine.len()
     );
-    let mut progress = Progress::new("reindex", total, args.on_error);
-    let lines = traffic::lines(std::io::BufReader::new(file));
+    if first > 1 {
+        eprintln!("reindex: starting at line {first}");
+    }
+    let lines = traffic::lines_from(std::io::BufReader::new(file), first);
     let mut cache = offline::VectorCache::new(offline::DEDUPE_TEXTS, embedder.dim(), 0);
     let times = offline::run(
         &mut embedder,
@@ -84,6 +164,18 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     )?;
     progress.display.finish();
     eprintln!("{}", times.summary("reindex"));
+    if times.interrupted || times.stopped {
+        // A stop at a bad line leaves that line to fix; an interrupted run read it already.
+        let next = times.last_line + usize::from(!times.stopped);
+        eprintln!(
+            "reindex: {} before line {next} are stored and indexed; to go on: the same command with --start-line {next}",
+            if first > 1 {
+                format!("the lines from {first}")
+            } else {
+                "the lines".to_string()
+            }
+        );
+    }
     // So that `serve` reloads the index instead of rebuilding what the last segment holds.
     let saved = engine.checkpoint()?;
     eprintln!(
@@ -98,5 +190,5 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
             ""
         }
     );
-    Ok(times.bad_lines == 0)
+    Ok(times.bad_lines == 0 && !times.interrupted)
 }

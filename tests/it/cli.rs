@@ -568,3 +568,94 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
         "{stderr}"
     );
 }
+
+/// The number in `text` right after the first `before`.
+fn number_after(text: &str, before: &str) -> usize {
+    let rest = text
+        .split_once(before)
+        .unwrap_or_else(|| panic!("no {before:?} in {text}"))
+        .1;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {before:?} in {text}"))
+}
+
+/// Ctrl-C on `reindex` stops after the lines already read, says which line to go on from, and
+/// going on from there stores every line exactly once.
+#[test]
+fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
+    use std::io::{BufRead, Read};
+    const LINES: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("dump.jsonl");
+    let mut f = std::fs::File::create(&input).unwrap();
+    let real = crate::common::read_data("recall_prompts.txt");
+    for (i, p) in real.lines().take(LINES).enumerate() {
+        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_000 + i});
+        writeln!(f, "{v}").unwrap();
+    }
+    drop(f);
+    let data = dir.path().join("data");
+    let (input, data_arg, model) = (
+        input.display().to_string(),
+        data.display().to_string(),
+        model_dir().display().to_string(),
+    );
+    let args = [
+        "reindex",
+        "--input",
+        &input,
+        "--data-dir",
+        &data_arg,
+        "--model",
+        &model,
+        "--batch-size",
+        "16",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("ready in") {
+        let read = stderr.read_line(&mut seen).unwrap();
+        assert!(read > 0, "reindex ended before it was ready: {seen}");
+    }
+    // The handlers are in place before the "ready" line.
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    stderr.read_to_string(&mut seen).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "interrupted: {seen}");
+    assert!(seen.contains("reindex: stopping:"), "{seen}");
+    let next = number_after(&seen, "the same command with --start-line ");
+    assert!(next > 1 && next <= LINES, "stopped part way: {seen}");
+    let summary = seen
+        .lines()
+        .find(|l| l.contains(" prompts in "))
+        .unwrap_or_default();
+    assert_eq!(
+        number_after(summary, "reindex: "),
+        next - 1,
+        "every line before {next} stored: {seen}"
+    );
+
+    let start = next.to_string();
+    let o = bin(&[&args[..], &["--start-line", &start]].concat());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("({} prompts already stored)", next - 1))
+            && stderr.contains(&format!("reindex: starting at line {next}"))
+            && stderr.contains(&format!("reindex: {} prompts in", LINES + 1 - next)),
+        "{stderr}"
+    );
+    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    assert_eq!(engine.len(), LINES as u64, "each line stored once");
+}
