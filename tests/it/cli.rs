@@ -488,47 +488,40 @@ async fn eval_gives_the_same_verdicts_as_serve_check_and_accounts() {
 fn serve_refuses_a_busy_port_or_data_dir_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let model = model_dir().display().to_string();
+    // The last line `serve` prints before it exits with status 2.
+    let refused = |listen: &str, data: &std::path::Path| {
+        let data = data.display().to_string();
+        let args = [
+            "serve",
+            "--listen",
+            listen,
+            "--data-dir",
+            &data,
+            "--model",
+            &model,
+        ];
+        let o = bin(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        stderr.lines().last().unwrap_or_default().to_string()
+    };
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let listen = taken.local_addr().unwrap().to_string();
-    let data = dir.path().join("a").display().to_string();
-    let o = bin(&[
-        "serve",
-        "--listen",
-        &listen,
-        "--data-dir",
-        &data,
-        "--model",
-        &model,
-    ]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{stderr}");
-    let line = stderr.lines().last().unwrap_or_default();
+    let line = refused(&listen, &dir.path().join("a"));
     assert!(
         line.starts_with(&format!("prompt-radar: error: cannot listen on {listen}: ")),
-        "{stderr}"
+        "{line}"
     );
     let cause = line.rsplit(": ").next().unwrap();
     assert_eq!(line.matches(cause).count(), 1, "{line}");
 
     let held = dir.path().join("b");
     let _store = prompt_radar::store::Store::open(&held).unwrap();
-    let data = held.display().to_string();
-    let o = bin(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data,
-        "--model",
-        &model,
-    ]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{stderr}");
-    let line = stderr.lines().last().unwrap_or_default();
+    let line = refused("127.0.0.1:0", &held);
     assert!(
         line.starts_with("prompt-radar: error: store: ")
             && line.matches("already open").count() == 1,
-        "{stderr}"
+        "{line}"
     );
 }
 
