@@ -165,8 +165,13 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     progress.display.finish();
     eprintln!("{}", times.summary("reindex"));
     if times.interrupted || times.stopped {
-        // A stop at a bad line leaves that line to fix; an interrupted run read it already.
-        let next = times.last_line + usize::from(!times.stopped);
+        // A stop at a bad line leaves that line to fix; an interrupted run goes on after the
+        // last line it read (or from where it started, when it read none).
+        let next = if times.stopped {
+            times.last_line
+        } else {
+            (times.last_line + 1).max(first)
+        };
         eprintln!(
             "reindex: {} before line {next} are stored and indexed; to go on: the same command with --start-line {next}",
             if first > 1 {
