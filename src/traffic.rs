@@ -55,82 +55,80 @@ pub fn lines_from(
     reader: impl BufRead,
     first: usize,
 ) -> impl Iterator<Item = (usize, Result<TrafficLine, LineError>)> {
-    let mut raw = RawLines::new(reader);
+    let mut raw = RawLines::new(reader, first);
     std::iter::from_fn(move || {
-        loop {
-            let (line, read) = raw.next()?;
-            if line < first {
-                if let Err(e) = read {
-                    return Some((
-                        line,
-                        Err(LineError {
-                            line,
-                            reason: format!("unreadable: {e}"),
-                        }),
-                    ));
-                }
-                continue;
-            }
-            let error = |reason: String| Some((line, Err(LineError { line, reason })));
-            match read {
-                Err(e) => return error(format!("unreadable: {e}")),
-                Ok(Raw::TooLong(bytes)) => {
-                    return error(format!(
-                        "{bytes} bytes, longer than the {MAX_LINE_BYTES} a line may have (skipped)"
-                    ));
-                }
-                Ok(Raw::Line) => match std::str::from_utf8(raw.text()) {
-                    Err(e) => {
-                        return error(format!(
-                            "not valid UTF-8 (at byte {} of the line)",
-                            e.valid_up_to() + 1
-                        ));
-                    }
-                    Ok(s) if s.trim().is_empty() => continue,
-                    Ok(s) => return Some((line, parse(line, s))),
-                },
-            }
+        let (line, read) = raw.next()?;
+        let error = |reason: String| Some((line, Err(LineError { line, reason })));
+        match read {
+            Err(e) => error(format!("unreadable: {e}")),
+            Ok(Raw::TooLong(bytes)) => error(format!(
+                "{bytes} bytes, longer than the {MAX_LINE_BYTES} a line may have (skipped)"
+            )),
+            Ok(Raw::NotUtf8(at)) => error(format!("not valid UTF-8 (at byte {at} of the line)")),
+            Ok(Raw::Text) => Some((line, parse(line, raw.text()))),
         }
     })
 }
 
-/// What [`RawLines`] read.
+/// A non-blank line that [`RawLines`] read.
 enum Raw {
-    /// A line of at most [`MAX_LINE_BYTES`], now in [`RawLines::text`].
-    Line,
+    /// UTF-8 text of at most [`MAX_LINE_BYTES`], now in [`RawLines::text`].
+    Text,
+    /// Not UTF-8: the 1-based byte of the line where it breaks.
+    NotUtf8(usize),
     /// A longer line (its length in bytes), read past and dropped.
     TooLong(usize),
 }
 
-/// Lines as bytes, each at most [`MAX_LINE_BYTES`] in memory, without the line end.
+/// The non-blank lines of a reader from line `first` on, each at most [`MAX_LINE_BYTES`] in
+/// memory, without the line end. Blank means empty or whitespace once read as UTF-8; the one
+/// rule for [`lines`] and [`count_lines`].
 struct RawLines<R> {
     reader: R,
-    buf: Vec<u8>,
+    /// The last [`Raw::Text`]; its allocation is reused for the next line.
+    text: String,
     line: usize,
+    first: usize,
     done: bool,
 }
 
 impl<R: BufRead> RawLines<R> {
-    fn new(reader: R) -> Self {
+    fn new(reader: R, first: usize) -> Self {
         RawLines {
             reader,
-            buf: Vec::new(),
+            text: String::new(),
             line: 0,
+            first,
             done: false,
         }
     }
 
-    /// The bytes of the last [`Raw::Line`] (a `\r` before its `\n` removed).
-    fn text(&self) -> &[u8] {
-        self.buf.strip_suffix(b"\r").unwrap_or(&self.buf)
+    /// The text of the last [`Raw::Text`] (a `\r` before its `\n` removed).
+    fn text(&self) -> &str {
+        &self.text
     }
 
-    /// The next line's number and what was read; `None` at the end or after a read error.
+    /// The next non-blank line from `first` on: its number and what was read; `None` at the end
+    /// or after a read error (which is returned, whatever its line).
     fn next(&mut self) -> Option<(usize, std::io::Result<Raw>)> {
+        loop {
+            let (line, read) = self.read_line()?;
+            match read {
+                Ok(None) => {}
+                Ok(Some(_)) if line < self.first => {}
+                Ok(Some(raw)) => return Some((line, Ok(raw))),
+                Err(e) => return Some((line, Err(e))),
+            }
+        }
+    }
+
+    /// The next line: its number and what was read, `None` for a blank one.
+    fn read_line(&mut self) -> Option<(usize, std::io::Result<Option<Raw>>)> {
         if self.done {
             return None;
         }
-        self.buf.clear();
+        let mut buf = std::mem::take(&mut self.text).into_bytes();
+        buf.clear();
         let mut bytes = 0usize;
         let mut too_long = false;
         loop {
@@ -152,12 +150,12 @@ impl<R: BufRead> RawLines<R> {
             let end = available.iter().position(|&b| b == b'\n');
             let chunk = &available[..end.unwrap_or(available.len())];
             bytes += chunk.len();
-            if !too_long && self.buf.len() + chunk.len() > MAX_LINE_BYTES {
+            if !too_long && buf.len() + chunk.len() > MAX_LINE_BYTES {
                 too_long = true;
-                self.buf = Vec::new();
+                buf = Vec::new();
             }
             if !too_long {
-                self.buf.extend_from_slice(chunk);
+                buf.extend_from_slice(chunk);
             }
             let used = chunk.len() + usize::from(end.is_some());
             self.reader.consume(used);
@@ -166,10 +164,19 @@ impl<R: BufRead> RawLines<R> {
             }
         }
         self.line += 1;
-        let read = if too_long {
-            Raw::TooLong(bytes)
-        } else {
-            Raw::Line
+        if too_long {
+            return Some((self.line, Ok(Some(Raw::TooLong(bytes)))));
+        }
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        let read = match String::from_utf8(buf) {
+            Ok(text) => {
+                let blank = text.trim().is_empty();
+                self.text = text;
+                (!blank).then_some(Raw::Text)
+            }
+            Err(e) => Some(Raw::NotUtf8(e.utf8_error().valid_up_to() + 1)),
         };
         Some((self.line, Ok(read)))
     }
@@ -190,16 +197,11 @@ pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
 /// Counts the non-blank lines from line `first` on (for progress bars); lines that are not UTF-8
 /// or too long count too, as [`lines`] reports each of them.
 pub fn count_lines(path: &std::path::Path, first: usize) -> std::io::Result<u64> {
-    let mut raw = RawLines::new(std::io::BufReader::new(std::fs::File::open(path)?));
+    let mut raw = RawLines::new(std::io::BufReader::new(std::fs::File::open(path)?), first);
     let mut n = 0;
-    while let Some((line, read)) = raw.next() {
-        let read = read?;
-        if line < first {
-            continue;
-        }
-        let blank = matches!(read, Raw::Line)
-            && std::str::from_utf8(raw.text()).is_ok_and(|s| s.trim().is_empty());
-        n += u64::from(!blank);
+    while let Some((_, read)) = raw.next() {
+        read?;
+        n += 1;
     }
     Ok(n)
 }
