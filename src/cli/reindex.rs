@@ -42,7 +42,6 @@ pub struct Progress {
     stop: Option<Arc<AtomicBool>>,
     /// Whether the stop was announced.
     stopping: bool,
-    verb: String,
 }
 
 impl Progress {
@@ -53,7 +52,6 @@ impl Progress {
             keep_going: on_error == OnError::Skip,
             stop: None,
             stopping: false,
-            verb: verb.to_string(),
         }
     }
 }
@@ -119,10 +117,9 @@ impl Observer for Progress {
         }
         if !self.stopping {
             self.stopping = true;
-            let verb = &self.verb;
             self.display.suspend(|| {
                 eprintln!(
-                    "{verb}: stopping: the lines read so far are embedded and stored first (a second Ctrl-C quits at once)"
+                    "reindex: stopping: the lines read so far are embedded and stored first (a second Ctrl-C quits at once)"
                 );
             });
         }
