@@ -18,6 +18,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
+        // `prompt-radar accounts | head`: the reader has what it wanted.
+        Err(e) if stdout_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("prompt-radar: error: {}", one_line(&e));
             ExitCode::from(2)
@@ -58,7 +60,10 @@ fn run(cli: cli::Cli) -> anyhow::Result<bool> {
 fn one_line(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
-        let text = cause.to_string();
+        let text = match cause.downcast_ref::<tonic::Status>() {
+            Some(status) => status_line(status),
+            None => cause.to_string(),
+        };
         if text.is_empty() || out.contains(&text) {
             continue;
         }
@@ -68,6 +73,43 @@ fn one_line(e: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+/// True when the verb failed writing its output because the reader went away (a broken pipe).
+/// Only the error itself (or the context around it) counts, not a cause deeper down: a gRPC
+/// status whose transport broke is the server going away, and must still be reported.
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// A gRPC status as the server's contract names it: `NOT_FOUND: id: no allow-list entry 42`
+/// (tonic's own text reads "code: 'Some requested entity was not found', message: \"…\"").
+fn status_line(status: &tonic::Status) -> String {
+    use tonic::Code;
+    let code = match status.code() {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    };
+    match status.message() {
+        "" => code.to_string(),
+        m => format!("{code}: {m}"),
+    }
 }
 
 #[cfg(test)]
@@ -104,5 +146,30 @@ mod tests {
         );
         let e = anyhow::Error::new(refused()).context("cannot read in.jsonl");
         assert_eq!(one_line(&e), "cannot read in.jsonl: refused");
+    }
+
+    #[test]
+    fn only_a_broken_pipe_of_the_output_itself_ends_quietly() {
+        let pipe = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(super::stdout_closed(&anyhow::Error::new(pipe())));
+        assert!(super::stdout_closed(
+            &anyhow::Error::new(pipe()).context("cannot write stdout")
+        ));
+        assert!(!super::stdout_closed(&anyhow::Error::new(
+            std::io::Error::from(std::io::ErrorKind::StorageFull)
+        )));
+        // The server's connection breaking is a status with the pipe as its source: reported.
+        let status = tonic::Status::from_error(Box::new(pipe()));
+        assert!(!super::stdout_closed(
+            &anyhow::Error::new(status).context("CheckStream")
+        ));
+    }
+
+    #[test]
+    fn error_lines_name_a_grpc_status_by_its_code() {
+        let e = anyhow::Error::new(tonic::Status::not_found("id: no allow-list entry 42"));
+        assert_eq!(one_line(&e), "NOT_FOUND: id: no allow-list entry 42");
+        let e = anyhow::Error::new(tonic::Status::resource_exhausted("")).context("GetAccount");
+        assert_eq!(one_line(&e), "GetAccount: RESOURCE_EXHAUSTED");
     }
 }

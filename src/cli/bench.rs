@@ -6,7 +6,7 @@
 //! `--json` writes the same rows for `benches/bench_embed_peer.py`,
 //! which times sentence-transformers on the same texts and prints both side by side.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -137,10 +137,11 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
             .collect();
         let min = cosines.iter().copied().fold(f64::INFINITY, f64::min);
         let mean = cosines.iter().sum::<f64>() / n.max(1) as f64;
-        println!(
+        writeln!(
+            std::io::stdout(),
             "bench-embed: {} vs cpu f32 on {n} texts: min cosine {min:.6}, mean {mean:.7}",
             embedder.device_name()
-        );
+        )?;
         if min.is_nan() || min < 0.999 {
             eprintln!("bench-embed: the device's vectors differ from the CPU's (cosine < 0.999)");
             return Ok(false);
@@ -181,7 +182,8 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
     } else {
         format!("model only, fixed {} tokens", args.fixed_tokens)
     };
-    println!(
+    writeln!(
+        std::io::stdout(),
         "bench-embed: prompt-radar on {} ({} rayon threads), {} texts from {} (mean {:.1} tokens), {}",
         embedder.device_name(),
         rayon::current_num_threads(),
@@ -189,7 +191,7 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
         args.input.display(),
         mean_tokens,
         mode
-    );
+    )?;
     let run_batch = |embedder: &mut CandleEmbedder, lo: usize, hi: usize| -> anyhow::Result<()> {
         if fixed.is_empty() {
             embedder.embed(&refs[lo..hi])?;
@@ -259,15 +261,15 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
         });
     }
     bar.finish_and_clear();
-    println!(
-        "{:>6} {:>12} {:>12} {:>12}",
+    let mut table = format!(
+        "{:>6} {:>12} {:>12} {:>12}\n",
         "batch", "seqs/s", "tokens/s", "p50 ms"
     );
     for r in &rows {
-        println!(
-            "{:>6} {:>12.1} {:>12.0} {:>12.2}",
+        table.push_str(&format!(
+            "{:>6} {:>12.1} {:>12.0} {:>12.2}\n",
             r.batch, r.sequences_per_s, r.tokens_per_s, r.batch_ms_p50
-        );
+        ));
     }
     if let Some(path) = &args.json {
         let report = Report {
@@ -281,5 +283,7 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    // After the --json file: a closed stdout (`bench-embed … | head`) must not cost it.
+    std::io::stdout().lock().write_all(table.as_bytes())?;
     Ok(true)
 }

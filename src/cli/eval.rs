@@ -5,6 +5,7 @@
 //! two baselines on the same stream: exact-text hashing and MinHash-LSH.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -198,32 +199,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         timed(&mut || eval::run_baseline(&mut MinHashLshBaseline::new(5), &labelled));
     let ours = eval::compute(&detector);
 
-    println!(
-        "{}",
-        ours.report(&format!(
-            "prompt-radar on {} ({:.1}s)",
-            args.offline.input.display(),
-            times.wall.as_secs_f64()
-        ))
-    );
-    println!(
-        "{}",
-        exact.report(&format!("baseline: exact-text hashing ({exact_s:.1}s)"))
-    );
-    println!(
-        "{}",
-        minhash.report(&format!(
-            "baseline: MinHash-LSH on word shingles ({minhash_s:.1}s)"
-        ))
-    );
-    println!(
-        "{}",
-        comparison(&[
-            ("prompt-radar", &ours),
-            ("exact-hash", &exact),
-            ("minhash-lsh", &minhash)
-        ])
-    );
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "input": args.offline.input.display().to_string(),
@@ -236,6 +211,38 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         std::fs::write(path, format!("{v:#}\n"))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    // After the --json file: a closed stdout (`eval … | head`) must not cost it.
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}",
+        ours.report(&format!(
+            "prompt-radar on {} ({:.1}s)",
+            args.offline.input.display(),
+            times.wall.as_secs_f64()
+        ))
+    )?;
+    writeln!(
+        out,
+        "{}",
+        exact.report(&format!("baseline: exact-text hashing ({exact_s:.1}s)"))
+    )?;
+    writeln!(
+        out,
+        "{}",
+        minhash.report(&format!(
+            "baseline: MinHash-LSH on word shingles ({minhash_s:.1}s)"
+        ))
+    )?;
+    writeln!(
+        out,
+        "{}",
+        comparison(&[
+            ("prompt-radar", &ours),
+            ("exact-hash", &exact),
+            ("minhash-lsh", &minhash)
+        ])
+    )?;
     Ok(true)
 }
 
