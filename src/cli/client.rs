@@ -85,6 +85,11 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
+    let out_name = args
+        .output
+        .as_ref()
+        .map_or("stdout".to_string(), |p| p.display().to_string());
+    let wrote = |r: std::io::Result<()>| r.with_context(|| format!("cannot write {out_name}"));
     let mut client = connect(&args.server).await?;
     let (req_tx, req_rx) = mpsc::channel::<proto::CheckRequest>(256);
     let (slot_tx, mut slot_rx) = mpsc::channel::<Slot>(4096);
@@ -161,7 +166,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         match json {
             Ok(v) => {
                 ok += 1;
-                writeln!(out, "{v}")?;
+                wrote(writeln!(out, "{v}"))?;
             }
             Err(v) => {
                 errors += 1;
@@ -171,7 +176,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                         v["error"].as_str().unwrap_or("error")
                     )
                 });
-                writeln!(out, "{v}")?;
+                wrote(writeln!(out, "{v}"))?;
                 if stop_on_error {
                     stopped = true;
                     break;
@@ -181,7 +186,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         bar.inc(1);
     }
     drop(slot_rx);
-    out.flush()?;
+    wrote(out.flush())?;
     bar.finish();
     let _ = reader.await;
     let secs = started.elapsed().as_secs_f64();
@@ -220,14 +225,83 @@ pub struct AccountsArgs {
     /// Only flagged accounts.
     #[arg(long, env = "PROMPT_RADAR_FLAGGED")]
     pub flagged: bool,
+    /// Only this account, in full: verdict, counts, campaigns, first and last seen, reason.
+    #[arg(long, env = "PROMPT_RADAR_ACCOUNT_ID", conflicts_with = "flagged")]
+    pub id: Option<String>,
     /// Output format.
     #[arg(long, env = "PROMPT_RADAR_FORMAT", value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
 
+/// An account's action as `check --output` writes it: `allow`, `review` or `block`.
+fn action_name(a: &proto::Account) -> String {
+    a.action()
+        .as_str_name()
+        .trim_start_matches("ACTION_")
+        .to_lowercase()
+}
+
+/// An account as `accounts --format jsonl` prints it.
+fn account_json(a: &proto::Account) -> serde_json::Value {
+    json!({"account_id": a.account_id, "flagged": a.flagged, "score": a.score, "action": action_name(a),
+           "campaigns": a.campaigns.iter().map(u64::to_string).collect::<Vec<_>>(),
+           "prompts": a.prompts, "campaign_prompts": a.campaign_prompts,
+           "first_seen_ms": a.first_seen_ms, "last_seen_ms": a.last_seen_ms, "reason": a.reason})
+}
+
+/// `accounts --id`: one account through GetAccount, in full.
+async fn one_account(client: &mut Client, id: &str, format: Format) -> anyhow::Result<()> {
+    let a = client
+        .get_account(proto::GetAccountRequest {
+            account_id: id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match format {
+        Format::Jsonl => writeln!(out, "{}", account_json(&a))?,
+        Format::Table => {
+            let campaigns: Vec<String> = a.campaigns.iter().map(u64::to_string).collect();
+            writeln!(out, "account    {}", shown(&a.account_id, usize::MAX))?;
+            writeln!(
+                out,
+                "verdict    {}, score {:.3}{}",
+                action_name(&a),
+                a.score,
+                if a.flagged { ", flagged" } else { "" }
+            )?;
+            writeln!(
+                out,
+                "prompts    {} ({} in campaigns)",
+                a.prompts, a.campaign_prompts
+            )?;
+            writeln!(
+                out,
+                "campaigns  {}",
+                match campaigns.is_empty() {
+                    true => "none".to_string(),
+                    false => format!("{}  (`campaigns --id N` shows one)", campaigns.join(", ")),
+                }
+            )?;
+            writeln!(
+                out,
+                "seen       {} .. {}",
+                utc(a.first_seen_ms),
+                utc(a.last_seen_ms)
+            )?;
+            writeln!(out, "reason     {}", shown(&a.reason, usize::MAX))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Prints every account's verdict.
 pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.server).await?;
+    if let Some(id) = &args.id {
+        return one_account(&mut client, id, args.format).await;
+    }
     // A stream, an account a message: one ListAccounts response must fit the decoding limit
     // (64 MB here, 4 MB in most gRPC clients: ~18,000 flagged accounts), a stream need not.
     let mut stream = client
@@ -249,25 +323,13 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
     while let Some(a) = stream.message().await.context("StreamAccounts")? {
         listed += 1;
         flagged += usize::from(a.flagged);
-        let action = a
-            .action()
-            .as_str_name()
-            .trim_start_matches("ACTION_")
-            .to_lowercase();
         match args.format {
-            Format::Jsonl => writeln!(
-                out,
-                "{}",
-                json!({"account_id": a.account_id, "flagged": a.flagged, "score": a.score, "action": action,
-                       "campaigns": a.campaigns.iter().map(u64::to_string).collect::<Vec<_>>(),
-                       "prompts": a.prompts, "campaign_prompts": a.campaign_prompts,
-                       "first_seen_ms": a.first_seen_ms, "last_seen_ms": a.last_seen_ms, "reason": a.reason})
-            )?,
+            Format::Jsonl => writeln!(out, "{}", account_json(&a))?,
             Format::Table => writeln!(
                 out,
                 "{:<28} {:>7} {:>6.3} {:>7} {:>9}  {}",
                 shown(&a.account_id, usize::MAX),
-                action,
+                action_name(&a),
                 a.score,
                 a.prompts,
                 a.campaign_prompts,
@@ -288,22 +350,40 @@ pub struct CampaignsArgs {
     /// At most this many campaigns, highest score first.
     #[arg(long, env = "PROMPT_RADAR_TOP", default_value_t = 20)]
     pub top: u32,
+    /// Only campaigns scoring at least this (the server's campaign threshold is the floor).
+    #[arg(long, env = "PROMPT_RADAR_MIN_SCORE", default_value_t = 0.0)]
+    pub min_score: f32,
+    /// Only this campaign, in full: every top account and every example. Any prompt id of a
+    /// cluster (a `search` hit's cluster or prompt id) shows that cluster, campaign or not.
+    #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_ID", conflicts_with_all = ["top", "min_score"])]
+    pub id: Option<u64>,
     /// Output format.
     #[arg(long, env = "PROMPT_RADAR_FORMAT", value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
 
-/// Prints campaigns with their template.
+/// Prints campaigns with their template: the top ones, or one in full (`--id`).
 pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.server).await?;
-    let list = client
-        .list_campaigns(proto::ListCampaignsRequest {
-            top: args.top.max(1),
-            min_score: 0.0,
-        })
-        .await?
-        .into_inner()
-        .campaigns;
+    let list = match args.id {
+        Some(id) => vec![
+            client
+                .get_campaign(proto::GetCampaignRequest { campaign_id: id })
+                .await?
+                .into_inner(),
+        ],
+        None => {
+            client
+                .list_campaigns(proto::ListCampaignsRequest {
+                    top: args.top.max(1),
+                    min_score: args.min_score,
+                })
+                .await?
+                .into_inner()
+                .campaigns
+        }
+    };
+    let full = args.id.is_some();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for c in &list {
         match args.format {
@@ -328,6 +408,10 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                     utc(c.first_seen_ms),
                     utc(c.last_seen_ms)
                 )?;
+                if full {
+                    campaign_in_full(&mut out, c)?;
+                    continue;
+                }
                 writeln!(out, "  template: {}", shown(&c.template, 160))?;
                 let top: Vec<String> = c
                     .top_accounts
@@ -340,7 +424,34 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
-    eprintln!("campaigns: {} listed", list.len());
+    if !full {
+        eprintln!("campaigns: {} listed", list.len());
+    }
+    Ok(())
+}
+
+/// The rest of `campaigns --id`'s table: the whole template, every top account the server
+/// sends, and the example prompts (each on one line, cut at 300 characters).
+fn campaign_in_full(out: &mut impl Write, c: &proto::Campaign) -> std::io::Result<()> {
+    writeln!(out, "  template: {}", shown(&c.template, usize::MAX))?;
+    writeln!(
+        out,
+        "  top accounts ({} of {}):",
+        c.top_accounts.len(),
+        c.accounts
+    )?;
+    for a in &c.top_accounts {
+        writeln!(
+            out,
+            "    {:>7}  {}",
+            a.prompts,
+            shown(&a.account_id, usize::MAX)
+        )?;
+    }
+    writeln!(out, "  examples ({}):", c.examples.len())?;
+    for e in &c.examples {
+        writeln!(out, "    {}", shown(e, 300))?;
+    }
     Ok(())
 }
 
@@ -550,7 +661,7 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             if let Some(e) = &r.entry {
-                println!("allowed {}", line(e));
+                writeln!(std::io::stdout(), "allowed {}", line(e))?;
             }
             eprintln!("allow: {} campaign(s) cleared", r.campaigns_cleared);
         }
@@ -560,15 +671,18 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                 .await?
                 .into_inner()
                 .templates;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for e in &list {
                 match format {
-                    Format::Jsonl => println!(
+                    Format::Jsonl => writeln!(
+                        out,
                         "{}",
                         json!({"id": e.id, "template": e.template, "note": e.note, "created_ms": e.created_ms})
-                    ),
-                    Format::Table => println!("{}", line(e)),
+                    )?,
+                    Format::Table => writeln!(out, "{}", line(e))?,
                 }
             }
+            out.flush()?;
             eprintln!("allow: {} template(s)", list.len());
         }
         AllowAction::Remove { id } => {
@@ -576,7 +690,7 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                 .remove_allowed_template(proto::RemoveAllowedTemplateRequest { id })
                 .await?
                 .into_inner();
-            println!("removed {}", line(&e));
+            writeln!(std::io::stdout(), "removed {}", line(&e))?;
         }
     }
     Ok(())

@@ -158,6 +158,110 @@ async fn check_accounts_campaigns_search_through_the_binary() {
         (Some(8), Some(24))
     );
     assert!(campaigns[0]["template"].as_str().unwrap().contains("<*>"));
+    let campaign_id = campaigns[0]["campaign_id"].as_str().unwrap().to_string();
+
+    // One account in full (GetAccount): the same object as its line in the listing.
+    let server_args = || vec!["--server".to_string(), url.clone()];
+    let jsonl_args = || vec!["--format".to_string(), "jsonl".to_string()];
+    let one = |id: &str| {
+        [
+            vec!["accounts".into(), "--id".into(), id.to_string()],
+            server_args(),
+        ]
+        .concat()
+    };
+    let o = run([one("bot-3"), jsonl_args()].concat()).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed = accounts
+        .iter()
+        .find(|a| a["account_id"] == "bot-3")
+        .unwrap();
+    assert_eq!(jsonl(&o.stdout), vec![listed.clone()]);
+    let o = run(one("bot-3")).await;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("account    bot-3")
+            && table.contains(&format!("campaigns  {campaign_id}  "))
+            && table.contains("prompts    3 (3 in campaigns)")
+            && table.contains("reason     "),
+        "{table}"
+    );
+    let o = run(one("nobody")).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "prompt-radar: error: NOT_FOUND: account_id: no account \"nobody\"\n",
+        "one line, the status by its gRPC name"
+    );
+
+    // One campaign in full (GetCampaign), by its id or by any prompt id of its cluster.
+    let full = |id: &str| {
+        [
+            vec!["campaigns".into(), "--id".into(), id.to_string()],
+            server_args(),
+        ]
+        .concat()
+    };
+    let member = last_bot["prompt_id"].as_u64().unwrap().to_string();
+    let o = run([full(&member), jsonl_args()].concat()).await;
+    assert_eq!(
+        jsonl(&o.stdout),
+        vec![campaigns[0].clone()],
+        "a member's prompt id"
+    );
+    let o = run(full(&campaign_id)).await;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("top accounts (8 of 8):"), "{table}");
+    for b in 0..8 {
+        assert!(table.contains(&format!("      3  bot-{b}\n")), "{table}");
+    }
+    let examples = table
+        .split("examples (")
+        .nth(1)
+        .expect("an examples section");
+    assert!(
+        examples.lines().skip(1).all(|l| l.starts_with("    ")) && examples.lines().count() > 1,
+        "{table}"
+    );
+    let o = run(full("999999")).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("NOT_FOUND: campaign_id"));
+    let min_score = |score: String| {
+        [
+            vec!["campaigns".into(), "--min-score".into(), score],
+            server_args(),
+            jsonl_args(),
+        ]
+        .concat()
+    };
+    let o = run(min_score(campaigns[0]["score"].to_string())).await;
+    assert_eq!(
+        jsonl(&o.stdout),
+        vec![campaigns[0].clone()],
+        "its own score keeps it"
+    );
+    let o = run(min_score("1.01".into())).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("INVALID_ARGUMENT: min_score"));
+
+    // `accounts | head`: a reader that goes away ends the verb quietly, with status 0.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let accounts_url = url.clone();
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+            .args(["accounts", "--server", &accounts_url])
+            .stdout(writer)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).as_ref()),
+        (Some(0), ""),
+        "a closed stdout is no error"
+    );
 
     let o = run(vec![
         "search".into(),
@@ -256,6 +360,13 @@ async fn tables_show_escape_sequences_in_prompts_escaped_and_jsonl_keeps_them() 
             .starts_with(&format!("{attack} You are")),
         "jsonl keeps the exact text: {}",
         campaigns[0]["template"]
+    );
+    let id = campaigns[0]["campaign_id"].as_str().unwrap().to_string();
+    let o = run([vec!["campaigns".into(), "--id".into(), id], server_args()].concat()).await;
+    let table = assert_terminal_safe("campaigns --id", &o.stdout);
+    assert!(
+        table.contains("examples (") && table.contains("    \\u{1b}]52;c;ZXZpbA=="),
+        "examples are escaped too: {table}"
     );
 
     let search = vec![
