@@ -169,6 +169,19 @@ impl EngineArgs {
         );
         anyhow::ensure!(self.neighbours > 0, "--neighbours must be at least 1");
         anyhow::ensure!(
+            self.campaign_accounts >= 2,
+            "--campaign-accounts must be at least 2 (one account alone is never a campaign)"
+        );
+        anyhow::ensure!(
+            self.campaign_prompts_per_account >= 1.0
+                && self.campaign_prompts_per_account.is_finite(),
+            "--campaign-prompts-per-account must be a number of at least 1 (1 = off)"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.min_cross_account_share),
+            "--min-cross-account-share must be within [0, 1]"
+        );
+        anyhow::ensure!(
             (2..=255).contains(&self.hnsw_m),
             "--hnsw-m must be within [2, 255]"
         );
@@ -190,8 +203,8 @@ impl EngineArgs {
             neighbours_k: self.neighbours,
             part_similarity: self.part_similarity,
             part_matches: self.part_matches,
-            campaign_accounts: self.campaign_accounts.max(2),
-            campaign_prompts_per_account: self.campaign_prompts_per_account.max(1.0),
+            campaign_accounts: self.campaign_accounts,
+            campaign_prompts_per_account: self.campaign_prompts_per_account,
             review_score: self.review_score,
             block_score: self.block_score,
             min_campaign_prompts: self.min_campaign_prompts,
@@ -350,5 +363,32 @@ mod tests {
         assert!(config(&["--hnsw-m", "1"]).is_err());
         assert!(config(&["--hnsw-m", "256"]).is_err());
         assert!(config(&["--hnsw-ef-search", "0"]).is_err());
+    }
+
+    /// A detector setting out of its range is refused by name, not quietly changed or kept as NaN.
+    #[test]
+    fn detector_settings_out_of_range_are_refused() {
+        let refused = |flag: &str, value: &str| {
+            let e = config(&[flag, value]).unwrap_err().to_string();
+            assert!(e.starts_with(flag), "{flag} {value}: {e}");
+        };
+        refused("--campaign-accounts", "1");
+        refused("--campaign-prompts-per-account", "0.5");
+        refused("--campaign-prompts-per-account", "NaN");
+        refused("--min-cross-account-share", "1.5");
+        refused("--min-cross-account-share", "NaN");
+        refused("--similarity-threshold", "NaN");
+        let d = config(&[
+            "--campaign-accounts",
+            "2",
+            "--campaign-prompts-per-account",
+            "1",
+        ])
+        .unwrap()
+        .detector;
+        assert_eq!(
+            (d.campaign_accounts, d.campaign_prompts_per_account),
+            (2, 1.0)
+        );
     }
 }
