@@ -86,26 +86,7 @@ fn stdout_closed(e: &anyhow::Error) -> bool {
 /// A gRPC status as the server's contract names it: `NOT_FOUND: id: no allow-list entry 42`
 /// (tonic's own text reads "code: 'Some requested entity was not found', message: \"…\"").
 fn status_line(status: &tonic::Status) -> String {
-    use tonic::Code;
-    let code = match status.code() {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    };
+    let code = prompt_radar::server::code_name(status.code());
     match status.message() {
         "" => code.to_string(),
         m => format!("{code}: {m}"),

@@ -45,7 +45,7 @@ pub fn check_error(
         request_id,
         account_id,
         error: Some(proto::ItemError {
-            code: format!("{:?}", status.code()),
+            code: super::code_name(status.code()).to_string(),
             message: status.message().to_string(),
         }),
         ..Default::default()

@@ -249,7 +249,7 @@ async fn check_stream_answers_in_order_and_reports_bad_items_without_stopping() 
         assert_eq!(r.request_id, format!("r{i}"));
         if i == 17 || i == 23 {
             let e = r.error.as_ref().expect("bad item carries an error");
-            assert_eq!(e.code, "InvalidArgument");
+            assert_eq!(e.code, "INVALID_ARGUMENT", "the name the proto documents");
             assert_eq!(r.prompt_id, 0);
         } else {
             assert!(r.error.is_none(), "{r:?}");
