@@ -14,12 +14,17 @@ pub struct TrafficLine {
     pub account_id: String,
     /// The prompt (required).
     pub prompt: String,
-    /// Send time; absent or 0 means "now" to the server.
-    #[serde(default)]
+    /// Send time; absent, null or 0 means "now" to the server.
+    #[serde(default, deserialize_with = "null_is_now")]
     pub timestamp_ms: i64,
     /// `"organic"` or a campaign name (evaluation only).
     #[serde(default)]
     pub label: Option<String>,
+}
+
+/// `"timestamp_ms": null` (how many exporters write a missing value) reads as absent: 0, "now".
+fn null_is_now<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    Ok(Option::<i64>::deserialize(d)?.unwrap_or(0))
 }
 
 /// A line that could not be used.
@@ -185,11 +190,18 @@ impl<R: BufRead> RawLines<R> {
 /// Parses one line.
 pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
     serde_json::from_str::<TrafficLine>(s).map_err(|e| {
+        // serde names the missing field ("missing field `account_id`"): keep that wording. Its
+        // "at line 1 column C" is within this one line, beside the file's line number: say
+        // "column C" alone.
         let msg = e.to_string();
-        // serde names the missing field ("missing field `account_id`"): keep that wording.
+        let within = format!(" at line {} column {}", e.line(), e.column());
+        let reason = match msg.strip_suffix(&within) {
+            Some(what) if e.column() > 0 => format!("{what} (column {})", e.column()),
+            _ => msg,
+        };
         LineError {
             line,
-            reason: format!("malformed JSON object: {msg}"),
+            reason: format!("malformed JSON object: {reason}"),
         }
     })
 }
@@ -227,6 +239,31 @@ not json
         assert_eq!(e.line, 4);
         assert!(e.reason.contains("account_id"), "{}", e.reason);
         assert_eq!(got[3].1.as_ref().unwrap().label.as_deref(), Some("organic"));
+    }
+
+    #[test]
+    fn a_null_time_is_now_and_a_bad_one_is_named_by_its_column() {
+        let now = parse(
+            1,
+            r#"{"account_id": "a", "prompt": "p", "timestamp_ms": null}"#,
+        );
+        assert_eq!(now.unwrap().timestamp_ms, 0);
+        let e = parse(
+            7,
+            r#"{"account_id": "a", "prompt": "p", "timestamp_ms": "17"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 7);
+        assert_eq!(
+            e.reason,
+            "malformed JSON object: invalid type: string \"17\", expected i64 (column 55)",
+            "no serde \"line 1\" beside the file's line number"
+        );
+        let e = parse(2, r#"{"prompt": "p"}"#).unwrap_err();
+        assert_eq!(
+            e.reason,
+            "malformed JSON object: missing field `account_id` (column 15)"
+        );
     }
 
     fn line(account: &str, prompt: &str) -> String {
