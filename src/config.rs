@@ -54,6 +54,10 @@ pub struct Limits {
     pub max_search_k: usize,
     /// How many prompts of one `CheckStream` may be in flight at once (back-pressure, not a queue).
     pub stream_in_flight: usize,
+    /// How far ahead of the server's clock a `timestamp_ms` may be (clock skew), in ms. Beyond
+    /// it the time is wrong (most often microseconds sent as milliseconds): it would show as a
+    /// date thousands of years away and keep its index segment from ever expiring.
+    pub max_future_ms: i64,
 }
 
 impl Default for Limits {
@@ -63,6 +67,7 @@ impl Default for Limits {
             max_account_bytes: 256,
             max_search_k: 1000,
             stream_in_flight: 64,
+            max_future_ms: 24 * 3_600_000,
         }
     }
 }

@@ -48,11 +48,23 @@ pub fn prompt(
             format!("{timestamp_ms} is negative"),
         ));
     }
-    let timestamp_ms = if timestamp_ms == 0 {
-        now_ms()
-    } else {
-        timestamp_ms
-    };
+    let now = now_ms();
+    if timestamp_ms > now.saturating_add(limits.max_future_ms) {
+        let years = (timestamp_ms - now) as f64 / (365.25 * 86_400_000.0);
+        return Err(Error::invalid(
+            "timestamp_ms",
+            format!(
+                "{timestamp_ms} is {} ahead of the server's clock (at most {} h is taken); is it in microseconds?",
+                if years >= 1.0 {
+                    format!("{years:.0} years")
+                } else {
+                    format!("{:.0} h", (timestamp_ms - now) as f64 / 3_600_000.0)
+                },
+                limits.max_future_ms / 3_600_000
+            ),
+        ));
+    }
+    let timestamp_ms = if timestamp_ms == 0 { now } else { timestamp_ms };
     Ok(ValidPrompt {
         account_id: account_id.to_string(),
         prompt: prompt.to_string(),
@@ -134,6 +146,18 @@ mod tests {
             "timestamp_ms"
         );
         assert_eq!(field(k(5000, &l).unwrap_err()), "k");
+    }
+
+    #[test]
+    fn a_time_far_ahead_of_the_clock_is_refused_and_a_skewed_one_taken() {
+        let l = Limits::default();
+        let micros = now_ms() * 1000;
+        let e = prompt("a", "hi", micros, &l).unwrap_err();
+        assert!(e.to_string().contains("microseconds"), "{e}");
+        assert_eq!(field(e), "timestamp_ms");
+        assert!(prompt("a", "hi", i64::MAX, &l).is_err());
+        let skewed = now_ms() + 3_600_000;
+        assert_eq!(prompt("a", "hi", skewed, &l).unwrap().timestamp_ms, skewed);
     }
 
     #[test]
