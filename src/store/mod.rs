@@ -29,6 +29,11 @@ pub enum StoreError {
     /// is not also given as the source, which would print it twice in an error chain.)
     #[error("store: {0}")]
     Db(redb::Error),
+    /// Another process (or another store in this one) holds the data directory.
+    #[error(
+        "store: {path} is in use by another process (a running `serve`, `reindex` or `eval`?); one process at a time opens a data directory"
+    )]
+    InUse { path: String },
     /// The data directory could not be created.
     #[error("store: {path}: {error}")]
     Io { path: String, error: std::io::Error },
@@ -53,7 +58,12 @@ impl Store {
             path: dir.display().to_string(),
             error,
         })?;
-        let db = Database::create(dir.join(DB_FILE)).map_err(db_err)?;
+        let db = Database::create(dir.join(DB_FILE)).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+                path: dir.display().to_string(),
+            },
+            e => db_err(e),
+        })?;
         // Create the tables so that read transactions never meet a missing table.
         let txn = db.begin_write().map_err(db_err)?;
         {
