@@ -33,9 +33,26 @@ impl tonic::service::Interceptor for Auth {
 /// A connected client.
 pub type Client = RadarClient<InterceptedService<Channel, Auth>>;
 
+/// The URL to dial for `--server`: `host:port` as grpcurl takes it gets `http://`. `https://`
+/// is refused: this build has no TLS, and tonic would otherwise dial such a URL in plain text,
+/// bearer token included, while the user believes it encrypted.
+fn server_url(server: &str) -> anyhow::Result<String> {
+    match server.split_once("://") {
+        None => Ok(format!("http://{server}")),
+        Some(("http", _)) => Ok(server.to_string()),
+        Some(("https", _)) => anyhow::bail!(
+            "--server {server}: this build speaks plain-text gRPC only (no TLS); use http:// on a trusted network or through a tunnel (ssh -L, stunnel)"
+        ),
+        Some((scheme, _)) => {
+            anyhow::bail!("--server {server}: unknown scheme {scheme:?}; use http://HOST:PORT")
+        }
+    }
+}
+
 /// Connects to the server.
 pub async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
-    let channel = tonic::transport::Endpoint::from_shared(args.server.clone())
+    let url = server_url(&args.server)?;
+    let channel = tonic::transport::Endpoint::from_shared(url)
         .with_context(|| format!("--server {:?} is not a valid URL", args.server))?
         .connect()
         .await
@@ -699,6 +716,19 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::shown;
+
+    #[test]
+    fn server_urls_take_host_port_and_refuse_https() {
+        let url = |s: &str| super::server_url(s).map_err(|e| e.to_string());
+        assert_eq!(url("127.0.0.1:50051").unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(url("http://radar:50051").unwrap(), "http://radar:50051");
+        assert!(url("https://radar:50051").unwrap_err().contains("no TLS"));
+        assert!(
+            url("grpc://radar:50051")
+                .unwrap_err()
+                .contains("unknown scheme")
+        );
+    }
 
     #[test]
     fn table_text_cannot_drive_the_terminal() {

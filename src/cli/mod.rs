@@ -250,7 +250,7 @@ pub struct OfflineArgs {
 /// subcommand too: `allow add --server URL …` as well as `allow --server URL add …`.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// The server's URL.
+    /// The server: http://HOST:PORT, or HOST:PORT (plain-text gRPC; this build has no TLS).
     #[arg(
         long,
         global = true,
