@@ -106,6 +106,17 @@ pub struct Hit {
     pub cluster_id: u64,
 }
 
+/// What allow-listing a template did.
+#[derive(Debug, Clone)]
+pub struct Allowed {
+    /// The allow-list entry (an earlier one when the template was already listed).
+    pub entry: AllowEntry,
+    /// Campaigns that stopped scoring because of it.
+    pub cleared: usize,
+    /// The template was already on the list; nothing was added.
+    pub already_listed: bool,
+}
+
 /// A campaign with what analysts read: the recovered template and examples.
 #[derive(Debug, Clone)]
 pub struct CampaignView {
@@ -348,32 +359,43 @@ impl Engine {
 
     /// Allow-lists `template` (fixed words with `<*>` slots, as `campaigns` shows them): its
     /// future prompts are never linked into campaigns, and current campaigns most of whose sample
-    /// prompts match it stop scoring. Durable before it returns. Returns the entry and how many
-    /// campaigns it cleared.
+    /// prompts match it stop scoring. Durable before it returns. A template already listed
+    /// (same text) keeps its one entry, which is returned with `already_listed` set.
     pub fn allow_template(
         &self,
         template: &str,
         note: &str,
         now_ms: i64,
-    ) -> Result<(AllowEntry, usize), Error> {
+    ) -> Result<Allowed, Error> {
         let rule = AllowRule::compile(template).map_err(|r| Error::invalid("template", r))?;
-        let entry = {
+        let template = template.trim();
+        let (entry, already_listed) = {
             let mut state = self.ingest.lock();
-            let id = state.allow.0.iter().map(|e| e.id).max().unwrap_or(0) + 1;
-            let entry = AllowEntry {
-                id,
-                template: template.trim().to_string(),
-                note: note.to_string(),
-                created_ms: now_ms,
-            };
-            let mut entries = state.allow.0.clone();
-            entries.push(entry.clone());
-            self.save_allow(&entries)?;
-            state.allow = (entries.clone(), AllowList::new(&entries));
-            entry
+            match state.allow.0.iter().find(|e| e.template == template) {
+                // The same template twice is one entry: the list stays the set an admin reads.
+                Some(e) => (e.clone(), true),
+                None => {
+                    let id = state.allow.0.iter().map(|e| e.id).max().unwrap_or(0) + 1;
+                    let entry = AllowEntry {
+                        id,
+                        template: template.to_string(),
+                        note: note.to_string(),
+                        created_ms: now_ms,
+                    };
+                    let mut entries = state.allow.0.clone();
+                    entries.push(entry.clone());
+                    self.save_allow(&entries)?;
+                    state.allow = (entries.clone(), AllowList::new(&entries));
+                    (entry, false)
+                }
+            }
         };
         let cleared = self.allow_matching_clusters(&rule)?;
-        Ok((entry, cleared))
+        Ok(Allowed {
+            entry,
+            cleared,
+            already_listed,
+        })
     }
 
     /// Allow-lists the template recovered from campaign `campaign_id` (see [`Engine::campaign`]).
@@ -382,13 +404,22 @@ impl Engine {
         campaign_id: u64,
         note: &str,
         now_ms: i64,
-    ) -> Result<(AllowEntry, usize), Error> {
+    ) -> Result<Allowed, Error> {
         let view = self.campaign(campaign_id)?;
-        let (entry, mut cleared) = self.allow_template(&view.template, note, now_ms)?;
-        if self.detector.write().allow_cluster(view.summary.id) {
-            cleared = cleared.max(1);
+        if let Err(reason) = AllowRule::compile(&view.template) {
+            return Err(Error::invalid(
+                "campaign_id",
+                format!(
+                    "the template recovered from {campaign_id}, {:?}, cannot be allow-listed: {reason}",
+                    view.template
+                ),
+            ));
         }
-        Ok((entry, cleared))
+        let mut allowed = self.allow_template(&view.template, note, now_ms)?;
+        if self.detector.write().allow_cluster(view.summary.id) {
+            allowed.cleared = allowed.cleared.max(1);
+        }
+        Ok(allowed)
     }
 
     /// The allow-list, oldest first.

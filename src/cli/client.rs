@@ -678,7 +678,11 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             if let Some(e) = &r.entry {
-                writeln!(std::io::stdout(), "allowed {}", line(e))?;
+                let verb = match r.already_listed {
+                    true => "already allowed",
+                    false => "allowed",
+                };
+                writeln!(std::io::stdout(), "{verb} {}", line(e))?;
             }
             eprintln!("allow: {} campaign(s) cleared", r.campaigns_cleared);
         }

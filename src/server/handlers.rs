@@ -269,7 +269,7 @@ impl Radar for RadarService {
         }
         let engine = self.engine.clone();
         let now = validate::now_ms();
-        let (entry, cleared) = match req.source {
+        let allowed = match req.source {
             Some(Source::Template(t)) => {
                 validate::text("template", &t, &self.limits)?;
                 blocking(move || engine.allow_template(&t, &note, now)).await?
@@ -282,8 +282,9 @@ impl Radar for RadarService {
             }
         };
         Ok(Response::new(proto::AllowTemplateResponse {
-            entry: Some(convert::allowed(entry)),
-            campaigns_cleared: cleared as u32,
+            entry: Some(convert::allowed(allowed.entry)),
+            campaigns_cleared: allowed.cleared as u32,
+            already_listed: allowed.already_listed,
         }))
     }
 

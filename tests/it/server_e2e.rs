@@ -520,7 +520,36 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(r.campaigns_cleared, 1, "{r:?}");
+    assert!(!r.already_listed);
     let entry = r.entry.unwrap();
+    // Again: the same one entry, nothing added.
+    let again = c
+        .allow_template(allow(Some(Source::Template(format!(
+            " {} ",
+            entry.template
+        )))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.already_listed, "{again:?}");
+    assert_eq!(again.entry.as_ref(), Some(&entry));
+    // A cluster whose recovered template is too short to allow-list is refused by its id.
+    let lone = c
+        .check(req("someone", "hello there"))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = c
+        .allow_template(allow(Some(Source::CampaignId(lone.prompt_id))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("campaign_id: the template recovered from")
+            && err.message().contains("\"hello there\""),
+        "{err:?}"
+    );
     assert!(
         entry
             .template
