@@ -82,6 +82,12 @@ pub struct CheckArgs {
     /// On a malformed or rejected line: report it with its line number and go on, or stop.
     #[arg(long, env = "PROMPT_RADAR_ON_ERROR", value_enum, default_value_t = OnError::Skip)]
     pub on_error: OnError,
+    /// Start at this line of the input (1-based), skipping the ones before: to go on after a
+    /// stream the server ended, from the line the error names (verdicts keep the file's line
+    /// numbers; give a new --output, which is overwritten). The server stores every prompt it
+    /// answers: a line sent again is stored twice.
+    #[arg(long, env = "PROMPT_RADAR_START_LINE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub start_line: u64,
 }
 
 /// An input line on its way: sent to the server, or failed locally.
@@ -92,7 +98,8 @@ enum Slot {
 
 /// Streams the file through CheckStream and writes verdicts in file order.
 pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
-    let total = traffic::count_lines(&args.input, 1)
+    let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
+    let total = traffic::count_lines(&args.input, first)
         .with_context(|| format!("cannot read {}", args.input.display()))?;
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("cannot open {}", args.input.display()))?;
@@ -112,7 +119,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     let (slot_tx, mut slot_rx) = mpsc::channel::<Slot>(4096);
     let stop_on_error = args.on_error == OnError::Stop;
     let reader = tokio::task::spawn_blocking(move || {
-        for (line, parsed) in traffic::lines(std::io::BufReader::new(file)) {
+        for (line, parsed) in traffic::lines_from(std::io::BufReader::new(file), first) {
             let slot = match parsed {
                 Ok(t) => {
                     let req = proto::CheckRequest {
@@ -148,9 +155,17 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     while let Some(slot) = slot_rx.recv().await {
         let (line, value) = match slot {
             Slot::Bad(line, reason) => (line, Err(reason)),
-            Slot::Sent(line) => match responses.message().await.context("CheckStream")? {
-                Some(r) => (line, Ok(r)),
-                None => anyhow::bail!("server closed the stream after {} responses", ok + errors),
+            Slot::Sent(line) => match responses.message().await {
+                Ok(Some(r)) => (line, Ok(r)),
+                // The verdicts so far are written (the writer flushes as it drops).
+                Ok(None) => anyhow::bail!(
+                    "the server closed the stream before line {line}'s verdict; the lines before it are checked (to go on: the same command with --start-line {line} and a new --output)"
+                ),
+                Err(status) => {
+                    return Err(anyhow::Error::new(status).context(format!(
+                        "no verdict for line {line}; the lines before it are checked (to go on: the same command with --start-line {line} and a new --output)"
+                    )));
+                }
             },
         };
         let json = match value {

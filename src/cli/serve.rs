@@ -115,7 +115,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves at the first Ctrl-C or SIGTERM. Open CheckStreams are then ended (see
+/// `Drainer`) and the server shuts down gracefully; a second signal quits at once.
 async fn shutdown_signal() {
+    signal().await;
+    eprintln!(
+        "prompt-radar: shutting down: finishing the calls in flight (open streams end after the requests they have read); a second Ctrl-C quits at once"
+    );
+    tokio::spawn(async {
+        signal().await;
+        eprintln!(
+            "prompt-radar: stopped at once; the store is consistent, and the next start re-indexes what the index checkpoint lacks"
+        );
+        std::process::exit(130);
+    });
+}
+
+/// The next Ctrl-C or SIGTERM.
+async fn signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

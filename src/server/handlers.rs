@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -22,6 +22,20 @@ pub struct RadarService {
     engine: Arc<Engine>,
     pipeline: Arc<CheckPipeline>,
     limits: Limits,
+    /// True once the server is shutting down: open CheckStreams stop taking requests.
+    draining: Arc<watch::Sender<bool>>,
+}
+
+/// Starts a server's drain: see [`RadarService::drainer`].
+#[derive(Clone)]
+pub struct Drainer(Arc<watch::Sender<bool>>);
+
+impl Drainer {
+    /// From now on, every open CheckStream answers the requests it has read and then ends with
+    /// `UNAVAILABLE`; one that opens later ends at once. Unary calls are not affected.
+    pub fn drain(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl RadarService {
@@ -31,7 +45,14 @@ impl RadarService {
             engine,
             pipeline,
             limits,
+            draining: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// What ends the open CheckStreams at shutdown. A gateway's stream lives as long as the
+    /// gateway, so a graceful shutdown that waits for every open call would wait for ever.
+    pub fn drainer(&self) -> Drainer {
+        Drainer(self.draining.clone())
     }
 
     /// The engine (for in-process use and tests).
@@ -101,9 +122,22 @@ impl Radar for RadarService {
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(in_flight);
         let (out_tx, out_rx) = mpsc::channel(in_flight);
         let (pipeline, limits) = (self.pipeline.clone(), self.limits.clone());
+        let mut draining = self.draining.subscribe();
         tokio::spawn(async move {
+            let mut read = 0u64;
             loop {
-                let r = match input.message().await {
+                let next = tokio::select! {
+                    biased;
+                    () = async { drop(draining.wait_for(|d| *d).await) } => {
+                        let status = Status::unavailable(format!(
+                            "server shutting down: the stream's first {read} requests are answered and stored; send the rest again (another server, or this one once restarted)"
+                        ));
+                        let _ = pending_tx.send(Pending::Failed(status)).await;
+                        break;
+                    }
+                    next = input.message() => next,
+                };
+                let r = match next {
                     Ok(Some(r)) => r,
                     Ok(None) => break,
                     Err(status) => {
@@ -111,6 +145,7 @@ impl Radar for RadarService {
                         break;
                     }
                 };
+                read += 1;
                 let item = match validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &limits)
                 {
                     Err(e) => Pending::Rejected(r.request_id, r.account_id, e.into()),

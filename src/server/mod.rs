@@ -8,7 +8,7 @@ mod handlers;
 mod pipeline;
 pub mod validate;
 
-pub use handlers::RadarService;
+pub use handlers::{Drainer, RadarService};
 pub use pipeline::CheckPipeline;
 
 use std::future::Future;
@@ -116,6 +116,16 @@ impl Prepared {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        // At the shutdown signal: report NOT_SERVING, and end the open CheckStreams (after
+        // the requests each has read) so that the graceful shutdown below can finish.
+        let drainer = self.service.drainer();
+        let shutdown = async move {
+            shutdown.await;
+            drainer.drain();
+            health_reporter
+                .set_not_serving::<RadarServer<RadarService>>()
+                .await;
+        };
         let token = self.auth_token.map(|t| format!("Bearer {t}"));
         let radar = RadarServer::with_interceptor(self.service, move |req: tonic::Request<()>| {
             let Some(want) = &token else { return Ok(req) };

@@ -279,6 +279,24 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     assert_eq!(hits.len(), 3);
     assert_eq!(hits[0]["prompt"], ORGANIC[0]);
 
+    // --start-line: the lines before it are skipped; verdicts keep the file's line numbers.
+    let o = run(vec![
+        "check".into(),
+        "--server".into(),
+        url.clone(),
+        "--input".into(),
+        input.display().to_string(),
+        "--start-line".into(),
+        "30".into(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<u64> = jsonl(&o.stdout)
+        .iter()
+        .map(|v| v["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, (30..=34).collect::<Vec<u64>>());
+
     // --on-error stop: stops at line 3.
     let o = run(vec![
         "check".into(),

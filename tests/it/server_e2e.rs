@@ -615,3 +615,55 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
     assert_eq!(err.code(), Code::NotFound);
     server.stop().await;
 }
+
+/// A gateway's CheckStream stays open as long as the gateway runs. At shutdown the server answers
+/// what the stream has sent, ends it with UNAVAILABLE saying how many requests are in, and the
+/// graceful shutdown finishes instead of waiting for the stream for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_an_open_stream_after_answering_what_it_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::CheckRequest>(16);
+    let mut out = c
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..10 {
+        tx.send(req(&format!("gw-{}", i % 3), &templated(i)))
+            .await
+            .unwrap();
+    }
+    for _ in 0..10 {
+        let r = out.message().await.unwrap().expect("a verdict");
+        assert!(r.error.is_none() && r.prompt_id > 0, "{r:?}");
+    }
+    // The gateway keeps `tx` open: the stream is idle, not finished.
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), server.stop()).await;
+    assert!(stopped.is_ok(), "shutdown waited for the open stream");
+    let end = out
+        .message()
+        .await
+        .expect_err("the stream ends with a status");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert!(
+        end.message().contains("first 10 requests are answered"),
+        "{end:?}"
+    );
+    drop(tx);
+
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    let stored: u64 = c
+        .list_accounts(proto::ListAccountsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts
+        .iter()
+        .map(|a| a.prompts)
+        .sum();
+    assert_eq!(stored, 10, "every answered request is stored");
+    server.stop().await;
+}
