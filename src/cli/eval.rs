@@ -65,6 +65,19 @@ impl Observer for FirstFlag {
     fn bad_line(&mut self, error: &LineError) -> bool {
         self.progress.bad_line(error)
     }
+    fn interrupted(&mut self) -> bool {
+        self.progress.interrupted()
+    }
+}
+
+/// The run's temporary data directory, removed when the run ends, however it ends (an error,
+/// Ctrl-C) — a 26k-prompt evaluation writes ~100 MB there.
+struct TempDataDir(PathBuf);
+
+impl Drop for TempDataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Runs the evaluation; prints the report.
@@ -95,6 +108,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
 
     let mut engine_args = args.offline.engine.clone();
     let temp = !args.keep_data;
+    let mut temp_dir_guard = None;
     if temp {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -102,6 +116,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
             .unwrap_or(0);
         engine_args.data_dir =
             std::env::temp_dir().join(format!("prompt-radar-eval-{}-{nanos}", std::process::id()));
+        temp_dir_guard = Some(TempDataDir(engine_args.data_dir.clone()));
     } else {
         anyhow::ensure!(
             !engine_args
@@ -111,13 +126,29 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
             "--keep-data needs an empty --data-dir"
         );
     }
-    let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
-    let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;
+    let load = Instant::now();
     let mut obs = FirstFlag {
         progress: Progress::new("eval", lines.len() as u64, OnError::Stop),
         sent: HashMap::new(),
         first: HashMap::new(),
     };
+    obs.progress.stop_on_signal(
+        "eval",
+        "eval: stopping: no metrics without the whole stream (a second Ctrl-C quits at once)",
+        temp.then(|| engine_args.data_dir.clone()),
+    )?;
+    let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
+    let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;
+    obs.progress.display.suspend(|| {
+        eprintln!(
+            "eval: model on {} and data dir {} ready in {:.1}s ({} labelled prompts of {} accounts)",
+            embedder.device_name(),
+            engine.data_dir().display(),
+            load.elapsed().as_secs_f64(),
+            lines.len(),
+            labels.len()
+        )
+    });
     let stream = lines.iter().map(|(l, t)| (*l, Ok(t.clone())));
     let tag = offline::model_tag(&args.offline.model.model);
     let mut cache = match &args.embed_cache {
@@ -134,6 +165,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     )?;
     obs.progress.display.finish();
     eprintln!("{}", times.summary("eval"));
+    anyhow::ensure!(
+        !times.interrupted,
+        "eval: interrupted; the metrics need the whole stream{}",
+        if temp {
+            " (the temporary data directory is removed)"
+        } else {
+            ""
+        }
+    );
     if !temp {
         // The kept data directory opens in `serve` without rebuilding the index.
         engine.checkpoint()?;
@@ -177,9 +217,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         })
         .collect();
     drop(engine);
-    if temp {
-        let _ = std::fs::remove_dir_all(&engine_args.data_dir);
-    }
+    drop(temp_dir_guard);
 
     let labelled = LabelledStream {
         prompts: lines

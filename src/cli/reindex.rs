@@ -2,6 +2,7 @@
 //! batches and ingests it through the same engine as the server (see `prompt_radar::offline`),
 //! with a progress bar and a summary line giving each stage's rate, so the bound is visible.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -38,8 +39,8 @@ pub struct Progress {
     pub display: progress::Progress,
     /// Whether to go on after a bad line.
     pub keep_going: bool,
-    /// Set (by [`stop_on_signal`]) when the run should stop.
-    stop: Option<Arc<AtomicBool>>,
+    /// Set (by [`stop_on_signal`]) when the run should stop, and what to say then.
+    stop: Option<(Arc<AtomicBool>, &'static str)>,
     /// Whether the stop was announced.
     stopping: bool,
 }
@@ -54,6 +55,18 @@ impl Progress {
             stopping: false,
         }
     }
+
+    /// From now on the first Ctrl-C or SIGTERM stops the run before its next line (saying
+    /// `message`), and a second exits at once, after removing `remove_on_exit` if given.
+    pub fn stop_on_signal(
+        &mut self,
+        verb: &'static str,
+        message: &'static str,
+        remove_on_exit: Option<PathBuf>,
+    ) -> anyhow::Result<()> {
+        self.stop = Some((stop_on_signal(verb, remove_on_exit)?, message));
+        Ok(())
+    }
 }
 
 /// A flag that the first Ctrl-C (SIGINT) or SIGTERM sets; the second exits at once with status
@@ -62,7 +75,10 @@ impl Progress {
 /// ends with the summary, a checkpoint and the line to go on from. The handlers are in place when
 /// this returns.
 #[cfg(unix)]
-fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+fn stop_on_signal(
+    verb: &'static str,
+    remove_on_exit: Option<PathBuf>,
+) -> anyhow::Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -85,7 +101,10 @@ fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
                     flag.fetch_or(true, Ordering::Relaxed);
                 }
             });
-            eprintln!("\nreindex: stopped at once (second signal)");
+            if let Some(dir) = remove_on_exit {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            eprintln!("\n{verb}: stopped at once (second signal)");
             std::process::exit(130);
         })?;
     Ok(stop)
@@ -93,7 +112,10 @@ fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
 
 /// Elsewhere a signal ends the run as the system does by default.
 #[cfg(not(unix))]
-fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+fn stop_on_signal(
+    _verb: &'static str,
+    _remove_on_exit: Option<PathBuf>,
+) -> anyhow::Result<Arc<AtomicBool>> {
     Ok(Arc::new(AtomicBool::new(false)))
 }
 
@@ -108,20 +130,15 @@ impl Observer for Progress {
         self.keep_going
     }
     fn interrupted(&mut self) -> bool {
-        if !self
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed))
-        {
+        let Some((stop, message)) = &self.stop else {
+            return false;
+        };
+        if !stop.load(Ordering::Relaxed) {
             return false;
         }
         if !self.stopping {
             self.stopping = true;
-            self.display.suspend(|| {
-                eprintln!(
-                    "reindex: stopping: the lines read so far are embedded and stored first (a second Ctrl-C quits at once)"
-                );
-            });
+            self.display.suspend(|| eprintln!("{message}"));
         }
         true
     }
@@ -138,7 +155,11 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     let engine = Engine::open(args.offline.engine.to_config()?, embedder.dim())?;
     let mut progress = Progress::new("reindex", total, args.on_error);
-    progress.stop = Some(stop_on_signal()?);
+    progress.stop_on_signal(
+        "reindex",
+        "reindex: stopping: the lines read so far are embedded and stored first (a second Ctrl-C quits at once)",
+        None,
+    )?;
     eprintln!(
         "reindex: model on {} and data dir {} ready in {:.1}s ({} prompts already stored)",
         embedder.device_name(),

@@ -783,3 +783,61 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
     let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
     assert_eq!(engine.len(), LINES as u64, "each line stored once");
 }
+
+/// Ctrl-C stops an `eval` (its metrics need the whole stream) and removes its temporary data
+/// directory, which a large evaluation fills with ~100 MB.
+#[test]
+fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
+    use std::io::{BufRead, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("labelled.jsonl");
+    let mut f = std::fs::File::create(&input).unwrap();
+    let real = crate::common::read_data("recall_prompts.txt");
+    for (i, p) in real.lines().take(400).enumerate() {
+        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_000 + i, "label": "organic"});
+        writeln!(f, "{v}").unwrap();
+    }
+    drop(f);
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let (input, model) = (
+        input.display().to_string(),
+        model_dir().display().to_string(),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args([
+            "eval",
+            "--input",
+            &input,
+            "--model",
+            &model,
+            "--batch-size",
+            "16",
+        ])
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("ready in") {
+        let read = stderr.read_line(&mut seen).unwrap();
+        assert!(read > 0, "eval ended before it was ready: {seen}");
+    }
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 1, "its data dir");
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    stderr.read_to_string(&mut seen).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{seen}");
+    assert!(
+        seen.contains("eval: stopping:") && seen.contains("error: eval: interrupted"),
+        "{seen}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "temporary data left behind: {left:?}");
+}
