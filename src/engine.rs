@@ -670,6 +670,15 @@ impl Engine {
         k: usize,
         filter: &SearchFilter,
     ) -> Result<Vec<Hit>, Error> {
+        if let Some(account) = &filter.account_id {
+            // An account's own prompts, when they are few, are compared one by one: exact, and
+            // an account with few (or no) prompts among millions would otherwise widen the
+            // graph search below to the whole index before it finds k of them.
+            let ids = self.detector.read().prompts_of(account).unwrap_or_default();
+            if ids.len() <= EXACT_ACCOUNT_SEARCH {
+                return self.search_among(query, k, &ids, filter);
+            }
+        }
         let total = self.index.read().len();
         let filtered =
             filter.account_id.is_some() || filter.from_ms.is_some() || filter.to_ms.is_some();
@@ -719,6 +728,43 @@ impl Engine {
             }
             want = (want * 8).min(total);
         }
+    }
+
+    /// The `k` prompts among `ids` nearest to `query` that pass the time filter, exactly: read
+    /// from the store in chunks, compared with their stored vectors.
+    fn search_among(
+        &self,
+        query: &[f32],
+        k: usize,
+        ids: &[u64],
+        filter: &SearchFilter,
+    ) -> Result<Vec<Hit>, Error> {
+        let mut scored: Vec<(f32, PromptRecord)> = Vec::new();
+        for chunk in ids.chunks(4096) {
+            for record in self.store.get_many(chunk)? {
+                let in_time = filter.from_ms.is_none_or(|t| record.timestamp_ms >= t)
+                    && filter.to_ms.is_none_or(|t| record.timestamp_ms <= t);
+                if in_time {
+                    scored.push((dot(query, &record.embedding), record));
+                }
+            }
+            // Keep the k best so far: memory stays O(k + chunk).
+            if scored.len() > 4 * k.max(1024) {
+                scored.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
+                scored.truncate(k);
+            }
+        }
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+        scored.truncate(k);
+        let detector = self.detector.read();
+        Ok(scored
+            .into_iter()
+            .map(|(similarity, record)| Hit {
+                similarity,
+                cluster_id: detector.cluster_of(record.id),
+                record,
+            })
+            .collect())
     }
 
     /// A stored prompt by id.
@@ -798,6 +844,10 @@ impl Engine {
         self.len() == 0
     }
 }
+
+/// Accounts with at most this many prompts are searched exactly, prompt by prompt (at most
+/// ~40 MB read from the store); larger ones through the graph, where they are dense enough.
+const EXACT_ACCOUNT_SEARCH: usize = 20_000;
 
 /// Prompts in a batch from which [`Engine::ingest`] looks them up on all cores.
 const PARALLEL_LOOKUPS: usize = 32;

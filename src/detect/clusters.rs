@@ -328,6 +328,20 @@ impl Detector {
             .map(|&a| self.account_summary(a))
     }
 
+    /// The ids of every prompt `account_id` sent, oldest first; `None` for an unknown account.
+    /// A scan of one small entry per prompt: ~1 ms per 100k stored prompts.
+    pub fn prompts_of(&self, account_id: &str) -> Option<Vec<u64>> {
+        let &a = self.account_ids.get(account_id)?;
+        Some(
+            self.prompts_seen
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.account == a)
+                .map(|(id, _)| id as u64)
+                .collect(),
+        )
+    }
+
     /// Every account's summary, highest score first (ties: account id).
     pub fn accounts(&self) -> Vec<AccountSummary> {
         let mut out: Vec<AccountSummary> = self

@@ -314,6 +314,33 @@ async fn search_by_text_and_id_with_account_and_time_filters() {
         .hits;
     assert_eq!(hits.len(), 4);
     assert!(hits.iter().all(|h| h.account_id == "odd"));
+    assert!(hits.windows(2).all(|w| w[0].similarity >= w[1].similarity));
+    let hits = c
+        .search(s(
+            Query::Text("banana bread".into()),
+            10,
+            "odd",
+            1_002,
+            1_005,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .hits;
+    let mut ts: Vec<i64> = hits.iter().map(|h| h.timestamp_ms).collect();
+    ts.sort();
+    assert_eq!(
+        ts,
+        vec![1_003, 1_005],
+        "the account's prompts in the window"
+    );
+    let hits = c
+        .search(s(Query::Text("banana bread".into()), 10, "nobody", 0, 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .hits;
+    assert!(hits.is_empty());
     let hits = c
         .search(s(Query::Text("banana bread".into()), 10, "", 1_002, 1_004))
         .await
