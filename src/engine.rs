@@ -28,7 +28,7 @@ use crate::config::EngineConfig;
 use crate::detect::allow::{AllowEntry, AllowList, AllowRule};
 use crate::detect::keys::{self, KeyIndex};
 use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict, template};
-use crate::embed::EmbedError;
+use crate::embed::{EmbedError, Embedder};
 use crate::error::Error;
 use crate::index::{
     HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorSearch, by_similarity, dot, pairs,
@@ -481,6 +481,51 @@ impl Engine {
         &self.config.data_dir
     }
 
+    /// Checks that `embedder` is the model whose vectors this data directory holds, and records
+    /// it (as `model`, for messages) in a directory that has no record yet.
+    ///
+    /// Two models' vectors cannot be compared: served with another model (even of the same
+    /// dimension), new prompts would never match stored ones and campaigns would go unseen,
+    /// silently. The record is a probe sentence's embedding; the same model on another device
+    /// or in half precision gives it back at a cosine above 0.999, another model far lower.
+    pub fn check_model<E: Embedder + ?Sized>(
+        &self,
+        embedder: &mut E,
+        model: &str,
+    ) -> Result<(), Error> {
+        let probe = embedder.embed(&[MODEL_PROBE])?.pop().unwrap_or_default();
+        match self
+            .store
+            .meta(MODEL_META)?
+            .as_deref()
+            .and_then(decode_model)
+        {
+            None => {
+                let mut bytes = (probe.len() as u32).to_le_bytes().to_vec();
+                probe
+                    .iter()
+                    .for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+                bytes.extend_from_slice(model.as_bytes());
+                self.store.set_meta(MODEL_META, &bytes)?;
+                Ok(())
+            }
+            Some((stored, name)) => {
+                let cosine = if stored.len() == probe.len() {
+                    dot(&stored, &probe)
+                } else {
+                    0.0
+                };
+                if cosine >= SAME_MODEL_COSINE {
+                    return Ok(());
+                }
+                Err(Error::OtherModel(format!(
+                    "data directory {} holds the vectors of another model ({name}: a probe sentence embeds at cosine {cosine:.3} to its vector there, not >= {SAME_MODEL_COSINE}), and two models' vectors cannot be compared: run with the model that wrote it, or with a new --data-dir",
+                    self.config.data_dir.display()
+                )))
+            }
+        }
+    }
+
     /// Ingests a batch in order and returns one verdict per prompt, after the batch is durable.
     pub fn ingest(&self, batch: Vec<NewPrompt>) -> Result<Vec<Verdict>, Error> {
         if self.poisoned.load(Ordering::Acquire) {
@@ -845,6 +890,28 @@ impl Engine {
     }
 }
 
+/// Store meta key of the model record (see [`Engine::check_model`]).
+const MODEL_META: &str = "model_probe";
+
+/// The sentence whose embedding identifies a model.
+const MODEL_PROBE: &str =
+    "Summarise the following customer review in one sentence, then rate its tone from 1 to 5.";
+
+/// The least cosine between a probe's stored and fresh embeddings for the same model.
+const SAME_MODEL_COSINE: f32 = 0.99;
+
+/// A model record: the probe's vector (dimension, then f32s) and the model's name.
+fn decode_model(bytes: &[u8]) -> Option<(Vec<f32>, String)> {
+    let dim = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let vector = bytes.get(4..4 + 4 * dim)?;
+    let vector = vector
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let name = String::from_utf8_lossy(&bytes[4 + 4 * dim..]).into_owned();
+    Some((vector, name))
+}
+
 /// Accounts with at most this many prompts are searched exactly, prompt by prompt (at most
 /// ~40 MB read from the store); larger ones through the graph, where they are dense enough.
 const EXACT_ACCOUNT_SEARCH: usize = 20_000;
@@ -1105,6 +1172,64 @@ fn in_batch(
 mod tests {
     use super::*;
     use crate::index::testdata::unit_vectors;
+
+    /// A "model" that embeds every text as the same unit vector.
+    struct Constant(Vec<f32>);
+
+    struct NoTokens;
+
+    impl crate::embed::Tokenize for NoTokens {
+        fn ids(&self, _text: &str) -> Result<Vec<u32>, EmbedError> {
+            Ok(vec![0])
+        }
+    }
+
+    impl Embedder for Constant {
+        fn embed_ids(&mut self, ids: &[&[u32]]) -> Result<crate::embed::Embeddings, EmbedError> {
+            Ok(ids.iter().map(|_| self.0.clone()).collect())
+        }
+        fn tokenizer(&self) -> std::sync::Arc<dyn crate::embed::Tokenize> {
+            std::sync::Arc::new(NoTokens)
+        }
+        fn dim(&self) -> usize {
+            self.0.len()
+        }
+        fn device_name(&self) -> String {
+            "test".into()
+        }
+    }
+
+    #[test]
+    fn a_data_dir_keeps_to_the_model_that_wrote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || Engine::open(config(dir.path(), 100, None), 2).unwrap();
+        let engine = open();
+        engine
+            .check_model(&mut Constant(vec![1.0, 0.0]), "model-a")
+            .unwrap();
+        drop(engine);
+        let engine = open();
+        // The same model, a little off (another device, half precision): taken.
+        let near = Constant(vec![0.9999, 0.0141]);
+        engine
+            .check_model(&mut { near }, "model-a on cuda")
+            .unwrap();
+        let e = engine
+            .check_model(&mut Constant(vec![0.6, 0.8]), "model-b")
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        let e = e.to_string();
+        assert!(
+            e.contains(&dir.path().display().to_string()) && e.contains("(model-a: "),
+            "{e}"
+        );
+        // Another dimension is another model too.
+        assert!(
+            engine
+                .check_model(&mut Constant(vec![1.0, 0.0, 0.0]), "model-c")
+                .is_err()
+        );
+    }
 
     const DIM: usize = 32;
 

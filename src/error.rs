@@ -32,6 +32,9 @@ pub enum Error {
     /// The index failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// The data directory holds another model's vectors (see `Engine::check_model`).
+    #[error("{0}")]
+    OtherModel(String),
     /// The engine refuses writes after a failed commit until it is restarted (and rebuilt from
     /// the store), so memory never holds prompts the store lost.
     #[error("engine unavailable: {0}")]
@@ -56,6 +59,7 @@ impl Error {
             Self::Overloaded(SubmitError::Closed) | Self::Unavailable(_) => {
                 tonic::Code::Unavailable
             }
+            Self::OtherModel(_) => tonic::Code::FailedPrecondition,
             Self::Embed(_) | Self::Store(_) | Self::Index(_) => tonic::Code::Internal,
         }
     }

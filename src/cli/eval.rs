@@ -139,6 +139,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     )?;
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;
+    engine.check_model(
+        &mut embedder,
+        &args.offline.model.model.display().to_string(),
+    )?;
     obs.progress.display.suspend(|| {
         eprintln!(
             "eval: model on {} and data dir {} ready in {:.1}s ({} labelled prompts of {} accounts)",

@@ -154,6 +154,10 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let load = Instant::now();
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     let engine = Engine::open(args.offline.engine.to_config()?, embedder.dim())?;
+    engine.check_model(
+        &mut embedder,
+        &args.offline.model.model.display().to_string(),
+    )?;
     let mut progress = Progress::new("reindex", total, args.on_error);
     progress.stop_on_signal(
         "reindex",

@@ -86,9 +86,10 @@ impl Prepared {
     /// Opens the data directory with an already loaded embedder.
     pub fn with_embedder<E: Embedder + 'static>(
         config: &Config,
-        embedder: E,
+        mut embedder: E,
     ) -> Result<Self, ServeError> {
         let engine = Arc::new(Engine::open(config.engine.clone(), embedder.dim())?);
+        engine.check_model(&mut embedder, &config.model_dir.display().to_string())?;
         let pipeline = Arc::new(CheckPipeline::start(
             embedder,
             engine.clone(),
