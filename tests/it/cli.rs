@@ -475,6 +475,49 @@ async fn reindex_builds_a_data_dir_that_serve_opens() {
         (8, 24)
     );
     server.stop().await;
+
+    // Had another model written the directory (its record says so), `serve` with this one
+    // refuses it in one line instead of mixing two models' vectors.
+    // (The stopped server's last threads may still hold the store for a moment.)
+    let store = (0..100)
+        .find_map(|_| {
+            prompt_radar::store::Store::open(&data)
+                .map_err(|_| std::thread::sleep(std::time::Duration::from_millis(50)))
+                .ok()
+        })
+        .expect("the store is released");
+    let mut other = 384u32.to_le_bytes().to_vec();
+    for i in 0..384 {
+        let x: f32 = if i == 7 { 1.0 } else { 0.0 };
+        other.extend_from_slice(&x.to_le_bytes());
+    }
+    other.extend_from_slice(b"models/another-model");
+    store.set_meta("model_probe", &other).unwrap();
+    drop(store);
+    let (data_arg, model) = (
+        data.display().to_string(),
+        model_dir().display().to_string(),
+    );
+    let o = run([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_arg,
+        "--model",
+        &model,
+    ]
+    .map(String::from)
+    .to_vec())
+    .await;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "prompt-radar: error: data directory {data_arg} holds the vectors of another model (models/another-model: "
+        )) && stderr.lines().count() == 1,
+        "{stderr}"
+    );
 }
 
 /// Labelled traffic: two campaigns (a fixed template; a short fixed phrase with per-account
