@@ -280,16 +280,19 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     assert_eq!(hits[0]["prompt"], ORGANIC[0]);
 
     // --start-line: the lines before it are skipped; verdicts keep the file's line numbers.
-    let o = run(vec![
-        "check".into(),
-        "--server".into(),
-        url.clone(),
-        "--input".into(),
-        input.display().to_string(),
-        "--start-line".into(),
-        "30".into(),
-    ])
-    .await;
+    let check = |flag: &str, value: &str| {
+        let args = [
+            "check",
+            "--server",
+            &url,
+            "--input",
+            &input.display().to_string(),
+            flag,
+            value,
+        ];
+        run(args.map(String::from).to_vec())
+    };
+    let o = check("--start-line", "30").await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<u64> = jsonl(&o.stdout)
         .iter()
@@ -298,16 +301,7 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     assert_eq!(lines, (30..=34).collect::<Vec<u64>>());
 
     // --on-error stop: stops at line 3.
-    let o = run(vec![
-        "check".into(),
-        "--server".into(),
-        url.clone(),
-        "--input".into(),
-        input.display().to_string(),
-        "--on-error".into(),
-        "stop".into(),
-    ])
-    .await;
+    let o = check("--on-error", "stop").await;
     assert_eq!(o.status.code(), Some(1));
     let lines = jsonl(&o.stdout);
     assert_eq!(lines.len(), 3);
@@ -750,9 +744,36 @@ fn number_after(text: &str, before: &str) -> usize {
 
 /// Ctrl-C on `reindex` stops after the lines already read, says which line to go on from, and
 /// going on from there stores every line exactly once.
+/// Runs `command` until it says it is "ready in" (its signal handlers are in place by then), then
+/// runs `before_signal`, sends SIGINT and returns the exit code and all of stderr.
+fn interrupted_when_ready(
+    mut command: Command,
+    before_signal: impl FnOnce(),
+) -> (Option<i32>, String) {
+    use std::io::{BufRead, Read};
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("ready in") {
+        let read = stderr.read_line(&mut seen).unwrap();
+        assert!(read > 0, "it ended before it was ready: {seen}");
+    }
+    before_signal();
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    stderr.read_to_string(&mut seen).unwrap();
+    (child.wait().unwrap().code(), seen)
+}
+
 #[test]
 fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
-    use std::io::{BufRead, Read};
     const LINES: usize = 400;
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("dump.jsonl");
@@ -780,26 +801,10 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
         "--batch-size",
         "16",
     ];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
-        .args(args)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    while !seen.contains("ready in") {
-        let read = stderr.read_line(&mut seen).unwrap();
-        assert!(read > 0, "reindex ended before it was ready: {seen}");
-    }
-    // The handlers are in place before the "ready" line.
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    stderr.read_to_string(&mut seen).unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(1), "interrupted: {seen}");
+    let mut reindex = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
+    reindex.args(args);
+    let (code, seen) = interrupted_when_ready(reindex, || {});
+    assert_eq!(code, Some(1), "interrupted: {seen}");
     assert!(seen.contains("reindex: stopping:"), "{seen}");
     let next = number_after(&seen, "the same command with --start-line ");
     assert!(next > 1 && next <= LINES, "stopped part way: {seen}");
@@ -831,7 +836,6 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
 /// directory, which a large evaluation fills with ~100 MB.
 #[test]
 fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
-    use std::io::{BufRead, Read};
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("labelled.jsonl");
     let mut f = std::fs::File::create(&input).unwrap();
@@ -847,36 +851,21 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
         input.display().to_string(),
         model_dir().display().to_string(),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
-        .args([
-            "eval",
-            "--input",
-            &input,
-            "--model",
-            &model,
-            "--batch-size",
-            "16",
-        ])
-        .env("TMPDIR", &tmp)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    while !seen.contains("ready in") {
-        let read = stderr.read_line(&mut seen).unwrap();
-        assert!(read > 0, "eval ended before it was ready: {seen}");
-    }
-    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 1, "its data dir");
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    stderr.read_to_string(&mut seen).unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(2), "{seen}");
+    let mut eval = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
+    eval.args([
+        "eval",
+        "--input",
+        &input,
+        "--model",
+        &model,
+        "--batch-size",
+        "16",
+    ])
+    .env("TMPDIR", &tmp);
+    let (code, seen) = interrupted_when_ready(eval, || {
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 1, "its data dir");
+    });
+    assert_eq!(code, Some(2), "{seen}");
     assert!(
         seen.contains("eval: stopping:") && seen.contains("error: eval: interrupted"),
         "{seen}"

@@ -265,6 +265,25 @@ async fn check_stream_answers_in_order_and_reports_bad_items_without_stopping() 
     server.stop().await;
 }
 
+/// Search hits for `text` with the given filters.
+async fn text_hits(
+    c: &mut proto::radar_client::RadarClient<tonic::transport::Channel>,
+    text: &str,
+    k: u32,
+    account: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> Vec<proto::SearchHit> {
+    let r = proto::SearchRequest {
+        query: Some(Query::Text(text.into())),
+        k,
+        account_id: account.into(),
+        from_ms,
+        to_ms,
+    };
+    c.search(r).await.unwrap().into_inner().hits
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_by_text_and_id_with_account_and_time_filters() {
     let dir = tempfile::tempdir().unwrap();
@@ -277,56 +296,22 @@ async fn search_by_text_and_id_with_account_and_time_filters() {
         };
         c.check(r).await.unwrap();
     }
-    let s = |q: Query, k: u32, account: &str, from_ms: i64, to_ms: i64| proto::SearchRequest {
-        query: Some(q),
-        k,
-        account_id: account.into(),
-        from_ms,
-        to_ms,
-    };
-    let hits = c
-        .search(s(
-            Query::Text("egg-free banana bread recipe".into()),
-            3,
-            "",
-            0,
-            0,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
+    let hits = text_hits(&mut c, "egg-free banana bread recipe", 3, "", 0, 0).await;
     assert_eq!(hits.len(), 3);
     assert_eq!(hits[0].prompt, ORGANIC[0]);
     assert!(hits[0].similarity > hits[1].similarity);
-    let hits = c
-        .search(s(Query::PromptId(2), 1, "", 0, 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
+    let by_id = proto::SearchRequest {
+        query: Some(Query::PromptId(2)),
+        k: 1,
+        ..Default::default()
+    };
+    let hits = c.search(by_id).await.unwrap().into_inner().hits;
     assert_eq!((hits[0].prompt_id, hits[0].similarity > 0.999), (2, true));
-    let hits = c
-        .search(s(Query::Text("banana bread".into()), 10, "odd", 0, 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
+    let hits = text_hits(&mut c, "banana bread", 10, "odd", 0, 0).await;
     assert_eq!(hits.len(), 4);
     assert!(hits.iter().all(|h| h.account_id == "odd"));
     assert!(hits.windows(2).all(|w| w[0].similarity >= w[1].similarity));
-    let hits = c
-        .search(s(
-            Query::Text("banana bread".into()),
-            10,
-            "odd",
-            1_002,
-            1_005,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
+    let hits = text_hits(&mut c, "banana bread", 10, "odd", 1_002, 1_005).await;
     let mut ts: Vec<i64> = hits.iter().map(|h| h.timestamp_ms).collect();
     ts.sort();
     assert_eq!(
@@ -334,19 +319,9 @@ async fn search_by_text_and_id_with_account_and_time_filters() {
         vec![1_003, 1_005],
         "the account's prompts in the window"
     );
-    let hits = c
-        .search(s(Query::Text("banana bread".into()), 10, "nobody", 0, 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
+    let hits = text_hits(&mut c, "banana bread", 10, "nobody", 0, 0).await;
     assert!(hits.is_empty());
-    let hits = c
-        .search(s(Query::Text("banana bread".into()), 10, "", 1_002, 1_004))
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
+    let hits = text_hits(&mut c, "banana bread", 10, "", 1_002, 1_004).await;
     let mut ts: Vec<i64> = hits.iter().map(|h| h.timestamp_ms).collect();
     ts.sort();
     assert_eq!(ts, vec![1_002, 1_003, 1_004]);
