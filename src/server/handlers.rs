@@ -130,7 +130,7 @@ impl Radar for RadarService {
                     biased;
                     () = async { drop(draining.wait_for(|d| *d).await) } => {
                         let status = Status::unavailable(format!(
-                            "server shutting down: the stream's first {read} requests are answered and stored; send the rest again (another server, or this one once restarted)"
+                            "server shutting down: the stream's first {read} requests are answered (and what was accepted is stored); send the rest again (another server, or this one once restarted)"
                         ));
                         let _ = pending_tx.send(Pending::Failed(status)).await;
                         break;
