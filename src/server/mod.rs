@@ -135,7 +135,7 @@ impl Prepared {
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
             {
-                Some(got) if got == want => Ok(req),
+                Some(got) if same_secret(got.as_bytes(), want.as_bytes()) => Ok(req),
                 _ => Err(tonic::Status::unauthenticated(
                     "authorization: missing or wrong bearer token",
                 )),
@@ -151,9 +151,35 @@ impl Prepared {
     }
 }
 
+/// `a == b` in a time that does not depend on where they differ: a plain comparison stops at the
+/// first differing byte, which lets a client time its way to the bearer token byte by byte.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let differ = b
+        .iter()
+        .enumerate()
+        .fold(a.len() ^ b.len(), |acc, (i, &y)| {
+            acc | usize::from(a.get(i).copied().unwrap_or(!y) ^ y)
+        });
+    std::hint::black_box(differ) == 0
+}
+
 /// Binds `addr` (port 0 picks a free port) and returns the listener and the bound address.
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secrets_compare_equal_only_when_equal() {
+        use super::same_secret;
+        assert!(same_secret(b"Bearer t0k", b"Bearer t0k"));
+        assert!(!same_secret(b"Bearer t0j", b"Bearer t0k"));
+        assert!(!same_secret(b"Bearer t0", b"Bearer t0k"));
+        assert!(!same_secret(b"Bearer t0kk", b"Bearer t0k"));
+        assert!(!same_secret(b"", b"Bearer t0k"));
+        assert!(same_secret(b"", b""));
+    }
 }
