@@ -101,6 +101,12 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
     let total = traffic::count_lines(&args.input, first)
         .with_context(|| format!("cannot read {}", args.input.display()))?;
+    if first > 1 && total == 0 {
+        eprintln!(
+            "check: {} has nothing from line {first} on: nothing to do",
+            args.input.display()
+        );
+    }
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("cannot open {}", args.input.display()))?;
     let mut out: Box<dyn Write + Send> = match &args.output {

@@ -97,6 +97,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         Ok(out)
     };
     let lines = read(&args.offline.input)?;
+    anyhow::ensure!(
+        !lines.is_empty(),
+        "{}: no traffic lines to evaluate",
+        args.offline.input.display()
+    );
     let labels: HashMap<String, String> = {
         let mut m = HashMap::new();
         for (_, t) in &lines {

@@ -173,6 +173,12 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     );
     if first > 1 {
         eprintln!("reindex: starting at line {first}");
+        if total == 0 {
+            eprintln!(
+                "reindex: {} has nothing from line {first} on: nothing to do",
+                args.offline.input.display()
+            );
+        }
     }
     let lines = traffic::lines_from(std::io::BufReader::new(file), first);
     let mut cache = offline::VectorCache::new(offline::DEDUPE_TEXTS, embedder.dim(), 0);

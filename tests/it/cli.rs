@@ -873,3 +873,22 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "temporary data left behind: {left:?}");
 }
+
+/// Metrics of nothing are no metrics: an empty (or all-blank) file is an error, not a table of
+/// zeros.
+#[test]
+fn eval_of_an_empty_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("empty.jsonl");
+    std::fs::write(&input, "\n  \n").unwrap();
+    let o = bin(&["eval", "--input", &input.display().to_string()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "prompt-radar: error: {}: no traffic lines to evaluate\n",
+            input.display()
+        )
+    );
+    assert!(o.stdout.is_empty());
+}
