@@ -95,6 +95,22 @@ pub struct SearchFilter {
     pub to_ms: Option<i64>,
 }
 
+impl SearchFilter {
+    /// Whether `r` passes every filter given.
+    fn admits(&self, r: &PromptRecord) -> bool {
+        self.account_id.as_ref().is_none_or(|a| &r.account_id == a)
+            && self.from_ms.is_none_or(|t| r.timestamp_ms >= t)
+            && self.to_ms.is_none_or(|t| r.timestamp_ms <= t)
+    }
+}
+
+/// Search results' order: most similar first, then oldest.
+fn nearest_first(a: &Hit, b: &Hit) -> std::cmp::Ordering {
+    b.similarity
+        .total_cmp(&a.similarity)
+        .then(a.record.id.cmp(&b.record.id))
+}
+
 /// A search result.
 #[derive(Debug, Clone)]
 pub struct Hit {
@@ -747,14 +763,7 @@ impl Engine {
             let mut hits: Vec<Hit> = ids
                 .iter()
                 .filter_map(|id| records.remove(id))
-                .filter(|r| {
-                    filter
-                        .account_id
-                        .as_ref()
-                        .is_none_or(|a| &r.account_id == a)
-                })
-                .filter(|r| filter.from_ms.is_none_or(|t| r.timestamp_ms >= t))
-                .filter(|r| filter.to_ms.is_none_or(|t| r.timestamp_ms <= t))
+                .filter(|r| filter.admits(r))
                 .map(|record| Hit {
                     // Exact, from the stored vector, independent of the index's distance.
                     similarity: dot(query, &record.embedding),
@@ -762,11 +771,7 @@ impl Engine {
                     record,
                 })
                 .collect();
-            hits.sort_by(|a, b| {
-                b.similarity
-                    .total_cmp(&a.similarity)
-                    .then(a.record.id.cmp(&b.record.id))
-            });
+            hits.sort_by(nearest_first);
             if hits.len() >= k || want >= total {
                 hits.truncate(k);
                 return Ok(hits);
@@ -775,8 +780,8 @@ impl Engine {
         }
     }
 
-    /// The `k` prompts among `ids` nearest to `query` that pass the time filter, exactly: read
-    /// from the store in chunks, compared with their stored vectors.
+    /// The `k` prompts among `ids` nearest to `query` that pass `filter`, exactly: read from
+    /// the store in chunks, compared with their stored vectors.
     fn search_among(
         &self,
         query: &[f32],
@@ -784,32 +789,30 @@ impl Engine {
         ids: &[u64],
         filter: &SearchFilter,
     ) -> Result<Vec<Hit>, Error> {
-        let mut scored: Vec<(f32, PromptRecord)> = Vec::new();
+        let mut hits: Vec<Hit> = Vec::new();
         for chunk in ids.chunks(4096) {
             for record in self.store.get_many(chunk)? {
-                let in_time = filter.from_ms.is_none_or(|t| record.timestamp_ms >= t)
-                    && filter.to_ms.is_none_or(|t| record.timestamp_ms <= t);
-                if in_time {
-                    scored.push((dot(query, &record.embedding), record));
+                if filter.admits(&record) {
+                    hits.push(Hit {
+                        similarity: dot(query, &record.embedding),
+                        cluster_id: 0, // set below, for the k kept
+                        record,
+                    });
                 }
             }
             // Keep the k best so far: memory stays O(k + chunk).
-            if scored.len() > 4 * k.max(1024) {
-                scored.select_nth_unstable_by(k, |a, b| b.0.total_cmp(&a.0));
-                scored.truncate(k);
+            if hits.len() > 4 * k.max(1024) {
+                hits.select_nth_unstable_by(k, nearest_first);
+                hits.truncate(k);
             }
         }
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
-        scored.truncate(k);
+        hits.sort_by(nearest_first);
+        hits.truncate(k);
         let detector = self.detector.read();
-        Ok(scored
-            .into_iter()
-            .map(|(similarity, record)| Hit {
-                similarity,
-                cluster_id: detector.cluster_of(record.id),
-                record,
-            })
-            .collect())
+        for h in &mut hits {
+            h.cluster_id = detector.cluster_of(h.record.id);
+        }
+        Ok(hits)
     }
 
     /// A stored prompt by id.
