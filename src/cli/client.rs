@@ -164,11 +164,12 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
             Slot::Sent(line) => match responses.message().await {
                 Ok(Some(r)) => (line, Ok(r)),
                 // The verdicts so far are written (the writer flushes as it drops).
-                Ok(None) => anyhow::bail!(
-                    "the server closed the stream before line {line}'s verdict; the lines before it are checked (to go on: the same command with --start-line {line} and a new --output)"
-                ),
-                Err(status) => {
-                    return Err(anyhow::Error::new(status).context(format!(
+                ended => {
+                    let why = match ended {
+                        Err(status) => anyhow::Error::new(status),
+                        _ => anyhow::anyhow!("the server closed the stream"),
+                    };
+                    return Err(why.context(format!(
                         "no verdict for line {line}; the lines before it are checked (to go on: the same command with --start-line {line} and a new --output)"
                     )));
                 }
@@ -183,11 +184,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                 )
             }
             Ok(r) => {
-                let action = r
-                    .action()
-                    .as_str_name()
-                    .trim_start_matches("ACTION_")
-                    .to_lowercase();
+                let action = action_name(r.action());
                 match r.action() {
                     proto::Action::Review => actions[1] += 1,
                     proto::Action::Block => actions[2] += 1,
@@ -271,9 +268,9 @@ pub struct AccountsArgs {
     pub format: Format,
 }
 
-/// An account's action as `check --output` writes it: `allow`, `review` or `block`.
-fn action_name(a: &proto::Account) -> String {
-    a.action()
+/// An action as `check --output` and `accounts` write it: `allow`, `review` or `block`.
+fn action_name(action: proto::Action) -> String {
+    action
         .as_str_name()
         .trim_start_matches("ACTION_")
         .to_lowercase()
@@ -281,7 +278,7 @@ fn action_name(a: &proto::Account) -> String {
 
 /// An account as `accounts --format jsonl` prints it.
 fn account_json(a: &proto::Account) -> serde_json::Value {
-    json!({"account_id": a.account_id, "flagged": a.flagged, "score": a.score, "action": action_name(a),
+    json!({"account_id": a.account_id, "flagged": a.flagged, "score": a.score, "action": action_name(a.action()),
            "campaigns": a.campaigns.iter().map(u64::to_string).collect::<Vec<_>>(),
            "prompts": a.prompts, "campaign_prompts": a.campaign_prompts,
            "first_seen_ms": a.first_seen_ms, "last_seen_ms": a.last_seen_ms, "reason": a.reason})
@@ -304,7 +301,7 @@ async fn one_account(client: &mut Client, id: &str, format: Format) -> anyhow::R
             writeln!(
                 out,
                 "verdict    {}, score {:.3}{}",
-                action_name(&a),
+                action_name(a.action()),
                 a.score,
                 if a.flagged { ", flagged" } else { "" }
             )?;
@@ -367,7 +364,7 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
                 out,
                 "{:<28} {:>7} {:>6.3} {:>7} {:>9}  {}",
                 shown(&a.account_id, usize::MAX),
-                action_name(&a),
+                action_name(a.action()),
                 a.score,
                 a.prompts,
                 a.campaign_prompts,
