@@ -4,6 +4,10 @@
 //! (cosine ≥ `--similarity-threshold`, 0.85), so besides recall@10 it reports, for the queries
 //! that have one, how often the search finds one at all.
 //!
+//! It also prints what the first graph costs in memory: the process's resident set before and
+//! after its inserts, per vector (Linux). `PROMPT_RADAR_BENCH_M` sets `--hnsw-m` (default 16), to
+//! weigh memory against recall.
+//!
 //! Run: `PROMPT_RADAR_BENCH_VECTORS=FILE cargo bench --bench hnsw_params` (a few minutes on 2
 //! cores for the ~47,000 vectors of the evaluation set). Without the variable it says how to
 //! make the file and exits.
@@ -32,6 +36,14 @@ fn main() {
              `prompt-radar eval --input DATA.jsonl --embed-cache FILE`"
         );
         return;
+    };
+    let m = match std::env::var("PROMPT_RADAR_BENCH_M") {
+        Ok(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|m| (2..=255).contains(m))
+            .unwrap_or_else(|| panic!("PROMPT_RADAR_BENCH_M={v}: want a number within [2, 255]")),
+        Err(_) => HnswParams::default().m,
     };
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
     let dim = prompt_radar::EMBEDDING_DIM;
@@ -65,11 +77,11 @@ fn main() {
         .filter(|e| e.first().is_some_and(|n| n.1 >= NEAR))
         .count();
     println!(
-        "hnsw_params: {} vectors indexed, {} queries ({with_near} with a neighbour at cosine >= {NEAR}), k = {K}, M = {}",
+        "hnsw_params: {} vectors indexed, {} queries ({with_near} with a neighbour at cosine >= {NEAR}), k = {K}, M = {m}",
         items.len(),
         queries.len(),
-        HnswParams::default().m
     );
+    let mut memory = None;
     println!(
         "| ef_construction | build (inserts/s) | ef_search | search (ms/query) | recall@10 | near duplicate found | nearest found (of those) |"
     );
@@ -78,11 +90,19 @@ fn main() {
         let params = HnswParams {
             ef_construction: efc,
             max_elements: items.len(),
+            m,
             ..HnswParams::default()
         };
+        let rss_before = resident_bytes();
         let mut index = HnswIndex::new(params, dim);
         let started = Instant::now();
         index.parallel_insert(&items).unwrap();
+        if memory.is_none() {
+            // The first graph only: later ones reuse memory the allocator kept from earlier ones.
+            memory = rss_before
+                .zip(resident_bytes())
+                .map(|(before, after)| after.saturating_sub(before) as f64 / items.len() as f64);
+        }
         let rate = items.len() as f64 / started.elapsed().as_secs_f64();
         for ef in EF_SEARCH {
             index.set_ef_search(ef);
@@ -116,4 +136,25 @@ fn main() {
             );
         }
     }
+    match memory {
+        Some(per_vector) => println!(
+            "hnsw_params: the first graph (M = {m}) grew the resident set by {per_vector:.0} bytes per vector (the vector itself is {} bytes)",
+            4 * dim
+        ),
+        None => println!("hnsw_params: resident set size unavailable (not Linux)"),
+    }
+}
+
+/// The process's resident set (`VmRSS` of /proc/self/status), where there is one.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }
