@@ -299,20 +299,18 @@ impl Engine {
             Ok(())
         };
         let mut index_err = None;
-        let prompts = store.for_each_from(0, |r| {
-            detector.observe(Observation {
+        // The store is read, and each chunk's template keys computed (on all cores), ahead of
+        // the one thread that applies records in id order: the detector's state depends on it.
+        let prompts = replay_store(&store, &allow_list, |r, keys| {
+            detector.replay(Observation {
                 id: r.id,
                 account_id: &r.account_id,
                 timestamp_ms: r.timestamp_ms,
                 text_hash: r.text_hash,
                 links: &r.links,
             });
-            if allow_list.matching(&r.text).is_none() {
-                key_index.record(
-                    r.id,
-                    keys::account_hash(&r.account_id),
-                    &keys::keys(&r.text),
-                );
+            if let Some(keys) = keys {
+                key_index.record(r.id, keys::account_hash(&r.account_id), &keys);
             }
             last_id = r.id;
             if needs_parts(r.id) && !r.parts.is_empty() {
@@ -332,7 +330,6 @@ impl Engine {
                     index_err.get_or_insert(e);
                 }
             }
-            Ok(())
         })?;
         if let Some(e) = index_err {
             return Err(e);
@@ -986,6 +983,59 @@ fn part_items<'a>(
 }
 
 /// Inserts the parts of `pending` on all cores, and empties it.
+/// Records a start's replay reads ahead per chunk.
+const REPLAY_CHUNK: usize = 2048;
+
+/// Every stored record, in id order, to `apply`, with its template keys (`None` when an
+/// allow-listed template matches it, so it takes no keys). A thread reads and decodes the store
+/// a chunk ahead and the keys of each chunk are computed on all cores, while `apply` runs on this
+/// thread: a start spends its time in the store, the keys and the detector about equally.
+/// Returns the number of records.
+fn replay_store(
+    store: &Store,
+    allow_list: &AllowList,
+    mut apply: impl FnMut(PromptRecord, Option<Vec<u64>>),
+) -> Result<u64, Error> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<PromptRecord>>(2);
+        let reader = scope.spawn(move || {
+            let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
+            let n = store.for_each_from(0, |r| {
+                chunk.push(r);
+                if chunk.len() == REPLAY_CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
+                    // Only a panic on the applying side closes the channel; it is re-raised
+                    // when the scope ends, so this side just stops handing over records.
+                    let _ = tx.send(full);
+                }
+                Ok(())
+            });
+            if !chunk.is_empty() {
+                let _ = tx.send(chunk);
+            }
+            n
+        });
+        for chunk in rx {
+            let keys: Vec<Option<Vec<u64>>> = chunk
+                .par_iter()
+                .map(|r| {
+                    allow_list
+                        .matching(&r.text)
+                        .is_none()
+                        .then(|| keys::keys(&r.text))
+                })
+                .collect();
+            for (r, k) in chunk.into_iter().zip(keys) {
+                apply(r, k);
+            }
+        }
+        match reader.join() {
+            Ok(n) => Ok(n?),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
 fn flush_parts(
     index: &mut SegmentedHnsw,
     pending: &mut PendingParts,
@@ -1436,6 +1486,74 @@ mod tests {
         let opened = engine.open_stats();
         assert_eq!((opened.parts_reloaded, opened.parts_rebuilt), (10, 2));
         assert_eq!(engine.parts.read().len(), 12);
+    }
+
+    #[test]
+    fn a_start_replays_every_chunk_of_the_store_into_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || Engine::open(config(dir.path(), 100_000, None), DIM).unwrap();
+        let engine = open();
+        // More prompts than two replay chunks: one template (fixed words, a changing slot) from
+        // 40 accounts, between organic one-offs. No two vectors are alike, so only the template
+        // keys, which a start recomputes from the texts, link the template's prompts.
+        let word = |k: usize| -> String {
+            [k % 26, k / 26 % 26, k / 676 % 26]
+                .iter()
+                .map(|&c| (b'a' + c as u8) as char)
+                .collect()
+        };
+        let text = |i: usize| {
+            if i.is_multiple_of(3) {
+                format!("{} {}", word(i), word(i + 1))
+            } else {
+                format!(
+                    "Answer step by step and explain every part of your reasoning: {} {} {}",
+                    word(i),
+                    word(i + 7),
+                    word(i + 13)
+                )
+            }
+        };
+        let total = 2 * REPLAY_CHUNK + 100;
+        let vectors = unit_vectors(5, total + 1, DIM);
+        let new = |i: usize, account: String| NewPrompt {
+            account_id: account,
+            timestamp_ms: i as i64,
+            text: text(i),
+            embedding: vectors[i].clone(),
+            parts: Vec::new(),
+        };
+        for start in (0..total).step_by(500) {
+            let batch = (start..(start + 500).min(total))
+                .map(|i| match i % 3 {
+                    0 => new(i, format!("organic-{i}")),
+                    _ => new(i, format!("camp-{}", i % 40)),
+                })
+                .collect();
+            engine.ingest(batch).unwrap();
+        }
+        let accounts = engine.accounts(false, usize::MAX);
+        let campaigns: Vec<CampaignSummary> = (engine.campaigns(10, 0.0).unwrap())
+            .into_iter()
+            .map(|c| c.summary)
+            .collect();
+        assert_eq!(campaigns.len(), 1, "{campaigns:?}");
+        assert_eq!(campaigns[0].accounts, 40);
+        drop(engine);
+
+        let engine = open();
+        assert_eq!(engine.open_stats().prompts, total as u64);
+        assert_eq!(engine.accounts(false, usize::MAX), accounts);
+        let again: Vec<CampaignSummary> = (engine.campaigns(10, 0.0).unwrap())
+            .into_iter()
+            .map(|c| c.summary)
+            .collect();
+        assert_eq!(again, campaigns);
+        // The keys came back with the texts: a new account's prompt of the template joins it.
+        let v = engine.ingest(vec![new(total, "camp-new".into())]);
+        let v = &v.unwrap()[0];
+        assert!(v.neighbours > 0, "{v:?}");
+        assert_eq!(v.campaign_id, Some(campaigns[0].id));
     }
 
     #[test]

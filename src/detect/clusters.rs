@@ -166,8 +166,32 @@ impl Detector {
         &self.config
     }
 
-    /// Records one prompt (ingest and replay alike) and returns its verdict.
+    /// Records one prompt and returns its verdict (ingest).
     pub fn observe(&mut self, obs: Observation<'_>) -> Verdict {
+        let (acct, root) = self.record(obs);
+        let summary = self.account_summary(acct);
+        let (campaign_score, cluster_accounts) = self.cluster_score(root);
+        Verdict {
+            prompt_id: obs.id,
+            cluster_id: root,
+            campaign_id: (campaign_score >= self.config.campaign_score).then_some(root),
+            action: summary.action,
+            score: summary.score,
+            campaign_score,
+            cluster_accounts,
+            neighbours: obs.links.len() as u32,
+        }
+    }
+
+    /// Records one prompt without scoring it: a start replaying the store needs the state, not
+    /// a verdict for every prompt ever stored (scoring the account was most of the replay's
+    /// detector time).
+    pub fn replay(&mut self, obs: Observation<'_>) {
+        self.record(obs);
+    }
+
+    /// Records one prompt; returns its interned account and its cluster's root.
+    fn record(&mut self, obs: Observation<'_>) -> (u32, u64) {
         self.ensure(obs.id);
         let acct = self.intern(obs.account_id);
         let mut root = obs.id;
@@ -253,19 +277,7 @@ impl Detector {
         if shared {
             *a.shared.entry(root).or_default() += 1;
         }
-
-        let summary = self.account_summary(acct);
-        let (campaign_score, cluster_accounts) = self.cluster_score(root);
-        Verdict {
-            prompt_id: obs.id,
-            cluster_id: root,
-            campaign_id: (campaign_score >= self.config.campaign_score).then_some(root),
-            action: summary.action,
-            score: summary.score,
-            campaign_score,
-            cluster_accounts,
-            neighbours: obs.links.len() as u32,
-        }
+        (acct, root)
     }
 
     /// The cluster root of a prompt id (the id itself if unknown). Does not compress paths, so
@@ -547,6 +559,43 @@ mod tests {
         assert!(d.allow_cluster(5));
         assert!(d.campaigns(0.5).is_empty());
         assert!(d.accounts().iter().all(|a| !a.flagged));
+    }
+
+    #[test]
+    fn replaying_builds_the_state_that_observing_built() {
+        // A start replays the store without scoring; what analysts and the next verdict see must
+        // not depend on whether the prompts went through `observe` or `replay`.
+        let (mut live, mut replayed) = (
+            Detector::new(DetectorConfig::default()),
+            Detector::new(DetectorConfig::default()),
+        );
+        let mut history: Vec<(u64, String, u64, Vec<u64>)> = Vec::new();
+        for i in 1..=120u64 {
+            // Campaign accounts chain their prompts, organic ones stay alone; some texts repeat
+            // (a pasted prompt), some prompts link to several clusters (merges).
+            let account = match i % 4 {
+                0 => format!("organic-{}", i % 7),
+                _ => format!("camp-{}", i % 9),
+            };
+            let links: Vec<u64> = match i % 4 {
+                0 => vec![],
+                _ if i > 10 => vec![i - 1, i - 9],
+                _ if i > 1 => vec![i - 1],
+                _ => vec![],
+            };
+            history.push((i, account, 1000 + i % 50, links));
+        }
+        for (id, account, hash, links) in &history {
+            live.observe(obs(*id, account, *hash, links));
+            replayed.replay(obs(*id, account, *hash, links));
+        }
+        assert!(!live.campaigns(0.0).is_empty());
+        assert_eq!(live.campaigns(0.0), replayed.campaigns(0.0));
+        assert_eq!(live.accounts(), replayed.accounts());
+        assert_eq!(
+            live.observe(obs(121, "camp-1", 7, &[120])),
+            replayed.observe(obs(121, "camp-1", 7, &[120]))
+        );
     }
 
     #[test]
