@@ -40,11 +40,18 @@ pub fn campaign_score(
 }
 
 /// Account score from its per-cluster prompt counts and those clusters' campaign scores.
+///
+/// The same whatever order the clusters come in: callers gather them from hash maps, whose order
+/// differs from one process to the next, and a float sum depends on its order, so the terms are
+/// summed in a fixed order. Otherwise a restart could change a score in its last bits, and an
+/// account sitting at a threshold could change its verdict.
 pub fn account_score(prompts: u64, per_cluster: impl IntoIterator<Item = (u64, f32)>) -> f32 {
     if prompts == 0 {
         return 0.0;
     }
-    let weighted: f32 = per_cluster.into_iter().map(|(n, s)| n as f32 * s).sum();
+    let mut terms: Vec<(u64, f32)> = per_cluster.into_iter().collect();
+    terms.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    let weighted: f32 = terms.iter().map(|&(n, s)| n as f32 * s).sum();
     (weighted / prompts as f32).clamp(0.0, 1.0)
 }
 
@@ -89,5 +96,20 @@ mod tests {
         assert_eq!(account_score(0, []), 0.0);
         assert!((account_score(10, [(9, 1.0), (1, 0.0)]) - 0.9).abs() < 1e-6);
         assert!((account_score(10, [(2, 1.0)]) - 0.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn account_score_does_not_depend_on_the_order_of_its_clusters() {
+        // One big term and many tiny ones: a float sum of these depends on its order.
+        let mut terms = vec![(1u64, 1.0f32)];
+        terms.extend((0..1000).map(|i| (1u64, 3e-8 * (1.0 + i as f32 / 1000.0))));
+        let forward = account_score(2000, terms.iter().copied());
+        terms.reverse();
+        let backward = account_score(2000, terms.iter().copied());
+        assert_eq!(
+            forward.to_bits(),
+            backward.to_bits(),
+            "{forward} {backward}"
+        );
     }
 }
