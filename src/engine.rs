@@ -982,7 +982,6 @@ fn part_items<'a>(
         .collect()
 }
 
-/// Inserts the parts of `pending` on all cores, and empties it.
 /// Records a start's replay reads ahead per chunk.
 const REPLAY_CHUNK: usize = 2048;
 
@@ -1036,6 +1035,7 @@ fn replay_store(
     })
 }
 
+/// Inserts the parts of `pending` on all cores, and empties it.
 fn flush_parts(
     index: &mut SegmentedHnsw,
     pending: &mut PendingParts,
