@@ -263,12 +263,20 @@ impl Engine {
             dir: Some(index_dir.clone()),
             ..config.segments.clone()
         };
-        let mut index = SegmentedHnsw::open(segments, dim)?;
+        remove_legacy_part_dumps(&index_dir);
+        // The two indexes load side by side: each reads its dumps on its own threads (a sealed
+        // segment a thread), but a directory with few segments would leave cores idle.
+        let (index, parts) = std::thread::scope(|scope| {
+            let parts = scope.spawn(|| SegmentedHnsw::open(part_segments(&config), dim));
+            let index = SegmentedHnsw::open(segments, dim);
+            let parts = parts
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (index, parts)
+        });
+        let (mut index, mut parts) = (index?, parts?);
         let reloaded = index.len();
         let needs_index = not_on_disk(index.covered_up_to(), index.missing_ranges());
-
-        remove_legacy_part_dumps(&index_dir);
-        let mut parts = SegmentedHnsw::open(part_segments(&config), dim)?;
         let parts_reloaded = parts.len();
         // Part ids are `prompt id × PART_SLOTS + j`, and a prompt's parts are inserted together.
         let needs_parts = not_on_disk(
