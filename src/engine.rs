@@ -317,8 +317,8 @@ impl Engine {
                 text_hash: r.text_hash,
                 links: &r.links,
             });
-            if let Some(keys) = keys {
-                key_index.record(r.id, keys::account_hash(&r.account_id), &keys);
+            if let Some((account, keys)) = keys {
+                key_index.record(r.id, account, &keys);
             }
             last_id = r.id;
             if needs_parts(r.id) && !r.parts.is_empty() {
@@ -582,10 +582,7 @@ impl Engine {
             let parallel = batch.len() >= PARALLEL_LOOKUPS;
             let within = in_batch(&batch, first_id, index.dim(), cfg, parallel);
             let lookup = |(i, p): (usize, &NewPrompt)| {
-                // A known legitimate app's prompt is stored and searchable but never linked.
-                if allow.matching(&p.text).is_some() {
-                    return None;
-                }
+                let keys = template_keys(allow, &p.account_id, &p.text)?;
                 let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
                 near.retain(|n| n.similarity >= cfg.similarity_threshold);
                 near.extend_from_slice(&within.near[i]);
@@ -593,7 +590,6 @@ impl Engine {
                 near.truncate(cfg.neighbours_k);
                 let near = near.iter().map(|n| n.id).collect();
                 let parts = part_links(&part_index, &p.parts, &within.parts[i], cfg);
-                let keys = (keys::account_hash(&p.account_id), keys::keys(&p.text));
                 Some(Found { near, parts, keys })
             };
             let found: Vec<Option<Found>> = if parallel {
@@ -990,18 +986,28 @@ fn part_items<'a>(
         .collect()
 }
 
+/// A prompt's template keys, with its account's hash; `None` when an allow-listed template
+/// matches it: a known legitimate app's prompt is stored and searchable but never linked.
+/// Ingest and a start's replay both ask here, so a start rebuilds the key index ingest built.
+fn template_keys(allow: &AllowList, account_id: &str, text: &str) -> Option<(u64, Vec<u64>)> {
+    allow
+        .matching(text)
+        .is_none()
+        .then(|| (keys::account_hash(account_id), keys::keys(text)))
+}
+
 /// Records a start's replay reads ahead per chunk.
 const REPLAY_CHUNK: usize = 2048;
 
-/// Every stored record, in id order, to `apply`, with its template keys (`None` when an
-/// allow-listed template matches it, so it takes no keys). A thread reads and decodes the store
-/// a chunk ahead and the keys of each chunk are computed on all cores, while `apply` runs on this
-/// thread: a start spends its time in the store, the keys and the detector about equally.
+/// Every stored record, in id order, to `apply`, with its [`template_keys`]. A thread reads and
+/// decodes the store a chunk ahead and the keys of each chunk are computed on all cores, while
+/// `apply` runs on this thread: a start spends its time in the store, the keys and the detector
+/// about equally.
 /// Returns the number of records.
 fn replay_store(
     store: &Store,
     allow_list: &AllowList,
-    mut apply: impl FnMut(PromptRecord, Option<Vec<u64>>),
+    mut apply: impl FnMut(PromptRecord, Option<(u64, Vec<u64>)>),
 ) -> Result<u64, Error> {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<PromptRecord>>(2);
@@ -1011,8 +1017,8 @@ fn replay_store(
                 chunk.push(r);
                 if chunk.len() == REPLAY_CHUNK {
                     let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
-                    // Only a panic on the applying side closes the channel; it is re-raised
-                    // when the scope ends, so this side just stops handing over records.
+                    // Only a panic on the applying side closes the channel. This side then reads
+                    // on without handing records over, and the scope re-raises the panic.
                     let _ = tx.send(full);
                 }
                 Ok(())
@@ -1023,14 +1029,9 @@ fn replay_store(
             n
         });
         for chunk in rx {
-            let keys: Vec<Option<Vec<u64>>> = chunk
+            let keys: Vec<Option<(u64, Vec<u64>)>> = chunk
                 .par_iter()
-                .map(|r| {
-                    allow_list
-                        .matching(&r.text)
-                        .is_none()
-                        .then(|| keys::keys(&r.text))
-                })
+                .map(|r| template_keys(allow_list, &r.account_id, &r.text))
                 .collect();
             for (r, k) in chunk.into_iter().zip(keys) {
                 apply(r, k);
