@@ -12,10 +12,11 @@
 //! 4. once both are done, a full segment of either index is sealed and dumped (after the commit,
 //!    so a sealed segment never holds a prompt the store lacks), and retention drops old ones.
 //!
-//! On open, the detector is rebuilt by replaying the stored links (no searches needed), the key
-//! index from the stored texts, and the vector and part indexes are reloaded from their dumps
-//! (sealed segments, and the checkpoints of a clean stop: [`Engine::checkpoint`]) plus the
-//! store's newer records.
+//! On open, the detector and the key index are restored from the snapshot of the last checkpoint
+//! (a clean stop: [`Engine::checkpoint`]) and caught up by replaying the records stored since —
+//! the stored links (no searches needed) and the keys of the stored texts; without a usable
+//! snapshot the whole store is replayed. The vector and part indexes are reloaded from their
+//! dumps (sealed segments, and the checkpoint's) plus the store's newer records.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,7 @@ use rayon::prelude::*;
 use crate::config::EngineConfig;
 use crate::detect::allow::{AllowEntry, AllowList, AllowRule};
 use crate::detect::keys::{self, KeyIndex};
+use crate::detect::snapshot::{self, SnapshotHeader};
 use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict, template};
 use crate::embed::{EmbedError, Embedder};
 use crate::error::Error;
@@ -157,6 +159,12 @@ pub struct OpenStats {
     pub parts_reloaded: usize,
     /// Part vectors re-inserted from the store.
     pub parts_rebuilt: usize,
+    /// Prompts the detector (clusters, accounts, template keys) restored from the snapshot of
+    /// the last checkpoint.
+    pub restored: u64,
+    /// Prompts the detector replayed from the store: those stored since that snapshot (all of
+    /// them without one).
+    pub replayed: u64,
     /// Seconds the open took.
     pub seconds: f64,
 }
@@ -224,6 +232,10 @@ pub struct CheckpointStats {
     pub segments: usize,
     /// Whether a segment merge was running (it is not saved: the next open starts it again).
     pub merging: bool,
+    /// Prompts in the detector snapshot written (0: none written, the store is empty).
+    pub detector_prompts: u64,
+    /// Its size in bytes.
+    pub detector_bytes: u64,
     /// Seconds it took.
     pub seconds: f64,
 }
@@ -236,6 +248,69 @@ const PARTS_DIR: &str = "parts";
 
 /// Meta key of the allow-list (JSON array of [`AllowEntry`]).
 const ALLOW_META: &str = "allow_list";
+
+/// File of the detector snapshot (see `detect::snapshot`), in the data directory.
+pub const SNAPSHOT_FILE: &str = "detector.snapshot";
+
+/// What the template keys depend on in an allow-list: its templates. A snapshot recorded under
+/// another list is not used (a start replays the store under the list in force).
+fn allow_fingerprint(entries: &[AllowEntry]) -> u64 {
+    let mut templates: Vec<&str> = entries.iter().map(|e| e.template.as_str()).collect();
+    templates.sort_unstable();
+    templates.dedup();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for t in templates {
+        h.update(t.as_bytes());
+        h.update(b"\x1f");
+    }
+    h.digest()
+}
+
+/// The detector and key index of the snapshot in `config`'s data directory, when it is usable:
+/// written under the same allow-list, and ending at a prompt this store holds as it knew it.
+/// An unusable one is reported and skipped (the caller replays the whole store).
+fn load_snapshot(
+    config: &EngineConfig,
+    store: &Store,
+    allow_entries: &[AllowEntry],
+) -> Option<(SnapshotHeader, Detector, KeyIndex)> {
+    let path = config.data_dir.join(SNAPSHOT_FILE);
+    let allow = allow_fingerprint(allow_entries);
+    let accept = |h: &SnapshotHeader| {
+        if h.allow != allow {
+            return Err("the allow-list changed after it was written".to_string());
+        }
+        match store.get(h.last_id) {
+            Ok(Some(r)) if r.text_hash == h.last_text_hash => Ok(()),
+            Ok(_) => Err(format!(
+                "it ends at prompt {}, which this store does not hold as it knew it",
+                h.last_id
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let started = Instant::now();
+    match snapshot::load(&path, config.detector.clone(), accept) {
+        Ok(found) => {
+            if let Some((header, ..)) = &found {
+                tracing::info!(
+                    prompts = header.prompts,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "detector snapshot restored"
+                );
+            }
+            found
+        }
+        Err(reason) => {
+            tracing::warn!(
+                file = %path.display(),
+                %reason,
+                "detector snapshot not used: replaying the whole store"
+            );
+            None
+        }
+    }
+}
 
 /// Store, index and detector, consistent with each other.
 pub struct Engine {
@@ -276,10 +351,10 @@ impl Engine {
         });
         let (mut index, mut parts) = (index?, parts?);
         let reloaded = index.len();
-        let needs_index = not_on_disk(index.covered_up_to(), index.missing_ranges());
+        let (index_from, needs_index) = not_on_disk(index.covered_up_to(), index.missing_ranges());
         let parts_reloaded = parts.len();
         // Part ids are `prompt id × PART_SLOTS + j`, and a prompt's parts are inserted together.
-        let needs_parts = not_on_disk(
+        let (parts_from, needs_parts) = not_on_disk(
             parts.covered_up_to() / PART_SLOTS,
             (parts.missing_ranges().into_iter())
                 .map(|(a, b)| (a / PART_SLOTS, b / PART_SLOTS))
@@ -293,11 +368,24 @@ impl Engine {
             None => Vec::new(),
         };
         let allow_list = AllowList::new(&allow_entries);
-        let mut detector = Detector::new(config.detector.clone());
-        let mut key_index = KeyIndex::default();
+        // The detector starts from its snapshot, when there is a usable one, and replays only
+        // what was stored after it; the store is read from the first prompt either index or the
+        // detector lacks.
+        let (mut detector, mut key_index, restored, snapshot_last) =
+            match load_snapshot(&config, &store, &allow_entries) {
+                Some((header, detector, keys)) => (detector, keys, header.prompts, header.last_id),
+                None => (
+                    Detector::new(config.detector.clone()),
+                    KeyIndex::default(),
+                    0,
+                    0,
+                ),
+            };
+        let from = (snapshot_last + 1).min(index_from).min(parts_from);
+        let mut replayed = 0;
         let mut pending: Vec<(u64, i64, Vec<f32>)> = Vec::new();
         let mut rebuilt = 0;
-        let mut last_id = 0;
+        let mut last_id = snapshot_last;
         let mut flush = |index: &mut SegmentedHnsw,
                          pending: &mut Vec<(u64, i64, Vec<f32>)>|
          -> Result<(), Error> {
@@ -309,18 +397,21 @@ impl Engine {
         let mut index_err = None;
         // The store is read, and each chunk's template keys computed (on all cores), ahead of
         // the one thread that applies records in id order: the detector's state depends on it.
-        let prompts = replay_store(&store, &allow_list, |r, keys| {
-            detector.replay(Observation {
-                id: r.id,
-                account_id: &r.account_id,
-                timestamp_ms: r.timestamp_ms,
-                text_hash: r.text_hash,
-                links: &r.links,
-            });
-            if let Some((account, keys)) = keys {
-                key_index.record(r.id, account, &keys);
+        replay_store(&store, &allow_list, from, snapshot_last + 1, |r, keys| {
+            if r.id > snapshot_last {
+                detector.replay(Observation {
+                    id: r.id,
+                    account_id: &r.account_id,
+                    timestamp_ms: r.timestamp_ms,
+                    text_hash: r.text_hash,
+                    links: &r.links,
+                });
+                if let Some((account, keys)) = keys {
+                    key_index.record(r.id, account, &keys);
+                }
+                replayed += 1;
+                last_id = r.id;
             }
-            last_id = r.id;
             if needs_parts(r.id) && !r.parts.is_empty() {
                 parts_rebuilt += r.parts.len().min(PART_SLOTS as usize);
                 pending_parts.push((r.id, r.timestamp_ms, r.parts));
@@ -347,11 +438,13 @@ impl Engine {
         index.merge_step();
         parts.merge_step();
         let open_stats = OpenStats {
-            prompts,
+            prompts: restored + replayed,
             reloaded,
             rebuilt,
             parts_reloaded,
             parts_rebuilt,
+            restored,
+            replayed,
             seconds: started.elapsed().as_secs_f64(),
         };
         tracing::info!(?open_stats, "engine opened");
@@ -693,12 +786,13 @@ impl Engine {
     }
 
     /// Writes what the next open would otherwise rebuild from the store: the active index
-    /// segment and the part index's. Call it at a clean shutdown and at the end of a batch run;
-    /// ingest waits meanwhile. Prompts ingested afterwards are safe in the store and re-inserted
-    /// by the next open as before, so skipping it (a crash) costs only time.
+    /// segment, the part index's, and the detector snapshot (clusters, accounts and template
+    /// keys). Call it at a clean shutdown and at the end of a batch run; ingest waits meanwhile.
+    /// Prompts ingested afterwards are safe in the store and replayed by the next open on top of
+    /// what was written, so skipping it (a crash) costs only time.
     pub fn checkpoint(&self) -> Result<CheckpointStats, Error> {
         let started = Instant::now();
-        let _ingest = self.ingest.lock();
+        let ingest = self.ingest.lock();
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Unavailable(
                 "index checkpoint not written: an earlier store commit failed".into(),
@@ -711,11 +805,31 @@ impl Engine {
         let mut parts = self.parts.write();
         let part_vectors = parts.checkpoint()?;
         merging |= parts.is_merging();
+        drop(parts);
+        let detector = self.detector.read();
+        let last_id = ingest.next_id - 1;
+        let (mut detector_prompts, mut detector_bytes) = (0, 0);
+        if let Some(last_text_hash) = detector.text_hash(last_id) {
+            let header = SnapshotHeader {
+                last_id,
+                last_text_hash,
+                prompts: detector.prompts(),
+                allow: allow_fingerprint(&ingest.allow.0),
+            };
+            let path = self.config.data_dir.join(SNAPSHOT_FILE);
+            detector_bytes =
+                snapshot::save(&path, &header, &detector, &ingest.keys).map_err(|e| {
+                    Error::Unavailable(format!("detector snapshot {}: {e}", path.display()))
+                })?;
+            detector_prompts = header.prompts;
+        }
         Ok(CheckpointStats {
             active_vectors,
             part_vectors,
             segments,
             merging,
+            detector_prompts,
+            detector_bytes,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -999,21 +1113,23 @@ fn template_keys(allow: &AllowList, account_id: &str, text: &str) -> Option<(u64
 /// Records a start's replay reads ahead per chunk.
 const REPLAY_CHUNK: usize = 2048;
 
-/// Every stored record, in id order, to `apply`, with its [`template_keys`]. A thread reads and
-/// decodes the store a chunk ahead and the keys of each chunk are computed on all cores, while
-/// `apply` runs on this thread: a start spends its time in the store, the keys and the detector
-/// about equally.
+/// Every stored record from id `from` on, in id order, to `apply`, with its [`template_keys`]
+/// from id `keys_from` on (`None` before). A thread reads and decodes the store a chunk ahead and
+/// the keys of each chunk are computed on all cores, while `apply` runs on this thread: a start
+/// spends its time in the store, the keys and the detector about equally.
 /// Returns the number of records.
 fn replay_store(
     store: &Store,
     allow_list: &AllowList,
+    from: u64,
+    keys_from: u64,
     mut apply: impl FnMut(PromptRecord, Option<(u64, Vec<u64>)>),
 ) -> Result<u64, Error> {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<PromptRecord>>(2);
         let reader = scope.spawn(move || {
             let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
-            let n = store.for_each_from(0, |r| {
+            let n = store.for_each_from(from, |r| {
                 chunk.push(r);
                 if chunk.len() == REPLAY_CHUNK {
                     let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
@@ -1031,7 +1147,11 @@ fn replay_store(
         for chunk in rx {
             let keys: Vec<Option<(u64, Vec<u64>)>> = chunk
                 .par_iter()
-                .map(|r| template_keys(allow_list, &r.account_id, &r.text))
+                .map(|r| {
+                    (r.id >= keys_from)
+                        .then(|| template_keys(allow_list, &r.account_id, &r.text))
+                        .flatten()
+                })
                 .collect();
             for (r, k) in chunk.into_iter().zip(keys) {
                 apply(r, k);
@@ -1088,10 +1208,13 @@ fn seal_and_merge(
     Ok(())
 }
 
-/// Whether a prompt id must be re-inserted on open: past what the dumps on disk cover, or in a
-/// range whose dump failed to load.
-fn not_on_disk(covered: u64, missing: Vec<(u64, u64)>) -> impl Fn(u64) -> bool {
-    move |id| id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id))
+/// The first prompt id that must be re-inserted on open, and whether a given one must: past what
+/// the dumps on disk cover, or in a range whose dump failed to load.
+fn not_on_disk(covered: u64, missing: Vec<(u64, u64)>) -> (u64, impl Fn(u64) -> bool) {
+    let first = missing.iter().map(|&(a, _)| a).fold(covered + 1, u64::min);
+    (first, move |id| {
+        id > covered || missing.iter().any(|&(a, b)| (a..=b).contains(&id))
+    })
 }
 
 /// Earlier prompts that share at least `part_matches` of this prompt's `parts` (each part matched
@@ -1497,72 +1620,191 @@ mod tests {
         assert_eq!(engine.parts.read().len(), 12);
     }
 
-    #[test]
-    fn a_start_replays_every_chunk_of_the_store_into_the_same_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let open = || Engine::open(config(dir.path(), 100_000, None), DIM).unwrap();
-        let engine = open();
-        // More prompts than two replay chunks: one template (fixed words, a changing slot) from
-        // 40 accounts, between organic one-offs. No two vectors are alike, so only the template
-        // keys, which a start recomputes from the texts, link the template's prompts.
+    /// Prompt `i` of a stream: one template (fixed words, a changing slot) from 40 accounts
+    /// (`camp-*`), between organic one-offs (`organic-*`). No two vectors are alike, so only the
+    /// template keys, which a start recomputes from the texts, link the template's prompts.
+    fn stream_prompt(i: usize, account: Option<String>) -> NewPrompt {
         let word = |k: usize| -> String {
             [k % 26, k / 26 % 26, k / 676 % 26]
                 .iter()
                 .map(|&c| (b'a' + c as u8) as char)
                 .collect()
         };
-        let text = |i: usize| {
-            if i.is_multiple_of(3) {
-                format!("{} {}", word(i), word(i + 1))
-            } else {
-                format!(
-                    "Answer step by step and explain every part of your reasoning: {} {} {}",
-                    word(i),
-                    word(i + 7),
-                    word(i + 13)
-                )
-            }
+        let text = if i.is_multiple_of(3) {
+            format!("{} {}", word(i), word(i + 1))
+        } else {
+            format!(
+                "Answer step by step and explain every part of your reasoning: {} {} {}",
+                word(i),
+                word(i + 7),
+                word(i + 13)
+            )
         };
-        let total = 2 * REPLAY_CHUNK + 100;
-        let vectors = unit_vectors(5, total + 1, DIM);
-        let new = |i: usize, account: String| NewPrompt {
+        let account = account.unwrap_or_else(|| match i % 3 {
+            0 => format!("organic-{i}"),
+            _ => format!("camp-{}", i % 40),
+        });
+        NewPrompt {
             account_id: account,
             timestamp_ms: i as i64,
-            text: text(i),
-            embedding: vectors[i].clone(),
+            text,
+            embedding: unit_vectors(5_000_000 + i as u64, 1, DIM).remove(0),
             parts: Vec::new(),
-        };
-        for start in (0..total).step_by(500) {
-            let batch = (start..(start + 500).min(total))
-                .map(|i| match i % 3 {
-                    0 => new(i, format!("organic-{i}")),
-                    _ => new(i, format!("camp-{}", i % 40)),
-                })
-                .collect();
+        }
+    }
+
+    /// Ingests prompts `range` of [`stream_prompt`]'s stream in batches of 500.
+    fn ingest_stream(engine: &Engine, range: std::ops::Range<usize>) {
+        let ids: Vec<usize> = range.collect();
+        for batch in ids.chunks(500) {
+            let batch = batch.iter().map(|&i| stream_prompt(i, None)).collect();
             engine.ingest(batch).unwrap();
         }
-        let accounts = engine.accounts(false, usize::MAX);
-        let campaigns: Vec<CampaignSummary> = (engine.campaigns(10, 0.0).unwrap())
+    }
+
+    fn campaign_summaries(engine: &Engine) -> Vec<CampaignSummary> {
+        (engine.campaigns(10, 0.0).unwrap())
             .into_iter()
             .map(|c| c.summary)
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_start_replays_every_chunk_of_the_store_into_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || Engine::open(config(dir.path(), 100_000, None), DIM).unwrap();
+        let engine = open();
+        // More prompts than two replay chunks.
+        let total = 2 * REPLAY_CHUNK + 100;
+        ingest_stream(&engine, 0..total);
+        let accounts = engine.accounts(false, usize::MAX);
+        let campaigns = campaign_summaries(&engine);
         assert_eq!(campaigns.len(), 1, "{campaigns:?}");
         assert_eq!(campaigns[0].accounts, 40);
-        drop(engine);
+        drop(engine); // no checkpoint: the whole store is replayed
 
         let engine = open();
-        assert_eq!(engine.open_stats().prompts, total as u64);
+        let stats = engine.open_stats();
+        assert_eq!((stats.prompts, stats.restored), (total as u64, 0));
         assert_eq!(engine.accounts(false, usize::MAX), accounts);
-        let again: Vec<CampaignSummary> = (engine.campaigns(10, 0.0).unwrap())
-            .into_iter()
-            .map(|c| c.summary)
-            .collect();
-        assert_eq!(again, campaigns);
+        assert_eq!(campaign_summaries(&engine), campaigns);
         // The keys came back with the texts: a new account's prompt of the template joins it.
-        let v = engine.ingest(vec![new(total, "camp-new".into())]);
+        let v = engine.ingest(vec![stream_prompt(total, Some("camp-new".into()))]);
         let v = &v.unwrap()[0];
         assert!(v.neighbours > 0, "{v:?}");
         assert_eq!(v.campaign_id, Some(campaigns[0].id));
+    }
+
+    /// Copies a data directory (a store and its index dumps) file by file.
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_start_restores_the_checkpointed_detector_and_replays_only_what_came_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |d: &Path| Engine::open(config(d, 100_000, None), DIM).unwrap();
+        let engine = open(dir.path());
+        ingest_stream(&engine, 0..1_200);
+        let saved = engine.checkpoint().unwrap();
+        assert_eq!(saved.detector_prompts, 1_200);
+        assert!(dir.path().join(SNAPSHOT_FILE).exists());
+        ingest_stream(&engine, 1_200..1_800);
+        drop(engine); // a crash: the last 600 prompts are only in the store
+
+        // The same directory without the snapshot: a start that replays everything.
+        let full = tempfile::tempdir().unwrap();
+        copy_dir(dir.path(), full.path());
+        std::fs::remove_file(full.path().join(SNAPSHOT_FILE)).unwrap();
+
+        let restored = open(dir.path());
+        let replayed = open(full.path());
+        let (r, f) = (restored.open_stats(), replayed.open_stats());
+        assert_eq!((r.prompts, r.restored, r.replayed), (1_800, 1_200, 600));
+        assert_eq!((f.prompts, f.restored, f.replayed), (1_800, 0, 1_800));
+        assert_eq!(
+            restored.accounts(false, usize::MAX),
+            replayed.accounts(false, usize::MAX)
+        );
+        let campaigns = campaign_summaries(&restored);
+        assert_eq!(campaigns.len(), 1, "{campaigns:?}");
+        assert_eq!(campaigns[0].accounts, 40);
+        assert_eq!(campaigns, campaign_summaries(&replayed));
+        // Both go on alike: the template keys, cluster ids and scores were restored too.
+        let next = |i: usize| {
+            (i..i + 30)
+                .map(|i| stream_prompt(i, Some(format!("late-{}", i % 4))))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (restored.ingest(next(1_800)), replayed.ingest(next(1_800)));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a, b);
+        assert!(a.iter().any(|v| v.campaign_id == Some(campaigns[0].id)));
+
+        // A clean stop writes a snapshot holding everything: the next start replays nothing.
+        restored.checkpoint().unwrap();
+        drop(restored);
+        let again = open(dir.path());
+        let s = again.open_stats();
+        assert_eq!((s.prompts, s.restored, s.replayed), (1_830, 1_830, 0));
+        assert_eq!(
+            again.accounts(false, usize::MAX),
+            replayed.accounts(false, usize::MAX)
+        );
+        // Nothing replayed: the links of what follows come from the restored template keys.
+        let (a, b) = (again.ingest(next(1_830)), replayed.ingest(next(1_830)));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a, b);
+        // (Prompt `i` of the stream is stored as id `i + 1`; every third is organic.)
+        assert!(
+            a.iter()
+                .all(|v| v.neighbours > 0 || (v.prompt_id - 1) % 3 == 0)
+        );
+
+        // An allow-list changed after the snapshot (and no checkpoint since) voids it: its
+        // template keys were recorded under the old list.
+        again
+            .allow_template("Answer step by step <*>", "test", 0)
+            .unwrap();
+        drop(again);
+        let s = open(dir.path()).open_stats();
+        assert_eq!((s.prompts, s.restored, s.replayed), (1_860, 0, 1_860));
+    }
+
+    #[test]
+    fn a_snapshot_of_another_store_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let open = |d: &Path| Engine::open(config(d, 100_000, None), DIM).unwrap();
+        let engine = open(dir.path());
+        ingest_stream(&engine, 0..90);
+        engine.checkpoint().unwrap();
+        drop(engine);
+        // Another directory with as many prompts, but other ones, and this one's snapshot.
+        let engine = open(other.path());
+        ingest_stream(&engine, 100..190);
+        drop(engine);
+        std::fs::copy(
+            dir.path().join(SNAPSHOT_FILE),
+            other.path().join(SNAPSHOT_FILE),
+        )
+        .unwrap();
+        let engine = open(other.path());
+        let s = engine.open_stats();
+        assert_eq!((s.prompts, s.restored, s.replayed), (90, 0, 90));
+        assert!(
+            engine.account("organic-102").is_ok() && engine.account("organic-0").is_err(),
+            "the state is this store's"
+        );
     }
 
     #[test]

@@ -212,10 +212,12 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     // So that `serve` reloads the index instead of rebuilding what the last segment holds.
     let saved = engine.checkpoint()?;
     eprintln!(
-        "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} of the part index's; `serve` reloads them); {} index segments{}",
+        "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} of the part index's, detector snapshot of {} prompts ({:.1} MB); `serve` reloads them); {} index segments{}",
         saved.seconds,
         saved.active_vectors,
         saved.part_vectors,
+        saved.detector_prompts,
+        saved.detector_bytes as f64 / 1e6,
         saved.segments,
         if saved.merging {
             " (a merge was running: `serve` starts it again)"

@@ -85,7 +85,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     // One line people and scripts read: where it listens and what it loaded.
     println!(
-        "prompt-radar listening on {addr} (model {}, device {}, data {}, {} prompts: {} reloaded from segments, {} re-indexed, part vectors {} reloaded, {} re-indexed; ready in {:.1}s)",
+        "prompt-radar listening on {addr} (model {}, device {}, data {}, {} prompts: {} reloaded from segments, {} re-indexed, part vectors {} reloaded, {} re-indexed, clusters of {} restored from the snapshot, {} replayed; ready in {:.1}s)",
         config.model_dir.display(),
         config.device,
         config.engine.data_dir.display(),
@@ -94,6 +94,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         stats.rebuilt,
         stats.parts_reloaded,
         stats.parts_rebuilt,
+        stats.restored,
+        stats.replayed,
         started.elapsed().as_secs_f64()
     );
     let engine = prepared.service.engine().clone();
@@ -101,9 +103,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // What the next start would otherwise rebuild from the store.
     let saved = tokio::task::spawn_blocking(move || engine.checkpoint()).await??;
     println!(
-        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} of the part index's, {:.1}s; {} index segments{})",
+        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} of the part index's, detector snapshot of {} prompts ({:.1} MB), {:.1}s; {} index segments{})",
         saved.active_vectors,
         saved.part_vectors,
+        saved.detector_prompts,
+        saved.detector_bytes as f64 / 1e6,
         saved.seconds,
         saved.segments,
         if saved.merging {

@@ -5,8 +5,10 @@
 //! Accounts are interned to `u32` to keep per-cluster maps small.
 
 use std::collections::{HashMap, HashSet};
+use std::io::{self, Write};
 
 use super::scoring::{account_score, campaign_score};
+use super::snapshot::{Dec, Enc, invalid};
 use super::{Action, DetectorConfig, Verdict};
 
 /// Sample prompt ids kept per cluster (for templates and examples).
@@ -448,6 +450,182 @@ impl Detector {
             first_seen_ms: a.first_seen_ms,
             last_seen_ms: a.last_seen_ms,
         }
+    }
+
+    /// Writes the state a start would otherwise replay (see `snapshot`). Allow-list marks are
+    /// left out: a start derives them from the allow-list again.
+    pub(super) fn encode<W: Write>(&self, e: &mut Enc<W>) {
+        e.len(self.account_names.len());
+        for name in &self.account_names {
+            e.str(name);
+        }
+        e.len(self.parent.len());
+        for &p in &self.parent {
+            e.u64(p);
+        }
+        e.len(self.prompts_seen.len());
+        for p in &self.prompts_seen {
+            e.u32(p.account);
+            e.u64(p.text_hash);
+            e.u8(u8::from(p.shared));
+        }
+        e.len(self.clusters.len());
+        for (&root, c) in &self.clusters {
+            e.u64(root);
+            e.u64(c.prompts);
+            e.i64(c.first_seen_ms);
+            e.i64(c.last_seen_ms);
+            e.len(c.accounts.len());
+            for (&a, &n) in &c.accounts {
+                e.u32(a);
+                e.u64(n);
+            }
+            e.len(c.texts.len());
+            for &t in &c.texts {
+                e.u64(t);
+            }
+            e.len(c.samples.len());
+            for &id in &c.samples {
+                e.u64(id);
+            }
+        }
+        e.len(self.accounts.len());
+        for (&acct, a) in &self.accounts {
+            e.u32(acct);
+            e.u64(a.prompts);
+            e.i64(a.first_seen_ms);
+            e.i64(a.last_seen_ms);
+            for map in [&a.clusters, &a.shared] {
+                e.len(map.len());
+                for (&c, &n) in map {
+                    e.u64(c);
+                    e.u64(n);
+                }
+            }
+            e.len(a.targets.len());
+            for &t in &a.targets {
+                e.u64(t);
+            }
+        }
+    }
+
+    /// Reads what [`Detector::encode`] wrote; refuses ids that would point outside the state.
+    pub(super) fn decode(d: &mut Dec, config: DetectorConfig) -> io::Result<Self> {
+        let n = d.len(8)?;
+        let mut account_names = Vec::with_capacity(n);
+        let mut account_ids = HashMap::with_capacity(n);
+        for a in 0..n {
+            let name = d.str()?;
+            if account_ids.insert(name.clone(), a as u32).is_some() {
+                return Err(invalid("corrupt (an account twice)"));
+            }
+            account_names.push(name);
+        }
+        let accounts_known = account_names.len() as u64;
+        let account = |a: u32| {
+            if u64::from(a) < accounts_known {
+                Ok(a)
+            } else {
+                Err(invalid("corrupt (an unknown account)"))
+            }
+        };
+        let n = d.len(8)?;
+        let mut parent = Vec::with_capacity(n);
+        for _ in 0..n {
+            let p = d.u64()?;
+            if p >= n as u64 {
+                return Err(invalid("corrupt (a prompt id beyond the last)"));
+            }
+            parent.push(p);
+        }
+        let ids = parent.len() as u64;
+        let id = |x: u64| {
+            if x < ids {
+                Ok(x)
+            } else {
+                Err(invalid("corrupt (a prompt id beyond the last)"))
+            }
+        };
+        let n = d.len(13)?;
+        let mut prompts_seen = Vec::with_capacity(n);
+        for _ in 0..n {
+            let a = d.u32()?;
+            prompts_seen.push(PromptSeen {
+                account: if a == u32::MAX { a } else { account(a)? },
+                text_hash: d.u64()?,
+                shared: d.u8()? != 0,
+            });
+        }
+        let n = d.len(56)?;
+        let mut clusters = HashMap::with_capacity(n);
+        for _ in 0..n {
+            let root = id(d.u64()?)?;
+            let mut c = ClusterStats {
+                prompts: d.u64()?,
+                first_seen_ms: d.i64()?,
+                last_seen_ms: d.i64()?,
+                ..ClusterStats::default()
+            };
+            let m = d.len(12)?;
+            c.accounts.reserve(m);
+            for _ in 0..m {
+                let a = account(d.u32()?)?;
+                c.accounts.insert(a, d.u64()?);
+            }
+            let m = d.len(8)?;
+            c.texts.reserve(m);
+            for _ in 0..m {
+                c.texts.insert(d.u64()?);
+            }
+            let m = d.len(8)?;
+            for _ in 0..m {
+                c.samples.push(id(d.u64()?)?);
+            }
+            clusters.insert(root, c);
+        }
+        let n = d.len(52)?;
+        let mut accounts = HashMap::with_capacity(n);
+        for _ in 0..n {
+            let acct = account(d.u32()?)?;
+            let mut a = AccountStats {
+                prompts: d.u64()?,
+                first_seen_ms: d.i64()?,
+                last_seen_ms: d.i64()?,
+                ..AccountStats::default()
+            };
+            for map in [&mut a.clusters, &mut a.shared] {
+                let m = d.len(16)?;
+                map.reserve(m);
+                for _ in 0..m {
+                    let c = id(d.u64()?)?;
+                    map.insert(c, d.u64()?);
+                }
+            }
+            let m = d.len(8)?;
+            a.targets.reserve(m);
+            for _ in 0..m {
+                a.targets.insert(id(d.u64()?)?);
+            }
+            accounts.insert(acct, a);
+        }
+        Ok(Self {
+            config,
+            parent,
+            clusters,
+            accounts,
+            account_ids,
+            account_names,
+            prompts_seen,
+            allowed: HashSet::new(),
+        })
+    }
+
+    /// The normalised-text hash of prompt `id`, if it was observed.
+    pub fn text_hash(&self, id: u64) -> Option<u64> {
+        self.prompts_seen
+            .get(id as usize)
+            .filter(|p| p.account != u32::MAX)
+            .map(|p| p.text_hash)
     }
 
     fn ensure(&mut self, id: u64) {

@@ -203,6 +203,31 @@ impl KeyIndex {
         self.latest.insert(key, next);
     }
 
+    /// Writes the index for the detector snapshot (see `snapshot`).
+    pub(super) fn encode<W: std::io::Write>(&self, e: &mut super::snapshot::Enc<W>) {
+        e.len(self.latest.len());
+        for (&key, l) in &self.latest {
+            e.u64(key);
+            e.u64(l.id);
+            e.u64(l.account);
+            e.u8(u8::from(l.other.is_some()));
+            e.u64(l.other.unwrap_or(0));
+        }
+    }
+
+    /// Reads what [`KeyIndex::encode`] wrote.
+    pub(super) fn decode(d: &mut super::snapshot::Dec) -> std::io::Result<Self> {
+        let n = d.len(33)?;
+        let mut latest = HashMap::with_capacity(n);
+        for _ in 0..n {
+            let key = d.u64()?;
+            let (id, account, some, other) = (d.u64()?, d.u64()?, d.u8()?, d.u64()?);
+            let other = (some != 0).then_some(other);
+            latest.insert(key, Latest { id, account, other });
+        }
+        Ok(Self { latest })
+    }
+
     /// Keys remembered.
     pub fn len(&self) -> usize {
         self.latest.len()

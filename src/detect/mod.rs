@@ -1,6 +1,7 @@
 //! Campaign detection: turns each prompt's links to similar earlier prompts into clusters, and
-//! clusters into campaign and account scores. Pure in-memory state, rebuilt on start by replaying
-//! the stored prompts' links (see `store`); it never touches the index or the disk itself.
+//! clusters into campaign and account scores. In-memory state, restored on start from the
+//! [`snapshot`] a checkpoint wrote and caught up by replaying the prompts' links stored since (see
+//! `store`); it never touches the index itself.
 //!
 //! The signal is a cluster of similar prompts that *many distinct accounts* share, whose texts
 //! vary (harvesters vary slots; popular one-liners repeat verbatim), and that makes up most of an
@@ -10,6 +11,7 @@ pub mod allow;
 mod clusters;
 pub mod keys;
 pub mod scoring;
+pub mod snapshot;
 pub mod template;
 
 pub use clusters::{AccountSummary, CampaignSummary, Detector, Observation};

@@ -88,7 +88,12 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
     feeder.abort();
     drop(out);
 
-    let (mut child, url, _, _out) = spawn_server(dir.path());
+    let (mut child, url, line, _out) = spawn_server(dir.path());
+    // No clean stop, so no detector snapshot: the restart replays the store.
+    assert!(
+        line.contains("clusters of 0 restored from the snapshot"),
+        "{line}"
+    );
     let mut c = RadarClient::connect(url).await.unwrap();
     for (id, text) in &acked {
         let by_id = nearest(&mut c, Query::PromptId(*id))
@@ -140,6 +145,12 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
             .into_inner();
         sent.push((r.prompt_id, text));
     }
+    let accounts = c
+        .list_accounts(proto::ListAccountsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts;
     drop(c);
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -151,18 +162,29 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
     assert!(child.wait().unwrap().success(), "clean exit: {bye}");
     // 60 prompts in segments of 25: 50 sealed, 10 in the checkpointed active segment.
     assert!(
-        bye.contains("shut down (index checkpoint: 10 active-segment vectors"),
+        bye.contains("shut down (index checkpoint: 10 active-segment vectors")
+            && bye.contains("detector snapshot of 60 prompts"),
         "{bye}"
     );
 
     let (mut child, url, line, _out) = spawn_server(dir.path());
     assert!(
         line.contains("60 prompts: 60 reloaded from segments, 0 re-indexed, part vectors ")
-            && line.contains(" reloaded, 0 re-indexed;")
+            && line.contains(
+                " reloaded, 0 re-indexed, clusters of 60 restored from the snapshot, 0 replayed;"
+            )
             && !line.contains("part vectors 0 reloaded"),
         "nothing rebuilt from the store: {line}"
     );
     let mut c = RadarClient::connect(url).await.unwrap();
+    // The accounts, their scores and campaigns come back as they were.
+    let restored = c
+        .list_accounts(proto::ListAccountsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .accounts;
+    assert_eq!(restored, accounts);
     for (id, text) in sent.iter().rev().take(15) {
         let hit = nearest(&mut c, Query::Text(text.clone())).await.unwrap();
         assert_eq!(hit.prompt_id, *id, "{text}");
