@@ -35,7 +35,7 @@ use prompt_radar::config::{Config, DeviceKind, EngineConfig, Limits};
 use prompt_radar::embed::BatchConfig;
 use prompt_radar::proto::radar_client::RadarClient;
 use prompt_radar::proto::search_request::Query;
-use prompt_radar::proto::{SearchHit, SearchRequest};
+use prompt_radar::proto::{self, SearchHit, SearchRequest};
 use prompt_radar::server::{Prepared, bind};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -161,4 +161,13 @@ pub async fn nearest(
     hits.into_iter()
         .next()
         .ok_or_else(|| tonic::Status::not_found("search returned no hit"))
+}
+
+/// Every account the server lists (`ListAccounts`, no filter, no limit).
+pub async fn all_accounts(c: &mut RadarClient<Channel>) -> Vec<proto::Account> {
+    c.list_accounts(proto::ListAccountsRequest::default())
+        .await
+        .expect("ListAccounts")
+        .into_inner()
+        .accounts
 }

@@ -8,7 +8,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 
 use prompt_radar::proto::{self, radar_client::RadarClient, search_request::Query};
 
-use crate::common::{model_dir, nearest, templated};
+use crate::common::{all_accounts, model_dir, nearest, templated};
 
 /// Starts `prompt-radar serve` on a free port and returns it with the address it printed, the
 /// line that said so, and the rest of its standard output (keep it open: the server prints
@@ -108,12 +108,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
         assert_eq!(by_text.prompt_id, *id, "{text}");
         assert!(by_text.similarity > 0.999);
     }
-    let accounts = c
-        .list_accounts(proto::ListAccountsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .accounts;
+    let accounts = all_accounts(&mut c).await;
     let stored: u64 = accounts.iter().map(|a| a.prompts).sum();
     assert!(
         stored >= acked.len() as u64,
@@ -145,12 +140,7 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
             .into_inner();
         sent.push((r.prompt_id, text));
     }
-    let accounts = c
-        .list_accounts(proto::ListAccountsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .accounts;
+    let accounts = all_accounts(&mut c).await;
     drop(c);
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -178,12 +168,7 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
     );
     let mut c = RadarClient::connect(url).await.unwrap();
     // The accounts, their scores and campaigns come back as they were.
-    let restored = c
-        .list_accounts(proto::ListAccountsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .accounts;
+    let restored = all_accounts(&mut c).await;
     assert_eq!(restored, accounts);
     for (id, text) in sent.iter().rev().take(15) {
         let hit = nearest(&mut c, Query::Text(text.clone())).await.unwrap();

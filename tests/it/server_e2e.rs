@@ -3,7 +3,7 @@
 use prompt_radar::proto::{self, search_request::Query};
 use tonic::Code;
 
-use crate::common::{ORGANIC, TestServer, config, nearest, templated};
+use crate::common::{ORGANIC, TestServer, all_accounts, config, nearest, templated};
 
 fn req(account: &str, prompt: &str) -> proto::CheckRequest {
     proto::CheckRequest {
@@ -359,12 +359,7 @@ async fn overload_is_resource_exhausted_and_nothing_accepted_is_lost() {
     assert_eq!(ok + exhausted, 48);
     // Exactly the accepted prompts are stored: the listing counts them.
     let mut c = server.client().await;
-    let accounts = c
-        .list_accounts(proto::ListAccountsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .accounts;
+    let accounts = all_accounts(&mut c).await;
     assert_eq!(accounts.iter().map(|a| a.prompts).sum::<u64>(), ok);
     server.stop().await;
 }
@@ -657,15 +652,7 @@ async fn shutdown_ends_an_open_stream_after_answering_what_it_sent() {
 
     let server = TestServer::start(config(dir.path())).await;
     let mut c = server.client().await;
-    let stored: u64 = c
-        .list_accounts(proto::ListAccountsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .accounts
-        .iter()
-        .map(|a| a.prompts)
-        .sum();
+    let stored: u64 = all_accounts(&mut c).await.iter().map(|a| a.prompts).sum();
     assert_eq!(stored, 10, "every answered request is stored");
     server.stop().await;
 }
