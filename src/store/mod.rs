@@ -1,6 +1,7 @@
 //! The durable record of every accepted prompt, in redb (embedded, ACID, copy-on-write B-trees,
 //! fsync on commit). It is the source of truth: the HNSW index and the detector state are derived
-//! from it and rebuilt from it on start. It knows nothing of HNSW or scoring.
+//! from it, and a start rebuilds from it whatever their checkpoint (index dumps, detector
+//! snapshot) lacks. It knows nothing of HNSW or scoring.
 //!
 //! A prompt's verdict is returned only after the transaction holding it has committed
 //! ([`Store::append`] commits with `Durability::Immediate`), so a crash never loses an acknowledged
