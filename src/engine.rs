@@ -552,9 +552,11 @@ impl Engine {
         self.ingest.lock().allow.0.clone()
     }
 
-    /// Removes allow-list entry `id`: later prompts of that template are judged again (clusters it
-    /// cleared stay cleared until a restart).
+    /// Removes allow-list entry `id`: later prompts of that template are judged again, and the
+    /// campaigns it cleared score again. The clusters' marks are derived afresh from the entries
+    /// left, as a start derives them, so the live state is what a restart would give.
     pub fn remove_allowed(&self, id: u64) -> Result<AllowEntry, Error> {
+        // Ingest waits meanwhile, so no prompt is judged between clearing and re-marking.
         let mut state = self.ingest.lock();
         let Some(pos) = state.allow.0.iter().position(|e| e.id == id) else {
             return Err(Error::NotFound(format!("id: no allow-list entry {id}")));
@@ -563,6 +565,10 @@ impl Engine {
         let gone = entries.remove(pos);
         self.save_allow(&entries)?;
         state.allow = (entries.clone(), AllowList::new(&entries));
+        self.detector.write().clear_allowed();
+        for rule in state.allow.1.rules() {
+            self.allow_matching_clusters(rule)?;
+        }
         Ok(gone)
     }
 

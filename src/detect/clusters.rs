@@ -153,6 +153,11 @@ impl Detector {
         }
     }
 
+    /// Removes every cluster's allow-list mark (to derive them afresh from the allow-list).
+    pub fn clear_allowed(&mut self) {
+        self.allowed.clear();
+    }
+
     /// Marks the cluster holding prompt `id` as allow-listed; returns whether it was a campaign.
     pub fn allow_cluster(&mut self, id: u64) -> bool {
         let root = self.cluster_of(id);

@@ -605,6 +605,22 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(gone, entry);
+    // The campaign it cleared scores again, as a restart would have it.
+    let list = campaigns(
+        c.list_campaigns(proto::ListCampaignsRequest {
+            top: 10,
+            min_score: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    );
+    assert!(
+        list.iter().any(|c| c
+            .template
+            .starts_with("You are an expert competitive programmer.")),
+        "{list:?}"
+    );
     let err = c
         .remove_allowed_template(proto::RemoveAllowedTemplateRequest { id: entry.id })
         .await
