@@ -224,7 +224,7 @@ struct IngestState {
 }
 
 /// What [`Engine::checkpoint`] wrote.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointStats {
     /// Vectors of the active index segment now on disk (0 when it was empty or already written).
     pub active_vectors: usize,
@@ -238,6 +238,8 @@ pub struct CheckpointStats {
     pub detector_prompts: u64,
     /// Its size in bytes.
     pub detector_bytes: u64,
+    /// Why no snapshot was written, when writing one failed (the next start replays the store).
+    pub detector_error: Option<String>,
     /// Seconds it took.
     pub seconds: f64,
 }
@@ -292,8 +294,12 @@ fn load_snapshot(
         }
         match store.get(h.last_id) {
             Ok(Some(r)) if r.text_hash == h.last_text_hash => Ok(()),
-            Ok(_) => Err(format!(
-                "it ends at prompt {}, which this store does not hold as it knew it",
+            Ok(Some(_)) => Err(format!(
+                "it was written for another store (prompt {} differs here)",
+                h.last_id
+            )),
+            Ok(None) => Err(format!(
+                "it was written for another store (it ends at prompt {}, which this store lacks)",
                 h.last_id
             )),
             Err(e) => Err(e.to_string()),
@@ -842,7 +848,13 @@ impl Engine {
         let part_vectors = parts.checkpoint()?;
         merging |= parts.is_merging();
         drop(parts);
-        let (detector_prompts, detector_bytes) = self.save_snapshot(&mut ingest)?;
+        // The index is on disk; a snapshot that cannot be written (a full disk) costs only the
+        // next start's replay, so it is reported, not an error.
+        let (detector_prompts, detector_bytes, detector_error) =
+            match self.save_snapshot(&mut ingest) {
+                Ok((prompts, bytes)) => (prompts, bytes, None),
+                Err(e) => (0, 0, Some(e)),
+            };
         Ok(CheckpointStats {
             active_vectors,
             part_vectors,
@@ -850,13 +862,14 @@ impl Engine {
             merging,
             detector_prompts,
             detector_bytes,
+            detector_error,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
 
     /// Writes the detector snapshot as of the last stored prompt; returns its prompts and bytes
     /// ((0, 0) when nothing is stored). Ingest must be held, so no batch is half applied.
-    fn save_snapshot(&self, ingest: &mut IngestState) -> Result<(u64, u64), Error> {
+    fn save_snapshot(&self, ingest: &mut IngestState) -> Result<(u64, u64), String> {
         let detector = self.detector.read();
         let last_id = ingest.next_id - 1;
         let Some(last_text_hash) = detector.text_hash(last_id) else {
@@ -869,9 +882,8 @@ impl Engine {
             allow: allow_fingerprint(&ingest.allow.0),
         };
         let path = self.config.data_dir.join(SNAPSHOT_FILE);
-        let bytes = snapshot::save(&path, &header, &detector, &ingest.keys).map_err(|e| {
-            Error::Unavailable(format!("detector snapshot {}: {e}", path.display()))
-        })?;
+        let bytes = snapshot::save(&path, &header, &detector, &ingest.keys)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         ingest.snapshot_last = last_id;
         Ok((header.prompts, bytes))
     }
@@ -1857,6 +1869,31 @@ mod tests {
             replayed.accounts(false, usize::MAX)
         );
         assert_eq!(campaign_summaries(&restored), campaign_summaries(&replayed));
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_be_written_is_reported_and_the_checkpoint_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |d: &Path| Engine::open(config(d, 100_000, None), DIM).unwrap();
+        let engine = open(dir.path());
+        ingest_stream(&engine, 0..60);
+        // Something that is not a file where the snapshot goes.
+        std::fs::create_dir(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        let saved = engine.checkpoint().unwrap();
+        assert_eq!((saved.active_vectors, saved.detector_prompts), (60, 0));
+        let why = saved.detector_error.unwrap();
+        assert!(why.contains(SNAPSHOT_FILE), "{why}");
+        assert!(
+            !dir.path().join("detector.tmp").exists(),
+            "no half-written file is left"
+        );
+        drop(engine);
+        // The next start reloads the index and replays the detector.
+        let s = open(dir.path()).open_stats();
+        assert_eq!(
+            (s.reloaded, s.rebuilt, s.restored, s.replayed),
+            (60, 0, 0, 60)
+        );
     }
 
     #[test]

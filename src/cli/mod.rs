@@ -273,6 +273,18 @@ pub fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 50051))
 }
 
+/// What a checkpoint says of the detector snapshot: its size, or why none was written.
+pub fn snapshot_note(saved: &prompt_radar::engine::CheckpointStats) -> String {
+    match &saved.detector_error {
+        None => format!(
+            "detector snapshot of {} prompts ({:.1} MB)",
+            saved.detector_prompts,
+            saved.detector_bytes as f64 / 1e6
+        ),
+        Some(e) => format!("detector snapshot NOT written ({e}): the next start replays the store"),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -103,11 +103,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // What the next start would otherwise rebuild from the store.
     let saved = tokio::task::spawn_blocking(move || engine.checkpoint()).await??;
     println!(
-        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} of the part index's, detector snapshot of {} prompts ({:.1} MB), {:.1}s; {} index segments{})",
+        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} of the part index's, {}, {:.1}s; {} index segments{})",
         saved.active_vectors,
         saved.part_vectors,
-        saved.detector_prompts,
-        saved.detector_bytes as f64 / 1e6,
+        super::snapshot_note(&saved),
         saved.seconds,
         saved.segments,
         if saved.merging {

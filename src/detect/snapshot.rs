@@ -44,7 +44,27 @@ pub fn save(
     keys: &KeyIndex,
 ) -> io::Result<u64> {
     let tmp = path.with_extension("tmp");
-    let file = File::create(&tmp)?;
+    let written =
+        write_to(&tmp, header, detector, keys).and_then(|n| std::fs::rename(&tmp, path).map(|_| n));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let written = written?;
+    if let Some(dir) = path.parent() {
+        // The rename itself is durable once the directory is synced.
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(written)
+}
+
+/// Writes the snapshot to `tmp` and syncs it.
+fn write_to(
+    tmp: &Path,
+    header: &SnapshotHeader,
+    detector: &Detector,
+    keys: &KeyIndex,
+) -> io::Result<u64> {
+    let file = File::create(tmp)?;
     let mut enc = Enc::new(BufWriter::with_capacity(CHUNK, file));
     enc.bytes(MAGIC);
     enc.u32(VERSION);
@@ -57,12 +77,6 @@ pub fn save(
     let (file, written) = enc.finish()?;
     let file = file.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        // The rename itself is durable once the directory is synced.
-        File::open(dir)?.sync_all()?;
-    }
     Ok(written)
 }
 

@@ -13,7 +13,39 @@ use crate::common::{all_accounts, model_dir, nearest, templated};
 /// Starts `prompt-radar serve` on a free port and returns it with the address it printed, the
 /// line that said so, and the rest of its standard output (keep it open: the server prints
 /// again when it stops).
-fn spawn_server(data_dir: &std::path::Path) -> (Child, String, String, BufReader<ChildStdout>) {
+/// A server process that is killed when dropped, so a failing test leaves none behind (one
+/// would keep the test run's output open).
+struct Server(Child);
+
+impl std::ops::Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_server(data_dir: &std::path::Path) -> (Server, String, String, BufReader<ChildStdout>) {
+    spawn_server_with(data_dir, Stdio::inherit())
+}
+
+/// [`spawn_server`] with its standard error going to `stderr`.
+fn spawn_server_with(
+    data_dir: &std::path::Path,
+    stderr: Stdio,
+) -> (Server, String, String, BufReader<ChildStdout>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
         .args([
             "serve",
@@ -27,7 +59,7 @@ fn spawn_server(data_dir: &std::path::Path) -> (Child, String, String, BufReader
         .arg("--model")
         .arg(model_dir())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("spawn prompt-radar serve");
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -39,7 +71,7 @@ fn spawn_server(data_dir: &std::path::Path) -> (Child, String, String, BufReader
         .and_then(|s| s.split_whitespace().next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
-    (child, format!("http://{addr}"), line, stdout)
+    (Server(child), format!("http://{addr}"), line, stdout)
 }
 
 fn prompt(i: usize) -> String {
@@ -89,11 +121,20 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
     drop(out);
 
     let (mut child, url, line, _out) = spawn_server(dir.path());
-    // No clean stop, so no detector snapshot: the restart replays the store.
-    assert!(
-        line.contains("clusters of 0 restored from the snapshot"),
-        "{line}"
+    // No clean stop, but segments of 25 were sealed, each with a detector snapshot: the restart
+    // restores the last one and replays what was stored after it.
+    let count = |before: &str| -> u64 {
+        let head = line.split(before).next().unwrap_or_default();
+        let n = head.rsplit([' ', '(']).next().unwrap_or_default();
+        n.parse()
+            .unwrap_or_else(|_| panic!("no count before {before:?} in {line}"))
+    };
+    let (stored, restored, replayed) = (
+        count(" prompts:"),
+        count(" restored from the snapshot"),
+        count(" replayed;"),
     );
+    assert!(restored > 0 && restored + replayed == stored, "{line}");
     let mut c = RadarClient::connect(url).await.unwrap();
     for (id, text) in &acked {
         let by_id = nearest(&mut c, Query::PromptId(*id))
@@ -191,4 +232,61 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
     assert_eq!(hit.prompt_id, late.prompt_id);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_detector_snapshot_is_reported_and_the_store_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url, _, mut out) = spawn_server(dir.path());
+    let mut c = RadarClient::connect(url).await.unwrap();
+    for i in 0..12 {
+        c.check(proto::CheckRequest {
+            account_id: format!("acct-{}", i % 4),
+            prompt: prompt(i),
+            timestamp_ms: 1_750_000_000_000 + i as i64,
+            request_id: i.to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    let accounts = all_accounts(&mut c).await;
+    drop(c);
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut bye = String::new();
+    out.read_line(&mut bye).unwrap();
+    assert!(child.wait().unwrap().success(), "clean exit: {bye}");
+    assert!(bye.contains("detector snapshot of 12 prompts"), "{bye}");
+
+    // One byte flipped in the middle: the checksum catches it.
+    let path = dir.path().join("detector.snapshot");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (mut child, url, line, _out) =
+        spawn_server_with(dir.path(), Stdio::from(log.reopen().unwrap()));
+    assert!(
+        line.contains("clusters of 0 restored from the snapshot, 12 replayed;"),
+        "{line}"
+    );
+    let mut c = RadarClient::connect(url).await.unwrap();
+    assert_eq!(all_accounts(&mut c).await, accounts);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Said once, in plain text: stderr here is a file, not a terminal.
+    let said = std::fs::read_to_string(log.path()).unwrap();
+    assert!(
+        said.contains("detector snapshot not used") && said.contains("checksum mismatch"),
+        "{said}"
+    );
+    assert!(
+        !said.contains('\u{1b}'),
+        "no terminal colour codes: {said:?}"
+    );
 }
