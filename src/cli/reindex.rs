@@ -192,6 +192,24 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     )?;
     progress.display.finish();
     eprintln!("{}", times.summary("reindex"));
+    // So that `serve` reloads the index instead of rebuilding what the last segment holds.
+    let saved = engine.checkpoint();
+    if let Ok(saved) = &saved {
+        eprintln!(
+            "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} of the part index's, {}; `serve` reloads them); {} index segments{}",
+            saved.seconds,
+            saved.active_vectors,
+            saved.part_vectors,
+            super::snapshot_note(saved),
+            saved.segments,
+            if saved.merging {
+                " (a merge was running: `serve` starts it again)"
+            } else {
+                ""
+            }
+        );
+    }
+    // Where to go on is the last line (a batch job's log tail), checkpoint or not.
     if times.interrupted || times.stopped {
         // A stop at a bad line leaves that line to fix; an interrupted run goes on after the
         // last line it read (or from where it started, when it read none).
@@ -209,21 +227,6 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
             }
         );
     }
-    // So that `serve` reloads the index instead of rebuilding what the last segment holds.
-    let saved = engine.checkpoint()?;
-    eprintln!(
-        "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} of the part index's, detector snapshot of {} prompts ({:.1} MB); `serve` reloads them); {} index segments{}",
-        saved.seconds,
-        saved.active_vectors,
-        saved.part_vectors,
-        saved.detector_prompts,
-        saved.detector_bytes as f64 / 1e6,
-        saved.segments,
-        if saved.merging {
-            " (a merge was running: `serve` starts it again)"
-        } else {
-            ""
-        }
-    );
+    saved?;
     Ok(times.bad_lines == 0 && !times.interrupted)
 }

@@ -808,6 +808,10 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
     assert!(seen.contains("reindex: stopping:"), "{seen}");
     let next = number_after(&seen, "the same command with --start-line ");
     assert!(next > 1 && next <= LINES, "stopped part way: {seen}");
+    assert!(
+        (seen.lines().last().unwrap_or_default()).contains("--start-line"),
+        "where to go on is the last line: {seen}"
+    );
     let summary = seen
         .lines()
         .find(|l| l.contains(" prompts in "))
