@@ -74,6 +74,19 @@ fn spawn_server_with(
     (Server(child), format!("http://{addr}"), line, stdout)
 }
 
+/// Stops `server` with SIGTERM; returns the line it printed as it shut down, once it exited 0.
+fn clean_stop(mut server: Server, out: &mut BufReader<ChildStdout>) -> String {
+    let term = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut bye = String::new();
+    out.read_line(&mut bye).unwrap();
+    assert!(server.wait().unwrap().success(), "clean exit: {bye}");
+    bye
+}
+
 fn prompt(i: usize) -> String {
     // Unique texts, half of them templated, so the restart also has clusters to rebuild.
     if i.is_multiple_of(2) {
@@ -163,7 +176,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url, _, mut out) = spawn_server(dir.path());
+    let (child, url, _, mut out) = spawn_server(dir.path());
     let mut c = RadarClient::connect(url).await.unwrap();
     let mut sent: Vec<(u64, String)> = Vec::new();
     for i in 0..60 {
@@ -183,14 +196,7 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
     }
     let accounts = all_accounts(&mut c).await;
     drop(c);
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let mut bye = String::new();
-    out.read_line(&mut bye).unwrap();
-    assert!(child.wait().unwrap().success(), "clean exit: {bye}");
+    let bye = clean_stop(child, &mut out);
     // 60 prompts in segments of 25: 50 sealed, 10 in the checkpointed active segment.
     assert!(
         bye.contains("shut down (index checkpoint: 10 active-segment vectors")
@@ -237,7 +243,7 @@ async fn a_clean_stop_checkpoints_the_index_and_the_next_start_reloads_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_detector_snapshot_is_reported_and_the_store_replayed() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url, _, mut out) = spawn_server(dir.path());
+    let (child, url, _, mut out) = spawn_server(dir.path());
     let mut c = RadarClient::connect(url).await.unwrap();
     for i in 0..12 {
         c.check(proto::CheckRequest {
@@ -251,14 +257,7 @@ async fn a_damaged_detector_snapshot_is_reported_and_the_store_replayed() {
     }
     let accounts = all_accounts(&mut c).await;
     drop(c);
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let mut bye = String::new();
-    out.read_line(&mut bye).unwrap();
-    assert!(child.wait().unwrap().success(), "clean exit: {bye}");
+    let bye = clean_stop(child, &mut out);
     assert!(bye.contains("detector snapshot of 12 prompts"), "{bye}");
 
     // One byte flipped in the middle: the checksum catches it.

@@ -1,7 +1,8 @@
 //! End to end through a real gRPC server on 127.0.0.1:0 with the real model and store.
 
-use prompt_radar::proto::{self, search_request::Query};
+use prompt_radar::proto::{self, radar_client::RadarClient, search_request::Query};
 use tonic::Code;
+use tonic::transport::Channel;
 
 use crate::common::{ORGANIC, TestServer, all_accounts, config, nearest, templated};
 
@@ -479,16 +480,7 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
             .await
             .unwrap();
     }
-    let campaigns = |list: proto::ListCampaignsResponse| list.campaigns;
-    let list = campaigns(
-        c.list_campaigns(proto::ListCampaignsRequest {
-            top: 10,
-            min_score: 0.0,
-        })
-        .await
-        .unwrap()
-        .into_inner(),
-    );
+    let list = every_campaign(&mut c).await;
     assert_eq!(list.len(), 1, "{list:?}");
 
     // Bad requests first: nothing is added.
@@ -588,15 +580,7 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .into_inner()
         .templates;
     assert_eq!(listed, vec![entry.clone()]);
-    let list = campaigns(
-        c.list_campaigns(proto::ListCampaignsRequest {
-            top: 10,
-            min_score: 0.0,
-        })
-        .await
-        .unwrap()
-        .into_inner(),
-    );
+    let list = every_campaign(&mut c).await;
     assert!(list.is_empty(), "{list:?}");
 
     let gone = c
@@ -606,15 +590,7 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .into_inner();
     assert_eq!(gone, entry);
     // The campaign it cleared scores again, as a restart would have it.
-    let list = campaigns(
-        c.list_campaigns(proto::ListCampaignsRequest {
-            top: 10,
-            min_score: 0.0,
-        })
-        .await
-        .unwrap()
-        .into_inner(),
-    );
+    let list = every_campaign(&mut c).await;
     assert!(
         list.iter().any(|c| c
             .template
@@ -671,4 +647,16 @@ async fn shutdown_ends_an_open_stream_after_answering_what_it_sent() {
     let stored: u64 = all_accounts(&mut c).await.iter().map(|a| a.prompts).sum();
     assert_eq!(stored, 10, "every answered request is stored");
     server.stop().await;
+}
+
+/// The campaigns listed with no score threshold (up to 10).
+async fn every_campaign(c: &mut RadarClient<Channel>) -> Vec<proto::Campaign> {
+    c.list_campaigns(proto::ListCampaignsRequest {
+        top: 10,
+        min_score: 0.0,
+    })
+    .await
+    .expect("ListCampaigns")
+    .into_inner()
+    .campaigns
 }
