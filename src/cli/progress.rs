@@ -45,10 +45,19 @@ impl Progress {
 
     /// Counts `n` more items done.
     pub fn inc(&mut self, n: u64) {
-        self.bar.inc(n);
-        if let Some(line) = self.plain_line() {
+        if let Some(line) = self.inc_line(n) {
             eprintln!("{line}");
         }
+    }
+
+    /// Counts `n` more items done; returns the plain line due, if any. The line counts what was
+    /// done *before* these: items arrive a batch at a time, and the first item of a batch that
+    /// ends after a long wait (the first one, at start) would otherwise make the count, rate and
+    /// ETA look like one item in all that time (an ETA of hours for a run of seconds).
+    fn inc_line(&mut self, n: u64) -> Option<String> {
+        let line = self.plain_line();
+        self.bar.inc(n);
+        line
     }
 
     /// The plain line due now, if any.
@@ -97,6 +106,18 @@ mod tests {
         let line = p.plain_line().unwrap_or_default();
         assert!(line.starts_with("reindex: 250/1000 (25%) in "), "{line}");
         assert!(line.contains("/s, eta ") && line.ends_with('s'), "{line}");
+        // Items arrive a batch at a time: a line due at the first item of a batch counts the
+        // batches before it, not that one item (no rate or ETA from nothing).
+        let bar = ProgressBar::with_draw_target(Some(1_000), ProgressDrawTarget::hidden());
+        let mut p = Progress::with_bar("eval", bar, Duration::ZERO);
+        let first = p.inc_line(1).unwrap_or_default();
+        assert!(first.starts_with("eval: 0/1000 (0%) in "), "{first}");
+        assert!(first.ends_with(", 0/s, eta ?"), "{first}");
+        for _ in 1..256 {
+            p.inc_line(1);
+        }
+        let next = p.inc_line(1).unwrap_or_default();
+        assert!(next.starts_with("eval: 256/1000 (26%) in "), "{next}");
         // On a schedule: not again before `every` has passed.
         let bar = ProgressBar::with_draw_target(Some(10), ProgressDrawTarget::hidden());
         let mut p = Progress::with_bar("check", bar, Duration::from_secs(3600));
