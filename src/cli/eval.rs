@@ -174,24 +174,30 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     )?;
     obs.progress.display.finish();
     eprintln!("{}", times.summary("eval"));
-    anyhow::ensure!(
-        !times.interrupted,
-        "eval: interrupted; the metrics need the whole stream{}",
-        if temp {
-            " (the temporary data directory is removed)"
-        } else {
-            ""
-        }
-    );
     if !temp {
-        // The kept data directory opens in `serve` without rebuilding the index.
+        // The kept data directory opens in `serve` without rebuilding the index or replaying
+        // the store, interrupted or not.
         engine.checkpoint()?;
     }
+    // What was embedded is valid either way: a rerun after an interruption starts warm.
     if let Some(p) = &args.embed_cache {
         cache
             .save(p)
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
+    anyhow::ensure!(
+        !times.interrupted,
+        "eval: interrupted; the metrics need the whole stream{}",
+        if temp {
+            " (the temporary data directory is removed)".to_string()
+        } else {
+            format!(
+                " ({} keeps the {} prompts ingested, checkpointed: `serve` opens it; another eval needs an empty --data-dir)",
+                engine.data_dir().display(),
+                engine.len()
+            )
+        }
+    );
 
     let summaries = engine.accounts(false, 0);
     if let Some(p) = &args.accounts_out {

@@ -876,6 +876,38 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
     );
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "temporary data left behind: {left:?}");
+
+    // With --keep-data the directory stays, checkpointed, and the message says so.
+    let data = dir.path().join("kept");
+    let mut eval = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
+    eval.args([
+        "eval",
+        "--input",
+        &input,
+        "--model",
+        &model,
+        "--batch-size",
+        "16",
+        "--keep-data",
+        "--data-dir",
+        &data.display().to_string(),
+    ]);
+    let (code, seen) = interrupted_when_ready(eval, || {});
+    assert_eq!(code, Some(2), "{seen}");
+    let kept = number_after(&seen, " keeps the ");
+    assert!(
+        seen.contains("error: eval: interrupted")
+            && seen.contains("checkpointed: `serve` opens it")
+            && kept > 0,
+        "{seen}"
+    );
+    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    let stats = engine.open_stats();
+    assert_eq!(
+        (stats.prompts, stats.restored, stats.rebuilt),
+        (kept as u64, kept as u64, 0),
+        "{seen}"
+    );
 }
 
 /// Metrics of nothing are no metrics: an empty (or all-blank) file is an error, not a table of
