@@ -2,6 +2,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -124,8 +126,15 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     let (req_tx, req_rx) = mpsc::channel::<proto::CheckRequest>(256);
     let (slot_tx, mut slot_rx) = mpsc::channel::<Slot>(4096);
     let stop_on_error = args.on_error == OnError::Stop;
+    // Set at a stop on an error the server reported: the reader sends nothing more. The lines
+    // already sent are stored by then, so their verdicts are still read and written.
+    let halt = Arc::new(AtomicBool::new(false));
+    let halted = halt.clone();
     let reader = tokio::task::spawn_blocking(move || {
         for (line, parsed) in traffic::lines_from(std::io::BufReader::new(file), first) {
+            if halted.load(Ordering::Relaxed) {
+                break;
+            }
             let slot = match parsed {
                 Ok(t) => {
                     let req = proto::CheckRequest {
@@ -157,7 +166,9 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     let (mut ok, mut errors) = (0u64, 0u64);
     let mut actions = [0u64; 3];
     let mut micros = Vec::with_capacity(total as usize);
-    let mut stopped = false;
+    // The line of the error that stopped the run, and the last line answered or reported.
+    let mut stopped: Option<usize> = None;
+    let mut last_line = 0;
     while let Some(slot) = slot_rx.recv().await {
         let (line, value) = match slot {
             Slot::Bad(line, reason) => (line, Err(reason)),
@@ -212,12 +223,13 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                     )
                 });
                 wrote(writeln!(out, "{v}"))?;
-                if stop_on_error {
-                    stopped = true;
-                    break;
+                if stop_on_error && stopped.is_none() {
+                    stopped = Some(line);
+                    halt.store(true, Ordering::Relaxed);
                 }
             }
         }
+        last_line = line;
         bar.inc(1);
     }
     drop(slot_rx);
@@ -243,10 +255,16 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         actions[2],
         pct(0.5),
         pct(0.99),
-        if stopped {
-            "; stopped at the first error (--on-error stop)"
-        } else {
-            ""
+        match stopped {
+            None => String::new(),
+            Some(n) if last_line > n => format!(
+                "; stopped at the first error, line {n} (--on-error stop). Lines {}-{last_line} were already sent: their verdicts (or errors) are in the output, and what was accepted is stored: fix line {n} and send it alone, then go on with --start-line {}",
+                n + 1,
+                last_line + 1
+            ),
+            Some(n) => format!(
+                "; stopped at the first error, line {n} (--on-error stop): fix it and go on with --start-line {n}"
+            ),
         }
     );
     Ok(errors == 0)

@@ -306,6 +306,82 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     let lines = jsonl(&o.stdout);
     assert_eq!(lines.len(), 3);
     assert!(lines[2]["error"].is_string());
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("fix it and go on with --start-line 3"),
+        "{said}"
+    );
+
+    // An error only the server sees (a prompt over its size limit): the lines sent after it
+    // before the stop took effect are stored, so each has its verdict written, and the resume
+    // line starts after them.
+    let late = dir.path().join("late-error.jsonl");
+    let mut f = std::fs::File::create(&late).unwrap();
+    for i in 0..40 {
+        let prompt = if i == 3 {
+            "x".repeat(40_000)
+        } else {
+            format!("Stopping test prompt {i}: how do glaciers carve valleys?")
+        };
+        let v = serde_json::json!({"account_id": format!("stop-{i}"), "prompt": prompt});
+        writeln!(f, "{v}").unwrap();
+    }
+    drop(f);
+    let o = run([
+        "check",
+        "--server",
+        &url,
+        "--input",
+        &late.display().to_string(),
+        "--on-error",
+        "stop",
+    ]
+    .map(String::from)
+    .to_vec())
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&o.stderr);
+    let lines = jsonl(&o.stdout);
+    assert!(
+        lines[3]["error"].as_str().unwrap().contains("prompt"),
+        "{lines:?}"
+    );
+    let answered: Vec<&serde_json::Value> =
+        lines.iter().filter(|v| v["prompt_id"].is_u64()).collect();
+    let last = lines.last().unwrap()["line"].as_u64().unwrap();
+    assert_eq!(
+        answered.len() as u64,
+        last - 1,
+        "every line but the bad one: {said}"
+    );
+    if last > 4 {
+        assert!(
+            said.contains(&format!(
+                "fix line 4 and send it alone, then go on with --start-line {}",
+                last + 1
+            )),
+            "{said}"
+        );
+    }
+    // Nothing is stored without its verdict written.
+    let o = run(vec![
+        "accounts".into(),
+        "--server".into(),
+        url.clone(),
+        "--format".into(),
+        "jsonl".into(),
+    ])
+    .await;
+    let stored = jsonl(&o.stdout)
+        .iter()
+        .filter(|a| {
+            a["account_id"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("stop-")
+        })
+        .count();
+    assert_eq!(stored, answered.len(), "{said}");
     server.stop().await;
 
     // A bad flag value is a clear error, not a panic.
