@@ -50,6 +50,14 @@ impl ServeArgs {
             self.max_prompt_bytes > 0,
             "--max-prompt-bytes must be at least 1"
         );
+        // An empty token is most often a secret that did not resolve: running without
+        // authentication then would be silent and open, so it is refused.
+        anyhow::ensure!(
+            self.auth_token
+                .as_deref()
+                .is_none_or(|t| !t.trim().is_empty()),
+            "--auth-token (PROMPT_RADAR_AUTH_TOKEN) is empty: give the token, or leave both unset to run without authentication"
+        );
         let limits = Limits {
             max_prompt_bytes: self.max_prompt_bytes,
             ..Limits::default()
@@ -65,7 +73,7 @@ impl ServeArgs {
                 max_batch_tokens: self.max_batch_tokens.max(256),
             },
             limits,
-            auth_token: self.auth_token.clone().filter(|t| !t.is_empty()),
+            auth_token: self.auth_token.clone(),
         })
     }
 }

@@ -767,6 +767,21 @@ fn serve_refuses_a_busy_port_or_data_dir_with_one_clear_line() {
             held.display()
         )
     );
+
+    // An empty token (a secret that did not resolve) does not silently turn authentication off.
+    let o = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--model", &model])
+        .arg("--data-dir")
+        .arg(dir.path().join("c"))
+        .env("PROMPT_RADAR_AUTH_TOKEN", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--auth-token (PROMPT_RADAR_AUTH_TOKEN) is empty"),
+        "{stderr}"
+    );
 }
 
 /// One line of a stored dump that is not UTF-8 costs that line, not the run.
