@@ -401,7 +401,7 @@ pub struct CampaignsArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// At most this many campaigns, highest score first.
-    #[arg(long, env = "PROMPT_RADAR_TOP", default_value_t = 20)]
+    #[arg(long, env = "PROMPT_RADAR_TOP", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub top: u32,
     /// Only campaigns scoring at least this (the server's campaign threshold is the floor).
     #[arg(long, env = "PROMPT_RADAR_MIN_SCORE", default_value_t = 0.0)]
@@ -428,7 +428,7 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
         None => {
             client
                 .list_campaigns(proto::ListCampaignsRequest {
-                    top: args.top.max(1),
+                    top: args.top,
                     min_score: args.min_score,
                 })
                 .await?

@@ -112,6 +112,10 @@ pub struct AccountSummary {
     pub prompts: u64,
     /// Prompts that count as campaign traffic (see `DetectorConfig::min_cross_account_share`).
     pub campaign_prompts: u64,
+    /// When it has campaign prompts but fewer than an account needs to be judged
+    /// (`DetectorConfig::min_campaign_prompts`, so its action is `allow` whatever its score),
+    /// that number.
+    pub too_few_to_judge: Option<u32>,
     /// Of its prompts in campaigns, those linked directly to another account's prompt.
     pub cross_account_prompts: u64,
     /// The campaigns it takes part in, most prompts first.
@@ -450,6 +454,8 @@ impl Detector {
             flagged: action != Action::Allow,
             prompts: a.prompts,
             campaign_prompts,
+            too_few_to_judge: (campaign_prompts > 0 && !enough)
+                .then_some(self.config.min_campaign_prompts),
             cross_account_prompts,
             campaigns: campaigns.into_iter().map(|(r, _)| r).collect(),
             first_seen_ms: a.first_seen_ms,
@@ -736,7 +742,21 @@ mod tests {
             (c[0].accounts, c[0].prompts, c[0].distinct_prompts),
             (12, 36, 36)
         );
-        assert!(d.accounts().iter().all(|a| a.flagged));
+        assert!(
+            d.accounts()
+                .iter()
+                .all(|a| a.flagged && a.too_few_to_judge.is_none())
+        );
+
+        // A newcomer's one prompt in it scores high but is not judged on one prompt, and the
+        // summary says why (the reason an analyst reads is built from it).
+        d.observe(obs(37, "newcomer", 999, &[36]));
+        let n = d.account("newcomer").unwrap();
+        assert_eq!(
+            (n.campaign_prompts, n.action, n.too_few_to_judge),
+            (1, Action::Allow, Some(2))
+        );
+        assert!(n.score >= 0.5, "{n:?}");
 
         // An analyst allow-lists it: the cluster stops scoring and nobody stays flagged.
         assert!(d.allow_cluster(5));

@@ -104,7 +104,12 @@ pub fn account(a: AccountSummary) -> proto::Account {
             a.campaigns.len(),
             a.cross_account_prompts,
             a.score
-        )
+        ) + &a
+            .too_few_to_judge
+            .map(|min| {
+                format!("; not judged yet: an account needs at least {min} campaign prompts")
+            })
+            .unwrap_or_default()
     };
     proto::Account {
         account_id: a.account_id,
@@ -127,5 +132,42 @@ pub fn allowed(e: crate::detect::allow::AllowEntry) -> proto::AllowedTemplate {
         template: e.template,
         note: e.note,
         created_ms: e.created_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::Action;
+
+    #[test]
+    fn the_reason_says_when_an_account_has_too_few_campaign_prompts_to_be_judged() {
+        let summary = AccountSummary {
+            account_id: "newcomer".into(),
+            score: 0.78,
+            action: Action::Allow,
+            flagged: false,
+            prompts: 1,
+            campaign_prompts: 1,
+            too_few_to_judge: Some(2),
+            cross_account_prompts: 1,
+            campaigns: vec![7],
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+        };
+        let reason = account(summary.clone()).reason;
+        assert!(
+            reason.ends_with(
+                "score 0.78; not judged yet: an account needs at least 2 campaign prompts"
+            ),
+            "{reason}"
+        );
+        let judged = AccountSummary {
+            too_few_to_judge: None,
+            campaign_prompts: 3,
+            prompts: 3,
+            ..summary
+        };
+        assert!(account(judged).reason.ends_with("score 0.78"));
     }
 }

@@ -243,6 +243,17 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     let o = run(min_score("1.01".into())).await;
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("INVALID_ARGUMENT: min_score"));
+    let o = run([
+        vec!["campaigns".into(), "--top".into(), "0".into()],
+        server_args(),
+    ]
+    .concat())
+    .await;
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "--top 0 is refused, not read as 1"
+    );
 
     // `accounts | head`: a reader that goes away ends the verb quietly, with status 0.
     let (reader, writer) = std::io::pipe().unwrap();
