@@ -957,17 +957,21 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
         input.display().to_string(),
         model_dir().display().to_string(),
     );
-    let mut eval = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
-    eval.args([
-        "eval",
-        "--input",
-        &input,
-        "--model",
-        &model,
-        "--batch-size",
-        "16",
-    ])
-    .env("TMPDIR", &tmp);
+    let eval_of_input = || {
+        let mut eval = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
+        eval.args([
+            "eval",
+            "--input",
+            &input,
+            "--model",
+            &model,
+            "--batch-size",
+            "16",
+        ]);
+        eval
+    };
+    let mut eval = eval_of_input();
+    eval.env("TMPDIR", &tmp);
     let (code, seen) = interrupted_when_ready(eval, || {
         assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 1, "its data dir");
     });
@@ -981,19 +985,8 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
 
     // With --keep-data the directory stays, checkpointed, and the message says so.
     let data = dir.path().join("kept");
-    let mut eval = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
-    eval.args([
-        "eval",
-        "--input",
-        &input,
-        "--model",
-        &model,
-        "--batch-size",
-        "16",
-        "--keep-data",
-        "--data-dir",
-        &data.display().to_string(),
-    ]);
+    let mut eval = eval_of_input();
+    eval.arg("--keep-data").arg("--data-dir").arg(&data);
     let (code, seen) = interrupted_when_ready(eval, || {});
     assert_eq!(code, Some(2), "{seen}");
     let kept = number_after(&seen, " keeps the ");
