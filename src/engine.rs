@@ -1184,14 +1184,13 @@ const REPLAY_CHUNK: usize = 2048;
 /// from id `keys_from` on (`None` before). A thread reads and decodes the store a chunk ahead and
 /// the keys of each chunk are computed on all cores, while `apply` runs on this thread: a start
 /// spends its time in the store, the keys and the detector about equally.
-/// Returns the number of records.
 fn replay_store(
     store: &Store,
     allow_list: &AllowList,
     from: u64,
     keys_from: u64,
     mut apply: impl FnMut(PromptRecord, Option<(u64, Vec<u64>)>),
-) -> Result<u64, Error> {
+) -> Result<(), Error> {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<PromptRecord>>(2);
         let reader = scope.spawn(move || {
@@ -1225,7 +1224,10 @@ fn replay_store(
             }
         }
         match reader.join() {
-            Ok(n) => Ok(n?),
+            Ok(read) => {
+                read?;
+                Ok(())
+            }
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
@@ -1780,6 +1782,15 @@ mod tests {
         }
     }
 
+    /// A copy of data directory `dir` without its detector snapshot: a start there replays the
+    /// whole store, the state a restored start must match.
+    fn without_snapshot(dir: &Path) -> tempfile::TempDir {
+        let full = tempfile::tempdir().unwrap();
+        copy_dir(dir, full.path());
+        std::fs::remove_file(full.path().join(SNAPSHOT_FILE)).unwrap();
+        full
+    }
+
     #[test]
     fn a_start_restores_the_checkpointed_detector_and_replays_only_what_came_after() {
         let dir = tempfile::tempdir().unwrap();
@@ -1792,10 +1803,7 @@ mod tests {
         ingest_stream(&engine, 1_200..1_800);
         drop(engine); // a crash: the last 600 prompts are only in the store
 
-        // The same directory without the snapshot: a start that replays everything.
-        let full = tempfile::tempdir().unwrap();
-        copy_dir(dir.path(), full.path());
-        std::fs::remove_file(full.path().join(SNAPSHOT_FILE)).unwrap();
+        let full = without_snapshot(dir.path());
 
         let restored = open(dir.path());
         let replayed = open(full.path());
@@ -1890,9 +1898,7 @@ mod tests {
         }
         drop(engine); // a crash: no checkpoint
 
-        let full = tempfile::tempdir().unwrap();
-        copy_dir(dir.path(), full.path());
-        std::fs::remove_file(full.path().join(SNAPSHOT_FILE)).unwrap();
+        let full = without_snapshot(dir.path());
         let (restored, replayed) = (open(dir.path()), open(full.path()));
         let s = restored.open_stats();
         assert_eq!((s.prompts, s.restored, s.replayed), (530, 400, 130));

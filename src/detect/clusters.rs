@@ -541,15 +541,7 @@ impl Detector {
             }
         };
         let n = d.len(8)?;
-        let mut parent = Vec::with_capacity(n);
-        for _ in 0..n {
-            let p = d.u64()?;
-            if p >= n as u64 {
-                return Err(invalid("corrupt (a prompt id beyond the last)"));
-            }
-            parent.push(p);
-        }
-        let ids = parent.len() as u64;
+        let ids = n as u64;
         let id = |x: u64| {
             if x < ids {
                 Ok(x)
@@ -557,6 +549,10 @@ impl Detector {
                 Err(invalid("corrupt (a prompt id beyond the last)"))
             }
         };
+        let mut parent = Vec::with_capacity(n);
+        for _ in 0..n {
+            parent.push(id(d.u64()?)?);
+        }
         let n = d.len(13)?;
         let mut prompts_seen = Vec::with_capacity(n);
         for _ in 0..n {
