@@ -9,7 +9,7 @@
 //! fails a start.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use xxhash_rust::xxh3::Xxh3;
@@ -96,19 +96,15 @@ pub fn load(
         .metadata()
         .map_err(|e| format!("cannot read it: {e}"))?
         .len();
+    // The whole file is checked before anything in it is believed, so that damage is reported as
+    // such, whichever field it hit.
+    let mut file = file;
+    verify(&mut file, len).map_err(|e| e.to_string())?;
     let mut dec = Dec::new(file, len).map_err(|e| e.to_string())?;
     let read = |dec: &mut Dec| -> io::Result<(SnapshotHeader, Detector, KeyIndex)> {
-        let mut magic = [0u8; 8];
-        dec.fill(&mut magic)?;
-        if &magic != MAGIC {
-            return Err(invalid("not a detector snapshot"));
-        }
-        let version = dec.u32()?;
-        if version != VERSION {
-            return Err(invalid(format!(
-                "format version {version}, this build reads {VERSION}"
-            )));
-        }
+        // Magic and version, checked by `verify`.
+        let mut prologue = [0u8; 12];
+        dec.fill(&mut prologue)?;
         let header = SnapshotHeader {
             last_id: dec.u64()?,
             last_text_hash: dec.u64()?,
@@ -130,6 +126,43 @@ pub fn load(
         ));
     }
     Ok(Some((header, detector, keys)))
+}
+
+/// Checks the magic and version, then the checksum of everything before it; leaves `file` at
+/// its start.
+fn verify(file: &mut File, len: u64) -> io::Result<()> {
+    if len < 8 + 12 {
+        return Err(invalid("truncated"));
+    }
+    let mut payload = len - 8;
+    let mut buf = vec![0u8; CHUNK.min(payload as usize)];
+    let mut hash = Xxh3::new();
+    let mut first = true;
+    while payload > 0 {
+        let n = (payload as usize).min(CHUNK);
+        file.read_exact(&mut buf[..n])?;
+        if first {
+            first = false;
+            if &buf[..8] != MAGIC {
+                return Err(invalid("not a detector snapshot"));
+            }
+            let version = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+            if version != VERSION {
+                return Err(invalid(format!(
+                    "format version {version}, this build reads {VERSION}"
+                )));
+            }
+        }
+        hash.update(&buf[..n]);
+        payload -= n as u64;
+    }
+    let mut sum = [0u8; 8];
+    file.read_exact(&mut sum)?;
+    if u64::from_le_bytes(sum) != hash.digest() {
+        return Err(invalid("corrupt (checksum mismatch)"));
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(())
 }
 
 pub(super) fn invalid(msg: impl Into<String>) -> io::Error {
@@ -212,8 +245,8 @@ impl<W: Write> Enc<W> {
     }
 }
 
-/// Decoder of what [`Enc`] wrote: reads a chunk at a time and hashes it; checks the checksum at
-/// the end. Lengths are checked against the bytes left, so a corrupt file cannot make it
+/// Decoder of what [`Enc`] wrote, once [`verify`] has checked the file: reads a chunk at a time.
+/// Lengths are checked against the bytes left, so a corrupt file cannot make it
 /// allocate more than the file's size.
 pub(super) struct Dec {
     file: File,
@@ -221,7 +254,6 @@ pub(super) struct Dec {
     pos: usize,
     /// Payload bytes (before the checksum) not yet read from the file.
     unread: u64,
-    hash: Xxh3,
 }
 
 impl Dec {
@@ -234,7 +266,6 @@ impl Dec {
             buf: Vec::new(),
             pos: 0,
             unread: len - 8,
-            hash: Xxh3::new(),
         })
     }
 
@@ -250,7 +281,6 @@ impl Dec {
         let start = self.buf.len();
         self.buf.resize(start + n, 0);
         self.file.read_exact(&mut self.buf[start..])?;
-        self.hash.update(&self.buf[start..]);
         self.unread -= n as u64;
         Ok(())
     }
@@ -318,15 +348,10 @@ impl Dec {
         String::from_utf8(b).map_err(|_| invalid("corrupt (an account id is not UTF-8)"))
     }
 
-    /// Checks that everything was read and the checksum matches.
+    /// Checks that everything was read.
     fn finish(&mut self) -> io::Result<()> {
         if self.left() != 0 {
             return Err(invalid("corrupt (bytes after the end)"));
-        }
-        let mut sum = [0u8; 8];
-        self.file.read_exact(&mut sum)?;
-        if u64::from_le_bytes(sum) != self.hash.digest() {
-            return Err(invalid("corrupt (checksum mismatch)"));
         }
         Ok(())
     }
@@ -434,13 +459,17 @@ mod tests {
         assert_eq!(load_it(&path), Ok(true));
         let good = std::fs::read(&path).unwrap();
         let bad = dir.path().join("bad");
-        // Every single flipped byte and every truncation is caught (the checksum, or a length or
-        // id check before it), without a panic or a huge allocation.
+        // Every single flipped byte and every truncation is caught, without a panic or a huge
+        // allocation; damage past the magic and version is reported as what it is, whichever
+        // field it hit.
         for i in 0..good.len() {
             let mut b = good.clone();
             b[i] ^= 0x41;
             std::fs::write(&bad, &b).unwrap();
-            assert!(load_it(&bad).is_err(), "byte {i} flipped");
+            let err = load_it(&bad).unwrap_err();
+            if i >= 12 {
+                assert_eq!(err, "corrupt (checksum mismatch)", "byte {i} flipped");
+            }
         }
         for n in [
             0,
