@@ -175,6 +175,11 @@ impl<R: BufRead> RawLines<R> {
         if buf.last() == Some(&b'\r') {
             buf.pop();
         }
+        // A byte-order mark before the first line (what some Windows tools write) is not part of
+        // its JSON.
+        if self.line == 1 && buf.starts_with(b"\xEF\xBB\xBF") {
+            buf.drain(..3);
+        }
         let read = match String::from_utf8(buf) {
             Ok(text) => {
                 let blank = text.trim().is_empty();
@@ -239,6 +244,18 @@ not json
         assert_eq!(e.line, 4);
         assert!(e.reason.contains("account_id"), "{}", e.reason);
         assert_eq!(got[3].1.as_ref().unwrap().label.as_deref(), Some("organic"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_line_is_skipped_and_nowhere_else() {
+        let input = "\u{feff}{\"account_id\": \"a\", \"prompt\": \"hi\"}\n\u{feff}{\"account_id\": \"b\", \"prompt\": \"x\"}\n";
+        let got: Vec<_> = lines(input.as_bytes()).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1.as_ref().unwrap().account_id, "a");
+        // Inside the file it is a stray character: that line is malformed, as before.
+        let e = got[1].1.as_ref().unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.reason.contains("malformed JSON"), "{}", e.reason);
     }
 
     #[test]
