@@ -204,7 +204,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                 micros.push(r.server_micros);
                 Ok(json!({
                     "line": line, "account_id": r.account_id, "prompt_id": r.prompt_id, "action": action,
-                    "score": r.score, "campaign_id": r.campaign_id, "neighbours": r.neighbours,
+                    "score": r.score, "campaign_id": r.campaign_id.map(|c| c.to_string()), "neighbours": r.neighbours,
                     "campaign_score": r.campaign_score, "cluster_accounts": r.cluster_accounts,
                 }))
             }

@@ -211,7 +211,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
                 "prompts": a.prompts,
                 "campaign_prompts": a.campaign_prompts,
                 "cross_account_prompts": a.cross_account_prompts,
-                "campaigns": a.campaigns,
+                "campaigns": a.campaigns.iter().map(u64::to_string).collect::<Vec<_>>(),
                 "first_flag_prompt": obs.first.get(&a.account_id),
             });
             out.push_str(&format!("{v}\n"));

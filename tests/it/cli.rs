@@ -111,7 +111,12 @@ async fn check_accounts_campaigns_search_through_the_binary() {
         ["review", "block"].contains(&last_bot["action"].as_str().unwrap()),
         "{last_bot}"
     );
-    assert!(last_bot["campaign_id"].is_u64() && last_bot["neighbours"].as_u64().unwrap() > 0);
+    // Campaign ids are strings in every JSONL output, so that lines of `check`, `accounts` and
+    // `campaigns` join on them.
+    assert!(
+        last_bot["campaign_id"].is_string() && last_bot["neighbours"].as_u64().unwrap() > 0,
+        "{last_bot}"
+    );
     assert_eq!(verdicts[33]["action"], "allow");
     assert!(verdicts[33]["campaign_id"].is_null());
 
@@ -159,6 +164,8 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     );
     assert!(campaigns[0]["template"].as_str().unwrap().contains("<*>"));
     let campaign_id = campaigns[0]["campaign_id"].as_str().unwrap().to_string();
+    assert_eq!(last_bot["campaign_id"], campaign_id.as_str());
+    assert_eq!(accounts[0]["campaigns"][0], campaign_id.as_str());
 
     // One account in full (GetAccount): the same object as its line in the listing.
     let server_args = || vec!["--server".to_string(), url.clone()];
@@ -674,19 +681,28 @@ async fn eval_gives_the_same_verdicts_as_serve_check_and_accounts() {
         stdout.contains("minhash-lsh") && stdout.contains("exact-hash"),
         "{stdout}"
     );
-    let by_eval: std::collections::BTreeMap<String, (bool, String)> =
-        jsonl(&std::fs::read(&acc_out).unwrap())
-            .into_iter()
-            .map(|v| {
+    let eval_lines = jsonl(&std::fs::read(&acc_out).unwrap());
+    // Campaign ids are strings here too, as in `accounts --format jsonl`.
+    assert!(
+        eval_lines.iter().any(|v| v["flagged"] == true)
+            && eval_lines
+                .iter()
+                .filter(|v| v["flagged"] == true)
+                .all(|v| v["campaigns"][0].is_string()),
+        "{eval_lines:?}"
+    );
+    let by_eval: std::collections::BTreeMap<String, (bool, String)> = eval_lines
+        .into_iter()
+        .map(|v| {
+            (
+                v["account_id"].as_str().unwrap().to_string(),
                 (
-                    v["account_id"].as_str().unwrap().to_string(),
-                    (
-                        v["flagged"].as_bool().unwrap(),
-                        v["label"].as_str().unwrap().to_string(),
-                    ),
-                )
-            })
-            .collect();
+                    v["flagged"].as_bool().unwrap(),
+                    v["label"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
     assert_eq!(by_eval.len(), 8 + 6 + 40);
 
     let server = TestServer::start(config(&dir.path().join("data"))).await;
