@@ -14,6 +14,9 @@ pub struct ValidPrompt {
     pub timestamp_ms: i64,
 }
 
+/// The earliest send time taken: 2000-01-01T00:00:00Z, in milliseconds.
+pub const EARLIEST_MS: i64 = 946_684_800_000;
+
 /// Checks account id, prompt and timestamp against `limits`.
 pub fn prompt(
     account_id: &str,
@@ -46,6 +49,17 @@ pub fn prompt(
         return Err(Error::invalid(
             "timestamp_ms",
             format!("{timestamp_ms} is negative"),
+        ));
+    }
+    if timestamp_ms != 0 && timestamp_ms < EARLIEST_MS {
+        // Seconds since the epoch read as milliseconds land in January 1970. Taken, they would
+        // also make a time-sliced index segment span decades and seal at once.
+        return Err(Error::invalid(
+            "timestamp_ms",
+            format!(
+                "{timestamp_ms} is in {}, before 2000 (the earliest taken); is it in seconds?",
+                1970 + timestamp_ms / 31_557_600_000
+            ),
         ));
     }
     let now = now_ms();
@@ -161,12 +175,36 @@ mod tests {
     }
 
     #[test]
+    fn a_time_in_seconds_is_refused_and_an_old_one_in_milliseconds_taken() {
+        let l = Limits::default();
+        let seconds = now_ms() / 1000;
+        let e = prompt("a", "hi", seconds, &l).unwrap_err();
+        assert!(
+            e.to_string().contains("is in 1970") && e.to_string().contains("seconds"),
+            "{e}"
+        );
+        assert_eq!(field(e), "timestamp_ms");
+        assert!(prompt("a", "hi", 42, &l).is_err());
+        assert!(prompt("a", "hi", EARLIEST_MS - 1, &l).is_err());
+        let june_2015 = 1_433_116_800_000;
+        assert_eq!(
+            prompt("a", "hi", june_2015, &l).unwrap().timestamp_ms,
+            june_2015
+        );
+        assert_eq!(
+            prompt("a", "hi", EARLIEST_MS, &l).unwrap().timestamp_ms,
+            EARLIEST_MS
+        );
+    }
+
+    #[test]
     fn accepts_and_fills_time() {
         let l = Limits::default();
         let p = prompt(" acct ", "hello 🌍", 0, &l).unwrap();
         assert_eq!(p.account_id, "acct");
         assert!(p.timestamp_ms > 1_700_000_000_000);
-        assert_eq!(prompt("a", "x", 42, &l).unwrap().timestamp_ms, 42);
+        let t = 1_750_000_000_000;
+        assert_eq!(prompt("a", "x", t, &l).unwrap().timestamp_ms, t);
         assert_eq!(k(0, &l).unwrap(), 10);
     }
 }

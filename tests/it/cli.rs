@@ -60,13 +60,13 @@ fn traffic_file(dir: &std::path::Path) -> std::path::PathBuf {
                 serde_json::json!({"prompt": "no account here"}).to_string(),
             );
         }
-        let v = serde_json::json!({"account_id": format!("bot-{}", i % 8), "prompt": templated(i), "timestamp_ms": 1_000 + i});
+        let v = serde_json::json!({"account_id": format!("bot-{}", i % 8), "prompt": templated(i), "timestamp_ms": 1_750_000_001_000i64 + i as i64});
         line(&mut f, v.to_string());
     }
     for (i, p) in ORGANIC.iter().enumerate() {
         line(
             &mut f,
-            serde_json::json!({"account_id": "person", "prompt": p, "timestamp_ms": 2_000 + i})
+            serde_json::json!({"account_id": "person", "prompt": p, "timestamp_ms": 1_750_000_002_000i64 + i as i64})
                 .to_string(),
         );
     }
@@ -435,7 +435,7 @@ async fn tables_show_escape_sequences_in_prompts_escaped_and_jsonl_keeps_them() 
     let mut f = std::fs::File::create(&input).unwrap();
     for i in 0..24 {
         let prompt = format!("{attack}\n{}", templated(i));
-        let v = serde_json::json!({"account_id": format!("bot-{}", i % 8), "prompt": prompt, "timestamp_ms": 1_000 + i});
+        let v = serde_json::json!({"account_id": format!("bot-{}", i % 8), "prompt": prompt, "timestamp_ms": 1_750_000_001_000i64 + i as i64});
         writeln!(f, "{v}").unwrap();
     }
     drop(f);
@@ -818,7 +818,7 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
     let input = dir.path().join("dump.jsonl");
     let mut bytes = Vec::new();
     for (i, p) in ORGANIC.iter().take(3).enumerate() {
-        let v = serde_json::json!({"account_id": format!("u{i}"), "prompt": p, "timestamp_ms": 1_000 + i});
+        let v = serde_json::json!({"account_id": format!("u{i}"), "prompt": p, "timestamp_ms": 1_750_000_001_000i64 + i as i64});
         writeln!(bytes, "{v}").unwrap();
         if i == 0 {
             bytes.extend_from_slice(b"{\"account_id\": \"u9\", \"prompt\": \"caf\xe9 latin-1\"}\n");
@@ -898,7 +898,7 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
     let mut f = std::fs::File::create(&input).unwrap();
     let real = crate::common::read_data("recall_prompts.txt");
     for (i, p) in real.lines().take(LINES).enumerate() {
-        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_000 + i});
+        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_750_000_001_000i64 + i as i64});
         writeln!(f, "{v}").unwrap();
     }
     drop(f);
@@ -963,7 +963,7 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
     let mut f = std::fs::File::create(&input).unwrap();
     let real = crate::common::read_data("recall_prompts.txt");
     for (i, p) in real.lines().take(400).enumerate() {
-        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_000 + i, "label": "organic"});
+        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_750_000_001_000i64 + i as i64, "label": "organic"});
         writeln!(f, "{v}").unwrap();
     }
     drop(f);

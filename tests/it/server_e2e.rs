@@ -170,6 +170,14 @@ async fn invalid_input_is_invalid_argument_naming_the_field() {
             },
             "timestamp_ms",
         ),
+        // Seconds where milliseconds are meant.
+        (
+            proto::CheckRequest {
+                timestamp_ms: 1_750_000_000,
+                ..req("a", "hi")
+            },
+            "timestamp_ms",
+        ),
     ];
     for (r, field) in cases {
         let e = c.check(r).await.unwrap_err();
@@ -287,12 +295,13 @@ async fn text_hits(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_by_text_and_id_with_account_and_time_filters() {
+    const T0: i64 = 1_750_000_000_000;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path())).await;
     let mut c = server.client().await;
     for (i, p) in ORGANIC.iter().enumerate() {
         let r = proto::CheckRequest {
-            timestamp_ms: 1_000 + i as i64,
+            timestamp_ms: T0 + 1_000 + i as i64,
             ..req(if i % 2 == 0 { "even" } else { "odd" }, p)
         };
         c.check(r).await.unwrap();
@@ -312,20 +321,20 @@ async fn search_by_text_and_id_with_account_and_time_filters() {
     assert_eq!(hits.len(), 4);
     assert!(hits.iter().all(|h| h.account_id == "odd"));
     assert!(hits.windows(2).all(|w| w[0].similarity >= w[1].similarity));
-    let hits = text_hits(&mut c, "banana bread", 10, "odd", 1_002, 1_005).await;
+    let hits = text_hits(&mut c, "banana bread", 10, "odd", T0 + 1_002, T0 + 1_005).await;
     let mut ts: Vec<i64> = hits.iter().map(|h| h.timestamp_ms).collect();
     ts.sort();
     assert_eq!(
         ts,
-        vec![1_003, 1_005],
+        vec![T0 + 1_003, T0 + 1_005],
         "the account's prompts in the window"
     );
     let hits = text_hits(&mut c, "banana bread", 10, "nobody", 0, 0).await;
     assert!(hits.is_empty());
-    let hits = text_hits(&mut c, "banana bread", 10, "", 1_002, 1_004).await;
+    let hits = text_hits(&mut c, "banana bread", 10, "", T0 + 1_002, T0 + 1_004).await;
     let mut ts: Vec<i64> = hits.iter().map(|h| h.timestamp_ms).collect();
     ts.sort();
-    assert_eq!(ts, vec![1_002, 1_003, 1_004]);
+    assert_eq!(ts, vec![T0 + 1_002, T0 + 1_003, T0 + 1_004]);
     server.stop().await;
 }
 
