@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use crate::config::Limits;
@@ -215,6 +217,40 @@ pub fn model_tag(model_dir: &Path) -> u64 {
 }
 
 /// What happens to each input line.
+/// The last input line whose prompt the store has committed (0: none yet), for a run that is
+/// ended abruptly (a second Ctrl-C) to say where to go on. The ingest thread holds its gate
+/// while a batch commits, so [`CommittedLine::wait`] answers after the commit in flight, not
+/// during it.
+#[derive(Debug, Clone, Default)]
+pub struct CommittedLine(Arc<(Mutex<()>, AtomicUsize)>);
+
+impl CommittedLine {
+    /// The last committed line, once the commit in flight (if any) is done; `Err` with the last
+    /// line known committed when that takes longer than `patience`.
+    pub fn wait(&self, patience: Duration) -> Result<usize, usize> {
+        let (gate, line) = &*self.0;
+        let until = Instant::now() + patience;
+        loop {
+            match gate.try_lock() {
+                Ok(_) | Err(TryLockError::Poisoned(_)) => return Ok(line.load(Ordering::Acquire)),
+                Err(TryLockError::WouldBlock) if Instant::now() >= until => {
+                    return Err(line.load(Ordering::Acquire));
+                }
+                Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// Holds the gate while `commit` runs, then moves the mark to `line` if it succeeded.
+    fn commit<T, E>(&self, line: usize, commit: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let (gate, mark) = &*self.0;
+        let _held = gate.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = commit()?;
+        mark.fetch_max(line, Ordering::AcqRel);
+        Ok(out)
+    }
+}
+
 pub trait Observer {
     /// A line that was ingested, with its verdict (in input order).
     fn verdict(&mut self, line: usize, input: &TrafficLine, verdict: &Verdict);
@@ -224,6 +260,10 @@ pub trait Observer {
     /// embedded and ingested first). Ctrl-C on `reindex`.
     fn interrupted(&mut self) -> bool {
         false
+    }
+    /// Where the run records the last line it has committed, if anyone wants to know.
+    fn committed_line(&self) -> Option<CommittedLine> {
+        None
     }
 }
 
@@ -249,11 +289,13 @@ where
     let (tx, rx) = sync_channel::<Vec<(usize, TrafficLine, Vec<f32>, Vec<Vec<f32>>)>>(4);
     let with_parts = engine.uses_parts();
     let (verdict_tx, verdict_rx) = std::sync::mpsc::channel::<Vec<(usize, TrafficLine, Verdict)>>();
+    let committed = observer.committed_line().unwrap_or_default();
     std::thread::scope(|scope| -> Result<(), Error> {
         let ingest = scope.spawn(move || -> Result<Duration, Error> {
             let mut busy = Duration::ZERO;
             for batch in rx {
                 let t = Instant::now();
+                let last_line = batch.last().map_or(0, |(line, ..)| *line);
                 let (meta, prompts): (Vec<(usize, TrafficLine)>, Vec<NewPrompt>) = batch
                     .into_iter()
                     .map(|(line, t, embedding, parts)| {
@@ -267,7 +309,7 @@ where
                         ((line, t), p)
                     })
                     .unzip();
-                let verdicts = engine.ingest(prompts)?;
+                let verdicts = committed.commit(last_line, || engine.ingest(prompts))?;
                 busy += t.elapsed();
                 let out = meta
                     .into_iter()
@@ -503,6 +545,38 @@ mod tests {
         assert_eq!(loaded.len(), 3);
         let other = VectorCache::load(&path, 10, 2, 8).err().unwrap();
         assert!(other.to_string().contains("another model"), "{other}");
+    }
+
+    #[test]
+    fn the_committed_line_is_read_after_the_commit_in_flight() {
+        let c = CommittedLine::default();
+        assert_eq!(c.wait(Duration::ZERO), Ok(0), "nothing committed yet");
+        let (started, is_started) = std::sync::mpsc::channel();
+        let (finish, may_finish) = std::sync::mpsc::channel::<()>();
+        let committing = c.clone();
+        let commit = std::thread::spawn(move || {
+            committing.commit(40, || {
+                started.send(()).unwrap();
+                may_finish.recv().unwrap();
+                Ok::<_, ()>(())
+            })
+        });
+        is_started.recv().unwrap();
+        // Out of patience while the batch commits: the last line known, and no wait.
+        assert_eq!(c.wait(Duration::from_millis(20)), Err(0));
+        let reader = c.clone();
+        let read = std::thread::spawn(move || reader.wait(Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(50));
+        finish.send(()).unwrap();
+        assert_eq!(
+            read.join().unwrap(),
+            Ok(40),
+            "after the commit, not during it"
+        );
+        commit.join().unwrap().unwrap();
+        // A commit that fails does not move the mark.
+        assert_eq!(c.commit(99, || Err::<(), _>("disk full")), Err("disk full"));
+        assert_eq!(c.wait(Duration::ZERO), Ok(40));
     }
 
     #[test]

@@ -141,6 +141,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         "eval",
         "eval: stopping: no metrics without the whole stream (a second Ctrl-C quits at once)",
         temp.then(|| engine_args.data_dir.clone()),
+        None,
     )?;
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
@@ -13,7 +13,7 @@ use clap::Args;
 use prompt_radar::detect::Verdict;
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 use prompt_radar::engine::Engine;
-use prompt_radar::offline::{self, Observer};
+use prompt_radar::offline::{self, CommittedLine, Observer};
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
 use super::{OfflineArgs, OnError, progress};
@@ -43,6 +43,8 @@ pub struct Progress {
     stop: Option<(Arc<AtomicBool>, &'static str)>,
     /// Whether the stop was announced.
     stopping: bool,
+    /// The last line the store has committed.
+    committed: CommittedLine,
 }
 
 impl Progress {
@@ -53,18 +55,22 @@ impl Progress {
             keep_going: on_error == OnError::Skip,
             stop: None,
             stopping: false,
+            committed: CommittedLine::default(),
         }
     }
 
     /// From now on the first Ctrl-C or SIGTERM stops the run before its next line (saying
-    /// `message`), and a second exits at once, after removing `remove_on_exit` if given.
+    /// `message`), and a second exits at once, after removing `remove_on_exit` if given. With
+    /// `resume_from` (the run's first line) that exit also says which line to go on from.
     pub fn stop_on_signal(
         &mut self,
         verb: &'static str,
         message: &'static str,
         remove_on_exit: Option<PathBuf>,
+        resume_from: Option<usize>,
     ) -> anyhow::Result<()> {
-        self.stop = Some((stop_on_signal(verb, remove_on_exit)?, message));
+        let resume = resume_from.map(|first| (self.committed.clone(), first));
+        self.stop = Some((stop_on_signal(verb, remove_on_exit, resume)?, message));
         Ok(())
     }
 }
@@ -72,12 +78,14 @@ impl Progress {
 /// A flag that the first Ctrl-C (SIGINT) or SIGTERM sets; the second exits at once with status
 /// 130. Stopping between batches keeps the store and the index in step either way (each batch is
 /// one commit, and a start re-indexes what the last checkpoint lacks), but the first signal also
-/// ends with the summary, a checkpoint and the line to go on from. The handlers are in place when
-/// this returns.
+/// ends with the summary and a checkpoint. Both name the line to go on from when given `resume`
+/// (the second waits for the batch being committed, if any, to know it). The handlers are in
+/// place when this returns.
 #[cfg(unix)]
 fn stop_on_signal(
     verb: &'static str,
     remove_on_exit: Option<PathBuf>,
+    resume: Option<(CommittedLine, usize)>,
 ) -> anyhow::Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let stop = Arc::new(AtomicBool::new(false));
@@ -104,10 +112,34 @@ fn stop_on_signal(
             if let Some(dir) = remove_on_exit {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            eprintln!("\n{verb}: stopped at once (second signal)");
+            let go_on = resume.map_or(String::new(), |(committed, first)| {
+                go_on_after_abrupt_stop(committed.wait(Duration::from_secs(10)), first)
+            });
+            eprintln!("\n{verb}: stopped at once (second signal){go_on}");
             std::process::exit(130);
         })?;
     Ok(stop)
+}
+
+/// What an abrupt stop says of the stored lines, given the last committed one (`Err`: a commit
+/// was still running) and the run's first line.
+fn go_on_after_abrupt_stop(committed: Result<usize, usize>, first: usize) -> String {
+    let lines = if first > 1 {
+        format!("the lines from {first}")
+    } else {
+        "the lines".to_string()
+    };
+    match committed {
+        Ok(last) => {
+            let next = (last + 1).max(first);
+            format!(
+                "; {lines} before line {next} are stored (the next start indexes them); to go on: the same command with --start-line {next}"
+            )
+        }
+        Err(last) => format!(
+            "; {lines} up to line {last} are stored, and perhaps the batch after it, which was still being stored (the store does not deduplicate: count the stored prompts before going on)"
+        ),
+    }
 }
 
 /// Elsewhere a signal ends the run as the system does by default.
@@ -115,6 +147,7 @@ fn stop_on_signal(
 fn stop_on_signal(
     _verb: &'static str,
     _remove_on_exit: Option<PathBuf>,
+    _resume: Option<(CommittedLine, usize)>,
 ) -> anyhow::Result<Arc<AtomicBool>> {
     Ok(Arc::new(AtomicBool::new(false)))
 }
@@ -142,6 +175,9 @@ impl Observer for Progress {
         }
         true
     }
+    fn committed_line(&self) -> Option<CommittedLine> {
+        Some(self.committed.clone())
+    }
 }
 
 /// Runs the batch; returns whether every line was used.
@@ -163,6 +199,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         "reindex",
         "reindex: stopping: the lines read so far are embedded and stored first (a second Ctrl-C quits at once)",
         None,
+        Some(first),
     )?;
     eprintln!(
         "reindex: model on {} and data dir {} ready in {:.1}s ({} prompts already stored)",

@@ -925,7 +925,8 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
     assert_eq!(code, Some(1), "interrupted: {seen}");
     assert!(seen.contains("reindex: stopping:"), "{seen}");
     let next = number_after(&seen, "the same command with --start-line ");
-    assert!(next > 1 && next <= LINES, "stopped part way: {seen}");
+    // Part way; on a busy machine the signal can come before the first line is read (next 1).
+    assert!(next <= LINES, "stopped part way: {seen}");
     assert!(
         (seen.lines().last().unwrap_or_default()).contains("--start-line"),
         "where to go on is the last line: {seen}"
@@ -949,6 +950,89 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
             && stderr.contains(&format!("reindex: starting at line {next}"))
             && stderr.contains(&format!("reindex: {} prompts in", LINES + 1 - next)),
         "{stderr}"
+    );
+    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    assert_eq!(engine.len(), LINES as u64, "each line stored once");
+}
+
+/// A second Ctrl-C quits at once, and still says which line to go on from: the lines before it
+/// are in the store (the next start indexes them), the ones from it are not.
+#[test]
+fn reindex_stopped_at_once_by_a_second_ctrl_c_names_the_line_to_go_on_from() {
+    use std::io::{BufRead, Read};
+    const LINES: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("dump.jsonl");
+    let mut f = std::fs::File::create(&input).unwrap();
+    let real = crate::common::read_data("recall_prompts.txt");
+    let real: Vec<&str> = real.lines().collect();
+    for i in 0..LINES {
+        let p = format!("{} (request {i})", real[i % real.len()]);
+        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_750_000_001_000i64 + i as i64});
+        writeln!(f, "{v}").unwrap();
+    }
+    drop(f);
+    let data = dir.path().join("data");
+    let (input, data_arg, model) = (
+        input.display().to_string(),
+        data.display().to_string(),
+        model_dir().display().to_string(),
+    );
+    let args = [
+        "reindex",
+        "--input",
+        &input,
+        "--data-dir",
+        &data_arg,
+        "--model",
+        &model,
+        "--batch-size",
+        "64",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let interrupt = || {
+        let kill = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    };
+    let read_until = |seen: &mut String, what: &str, stderr: &mut dyn BufRead| {
+        while !seen.contains(what) {
+            let read = stderr.read_line(seen).unwrap();
+            assert!(read > 0, "it ended before saying {what:?}: {seen}");
+        }
+    };
+    read_until(&mut seen, "ready in", &mut stderr);
+    interrupt();
+    // Once it says it is stopping, the first signal is taken; the second ends it while the
+    // lines read so far are still being embedded and stored.
+    read_until(&mut seen, "reindex: stopping:", &mut stderr);
+    interrupt();
+    stderr.read_to_string(&mut seen).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{seen}");
+    let last = seen.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("reindex: stopped at once (second signal); the lines before line "),
+        "{seen}"
+    );
+    let next = number_after(last, "the same command with --start-line ");
+    assert!(next <= LINES, "{seen}");
+
+    let start = next.to_string();
+    let o = bin(&[&args[..], &["--start-line", &start]].concat());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("({} prompts already stored)", next - 1)),
+        "every line before {next} was stored, none after it: {stderr}"
     );
     let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
     assert_eq!(engine.len(), LINES as u64, "each line stored once");
