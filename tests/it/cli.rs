@@ -860,12 +860,17 @@ fn number_after(text: &str, before: &str) -> usize {
         .unwrap_or_else(|_| panic!("no number after {before:?} in {text}"))
 }
 
-/// Ctrl-C on `reindex` stops after the lines already read, says which line to go on from, and
-/// going on from there stores every line exactly once.
 /// Runs `command` until it says it is "ready in" (its signal handlers are in place by then), then
 /// runs `before_signal`, sends SIGINT and returns the exit code and all of stderr.
-fn interrupted_when_ready(
+fn interrupted_when_ready(command: Command, before_signal: impl FnOnce()) -> (Option<i32>, String) {
+    interrupted_at(command, &["ready in"], before_signal)
+}
+
+/// Sends SIGINT to `command` each time its stderr says the next of `cues` (`before_signal` runs
+/// before the first); returns the exit code and all of stderr.
+fn interrupted_at(
     mut command: Command,
+    cues: &[&str],
     before_signal: impl FnOnce(),
 ) -> (Option<i32>, String) {
     use std::io::{BufRead, Read};
@@ -876,51 +881,66 @@ fn interrupted_when_ready(
         .unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
-    while !seen.contains("ready in") {
-        let read = stderr.read_line(&mut seen).unwrap();
-        assert!(read > 0, "it ended before it was ready: {seen}");
+    let mut before_signal = Some(before_signal);
+    for cue in cues {
+        while !seen.contains(cue) {
+            let read = stderr.read_line(&mut seen).unwrap();
+            assert!(read > 0, "it ended before saying {cue:?}: {seen}");
+        }
+        if let Some(f) = before_signal.take() {
+            f();
+        }
+        let kill = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
     }
-    before_signal();
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
     stderr.read_to_string(&mut seen).unwrap();
     (child.wait().unwrap().code(), seen)
 }
 
+/// Writes `dir/dump.jsonl`: `lines` real prompts (again, numbered, past the corpus's end) from 50
+/// accounts, one a millisecond. Returns the arguments of a `reindex` of it into `dir/data` in
+/// batches of `batch`.
+fn reindex_of_a_dump(dir: &std::path::Path, lines: usize, batch: usize) -> Vec<String> {
+    let input = dir.join("dump.jsonl");
+    let mut f = std::fs::File::create(&input).unwrap();
+    let real = crate::common::read_data("recall_prompts.txt");
+    let real: Vec<&str> = real.lines().collect();
+    for i in 0..lines {
+        let p = match i / real.len() {
+            0 => real[i].to_string(),
+            n => format!("{} (request {n})", real[i % real.len()]),
+        };
+        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_750_000_001_000i64 + i as i64});
+        writeln!(f, "{v}").unwrap();
+    }
+    [
+        "reindex".to_string(),
+        "--input".into(),
+        input.display().to_string(),
+        "--data-dir".into(),
+        dir.join("data").display().to_string(),
+        "--model".into(),
+        model_dir().display().to_string(),
+        "--batch-size".into(),
+        batch.to_string(),
+    ]
+    .into()
+}
+
+/// Ctrl-C on `reindex` stops after the lines already read, says which line to go on from, and
+/// going on from there stores every line exactly once.
 #[test]
 fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
     const LINES: usize = 400;
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("dump.jsonl");
-    let mut f = std::fs::File::create(&input).unwrap();
-    let real = crate::common::read_data("recall_prompts.txt");
-    for (i, p) in real.lines().take(LINES).enumerate() {
-        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_750_000_001_000i64 + i as i64});
-        writeln!(f, "{v}").unwrap();
-    }
-    drop(f);
     let data = dir.path().join("data");
-    let (input, data_arg, model) = (
-        input.display().to_string(),
-        data.display().to_string(),
-        model_dir().display().to_string(),
-    );
-    let args = [
-        "reindex",
-        "--input",
-        &input,
-        "--data-dir",
-        &data_arg,
-        "--model",
-        &model,
-        "--batch-size",
-        "16",
-    ];
+    let args = reindex_of_a_dump(dir.path(), LINES, 16);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut reindex = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
-    reindex.args(args);
+    reindex.args(&args);
     let (code, seen) = interrupted_when_ready(reindex, || {});
     assert_eq!(code, Some(1), "interrupted: {seen}");
     assert!(seen.contains("reindex: stopping:"), "{seen}");
@@ -959,65 +979,17 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
 /// are in the store (the next start indexes them), the ones from it are not.
 #[test]
 fn reindex_stopped_at_once_by_a_second_ctrl_c_names_the_line_to_go_on_from() {
-    use std::io::{BufRead, Read};
     const LINES: usize = 600;
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("dump.jsonl");
-    let mut f = std::fs::File::create(&input).unwrap();
-    let real = crate::common::read_data("recall_prompts.txt");
-    let real: Vec<&str> = real.lines().collect();
-    for i in 0..LINES {
-        let p = format!("{} (request {i})", real[i % real.len()]);
-        let v = serde_json::json!({"account_id": format!("u{}", i % 50), "prompt": p, "timestamp_ms": 1_750_000_001_000i64 + i as i64});
-        writeln!(f, "{v}").unwrap();
-    }
-    drop(f);
     let data = dir.path().join("data");
-    let (input, data_arg, model) = (
-        input.display().to_string(),
-        data.display().to_string(),
-        model_dir().display().to_string(),
-    );
-    let args = [
-        "reindex",
-        "--input",
-        &input,
-        "--data-dir",
-        &data_arg,
-        "--model",
-        &model,
-        "--batch-size",
-        "64",
-    ];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let interrupt = || {
-        let kill = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
-    };
-    let read_until = |seen: &mut String, what: &str, stderr: &mut dyn BufRead| {
-        while !seen.contains(what) {
-            let read = stderr.read_line(seen).unwrap();
-            assert!(read > 0, "it ended before saying {what:?}: {seen}");
-        }
-    };
-    read_until(&mut seen, "ready in", &mut stderr);
-    interrupt();
+    let args = reindex_of_a_dump(dir.path(), LINES, 64);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut reindex = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
+    reindex.args(&args);
     // Once it says it is stopping, the first signal is taken; the second ends it while the
-    // lines read so far are still being embedded and stored.
-    read_until(&mut seen, "reindex: stopping:", &mut stderr);
-    interrupt();
-    stderr.read_to_string(&mut seen).unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(130), "{seen}");
+    // lines read so far are still being embedded and stored (or checkpointed).
+    let (code, seen) = interrupted_at(reindex, &["ready in", "reindex: stopping:"], || {});
+    assert_eq!(code, Some(130), "{seen}");
     let last = seen.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("reindex: stopped at once (second signal); the lines before line "),
