@@ -216,23 +216,30 @@ pub fn model_tag(model_dir: &Path) -> u64 {
     h.digest()
 }
 
-/// What happens to each input line.
 /// The last input line whose prompt the store has committed (0: none yet), for a run that is
 /// ended abruptly (a second Ctrl-C) to say where to go on. The ingest thread holds its gate
-/// while a batch commits, so [`CommittedLine::wait`] answers after the commit in flight, not
-/// during it.
+/// while a batch commits, so [`CommittedLine::stop_commits`] answers after the commit in flight,
+/// not during it, and no commit starts after it.
 #[derive(Debug, Clone, Default)]
 pub struct CommittedLine(Arc<(Mutex<()>, AtomicUsize)>);
 
 impl CommittedLine {
-    /// The last committed line, once the commit in flight (if any) is done; `Err` with the last
-    /// line known committed when that takes longer than `patience`.
-    pub fn wait(&self, patience: Duration) -> Result<usize, usize> {
+    /// Waits for the commit in flight (if any), keeps any other from starting, for good (the
+    /// process is about to exit), and returns the last committed line; `Err` with the last line
+    /// known committed when the commit in flight takes longer than `patience`.
+    pub fn stop_commits(&self, patience: Duration) -> Result<usize, usize> {
         let (gate, line) = &*self.0;
         let until = Instant::now() + patience;
         loop {
             match gate.try_lock() {
-                Ok(_) | Err(TryLockError::Poisoned(_)) => return Ok(line.load(Ordering::Acquire)),
+                Ok(held) => {
+                    std::mem::forget(held);
+                    return Ok(line.load(Ordering::Acquire));
+                }
+                Err(TryLockError::Poisoned(held)) => {
+                    std::mem::forget(held);
+                    return Ok(line.load(Ordering::Acquire));
+                }
                 Err(TryLockError::WouldBlock) if Instant::now() >= until => {
                     return Err(line.load(Ordering::Acquire));
                 }
@@ -251,6 +258,7 @@ impl CommittedLine {
     }
 }
 
+/// What happens to each input line.
 pub trait Observer {
     /// A line that was ingested, with its verdict (in input order).
     fn verdict(&mut self, line: usize, input: &TrafficLine, verdict: &Verdict);
@@ -548,35 +556,42 @@ mod tests {
     }
 
     #[test]
-    fn the_committed_line_is_read_after_the_commit_in_flight() {
+    fn stopping_commits_waits_for_the_one_in_flight_and_lets_no_other_start() {
         let c = CommittedLine::default();
-        assert_eq!(c.wait(Duration::ZERO), Ok(0), "nothing committed yet");
+        assert_eq!(c.commit(40, || Ok::<_, ()>(())), Ok(()));
+        // A commit that fails does not move the mark.
+        assert_eq!(c.commit(99, || Err::<(), _>("disk full")), Err("disk full"));
         let (started, is_started) = std::sync::mpsc::channel();
         let (finish, may_finish) = std::sync::mpsc::channel::<()>();
         let committing = c.clone();
         let commit = std::thread::spawn(move || {
-            committing.commit(40, || {
+            committing.commit(50, || {
                 started.send(()).unwrap();
                 may_finish.recv().unwrap();
                 Ok::<_, ()>(())
             })
         });
         is_started.recv().unwrap();
-        // Out of patience while the batch commits: the last line known, and no wait.
-        assert_eq!(c.wait(Duration::from_millis(20)), Err(0));
-        let reader = c.clone();
-        let read = std::thread::spawn(move || reader.wait(Duration::from_secs(60)));
+        // Out of patience while a batch commits: the last line known, at once.
+        assert_eq!(c.stop_commits(Duration::from_millis(20)), Err(40));
+        let stopping = c.clone();
+        let stop = std::thread::spawn(move || stopping.stop_commits(Duration::from_secs(60)));
         std::thread::sleep(Duration::from_millis(50));
         finish.send(()).unwrap();
         assert_eq!(
-            read.join().unwrap(),
-            Ok(40),
+            stop.join().unwrap(),
+            Ok(50),
             "after the commit, not during it"
         );
         commit.join().unwrap().unwrap();
-        // A commit that fails does not move the mark.
-        assert_eq!(c.commit(99, || Err::<(), _>("disk full")), Err("disk full"));
-        assert_eq!(c.wait(Duration::ZERO), Ok(40));
+        // No commit starts after that (this thread stays blocked: the process would exit).
+        let (done, is_done) = std::sync::mpsc::channel();
+        let late = c.clone();
+        std::thread::spawn(move || {
+            let _ = late.commit(60, || Ok::<_, ()>(()));
+            let _ = done.send(());
+        });
+        assert!(is_done.recv_timeout(Duration::from_millis(100)).is_err());
     }
 
     #[test]

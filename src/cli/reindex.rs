@@ -113,7 +113,7 @@ fn stop_on_signal(
                 let _ = std::fs::remove_dir_all(dir);
             }
             let go_on = resume.map_or(String::new(), |(committed, first)| {
-                go_on_after_abrupt_stop(committed.wait(Duration::from_secs(10)), first)
+                go_on_after_abrupt_stop(committed.stop_commits(Duration::from_secs(10)), first)
             });
             eprintln!("\n{verb}: stopped at once (second signal){go_on}");
             std::process::exit(130);
