@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
+use prompt_radar::config::Limits;
 use prompt_radar::detect::{Action, Verdict};
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 use prompt_radar::engine::Engine;
@@ -19,6 +20,7 @@ use prompt_radar::eval::{
     self, AccountOutcome, ExactHashBaseline, LabelledStream, Metrics, MinHashLshBaseline,
 };
 use prompt_radar::offline::{self, Observer};
+use prompt_radar::server::validate;
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
 use super::reindex::Progress;
@@ -82,34 +84,55 @@ impl Drop for TempDataDir {
 
 /// Runs the evaluation; prints the report.
 pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
-    let read = |p: &PathBuf| -> anyhow::Result<Vec<(usize, TrafficLine)>> {
-        let f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
-        let mut out = Vec::new();
-        for (line, parsed) in traffic::lines(std::io::BufReader::new(f)) {
-            let t = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            anyhow::ensure!(
-                t.label.is_some(),
-                "{}: line {line}: missing field `label`",
-                p.display()
-            );
-            out.push((line, t));
-        }
-        Ok(out)
-    };
-    let lines = read(&args.offline.input)?;
+    // Every line is read and checked first: metrics of part of the stream would be wrong, not
+    // partial.
+    let read =
+        |p: &PathBuf| -> anyhow::Result<(Vec<(usize, TrafficLine)>, HashMap<String, String>)> {
+            let f =
+                std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+            let limits = Limits::default();
+            let mut out = Vec::new();
+            // Each account's label and the line that gave it.
+            let mut labels: HashMap<String, (String, usize)> = HashMap::new();
+            for (line, parsed) in traffic::lines(std::io::BufReader::new(f)) {
+                let t = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                let v = validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, &limits)
+                    .map_err(|e| anyhow::anyhow!("{}: line {line}: {e}", p.display()))?;
+                let label = match t.label {
+                    Some(l) if !l.trim().is_empty() => l,
+                    _ => anyhow::bail!(
+                        "{}: line {line}: `label` must be \"organic\" or a campaign's name",
+                        p.display()
+                    ),
+                };
+                let (known, at) = labels
+                    .entry(v.account_id.clone())
+                    .or_insert_with(|| (label.clone(), line));
+                anyhow::ensure!(
+                    *known == label,
+                    "{}: line {line}: account {:?} is labelled {label:?} here and {known:?} on line {at}: one label an account",
+                    p.display(),
+                    v.account_id
+                );
+                out.push((
+                    line,
+                    TrafficLine {
+                        account_id: v.account_id,
+                        prompt: v.prompt,
+                        timestamp_ms: v.timestamp_ms,
+                        label: Some(label),
+                    },
+                ));
+            }
+            let labels = labels.into_iter().map(|(a, (l, _))| (a, l)).collect();
+            Ok((out, labels))
+        };
+    let (lines, labels) = read(&args.offline.input)?;
     anyhow::ensure!(
         !lines.is_empty(),
         "{}: no traffic lines to evaluate",
         args.offline.input.display()
     );
-    let labels: HashMap<String, String> = {
-        let mut m = HashMap::new();
-        for (_, t) in &lines {
-            m.entry(t.account_id.clone())
-                .or_insert_with(|| t.label.clone().unwrap_or_default());
-        }
-        m
-    };
 
     let mut engine_args = args.offline.engine.clone();
     let temp = !args.keep_data;
@@ -198,6 +221,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
                 engine.len()
             )
         }
+    );
+    // Every line was checked before the run; one the run still refused would leave metrics of
+    // part of the stream.
+    anyhow::ensure!(
+        times.bad_lines == 0,
+        "eval: {} lines were refused; the metrics need the whole stream",
+        times.bad_lines
     );
 
     let summaries = engine.accounts(false, 0);

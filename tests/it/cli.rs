@@ -1095,3 +1095,41 @@ fn eval_of_an_empty_file_is_an_error() {
     );
     assert!(o.stdout.is_empty());
 }
+
+/// `eval` reads and checks every line before it runs: a line the run would refuse, or labels that
+/// contradict each other, would otherwise leave metrics of part of the stream (exit 0).
+#[test]
+fn eval_refuses_a_file_with_a_line_it_cannot_use_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("labelled.jsonl");
+    let good = |i: usize, account: &str, label: &str| {
+        serde_json::json!({"account_id": account, "prompt": format!("prompt {i}"), "timestamp_ms": 1_750_000_000_000i64 + i as i64, "label": label}).to_string()
+    };
+    let cases = [
+        (
+            serde_json::json!({"account_id": "a", "prompt": "p", "timestamp_ms": 1_750_000_000, "label": "organic"}).to_string(),
+            "line 3: timestamp_ms: 1750000000 is in 1970",
+        ),
+        (
+            serde_json::json!({"account_id": " ", "prompt": "p", "label": "organic"}).to_string(),
+            "line 3: account_id: required",
+        ),
+        (
+            serde_json::json!({"account_id": "a", "prompt": "p", "label": null}).to_string(),
+            "line 3: `label` must be",
+        ),
+        (
+            good(3, "b", "camp-x"),
+            "line 3: account \"b\" is labelled \"camp-x\" here and \"organic\" on line 2",
+        ),
+    ];
+    for (bad, said) in cases {
+        let text = [good(1, "a", "organic"), good(2, "b", "organic"), bad].join("\n");
+        std::fs::write(&input, text).unwrap();
+        let o = bin(&["eval", "--input", &input.display().to_string()]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(said), "{said}: {stderr}");
+        assert!(o.stdout.is_empty(), "no metrics");
+    }
+}
