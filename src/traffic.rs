@@ -23,8 +23,26 @@ pub struct TrafficLine {
 }
 
 /// `"timestamp_ms": null` (how many exporters write a missing value) reads as absent: 0, "now".
+/// Whole milliseconds written as a float (`1.75e12`, `1750000000000.0`: JavaScript, pandas) or
+/// as a string (`"1750000000000"`: BigQuery's 64-bit integers) are taken as they are; anything
+/// else is refused naming the field.
 fn null_is_now<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    Ok(Option::<i64>::deserialize(d)?.unwrap_or(0))
+    use serde_json::Value;
+    let v = Option::<Value>::deserialize(d)?;
+    let whole = |f: f64| (f.fract() == 0.0 && f.abs() < 9.0e18).then_some(f as i64);
+    let ms = match &v {
+        None | Some(Value::Null) => Some(0),
+        Some(Value::Number(n)) => n.as_i64().or_else(|| n.as_f64().and_then(whole)),
+        Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
+        Some(_) => None,
+    };
+    ms.ok_or_else(|| {
+        let shown = v.map(|v| v.to_string()).unwrap_or_default();
+        let shown: String = shown.chars().take(40).collect();
+        serde::de::Error::custom(format!(
+            "`timestamp_ms` must be whole milliseconds since the epoch, not {shown}"
+        ))
+    })
 }
 
 /// A line that could not be used.
@@ -194,6 +212,14 @@ impl<R: BufRead> RawLines<R> {
 
 /// Parses one line.
 pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
+    // serde would read an array as the fields in order, and call a string "struct TrafficLine".
+    let first = s.trim_start().chars().next();
+    if first != Some('{') && serde_json::from_str::<serde_json::Value>(s).is_ok() {
+        return Err(LineError {
+            line,
+            reason: r#"not a JSON object (a traffic line is {"account_id": "…", "prompt": "…", "timestamp_ms": …})"#.into(),
+        });
+    }
     serde_json::from_str::<TrafficLine>(s).map_err(|e| {
         // serde names the missing field ("missing field `account_id`"): keep that wording. Its
         // "at line 1 column C" is within this one line, beside the file's line number: say
@@ -204,10 +230,12 @@ pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
             Some(what) if e.column() > 0 => format!("{what} (column {})", e.column()),
             _ => msg,
         };
-        LineError {
-            line,
-            reason: format!("malformed JSON object: {reason}"),
-        }
+        // Valid JSON with a wrong or missing field is not "malformed".
+        let reason = match e.classify() {
+            serde_json::error::Category::Data => reason,
+            _ => format!("malformed JSON object: {reason}"),
+        };
+        LineError { line, reason }
     })
 }
 
@@ -267,20 +295,58 @@ not json
         assert_eq!(now.unwrap().timestamp_ms, 0);
         let e = parse(
             7,
-            r#"{"account_id": "a", "prompt": "p", "timestamp_ms": "17"}"#,
+            r#"{"account_id": "a", "prompt": "p", "timestamp_ms": "soon"}"#,
         )
         .unwrap_err();
         assert_eq!(e.line, 7);
         assert_eq!(
             e.reason,
-            "malformed JSON object: invalid type: string \"17\", expected i64 (column 55)",
-            "no serde \"line 1\" beside the file's line number"
+            "`timestamp_ms` must be whole milliseconds since the epoch, not \"soon\" (column 58)",
+            "the field named, no serde \"line 1\" beside the file's line number"
         );
+        for bad in ["1750000000000.7", "[1]", "true", "1e300"] {
+            let text = format!(r#"{{"account_id": "a", "prompt": "p", "timestamp_ms": {bad}}}"#);
+            let e = parse(1, &text).unwrap_err();
+            assert!(
+                e.reason.starts_with("`timestamp_ms` must be"),
+                "{bad}: {}",
+                e.reason
+            );
+        }
+        // Whole milliseconds as exporters write them: a float, a string.
+        for ok in ["1.75e12", "1750000000000.0", "\"1750000000000\""] {
+            let text = format!(r#"{{"account_id": "a", "prompt": "p", "timestamp_ms": {ok}}}"#);
+            assert_eq!(
+                parse(1, &text).unwrap().timestamp_ms,
+                1_750_000_000_000,
+                "{ok}"
+            );
+        }
         let e = parse(2, r#"{"prompt": "p"}"#).unwrap_err();
-        assert_eq!(
-            e.reason,
-            "malformed JSON object: missing field `account_id` (column 15)"
+        assert_eq!(e.reason, "missing field `account_id` (column 15)");
+        let e = parse(2, r#"{"account_id": "a", "prompt": "p""#).unwrap_err();
+        assert!(
+            e.reason.starts_with("malformed JSON object: "),
+            "{}",
+            e.reason
         );
+    }
+
+    #[test]
+    fn a_line_that_is_valid_json_but_not_an_object_is_refused_as_such() {
+        for text in [
+            r#"["acct", "an array read as the fields in order", 1750000000000]"#,
+            r#""a string""#,
+            "42",
+            "null",
+        ] {
+            let e = parse(4, text).unwrap_err();
+            assert!(
+                e.reason.starts_with("not a JSON object"),
+                "{text}: {}",
+                e.reason
+            );
+        }
     }
 
     fn line(account: &str, prompt: &str) -> String {
