@@ -406,8 +406,9 @@ pub struct CampaignsArgs {
     /// Only campaigns scoring at least this (the server's campaign threshold is the floor).
     #[arg(long, env = "PROMPT_RADAR_MIN_SCORE", default_value_t = 0.0)]
     pub min_score: f32,
-    /// Only this campaign, in full: every top account and every example. Any prompt id of a
-    /// cluster (a `search` hit's cluster or prompt id) shows that cluster, campaign or not.
+    /// Only this campaign, in full: its whole template, its 10 busiest accounts and up to 8
+    /// example prompts (from distinct accounts). Any prompt id of a cluster (a `search` hit's
+    /// cluster or prompt id) shows that cluster, campaign or not.
     #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_ID", conflicts_with_all = ["top", "min_score"])]
     pub id: Option<u64>,
     /// Output format.
@@ -524,8 +525,8 @@ pub struct SearchArgs {
     /// Search for the neighbours of a stored prompt instead.
     #[arg(long, env = "PROMPT_RADAR_ID")]
     pub id: Option<u64>,
-    /// Number of results.
-    #[arg(short, long, env = "PROMPT_RADAR_K", default_value_t = 10)]
+    /// Number of results (at most the server's limit, 1000 by default).
+    #[arg(short, long, env = "PROMPT_RADAR_K", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub k: u32,
     /// Only prompts of this account.
     #[arg(long, env = "PROMPT_RADAR_ACCOUNT")]

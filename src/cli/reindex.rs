@@ -255,14 +255,20 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         } else {
             (times.last_line + 1).max(first)
         };
-        eprintln!(
-            "reindex: {} before line {next} are stored and indexed; to go on: the same command with --start-line {next}",
-            if first > 1 {
-                format!("the lines from {first}")
-            } else {
-                "the lines".to_string()
-            }
-        );
+        let stored = if next <= first {
+            "nothing was stored".to_string()
+        } else if first > 1 {
+            format!("the lines from {first} before line {next} are stored and indexed")
+        } else {
+            format!("the lines before line {next} are stored and indexed")
+        };
+        if times.stopped {
+            eprintln!(
+                "reindex: {stored}; line {next} is not: fix it and go on with --start-line {next} (the same command)"
+            );
+        } else {
+            eprintln!("reindex: {stored}; to go on: the same command with --start-line {next}");
+        }
     }
     saved?;
     Ok(times.bad_lines == 0 && !times.interrupted)

@@ -68,7 +68,7 @@ pub fn prompt(
         return Err(Error::invalid(
             "timestamp_ms",
             format!(
-                "{timestamp_ms} is {} ahead of the server's clock (at most {} h is taken); is it in microseconds?",
+                "{timestamp_ms} is {} ahead of the clock (at most {} h ahead is taken); is it in microseconds?",
                 if years >= 1.0 {
                     format!("{years:.0} years")
                 } else {

@@ -261,6 +261,19 @@ async fn check_accounts_campaigns_search_through_the_binary() {
         Some(2),
         "--top 0 is refused, not read as 1"
     );
+    let o = run([
+        vec![
+            "search".into(),
+            "--text".into(),
+            "x".into(),
+            "-k".into(),
+            "0".into(),
+        ],
+        server_args(),
+    ]
+    .concat())
+    .await;
+    assert_eq!(o.status.code(), Some(2), "-k 0 is refused, not read as 10");
 
     // `accounts | head`: a reader that goes away ends the verb quietly, with status 0.
     let (reader, writer) = std::io::pipe().unwrap();
@@ -844,6 +857,27 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
     );
     assert!(
         stderr.contains("reindex: 3 prompts") && stderr.contains("1 bad lines"),
+        "{stderr}"
+    );
+
+    // --on-error stop: line 1 is stored, line 2 is the one to fix, and the last line says so.
+    let data = dir.path().join("stopped").display().to_string();
+    let o = bin(&[
+        "reindex",
+        "--input",
+        &input.display().to_string(),
+        "--data-dir",
+        &data,
+        "--model",
+        &model,
+        "--on-error",
+        "stop",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or_default(),
+        "reindex: the lines before line 2 are stored and indexed; line 2 is not: fix it and go on with --start-line 2 (the same command)",
         "{stderr}"
     );
 }
