@@ -82,51 +82,52 @@ impl Drop for TempDataDir {
     }
 }
 
+/// The lines of a labelled traffic file (with their line numbers) and each account's label.
+type Labelled = (Vec<(usize, TrafficLine)>, HashMap<String, String>);
+
 /// Runs the evaluation; prints the report.
 pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     // Every line is read and checked first: metrics of part of the stream would be wrong, not
     // partial.
-    let read =
-        |p: &PathBuf| -> anyhow::Result<(Vec<(usize, TrafficLine)>, HashMap<String, String>)> {
-            let f =
-                std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
-            let limits = Limits::default();
-            let mut out = Vec::new();
-            // Each account's label and the line that gave it.
-            let mut labels: HashMap<String, (String, usize)> = HashMap::new();
-            for (line, parsed) in traffic::lines(std::io::BufReader::new(f)) {
-                let t = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-                let v = validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, &limits)
-                    .map_err(|e| anyhow::anyhow!("{}: line {line}: {e}", p.display()))?;
-                let label = match t.label {
-                    Some(l) if !l.trim().is_empty() => l,
-                    _ => anyhow::bail!(
-                        "{}: line {line}: `label` must be \"organic\" or a campaign's name",
-                        p.display()
-                    ),
-                };
-                let (known, at) = labels
-                    .entry(v.account_id.clone())
-                    .or_insert_with(|| (label.clone(), line));
-                anyhow::ensure!(
-                    *known == label,
-                    "{}: line {line}: account {:?} is labelled {label:?} here and {known:?} on line {at}: one label an account",
-                    p.display(),
-                    v.account_id
-                );
-                out.push((
-                    line,
-                    TrafficLine {
-                        account_id: v.account_id,
-                        prompt: v.prompt,
-                        timestamp_ms: v.timestamp_ms,
-                        label: Some(label),
-                    },
-                ));
-            }
-            let labels = labels.into_iter().map(|(a, (l, _))| (a, l)).collect();
-            Ok((out, labels))
-        };
+    let read = |p: &PathBuf| -> anyhow::Result<Labelled> {
+        let f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+        let limits = Limits::default();
+        let mut out = Vec::new();
+        // Each account's label and the line that gave it.
+        let mut labels: HashMap<String, (String, usize)> = HashMap::new();
+        for (line, parsed) in traffic::lines(std::io::BufReader::new(f)) {
+            let t = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            let v = validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, &limits)
+                .map_err(|e| anyhow::anyhow!("{}: line {line}: {e}", p.display()))?;
+            let label = match t.label {
+                Some(l) if !l.trim().is_empty() => l,
+                _ => anyhow::bail!(
+                    "{}: line {line}: `label` must be \"organic\" or a campaign's name",
+                    p.display()
+                ),
+            };
+            let (known, at) = labels
+                .entry(v.account_id.clone())
+                .or_insert_with(|| (label.clone(), line));
+            anyhow::ensure!(
+                *known == label,
+                "{}: line {line}: account {:?} is labelled {label:?} here and {known:?} on line {at}: one label an account",
+                p.display(),
+                v.account_id
+            );
+            out.push((
+                line,
+                TrafficLine {
+                    account_id: v.account_id,
+                    prompt: v.prompt,
+                    timestamp_ms: v.timestamp_ms,
+                    label: Some(label),
+                },
+            ));
+        }
+        let labels = labels.into_iter().map(|(a, (l, _))| (a, l)).collect();
+        Ok((out, labels))
+    };
     let (lines, labels) = read(&args.offline.input)?;
     anyhow::ensure!(
         !lines.is_empty(),
