@@ -251,6 +251,76 @@ pub fn count_lines(path: &std::path::Path, first: usize) -> std::io::Result<u64>
     Ok(n)
 }
 
+/// How far a traffic file is from time order, as index segments sliced by time see it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TimeOrder {
+    /// Lines with a time of their own (0 or absent, "now", and unreadable lines left out).
+    pub timed: u64,
+    /// Segments that would seal for their time span, ingesting in batches of the run's size
+    /// (counted in timed lines) as `reindex` does.
+    pub seals: u64,
+    /// The first line more than the span older than the newest before it, and by how much (ms).
+    pub first_late: Option<(usize, i64)>,
+    /// Newest time minus oldest, in ms.
+    pub covered_ms: i64,
+}
+
+impl TimeOrder {
+    /// Whether slicing by time would seal more than twice the segments that slices of the times
+    /// covered make in time order (a few steps back, shards one after the other, are fine).
+    pub fn too_disordered(&self, span_ms: i64) -> bool {
+        let slices = (self.covered_ms / span_ms.max(1)).max(1) as u64;
+        self.seals > 2 * slices
+    }
+}
+
+/// Reads the times of `path` from line `first` on and counts the segments spanning at most
+/// `span_ms` that ingesting it in batches of `batch` lines would seal (see [`TimeOrder`]).
+pub fn time_order(
+    path: &std::path::Path,
+    first: usize,
+    batch: usize,
+    span_ms: i64,
+) -> std::io::Result<TimeOrder> {
+    #[derive(Deserialize)]
+    struct Timed {
+        #[serde(default, deserialize_with = "null_is_now")]
+        timestamp_ms: i64,
+    }
+    let mut raw = RawLines::new(std::io::BufReader::new(std::fs::File::open(path)?), first);
+    let mut order = TimeOrder::default();
+    let (mut newest, mut oldest) = (i64::MIN, i64::MAX);
+    // The segment being filled: its oldest and newest time.
+    let mut segment: Option<(i64, i64)> = None;
+    let batch = batch.max(1) as u64;
+    while let Some((line, read)) = raw.next() {
+        if !matches!(read?, Raw::Text) {
+            continue;
+        }
+        let Ok(Timed { timestamp_ms: t }) = serde_json::from_str::<Timed>(raw.text()) else {
+            continue;
+        };
+        if t <= 0 {
+            continue;
+        }
+        if order.first_late.is_none() && newest != i64::MIN && t < newest.saturating_sub(span_ms) {
+            order.first_late = Some((line, newest - t));
+        }
+        newest = newest.max(t);
+        oldest = oldest.min(t);
+        let (lo, hi) = segment.get_or_insert((t, t));
+        (*lo, *hi) = ((*lo).min(t), (*hi).max(t));
+        order.timed += 1;
+        // A segment seals after the batch that made it span too long.
+        if order.timed % batch == 0 && *hi - *lo > span_ms {
+            order.seals += 1;
+            segment = None;
+        }
+    }
+    order.covered_ms = if order.timed > 0 { newest - oldest } else { 0 };
+    Ok(order)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +342,46 @@ not json
         assert_eq!(e.line, 4);
         assert!(e.reason.contains("account_id"), "{}", e.reason);
         assert_eq!(got[3].1.as_ref().unwrap().label.as_deref(), Some("organic"));
+    }
+
+    #[test]
+    fn time_order_counts_the_seals_of_time_slices_and_tells_disorder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        const DAY: i64 = 86_400_000;
+        let t0 = 1_750_000_000_000;
+        let write = |times: &[i64]| {
+            let text: Vec<String> = times
+                .iter()
+                .map(|t| format!(r#"{{"account_id": "a", "prompt": "p", "timestamp_ms": {t}}}"#))
+                .collect();
+            std::fs::write(&path, text.join("\n")).unwrap();
+        };
+        // In order, ten lines a day for 30 days, batches of 4: a seal a day or so.
+        let in_order: Vec<i64> = (0..300).map(|i| t0 + i * DAY / 10).collect();
+        write(&in_order);
+        let o = time_order(&path, 1, 4, DAY).unwrap();
+        assert_eq!(o.timed, 300);
+        assert_eq!(o.first_late, None);
+        assert!((20..=30).contains(&o.seals), "{o:?}");
+        assert!(!o.too_disordered(DAY));
+        // Two shards one after the other: twice as many seals, one step back, still fine.
+        let shards: Vec<i64> = in_order.iter().chain(&in_order).copied().collect();
+        write(&shards);
+        let o = time_order(&path, 1, 4, DAY).unwrap();
+        assert_eq!(o.first_late, Some((301, in_order[299] - t0)));
+        assert!(!o.too_disordered(DAY), "{o:?}");
+        // Sorted by account: 10 accounts, each over the same 30 days; nearly every batch spans
+        // days and seals.
+        let by_account: Vec<i64> = (0..10)
+            .flat_map(|_| (0..30).map(|d| t0 + d * DAY))
+            .collect();
+        write(&by_account);
+        let o = time_order(&path, 1, 4, DAY).unwrap();
+        assert_eq!(o.seals, 75, "{o:?}");
+        assert!(o.too_disordered(DAY));
+        // From line 31 on (--start-line): the first account's lines are not read.
+        assert_eq!(time_order(&path, 31, 4, DAY).unwrap().timed, 270);
     }
 
     #[test]

@@ -189,7 +189,29 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         .with_context(|| format!("cannot open {}", args.offline.input.display()))?;
     let load = Instant::now();
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
-    let engine = Engine::open(args.offline.engine.to_config()?, embedder.dim())?;
+    let mut config = args.offline.engine.to_config()?;
+    if let Some(span) = config.segments.segment_span_ms {
+        // Time slices need the input in time order: each batch that goes back past the span
+        // would seal a segment of about a batch, and every search visits every segment.
+        let order = traffic::time_order(&args.offline.input, first, args.offline.batch_size, span)
+            .with_context(|| format!("cannot read {}", args.offline.input.display()))?;
+        if order.too_disordered(span) {
+            config.segments.segment_span_ms = None;
+            let example = order.first_late.map_or(String::new(), |(line, behind)| {
+                format!(
+                    " (line {line} is {:.1} days older than a line before it)",
+                    behind as f64 / 86_400_000.0
+                )
+            });
+            eprintln!(
+                "reindex: the input is not in time order{example}: index segments of {} h would be {} segments for {:.1} days of traffic, so this run seals them by size only (retention drops a segment once its newest prompt expires); sort the file by timestamp_ms to slice it by time",
+                span / 3_600_000,
+                order.seals,
+                order.covered_ms as f64 / 86_400_000.0,
+            );
+        }
+    }
+    let engine = Engine::open(config, embedder.dim())?;
     engine.check_model(
         &mut embedder,
         &args.offline.model.model.display().to_string(),

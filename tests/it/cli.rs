@@ -882,6 +882,64 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
     );
 }
 
+/// With time-sliced segments (`--retention-days`), an input sorted by account instead of by time
+/// would seal a segment of about a batch each time it goes back in time: `reindex` sees it before
+/// it starts, says so, and seals by size. The same lines in time order are sliced by day.
+#[test]
+fn reindex_of_traffic_out_of_time_order_does_not_slice_the_index_by_time() {
+    const HOUR: i64 = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let real = crate::common::read_data("recall_prompts.txt");
+    // 30 accounts, 10 prompts each, 7 hours apart (2.6 days of traffic), one account after
+    // the other.
+    let mut lines: Vec<(i64, String)> = real
+        .lines()
+        .take(300)
+        .enumerate()
+        .map(|(i, p)| {
+            let (account, n) = (i / 10, (i % 10) as i64);
+            let t = 1_750_000_000_000 + n * 7 * HOUR + account as i64 * 1_000;
+            let v = serde_json::json!({"account_id": format!("u{account}"), "prompt": p, "timestamp_ms": t});
+            (t, v.to_string())
+        })
+        .collect();
+    let model = model_dir().display().to_string();
+    let reindex = |name: &str, lines: &[(i64, String)]| {
+        let input = dir.path().join(format!("{name}.jsonl"));
+        let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+        std::fs::write(&input, text.join("\n")).unwrap();
+        let data = dir.path().join(name).display().to_string();
+        let o = bin(&[
+            "reindex",
+            "--input",
+            &input.display().to_string(),
+            "--data-dir",
+            &data,
+            "--model",
+            &model,
+            "--batch-size",
+            "16",
+            "--retention-days",
+            "365",
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(0), "{stderr}");
+        let segments = number_after(&stderr, "`serve` reloads them); ");
+        (stderr, segments)
+    };
+    let (said, segments) = reindex("by-account", &lines);
+    assert!(
+        said.contains("reindex: the input is not in time order (line 11 is 2.6 days older than a line before it)")
+            && said.contains("seals them by size only"),
+        "{said}"
+    );
+    assert_eq!(segments, 1, "{said}");
+    lines.sort();
+    let (said, segments) = reindex("by-time", &lines);
+    assert!(!said.contains("not in time order"), "{said}");
+    assert!(segments >= 2, "sliced by day: {said}");
+}
+
 /// The number in `text` right after the first `before`.
 fn number_after(text: &str, before: &str) -> usize {
     let rest = text
