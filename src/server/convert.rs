@@ -92,8 +92,16 @@ pub fn campaign(c: CampaignView) -> proto::Campaign {
 pub fn account(a: AccountSummary) -> proto::Account {
     let reason = if a.campaign_prompts == 0 {
         format!(
-            "none of its {} prompts is in a multi-account campaign",
-            a.prompts
+            "none of its {} prompts is in a multi-account campaign{}",
+            a.prompts,
+            if a.score > 0.0 {
+                format!(
+                    " (score {:.2}: some sit in clusters shared with other accounts that score below a campaign)",
+                    a.score
+                )
+            } else {
+                String::new()
+            }
         )
     } else {
         format!(
@@ -168,6 +176,26 @@ mod tests {
             prompts: 3,
             ..summary
         };
-        assert!(account(judged).reason.ends_with("score 0.78"));
+        assert!(account(judged.clone()).reason.ends_with("score 0.78"));
+
+        // No campaign prompts: a score above 0 says where it comes from, a 0 says nothing.
+        let below = AccountSummary {
+            campaign_prompts: 0,
+            campaigns: vec![],
+            score: 0.16,
+            ..judged
+        };
+        assert_eq!(
+            account(below.clone()).reason,
+            "none of its 3 prompts is in a multi-account campaign (score 0.16: some sit in clusters shared with other accounts that score below a campaign)"
+        );
+        let clean = AccountSummary {
+            score: 0.0,
+            ..below
+        };
+        assert_eq!(
+            account(clean).reason,
+            "none of its 3 prompts is in a multi-account campaign"
+        );
     }
 }
