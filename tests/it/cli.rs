@@ -838,17 +838,24 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
         }
     }
     std::fs::write(&input, bytes).unwrap();
-    let data = dir.path().join("data").display().to_string();
-    let model = model_dir().display().to_string();
-    let o = bin(&[
-        "reindex",
-        "--input",
-        &input.display().to_string(),
-        "--data-dir",
-        &data,
-        "--model",
-        &model,
-    ]);
+    let (input, model) = (
+        input.display().to_string(),
+        model_dir().display().to_string(),
+    );
+    let reindex_into = |name: &str, more: &[&str]| {
+        let data = dir.path().join(name).display().to_string();
+        let args = [
+            "reindex",
+            "--input",
+            &input,
+            "--data-dir",
+            &data,
+            "--model",
+            &model,
+        ];
+        bin(&[&args[..], more].concat())
+    };
+    let o = reindex_into("data", &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "a bad line: {stderr}");
     assert!(
@@ -861,18 +868,7 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
     );
 
     // --on-error stop: line 1 is stored, line 2 is the one to fix, and the last line says so.
-    let data = dir.path().join("stopped").display().to_string();
-    let o = bin(&[
-        "reindex",
-        "--input",
-        &input.display().to_string(),
-        "--data-dir",
-        &data,
-        "--model",
-        &model,
-        "--on-error",
-        "stop",
-    ]);
+    let o = reindex_into("stopped", &["--on-error", "stop"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert_eq!(
