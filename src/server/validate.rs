@@ -38,10 +38,20 @@ pub fn prompt(
             ),
         ));
     }
-    if account_id.chars().any(char::is_control) {
+    if let Some((at, c)) = account_id
+        .chars()
+        .enumerate()
+        .find(|&(_, c)| c.is_control() || invisible(c))
+    {
+        // An id with a character that shows as nothing (or as a space) looks like another id in
+        // every listing, and cannot be typed back from one.
         return Err(Error::invalid(
             "account_id",
-            "must not contain control characters",
+            format!(
+                "must not contain control or invisible characters (U+{:04X} at character {})",
+                c as u32,
+                at + 1
+            ),
         ));
     }
     text("prompt", prompt, limits)?;
@@ -84,6 +94,29 @@ pub fn prompt(
         prompt: prompt.to_string(),
         timestamp_ms,
     })
+}
+
+/// Characters that show as nothing or as white space in a listing: zero-width spaces and joiners,
+/// direction marks and overrides, line and paragraph separators, word joiners, the byte-order
+/// mark, the soft hyphen and other format characters.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
 }
 
 /// Checks a prompt-like text (a prompt, a search text, a template): not blank, and at most
@@ -133,6 +166,28 @@ mod tests {
         match e {
             Error::Invalid { field, .. } => field,
             other => panic!("not a validation error: {other}"),
+        }
+    }
+
+    #[test]
+    fn an_account_id_with_an_invisible_character_is_refused_naming_it() {
+        let l = Limits::default();
+        for (id, code, at) in [
+            ("acct\u{200B}7", "U+200B", 5),
+            ("acct\u{2028}sep", "U+2028", 5),
+            ("\u{202E}tcca", "U+202E", 1),
+            ("a\u{FEFF}", "U+FEFF", 2),
+            ("a\u{1b}[31m", "U+001B", 2),
+        ] {
+            let e = prompt(id, "hi", 0, &l).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("({code} at character {at})")),
+                "{id:?}: {e}"
+            );
+        }
+        // Letters of any script, emoji and ordinary punctuation are ids like any other.
+        for id in ["ユーザー-42", "acct_é.ü", "team 🚀 7", "user@example.com"] {
+            assert_eq!(prompt(id, "hi", 0, &l).unwrap().account_id, id);
         }
     }
 
