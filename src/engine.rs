@@ -290,21 +290,11 @@ fn load_snapshot(
     let path = config.data_dir.join(SNAPSHOT_FILE);
     let allow = allow_fingerprint(allow_entries);
     let accept = |h: &SnapshotHeader| {
-        if h.allow != allow {
-            return Err("the allow-list changed after it was written".to_string());
-        }
-        match store.get(h.last_id) {
-            Ok(Some(r)) if r.text_hash == h.last_text_hash => Ok(()),
-            Ok(Some(_)) => Err(format!(
-                "it was written for another store (prompt {} differs here)",
-                h.last_id
-            )),
-            Ok(None) => Err(format!(
-                "it was written for another store (it ends at prompt {}, which this store lacks)",
-                h.last_id
-            )),
-            Err(e) => Err(e.to_string()),
-        }
+        let here = store
+            .get(h.last_id)
+            .map(|r| r.map(|r| r.text_hash))
+            .map_err(|e| e.to_string());
+        judge_snapshot(h, here, allow)
     };
     let started = Instant::now();
     match snapshot::load(&path, config.detector.clone(), accept) {
@@ -326,6 +316,30 @@ fn load_snapshot(
             );
             None
         }
+    }
+}
+
+/// Whether a snapshot with header `h` fits this store, whose prompt `h.last_id` has the text hash
+/// `here` (`None`: no such prompt), under an allow-list with fingerprint `allow`. Another store
+/// is named first, whatever else differs.
+fn judge_snapshot(
+    h: &SnapshotHeader,
+    here: Result<Option<u64>, String>,
+    allow: u64,
+) -> Result<(), String> {
+    match here? {
+        Some(hash) if hash != h.last_text_hash => Err(format!(
+            "it was written for another store (prompt {} differs here)",
+            h.last_id
+        )),
+        None => Err(format!(
+            "it was written for another store (it ends at prompt {}, which this store lacks)",
+            h.last_id
+        )),
+        Some(_) if h.allow != allow => {
+            Err("the allow-list changed after it was written".to_string())
+        }
+        Some(_) => Ok(()),
     }
 }
 
@@ -1933,6 +1947,37 @@ mod tests {
         assert_eq!(
             (s.reloaded, s.rebuilt, s.restored, s.replayed),
             (60, 0, 0, 60)
+        );
+    }
+
+    #[test]
+    fn a_snapshot_is_judged_for_its_store_before_its_allow_list() {
+        let h = SnapshotHeader {
+            last_id: 9,
+            last_text_hash: 77,
+            prompts: 9,
+            allow: 5,
+        };
+        assert_eq!(judge_snapshot(&h, Ok(Some(77)), 5), Ok(()));
+        let another = "it was written for another store (prompt 9 differs here)";
+        assert_eq!(judge_snapshot(&h, Ok(Some(78)), 5).unwrap_err(), another);
+        assert_eq!(
+            judge_snapshot(&h, Ok(Some(78)), 6).unwrap_err(),
+            another,
+            "another store and another allow-list: the store is what is said"
+        );
+        assert!(
+            judge_snapshot(&h, Ok(None), 6)
+                .unwrap_err()
+                .contains("which this store lacks")
+        );
+        assert_eq!(
+            judge_snapshot(&h, Ok(Some(77)), 6).unwrap_err(),
+            "the allow-list changed after it was written"
+        );
+        assert_eq!(
+            judge_snapshot(&h, Err("disk".into()), 5).unwrap_err(),
+            "disk"
         );
     }
 
