@@ -511,16 +511,12 @@ fn campaign_in_full(out: &mut impl Write, c: &proto::Campaign) -> std::io::Resul
 
 /// Flags of `search`.
 #[derive(Debug, Clone, Args)]
+#[command(group = clap::ArgGroup::new("query").required(true).args(["text", "id"]))]
 pub struct SearchArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Text to search for.
-    #[arg(
-        long,
-        env = "PROMPT_RADAR_TEXT",
-        conflicts_with = "id",
-        required_unless_present = "id"
-    )]
+    #[arg(long, env = "PROMPT_RADAR_TEXT")]
     pub text: Option<String>,
     /// Search for the neighbours of a stored prompt instead.
     #[arg(long, env = "PROMPT_RADAR_ID")]
@@ -654,14 +650,10 @@ pub struct AllowArgs {
 pub enum AllowAction {
     /// Allow-list a known legitimate app's template: by text (fixed words and <*> slots, as
     /// `campaigns` shows templates) or by campaign id (its recovered template).
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["template", "campaign"]))]
     Add {
         /// The template, e.g. "Rewrite the following text to be more professional: <*>".
-        #[arg(
-            long,
-            env = "PROMPT_RADAR_TEMPLATE",
-            conflicts_with = "campaign",
-            required_unless_present = "campaign"
-        )]
+        #[arg(long, env = "PROMPT_RADAR_TEMPLATE")]
         template: Option<String>,
         /// A campaign id from `campaigns`.
         #[arg(long, env = "PROMPT_RADAR_CAMPAIGN")]

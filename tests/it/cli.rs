@@ -274,6 +274,13 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     .concat())
     .await;
     assert_eq!(o.status.code(), Some(2), "-k 0 is refused, not read as 10");
+    // Without a query, the error names both ways to give one.
+    let o = run([vec!["search".into()], server_args()].concat()).await;
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(2) && said.contains("--text") && said.contains("--id"),
+        "{said}"
+    );
 
     // `accounts | head`: a reader that goes away ends the verb quietly, with status 0.
     let (reader, writer) = std::io::pipe().unwrap();
