@@ -19,11 +19,11 @@ use prompt_radar::engine::Engine;
 use prompt_radar::eval::{
     self, AccountOutcome, ExactHashBaseline, LabelledStream, Metrics, MinHashLshBaseline,
 };
-use prompt_radar::offline::{self, Observer};
+use prompt_radar::offline::{self, CommittedLine, Observer};
 use prompt_radar::server::validate;
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
-use super::reindex::Progress;
+use super::reindex::{AbruptStopNote, Progress};
 use super::{OfflineArgs, OnError};
 
 /// Flags of `eval`.
@@ -69,6 +69,9 @@ impl Observer for FirstFlag {
     }
     fn interrupted(&mut self) -> bool {
         self.progress.interrupted()
+    }
+    fn committed_line(&self) -> Option<CommittedLine> {
+        self.progress.committed_line()
     }
 }
 
@@ -165,7 +168,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         "eval",
         "eval: stopping: no metrics without the whole stream (a second Ctrl-C quits at once)",
         temp.then(|| engine_args.data_dir.clone()),
-        None,
+        (!temp).then(|| -> AbruptStopNote {
+            let dir = engine_args.data_dir.display().to_string();
+            Box::new(move |committed| match committed {
+                Ok(0) | Err(0) => format!("; {dir} keeps no prompt"),
+                Ok(last) => format!(
+                    "; {dir} keeps the prompts of the lines before line {} (the next start indexes them)",
+                    last + 1
+                ),
+                Err(last) => format!(
+                    "; {dir} keeps the prompts of the lines up to line {last}, and perhaps of the batch after it"
+                ),
+            })
+        }),
     )?;
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;

@@ -61,31 +61,36 @@ impl Progress {
 
     /// From now on the first Ctrl-C or SIGTERM stops the run before its next line (saying
     /// `message`), and a second exits at once, after removing `remove_on_exit` if given. With
-    /// `resume_from` (the run's first line) that exit also says which line to go on from.
+    /// `stored`, that exit also says what it returns given the last committed line (`Err`: a
+    /// commit was still running).
     pub fn stop_on_signal(
         &mut self,
         verb: &'static str,
         message: &'static str,
         remove_on_exit: Option<PathBuf>,
-        resume_from: Option<usize>,
+        stored: Option<AbruptStopNote>,
     ) -> anyhow::Result<()> {
-        let resume = resume_from.map(|first| (self.committed.clone(), first));
-        self.stop = Some((stop_on_signal(verb, remove_on_exit, resume)?, message));
+        let note = stored.map(|f| (self.committed.clone(), f));
+        self.stop = Some((stop_on_signal(verb, remove_on_exit, note)?, message));
         Ok(())
     }
 }
 
+/// What an abrupt stop adds to its line, given the last committed line (`Err`: a commit was still
+/// running when it gave up waiting).
+pub type AbruptStopNote = Box<dyn FnOnce(Result<usize, usize>) -> String + Send>;
+
 /// A flag that the first Ctrl-C (SIGINT) or SIGTERM sets; the second exits at once with status
 /// 130. Stopping between batches keeps the store and the index in step either way (each batch is
 /// one commit, and a start re-indexes what the last checkpoint lacks), but the first signal also
-/// ends with the summary and a checkpoint. Both name the line to go on from when given `resume`
-/// (the second waits for the batch being committed, if any, to know it). The handlers are in
-/// place when this returns.
+/// ends with the summary and a checkpoint. The second says what is stored when given `note` (it
+/// waits for the batch being committed, if any, to know it). The handlers are in place when this
+/// returns.
 #[cfg(unix)]
 fn stop_on_signal(
     verb: &'static str,
     remove_on_exit: Option<PathBuf>,
-    resume: Option<(CommittedLine, usize)>,
+    note: Option<(CommittedLine, AbruptStopNote)>,
 ) -> anyhow::Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let stop = Arc::new(AtomicBool::new(false));
@@ -112,8 +117,8 @@ fn stop_on_signal(
             if let Some(dir) = remove_on_exit {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            let go_on = resume.map_or(String::new(), |(committed, first)| {
-                go_on_after_abrupt_stop(committed.stop_commits(Duration::from_secs(10)), first)
+            let go_on = note.map_or(String::new(), |(committed, note)| {
+                note(committed.stop_commits(Duration::from_secs(10)))
             });
             eprintln!("\n{verb}: stopped at once (second signal){go_on}");
             std::process::exit(130);
@@ -147,7 +152,7 @@ fn go_on_after_abrupt_stop(committed: Result<usize, usize>, first: usize) -> Str
 fn stop_on_signal(
     _verb: &'static str,
     _remove_on_exit: Option<PathBuf>,
-    _resume: Option<(CommittedLine, usize)>,
+    _note: Option<(CommittedLine, AbruptStopNote)>,
 ) -> anyhow::Result<Arc<AtomicBool>> {
     Ok(Arc::new(AtomicBool::new(false)))
 }
@@ -221,7 +226,9 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         "reindex",
         "reindex: stopping: the lines read so far are embedded and stored first (a second Ctrl-C quits at once)",
         None,
-        Some(first),
+        Some(Box::new(move |committed| {
+            go_on_after_abrupt_stop(committed, first)
+        })),
     )?;
     eprintln!(
         "reindex: model on {} and data dir {} ready in {:.1}s ({} prompts already stored)",
