@@ -242,10 +242,22 @@ pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
 /// Counts the non-blank lines from line `first` on (for progress bars); lines that are not UTF-8
 /// or too long count too, as [`lines`] reports each of them.
 pub fn count_lines(path: &std::path::Path, first: usize) -> std::io::Result<u64> {
+    scan(path, first, |_, _| {})
+}
+
+/// Reads `path` from line `first` on, handing the number and text of each non-blank line that is
+/// text to `each`; returns what [`count_lines`] counts.
+fn scan(
+    path: &std::path::Path,
+    first: usize,
+    mut each: impl FnMut(usize, &str),
+) -> std::io::Result<u64> {
     let mut raw = RawLines::new(std::io::BufReader::new(std::fs::File::open(path)?), first);
     let mut n = 0;
-    while let Some((_, read)) = raw.next() {
-        read?;
+    while let Some((line, read)) = raw.next() {
+        if matches!(read?, Raw::Text) {
+            each(line, raw.text());
+        }
         n += 1;
     }
     Ok(n)
@@ -254,6 +266,8 @@ pub fn count_lines(path: &std::path::Path, first: usize) -> std::io::Result<u64>
 /// How far a traffic file is from time order, as index segments sliced by time see it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TimeOrder {
+    /// Lines read, as [`count_lines`] counts them (a run that needs both reads the file once).
+    pub lines: u64,
     /// Lines with a time of their own (0 or absent, "now", and unreadable lines left out).
     pub timed: u64,
     /// Segments that would seal for their time span, ingesting in batches of the run's size
@@ -287,21 +301,17 @@ pub fn time_order(
         #[serde(default, deserialize_with = "null_is_now")]
         timestamp_ms: i64,
     }
-    let mut raw = RawLines::new(std::io::BufReader::new(std::fs::File::open(path)?), first);
     let mut order = TimeOrder::default();
     let (mut newest, mut oldest) = (i64::MIN, i64::MAX);
     // The segment being filled: its oldest and newest time.
     let mut segment: Option<(i64, i64)> = None;
     let batch = batch.max(1) as u64;
-    while let Some((line, read)) = raw.next() {
-        if !matches!(read?, Raw::Text) {
-            continue;
-        }
-        let Ok(Timed { timestamp_ms: t }) = serde_json::from_str::<Timed>(raw.text()) else {
-            continue;
+    order.lines = scan(path, first, |line, text| {
+        let Ok(Timed { timestamp_ms: t }) = serde_json::from_str::<Timed>(text) else {
+            return;
         };
         if t <= 0 {
-            continue;
+            return;
         }
         if order.first_late.is_none() && newest != i64::MIN && t < newest.saturating_sub(span_ms) {
             order.first_late = Some((line, newest - t));
@@ -316,7 +326,7 @@ pub fn time_order(
             order.seals += 1;
             segment = None;
         }
-    }
+    })?;
     order.covered_ms = if order.timed > 0 { newest - oldest } else { 0 };
     Ok(order)
 }
@@ -361,7 +371,7 @@ not json
         let in_order: Vec<i64> = (0..300).map(|i| t0 + i * DAY / 10).collect();
         write(&in_order);
         let o = time_order(&path, 1, 4, DAY).unwrap();
-        assert_eq!(o.timed, 300);
+        assert_eq!((o.lines, o.timed), (300, 300));
         assert_eq!(o.first_late, None);
         assert!((20..=30).contains(&o.seals), "{o:?}");
         assert!(!o.too_disordered(DAY));

@@ -188,18 +188,26 @@ impl Observer for Progress {
 /// Runs the batch; returns whether every line was used.
 pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
-    let total = traffic::count_lines(&args.offline.input, first)
-        .with_context(|| format!("cannot read {}", args.offline.input.display()))?;
-    let file = std::fs::File::open(&args.offline.input)
-        .with_context(|| format!("cannot open {}", args.offline.input.display()))?;
+    let mut config = args.offline.engine.to_config()?;
+    let input = &args.offline.input;
+    // With time-sliced segments the input's times are read too, in the same pass as the count.
+    let span = config.segments.segment_span_ms;
+    let order = span
+        .map(|span| traffic::time_order(input, first, args.offline.batch_size, span))
+        .transpose()
+        .with_context(|| format!("cannot read {}", input.display()))?;
+    let total = match &order {
+        Some(order) => order.lines,
+        None => traffic::count_lines(input, first)
+            .with_context(|| format!("cannot read {}", input.display()))?,
+    };
+    let file =
+        std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
     let load = Instant::now();
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
-    let mut config = args.offline.engine.to_config()?;
-    if let Some(span) = config.segments.segment_span_ms {
+    if let (Some(span), Some(order)) = (span, order) {
         // Time slices need the input in time order: each batch that goes back past the span
         // would seal a segment of about a batch, and every search visits every segment.
-        let order = traffic::time_order(&args.offline.input, first, args.offline.batch_size, span)
-            .with_context(|| format!("cannot read {}", args.offline.input.display()))?;
         if order.too_disordered(span) {
             config.segments.segment_span_ms = None;
             let example = order.first_late.map_or(String::new(), |(line, behind)| {
