@@ -129,11 +129,7 @@ fn stop_on_signal(
 /// What an abrupt stop says of the stored lines, given the last committed one (`Err`: a commit
 /// was still running) and the run's first line.
 fn go_on_after_abrupt_stop(committed: Result<usize, usize>, first: usize) -> String {
-    let lines = if first > 1 {
-        format!("the lines from {first}")
-    } else {
-        "the lines".to_string()
-    };
+    let lines = the_lines(first);
     match committed {
         Ok(last) => {
             let next = (last + 1).max(first);
@@ -144,6 +140,15 @@ fn go_on_after_abrupt_stop(committed: Result<usize, usize>, first: usize) -> Str
         Err(last) => format!(
             "; {lines} up to line {last} are stored, and perhaps the batch after it, which was still being stored (the store does not deduplicate: count the stored prompts before going on)"
         ),
+    }
+}
+
+/// "the lines", or "the lines from N" for a run that started at line N.
+fn the_lines(first: usize) -> String {
+    if first > 1 {
+        format!("the lines from {first}")
+    } else {
+        "the lines".to_string()
     }
 }
 
@@ -294,10 +299,11 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         };
         let stored = if next <= first {
             "nothing was stored".to_string()
-        } else if first > 1 {
-            format!("the lines from {first} before line {next} are stored and indexed")
         } else {
-            format!("the lines before line {next} are stored and indexed")
+            format!(
+                "{} before line {next} are stored and indexed",
+                the_lines(first)
+            )
         };
         if times.stopped {
             eprintln!(
