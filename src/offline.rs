@@ -231,20 +231,19 @@ impl CommittedLine {
         let (gate, line) = &*self.0;
         let until = Instant::now() + patience;
         loop {
-            match gate.try_lock() {
-                Ok(held) => {
-                    std::mem::forget(held);
-                    return Ok(line.load(Ordering::Acquire));
-                }
-                Err(TryLockError::Poisoned(held)) => {
-                    std::mem::forget(held);
-                    return Ok(line.load(Ordering::Acquire));
-                }
+            let held = match gate.try_lock() {
+                Ok(held) => held,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
                 Err(TryLockError::WouldBlock) if Instant::now() >= until => {
                     return Err(line.load(Ordering::Acquire));
                 }
-                Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(5)),
-            }
+                Err(TryLockError::WouldBlock) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            };
+            std::mem::forget(held);
+            return Ok(line.load(Ordering::Acquire));
         }
     }
 

@@ -100,7 +100,7 @@ pub fn load(
     // such, whichever field it hit.
     let mut file = file;
     verify(&mut file, len).map_err(|e| e.to_string())?;
-    let mut dec = Dec::new(file, len).map_err(|e| e.to_string())?;
+    let mut dec = Dec::new(file, len);
     let read = |dec: &mut Dec| -> io::Result<(SnapshotHeader, Detector, KeyIndex)> {
         // Magic and version, checked by `verify`.
         let mut prologue = [0u8; 12];
@@ -257,16 +257,14 @@ pub(super) struct Dec {
 }
 
 impl Dec {
-    fn new(file: File, len: u64) -> io::Result<Self> {
-        if len < 8 {
-            return Err(invalid("truncated"));
-        }
-        Ok(Self {
+    /// `len` is the file's, checksum included: [`verify`] has made sure it holds one.
+    fn new(file: File, len: u64) -> Self {
+        Self {
             file,
             buf: Vec::new(),
             pos: 0,
             unread: len - 8,
-        })
+        }
     }
 
     /// Payload bytes left, read or not.
