@@ -1759,7 +1759,7 @@ mod tests {
     #[test]
     fn a_start_replays_every_chunk_of_the_store_into_the_same_state() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || Engine::open(config(dir.path(), 100_000, None), DIM).unwrap();
+        let open = || open_one_segment(dir.path());
         let engine = open();
         // More prompts than two replay chunks.
         let total = 2 * REPLAY_CHUNK + 100;
@@ -1805,11 +1805,15 @@ mod tests {
         full
     }
 
+    /// An engine on `dir` whose index fits one segment, without retention.
+    fn open_one_segment(dir: &Path) -> Engine {
+        Engine::open(config(dir, 100_000, None), DIM).unwrap()
+    }
+
     #[test]
     fn a_start_restores_the_checkpointed_detector_and_replays_only_what_came_after() {
         let dir = tempfile::tempdir().unwrap();
-        let open = |d: &Path| Engine::open(config(d, 100_000, None), DIM).unwrap();
-        let engine = open(dir.path());
+        let engine = open_one_segment(dir.path());
         ingest_stream(&engine, 0..1_200);
         let saved = engine.checkpoint().unwrap();
         assert_eq!(saved.detector_prompts, 1_200);
@@ -1819,8 +1823,8 @@ mod tests {
 
         let full = without_snapshot(dir.path());
 
-        let restored = open(dir.path());
-        let replayed = open(full.path());
+        let restored = open_one_segment(dir.path());
+        let replayed = open_one_segment(full.path());
         let (r, f) = (restored.open_stats(), replayed.open_stats());
         assert_eq!((r.prompts, r.restored, r.replayed), (1_800, 1_200, 600));
         assert_eq!((f.prompts, f.restored, f.replayed), (1_800, 0, 1_800));
@@ -1846,7 +1850,7 @@ mod tests {
         // A clean stop writes a snapshot holding everything: the next start replays nothing.
         restored.checkpoint().unwrap();
         drop(restored);
-        let again = open(dir.path());
+        let again = open_one_segment(dir.path());
         let s = again.open_stats();
         assert_eq!((s.prompts, s.restored, s.replayed), (1_830, 1_830, 0));
         // A checkpoint with nothing new leaves that snapshot as it is (not rewritten).
@@ -1877,20 +1881,20 @@ mod tests {
             .allow_template("Answer step by step <*>", "test", 0)
             .unwrap();
         drop(again);
-        let s = open(dir.path()).open_stats();
+        let s = open_one_segment(dir.path()).open_stats();
         assert_eq!((s.prompts, s.restored, s.replayed), (1_860, 0, 1_860));
         // A checkpoint after an allow-list change writes it again, though nothing was ingested.
-        let engine = open(dir.path());
+        let engine = open_one_segment(dir.path());
         engine.checkpoint().unwrap();
         drop(engine);
-        let engine = open(dir.path());
+        let engine = open_one_segment(dir.path());
         assert_eq!(engine.open_stats().restored, 1_860);
         engine
             .allow_template("Summarise this text for a child <*>", "test", 0)
             .unwrap();
         engine.checkpoint().unwrap();
         drop(engine);
-        let s = open(dir.path()).open_stats();
+        let s = open_one_segment(dir.path()).open_stats();
         assert_eq!((s.prompts, s.restored, s.replayed), (1_860, 1_860, 0));
     }
 
@@ -1928,8 +1932,7 @@ mod tests {
     #[test]
     fn a_snapshot_that_cannot_be_written_is_reported_and_the_checkpoint_stands() {
         let dir = tempfile::tempdir().unwrap();
-        let open = |d: &Path| Engine::open(config(d, 100_000, None), DIM).unwrap();
-        let engine = open(dir.path());
+        let engine = open_one_segment(dir.path());
         ingest_stream(&engine, 0..60);
         // Something that is not a file where the snapshot goes.
         std::fs::create_dir(dir.path().join(SNAPSHOT_FILE)).unwrap();
@@ -1943,7 +1946,7 @@ mod tests {
         );
         drop(engine);
         // The next start reloads the index and replays the detector.
-        let s = open(dir.path()).open_stats();
+        let s = open_one_segment(dir.path()).open_stats();
         assert_eq!(
             (s.reloaded, s.rebuilt, s.restored, s.replayed),
             (60, 0, 0, 60)
@@ -1985,13 +1988,12 @@ mod tests {
     fn a_snapshot_of_another_store_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
         let other = tempfile::tempdir().unwrap();
-        let open = |d: &Path| Engine::open(config(d, 100_000, None), DIM).unwrap();
-        let engine = open(dir.path());
+        let engine = open_one_segment(dir.path());
         ingest_stream(&engine, 0..90);
         engine.checkpoint().unwrap();
         drop(engine);
         // Another directory with as many prompts, but other ones, and this one's snapshot.
-        let engine = open(other.path());
+        let engine = open_one_segment(other.path());
         ingest_stream(&engine, 100..190);
         drop(engine);
         std::fs::copy(
@@ -1999,7 +2001,7 @@ mod tests {
             other.path().join(SNAPSHOT_FILE),
         )
         .unwrap();
-        let engine = open(other.path());
+        let engine = open_one_segment(other.path());
         let s = engine.open_stats();
         assert_eq!((s.prompts, s.restored, s.replayed), (90, 0, 90));
         assert!(

@@ -556,7 +556,7 @@ async fn reindex_builds_a_data_dir_that_serve_opens() {
             && stderr.contains("(32 active-segment vectors"),
         "{stderr}"
     );
-    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    let engine = open_data_dir(&data);
     let opened = engine.open_stats();
     assert_eq!(
         (
@@ -943,6 +943,11 @@ fn reindex_of_traffic_out_of_time_order_does_not_slice_the_index_by_time() {
     assert!(segments >= 2, "sliced by day: {said}");
 }
 
+/// The engine on a data directory that the binary wrote (384-d: the model's).
+fn open_data_dir(data: &std::path::Path) -> prompt_radar::engine::Engine {
+    prompt_radar::engine::Engine::open(config(data).engine, 384).unwrap()
+}
+
 /// The number in `text` right after the first `before`.
 fn number_after(text: &str, before: &str) -> usize {
     let rest = text
@@ -1066,7 +1071,7 @@ fn reindex_stops_on_ctrl_c_and_goes_on_from_the_line_it_names() {
             && stderr.contains(&format!("reindex: {} prompts in", LINES + 1 - next)),
         "{stderr}"
     );
-    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    let engine = open_data_dir(&data);
     assert_eq!(engine.len(), LINES as u64, "each line stored once");
 }
 
@@ -1101,7 +1106,7 @@ fn reindex_stopped_at_once_by_a_second_ctrl_c_names_the_line_to_go_on_from() {
         stderr.contains(&format!("({} prompts already stored)", next - 1)),
         "every line before {next} was stored, none after it: {stderr}"
     );
-    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    let engine = open_data_dir(&data);
     assert_eq!(engine.len(), LINES as u64, "each line stored once");
 }
 
@@ -1163,7 +1168,7 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
             && seen.contains("checkpointed: `serve` opens it"),
         "{seen}"
     );
-    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    let engine = open_data_dir(&data);
     let stats = engine.open_stats();
     assert_eq!(
         (stats.prompts, stats.restored, stats.rebuilt),
@@ -1191,7 +1196,7 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
     } else {
         number_after(last, "the lines before line ") - 1
     };
-    let engine = prompt_radar::engine::Engine::open(config(&data).engine, 384).unwrap();
+    let engine = open_data_dir(&data);
     assert_eq!(engine.len(), kept as u64, "{seen}");
 }
 
