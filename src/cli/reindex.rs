@@ -2,6 +2,7 @@
 //! batches and ingests it through the same engine as the server (see `prompt_radar::offline`),
 //! with a progress bar and a summary line giving each stage's rate, so the bound is visible.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -120,7 +121,11 @@ fn stop_on_signal(
             let go_on = note.map_or(String::new(), |(committed, note)| {
                 note(committed.stop_commits(Duration::from_secs(10)))
             });
-            eprintln!("\n{verb}: stopped at once (second signal){go_on}");
+            // Written, and the process ended, holding stderr: no other thread's line (a summary
+            // being printed) can come after it, so it is the last line, where a log's reader
+            // looks for where to go on.
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "\n{verb}: stopped at once (second signal){go_on}");
             std::process::exit(130);
         })?;
     Ok(stop)
