@@ -799,7 +799,8 @@ impl Engine {
             }
         }
         inserted?;
-        let now = records.last().map_or(0, |r| r.timestamp_ms);
+        // A late prompt last in the batch must not turn retention's clock back.
+        let now = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
         seal_and_merge(&mut self.parts.write(), now, "part index")?;
         let sealed = seal_and_merge(&mut self.index.write(), now, "index")?;
         times.index += lap();

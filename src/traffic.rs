@@ -7,6 +7,8 @@ use std::io::BufRead;
 
 use serde::Deserialize;
 
+use crate::index::SliceClock;
+
 /// One parsed line.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct TrafficLine {
@@ -270,9 +272,12 @@ pub struct TimeOrder {
     pub lines: u64,
     /// Lines with a time of their own (0 or absent, "now", and unreadable lines left out).
     pub timed: u64,
-    /// Segments that would seal for their time span, ingesting in batches of the run's size
+    /// Segments that would seal for their time, ingesting in batches of the run's size
     /// (counted in timed lines) as `reindex` does.
     pub seals: u64,
+    /// Lines that would go into a slice starting more than the span after them (late, see
+    /// [`SliceClock`]): retention keeps them until that slice expires.
+    pub late: u64,
     /// The first line more than the span older than the newest before it, and by how much (ms).
     pub first_late: Option<(usize, i64)>,
     /// Newest time minus oldest, in ms.
@@ -286,15 +291,20 @@ impl TimeOrder {
         let slices = (self.covered_ms / span_ms.max(1)).max(1) as u64;
         self.seals > 2 * slices
     }
+
+    /// Whether more than 1% of the timed lines would be late: kept well past their retention.
+    pub fn many_late(&self) -> bool {
+        self.late * 100 > self.timed
+    }
 }
 
-/// Reads the times of `path` from line `first` on and counts the segments spanning at most
-/// `span_ms` that ingesting it in batches of `batch` lines would seal (see [`TimeOrder`]).
+/// Reads the times of `path` from line `first` on and counts what `clock` (a fresh index's, say)
+/// does with them when they go in in batches of `batch` lines (see [`TimeOrder`]).
 pub fn time_order(
     path: &std::path::Path,
     first: usize,
     batch: usize,
-    span_ms: i64,
+    mut clock: SliceClock,
 ) -> std::io::Result<TimeOrder> {
     #[derive(Deserialize)]
     struct Timed {
@@ -303,8 +313,6 @@ pub fn time_order(
     }
     let mut order = TimeOrder::default();
     let (mut newest, mut oldest) = (i64::MIN, i64::MAX);
-    // The segment being filled: its oldest and newest time.
-    let mut segment: Option<(i64, i64)> = None;
     let batch = batch.max(1) as u64;
     order.lines = scan(path, first, |line, text| {
         let Ok(Timed { timestamp_ms: t }) = serde_json::from_str::<Timed>(text) else {
@@ -313,18 +321,20 @@ pub fn time_order(
         if t <= 0 {
             return;
         }
-        if order.first_late.is_none() && newest != i64::MIN && t < newest.saturating_sub(span_ms) {
+        if order.first_late.is_none()
+            && newest != i64::MIN
+            && t < newest.saturating_sub(clock.span_ms())
+        {
             order.first_late = Some((line, newest - t));
         }
         newest = newest.max(t);
         oldest = oldest.min(t);
-        let (lo, hi) = segment.get_or_insert((t, t));
-        (*lo, *hi) = ((*lo).min(t), (*hi).max(t));
+        order.late += u64::from(clock.note(t));
         order.timed += 1;
-        // A segment seals after the batch that made it span too long.
-        if order.timed % batch == 0 && *hi - *lo > span_ms {
+        // A segment seals after the batch that made it due.
+        if order.timed % batch == 0 && clock.due() {
             order.seals += 1;
-            segment = None;
+            clock.sealed();
         }
     })?;
     order.covered_ms = if order.timed > 0 { newest - oldest } else { 0 };
@@ -367,31 +377,48 @@ not json
                 .collect();
             std::fs::write(&path, text.join("\n")).unwrap();
         };
+        // Four late lines in a row mean the traffic went back (segments of 256 vectors), or
+        // 3,125 (the default 200,000).
+        let clock = |max_points: usize| {
+            let config = crate::index::SegmentsConfig {
+                segment_span_ms: Some(DAY),
+                max_points_per_segment: max_points,
+                ..Default::default()
+            };
+            SliceClock::for_config(&config, None).unwrap()
+        };
+        let (short_run, long_run) = (clock(256), clock(200_000));
         // In order, ten lines a day for 30 days, batches of 4: a seal a day or so.
         let in_order: Vec<i64> = (0..300).map(|i| t0 + i * DAY / 10).collect();
         write(&in_order);
-        let o = time_order(&path, 1, 4, DAY).unwrap();
-        assert_eq!((o.lines, o.timed), (300, 300));
+        let o = time_order(&path, 1, 4, short_run).unwrap();
+        assert_eq!((o.lines, o.timed, o.late), (300, 300, 0));
         assert_eq!(o.first_late, None);
         assert!((20..=30).contains(&o.seals), "{o:?}");
-        assert!(!o.too_disordered(DAY));
-        // Two shards one after the other: twice as many seals, one step back, still fine.
+        assert!(!o.too_disordered(DAY) && !o.many_late());
+        // Two shards one after the other: the second goes back and is sliced on its own; only
+        // the run that told it went back is late.
         let shards: Vec<i64> = in_order.iter().chain(&in_order).copied().collect();
         write(&shards);
-        let o = time_order(&path, 1, 4, DAY).unwrap();
+        let o = time_order(&path, 1, 4, short_run).unwrap();
         assert_eq!(o.first_late, Some((301, in_order[299] - t0)));
-        assert!(!o.too_disordered(DAY), "{o:?}");
-        // Sorted by account: 10 accounts, each over the same 30 days; nearly every batch spans
-        // days and seals.
+        assert!((40..=60).contains(&o.seals), "{o:?}");
+        assert!(o.late <= 4, "{o:?}");
+        assert!(!o.too_disordered(DAY) && !o.many_late(), "{o:?}");
+        // Sorted by account: 10 accounts, each a line a day over the same 30 days.
         let by_account: Vec<i64> = (0..10)
             .flat_map(|_| (0..30).map(|d| t0 + d * DAY))
             .collect();
         write(&by_account);
-        let o = time_order(&path, 1, 4, DAY).unwrap();
-        assert_eq!(o.seals, 75, "{o:?}");
-        assert!(o.too_disordered(DAY));
+        // Each account goes back in a run long enough to tell, and seals its own slices.
+        let o = time_order(&path, 1, 4, short_run).unwrap();
+        assert!(o.too_disordered(DAY), "{o:?}");
+        // Runs too short to tell: the later accounts go into the first one's last slice, late.
+        let o = time_order(&path, 1, 4, long_run).unwrap();
+        assert!(o.seals <= 10 && !o.too_disordered(DAY), "{o:?}");
+        assert!(o.late > 200 && o.many_late(), "{o:?}");
         // From line 31 on (--start-line): the first account's lines are not read.
-        assert_eq!(time_order(&path, 31, 4, DAY).unwrap().timed, 270);
+        assert_eq!(time_order(&path, 31, 4, long_run).unwrap().timed, 270);
     }
 
     #[test]

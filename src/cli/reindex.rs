@@ -14,6 +14,7 @@ use clap::Args;
 use prompt_radar::detect::Verdict;
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 use prompt_radar::engine::Engine;
+use prompt_radar::index::SliceClock;
 use prompt_radar::offline::{self, CommittedLine, Observer};
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
@@ -202,8 +203,9 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let input = &args.offline.input;
     // With time-sliced segments the input's times are read too, in the same pass as the count.
     let span = config.segments.segment_span_ms;
-    let order = span
-        .map(|span| traffic::time_order(input, first, args.offline.batch_size, span))
+    let clock = SliceClock::for_config(&config.segments, None);
+    let order = clock
+        .map(|clock| traffic::time_order(input, first, args.offline.batch_size, clock))
         .transpose()
         .with_context(|| format!("cannot read {}", input.display()))?;
     let total = match &order {
@@ -216,21 +218,29 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let load = Instant::now();
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     if let (Some(span), Some(order)) = (span, order) {
-        // Time slices need the input in time order: each batch that goes back past the span
-        // would seal a segment of about a batch, and every search visits every segment.
+        let example = order.first_late.map_or(String::new(), |(line, behind)| {
+            format!(
+                " (line {line} is {:.1} days older than a line before it)",
+                behind as f64 / 86_400_000.0
+            )
+        });
         if order.too_disordered(span) {
+            // Traffic that goes back in time again and again would seal a segment per run of
+            // it, and every search visits every segment.
             config.segments.segment_span_ms = None;
-            let example = order.first_late.map_or(String::new(), |(line, behind)| {
-                format!(
-                    " (line {line} is {:.1} days older than a line before it)",
-                    behind as f64 / 86_400_000.0
-                )
-            });
             eprintln!(
                 "reindex: the input is not in time order{example}: index segments of {} h would be {} segments for {:.1} days of traffic, so this run seals them by size only (retention drops a segment once its newest prompt expires); sort the file by timestamp_ms to slice it by time",
                 span / 3_600_000,
                 order.seals,
                 order.covered_ms as f64 / 86_400_000.0,
+            );
+        } else if order.many_late() {
+            eprintln!(
+                "reindex: the input is not in time order{example}: {} of {} timed lines ({:.1}%) are over {} h older than the time slice they go into, so retention keeps them until that slice expires; sort the file by timestamp_ms to slice it exactly",
+                order.late,
+                order.timed,
+                100.0 * order.late as f64 / order.timed.max(1) as f64,
+                span / 3_600_000,
             );
         }
     }

@@ -104,6 +104,104 @@ impl SegmentInfo {
     }
 }
 
+/// When an active segment sliced by time is due to seal, from its prompts' times alone: ingest
+/// and `reindex`'s look at its input share it.
+///
+/// A slice starts at the newest time seen before it (the first slice at its first prompt's) and
+/// is due once its newest prompt is more than the span past that start. A prompt more than the
+/// span older than the start is *late*: it goes into the slice being filled, and retention keeps
+/// it until that slice's newest prompt expires. Late prompts among current ones (a gateway
+/// draining a backlog while it serves, a client clock days behind) therefore never seal a
+/// segment of a batch or so each, as a rule on the segment's own oldest and newest time would:
+/// every segment holding both would span too long at once. Only a run of late prompts in a row
+/// (a second shard of a file, a backlog replayed on its own) means the traffic went back in time:
+/// the segment seals, and the next slice starts at that run's newest time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SliceClock {
+    span_ms: i64,
+    /// Late prompts in a row that mean the traffic went back in time.
+    went_back: u64,
+    /// Where the slice being filled starts; `None` until the first slice's first prompt.
+    start: Option<i64>,
+    /// Newest time in the slice being filled.
+    newest: Option<i64>,
+    /// Late prompts in a row at the end of the slice, and the newest of them.
+    run: u64,
+    run_newest: i64,
+}
+
+impl SliceClock {
+    /// A clock for `config`'s time slices (`None` without them), its slice starting at `start`.
+    /// A run of a sixty-fourth of a segment's size, up to 4,096, means the traffic went back.
+    pub fn for_config(config: &SegmentsConfig, start: Option<i64>) -> Option<Self> {
+        let went_back = (config.max_points_per_segment / 64).clamp(1, 4_096) as u64;
+        config.segment_span_ms.map(|span_ms| SliceClock {
+            span_ms,
+            went_back,
+            start,
+            newest: None,
+            run: 0,
+            run_newest: 0,
+        })
+    }
+
+    /// Notes the time of a prompt put in the slice; returns whether it is late.
+    pub fn note(&mut self, ts: i64) -> bool {
+        let start = *self.start.get_or_insert(ts);
+        self.newest = Some(self.newest.map_or(ts, |n| n.max(ts)));
+        let late = ts < start.saturating_sub(self.span_ms);
+        if !late {
+            self.run = 0;
+        } else if self.run == 0 {
+            (self.run, self.run_newest) = (1, ts);
+        } else {
+            (self.run, self.run_newest) = (self.run + 1, self.run_newest.max(ts));
+        }
+        late
+    }
+
+    /// Whether the slice is due to seal: it spans past its start, or the traffic went back.
+    pub fn due(&self) -> bool {
+        let aged = match (self.start, self.newest) {
+            (Some(start), Some(newest)) => newest.saturating_sub(start) > self.span_ms,
+            _ => false,
+        };
+        aged || self.went_back()
+    }
+
+    fn went_back(&self) -> bool {
+        self.run >= self.went_back
+    }
+
+    /// Starts the next slice, once the segment is sealed (for its time or its size).
+    pub fn sealed(&mut self) {
+        let next = if self.went_back() {
+            Some(self.run_newest)
+        } else {
+            self.newest.max(self.start)
+        };
+        (self.start, self.newest, self.run) = (next, None, 0);
+    }
+
+    /// The longest a slice spans.
+    pub fn span_ms(&self) -> i64 {
+        self.span_ms
+    }
+
+    /// Where the slice being filled starts.
+    pub fn start(&self) -> Option<i64> {
+        self.start
+    }
+
+    /// Takes up a reloaded active segment's slice: its prompts' times are not noted again.
+    fn resume(&mut self, active: &SegmentInfo) {
+        if active.count > 0 {
+            self.start = self.start.or(Some(active.min_ts));
+            self.newest = Some(active.max_ts);
+        }
+    }
+}
+
 /// One sealed segment as listed in the manifest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SegmentEntry {
@@ -124,6 +222,10 @@ struct Manifest {
     /// The active segment as of its last checkpoint (its dump holds exactly `count` vectors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     active: Option<SegmentEntry>,
+    /// Where the active segment's time slice starts (see [`SliceClock`]); absent in manifests
+    /// written before it was kept, where the newest sealed time stands in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slice_start_ms: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -156,6 +258,8 @@ pub struct SegmentedHnsw {
     /// The manifest's checkpoint of the active segment, while that dump is a prefix of it.
     checkpointed: Option<SegmentEntry>,
     merging: Option<Merge>,
+    /// When the active segment is due for its time span (`None`: sealed by size alone).
+    clock: Option<SliceClock>,
 }
 
 impl SegmentedHnsw {
@@ -174,7 +278,9 @@ impl SegmentedHnsw {
             sealed_up_to: 0,
             checkpointed: None,
             merging: None,
+            clock: None,
         };
+        me.clock = SliceClock::for_config(&me.config, None);
         let Some(dir) = me.config.dir.clone() else {
             return Ok(me);
         };
@@ -189,6 +295,9 @@ impl SegmentedHnsw {
         if let Some(m) = manifest {
             me.next_segment = m.next_segment;
             me.sealed_up_to = m.sealed_up_to;
+            let newest_sealed = m.segments.iter().map(|e| e.info.max_ts).max();
+            let slice_start = m.slice_start_ms.or(newest_sealed);
+            me.clock = SliceClock::for_config(&me.config, slice_start);
             let loaded: Vec<(SegmentEntry, Result<HnswIndex, IndexError>)> = m
                 .segments
                 .into_par_iter()
@@ -224,6 +333,9 @@ impl SegmentedHnsw {
                             && entry.basename == me.active.entry.basename =>
                     {
                         index.set_ef_search(me.config.params.ef_search);
+                        if let Some(clock) = &mut me.clock {
+                            clock.resume(&entry.info);
+                        }
                         me.active = Segment {
                             index: Arc::new(index),
                             entry: entry.clone(),
@@ -278,6 +390,9 @@ impl SegmentedHnsw {
     pub fn insert(&mut self, id: u64, timestamp_ms: i64, vector: &[f32]) -> Result<(), IndexError> {
         self.active_mut()?.insert(id, vector)?;
         self.active.entry.info.note(id, timestamp_ms);
+        if let Some(clock) = &mut self.clock {
+            clock.note(timestamp_ms);
+        }
         Ok(())
     }
 
@@ -291,6 +406,9 @@ impl SegmentedHnsw {
         self.active_mut()?.parallel_insert(&refs)?;
         for (id, ts, _) in items {
             self.active.entry.info.note(*id, *ts);
+            if let Some(clock) = &mut self.clock {
+                clock.note(*ts);
+            }
         }
         Ok(())
     }
@@ -300,11 +418,14 @@ impl SegmentedHnsw {
     /// after the store has committed the inserted prompts. On error nothing changes.
     pub fn seal_if_due(&mut self) -> Result<bool, IndexError> {
         let info = self.active.entry.info;
-        let span = info.max_ts.saturating_sub(info.min_ts);
         let full = info.count >= self.config.max_points_per_segment.max(1);
-        let long = self.config.segment_span_ms.is_some_and(|max| span > max);
+        let long = self.clock.is_some_and(|c| c.due());
         if info.count == 0 || !(full || long) {
             return Ok(false);
+        }
+        let mut clock = self.clock;
+        if let Some(clock) = &mut clock {
+            clock.sealed();
         }
         let mut entry = self.active.entry.clone();
         entry.info.sealed = true;
@@ -318,11 +439,21 @@ impl SegmentedHnsw {
             let mut segments = self.listed_entries(&kept);
             segments.push(entry.clone());
             let next = self.next_segment + 1;
-            write_manifest(dir, self.dim, next, sealed_up_to, segments, None)?;
+            let slice_start = clock.and_then(|c| c.start());
+            write_manifest(
+                dir,
+                self.dim,
+                next,
+                sealed_up_to,
+                segments,
+                None,
+                slice_start,
+            )?;
             remove_segment_files(dir, forgotten.iter().map(|e| e.basename.as_str()));
         }
         // The dump under the checkpoint's name is now the sealed segment's.
         self.checkpointed = None;
+        self.clock = clock;
         self.lost = kept;
         self.next_segment += 1;
         self.sealed_up_to = sealed_up_to;
@@ -399,7 +530,15 @@ impl SegmentedHnsw {
             segments.splice(at..at + 2, [merged.entry.clone()]);
             let (next, up_to) = (self.next_segment, self.sealed_coverage());
             let active = self.checkpointed.clone();
-            if let Err(e) = write_manifest(dir, self.dim, next, up_to, segments, active) {
+            if let Err(e) = write_manifest(
+                dir,
+                self.dim,
+                next,
+                up_to,
+                segments,
+                active,
+                self.slice_start(),
+            ) {
                 tracing::warn!(error = %e, "cannot rewrite the index manifest; merge discarded");
                 self.discard(&m.output);
                 return false;
@@ -501,7 +640,16 @@ impl SegmentedHnsw {
         let segments = self.listed_entries(&self.lost);
         let (next, up_to) = (self.next_segment, self.sealed_coverage());
         let entry = self.active.entry.clone();
-        write_manifest(dir, self.dim, next, up_to, segments, Some(entry.clone()))?;
+        let slice_start = self.slice_start();
+        write_manifest(
+            dir,
+            self.dim,
+            next,
+            up_to,
+            segments,
+            Some(entry.clone()),
+            slice_start,
+        )?;
         self.checkpointed = Some(entry);
         Ok(info.count)
     }
@@ -526,7 +674,15 @@ impl SegmentedHnsw {
             segments.retain(|e| !expired(e));
             let (next, up_to) = (self.next_segment, self.sealed_coverage());
             let active = self.checkpointed.clone();
-            if let Err(e) = write_manifest(dir, self.dim, next, up_to, segments, active) {
+            if let Err(e) = write_manifest(
+                dir,
+                self.dim,
+                next,
+                up_to,
+                segments,
+                active,
+                self.slice_start(),
+            ) {
                 tracing::warn!(error = %e, "cannot rewrite the index manifest; expired segments kept");
                 return 0;
             }
@@ -586,6 +742,11 @@ impl SegmentedHnsw {
     /// True when no segment holds anything.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Where the active segment's time slice starts, when segments are sliced by time.
+    fn slice_start(&self) -> Option<i64> {
+        self.clock.and_then(|c| c.start())
     }
 
     /// Manifest entries of the loaded sealed segments followed by `lost`.
@@ -734,6 +895,7 @@ fn write_manifest(
     sealed_up_to: u64,
     segments: Vec<SegmentEntry>,
     active: Option<SegmentEntry>,
+    slice_start_ms: Option<i64>,
 ) -> Result<(), IndexError> {
     let m = Manifest {
         format: MANIFEST_FORMAT,
@@ -742,6 +904,7 @@ fn write_manifest(
         sealed_up_to,
         segments,
         active,
+        slice_start_ms,
     };
     let json = serde_json::to_vec_pretty(&m).map_err(|e| IndexError::Io(e.to_string()))?;
     write_atomic(&dir.join(MANIFEST), &json)
@@ -861,7 +1024,102 @@ mod tests {
         let mut idx = SegmentedHnsw::open(cfg, DIM).unwrap();
         assert_eq!(feed(&mut idx, &vs, 1, 0), 3);
         let counts: Vec<usize> = idx.segments().iter().map(|s| s.count).collect();
-        assert_eq!(counts, vec![11, 11, 11, 7]);
+        // The first slice starts at its first prompt (0–10 s), each next one at the newest time
+        // before it (10 s: 11–20 s).
+        assert_eq!(counts, vec![11, 10, 10, 9]);
+    }
+
+    /// Time-sliced segments of 10 s; a run of 15 late prompts means the traffic went back.
+    fn sliced(dir: Option<&Path>) -> SegmentsConfig {
+        SegmentsConfig {
+            segment_span_ms: Some(10_000),
+            ..config(dir, 1_000)
+        }
+    }
+
+    #[test]
+    fn late_prompts_among_current_ones_do_not_seal_a_segment_each() {
+        let vs = unit_vectors(37, 160, DIM);
+        let mut idx = SegmentedHnsw::open(sliced(None), DIM).unwrap();
+        let t0 = 1_000_000;
+        // 40 s in order: sealed at 11 s, 22 s and 33 s (a slice starts at the newest time
+        // before it).
+        assert_eq!(feed(&mut idx, &vs[..40], 1, t0), 3);
+        // Then a prompt a second, each followed by one from two minutes before (a backlog
+        // drained while serving), a seal check after each as a gateway's batches of one get.
+        // A rule on each segment's own oldest and newest time sealed after every late one.
+        let mut seals = 0;
+        for (i, pair) in vs[40..].chunks(2).enumerate() {
+            let now = t0 + 40_000 + 1_000 * i as i64;
+            for (j, (ts, v)) in [now, now - 120_000].into_iter().zip(pair).enumerate() {
+                idx.insert(41 + 2 * i as u64 + j as u64, ts, v).unwrap();
+                seals += usize::from(idx.seal_if_due().unwrap());
+            }
+        }
+        // 60 s more of current traffic: its slices alone.
+        assert!((5..=6).contains(&seals), "{seals} seals");
+        assert_eq!(idx.len(), 160);
+        // The late prompts are found, and a search of their time finds their segments.
+        assert_eq!(top1(&idx, &vs[41]), 42);
+        let then = idx.search_range(&vs[41], 1, Some(t0 - 80_000), Some(t0 - 80_000));
+        assert_eq!(then[0].id, 42);
+    }
+
+    #[test]
+    fn traffic_that_goes_back_in_time_is_sliced_on_its_own() {
+        let vs = unit_vectors(38, 100, DIM);
+        let mut idx = SegmentedHnsw::open(sliced(None), DIM).unwrap();
+        let t0 = 1_000_000;
+        assert_eq!(feed(&mut idx, &vs[..40], 1, t0), 3);
+        // A second shard, from 5 minutes before: the first 15 go into the slice being filled,
+        // which then seals; the rest is sliced by its own times.
+        let seals = feed(&mut idx, &vs[40..], 41, t0 - 300_000);
+        assert_eq!(seals, 1 + 4);
+        let segs = idx.segments();
+        let back = &segs[3];
+        assert_eq!((back.first_id, back.last_id), (35, 55));
+        assert_eq!(back.min_ts, t0 - 300_000);
+        for s in &segs[4..] {
+            assert!(s.max_ts - s.min_ts <= 10_000, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn the_time_slice_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = unit_vectors(39, 60, DIM);
+        let t0 = 1_000_000;
+        // Sealed at 11 s and 22 s: the active slice starts at 22 s.
+        let fill = |idx: &mut SegmentedHnsw| assert_eq!(feed(idx, &vs[..23], 1, t0), 2);
+        let mut idx = SegmentedHnsw::open(sliced(Some(dir.path())), DIM).unwrap();
+        fill(&mut idx);
+        drop(idx);
+        // Reopened without a checkpoint (a crash) or with one, the slice still starts at 22 s:
+        // a late prompt there and a current one after do not seal; 11 s past 22 s does.
+        for checkpoint in [false, true] {
+            let mut idx = SegmentedHnsw::open(sliced(Some(dir.path())), DIM).unwrap();
+            assert_eq!(idx.covered_up_to(), 23);
+            idx.insert_bulk(&[(24, t0 + 23_000, &vs[23]), (25, t0 + 24_000, &vs[24])])
+                .unwrap();
+            idx.insert(26, t0 - 120_000, &vs[25]).unwrap();
+            if checkpoint {
+                assert_eq!(idx.checkpoint().unwrap(), 3);
+                drop(idx);
+                idx = SegmentedHnsw::open(sliced(Some(dir.path())), DIM).unwrap();
+                assert_eq!(idx.covered_up_to(), 26);
+            }
+            idx.insert(27, t0 + 26_000, &vs[26]).unwrap();
+            assert!(!idx.seal_if_due().unwrap(), "checkpoint: {checkpoint}");
+            idx.insert(28, t0 + 33_000, &vs[27]).unwrap();
+            assert!(idx.seal_if_due().unwrap(), "checkpoint: {checkpoint}");
+            drop(idx);
+            if !checkpoint {
+                // Back to what was on disk before this round.
+                std::fs::remove_dir_all(dir.path()).unwrap();
+                let mut idx = SegmentedHnsw::open(sliced(Some(dir.path())), DIM).unwrap();
+                fill(&mut idx);
+            }
+        }
     }
 
     #[test]
@@ -1102,7 +1360,7 @@ mod tests {
                     sealed: true,
                 },
             };
-            write_manifest(dir.path(), DIM, 2, 1, vec![entry], None).unwrap();
+            write_manifest(dir.path(), DIM, 2, 1, vec![entry], None, None).unwrap();
             assert_eq!(read_manifest(dir.path(), DIM).is_ok(), ok, "{name}");
         }
     }
