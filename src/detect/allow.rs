@@ -46,7 +46,7 @@ impl AllowRule {
         let fixed: usize = runs.iter().map(Vec::len).sum();
         if fixed < MIN_FIXED_TOKENS {
             return Err(format!(
-                "a template needs at least {MIN_FIXED_TOKENS} fixed words besides its <*> slots"
+                "a template needs at least {MIN_FIXED_TOKENS} fixed words besides its <*> slots (a Chinese or Japanese character counts as a word)"
             ));
         }
         let first_fixed = pieces.first().is_some_and(|p| !keys::tokens(p).is_empty());
@@ -145,6 +145,22 @@ mod tests {
         assert!(mid.matches("Hi. Translate to French: where is the station? Thanks."));
         assert!(!mid.matches("Hi. Translate to French: where is the station?"));
         assert!(!mid.matches("Thanks. Translate to German: x Thanks."));
+    }
+
+    #[test]
+    fn chinese_and_japanese_templates_match_character_by_character() {
+        // No spaces between words: each CJK character is a fixed word of its own.
+        let zh = AllowRule::compile("请把下面这段话翻译成英文：<*>").unwrap();
+        assert!(zh.matches("请把下面这段话翻译成英文：今天天气很好。"));
+        assert!(zh.matches("请把下面这段话翻译成英文： The cat sat."));
+        assert!(!zh.matches("请把下面这段话翻译成法文：今天天气很好。"));
+        assert!(!zh.matches("你好，请把下面这段话翻译成英文：今天天气很好。"));
+        let ja = AllowRule::compile("<*>を英語に翻訳してください").unwrap();
+        assert!(ja.matches("今日はいい天気ですを英語に翻訳してください"));
+        assert!(!ja.matches("今日はいい天気ですをフランス語に翻訳してください"));
+        // Three characters are three words, enough; two are not.
+        assert!(AllowRule::compile("翻译成<*>").is_ok());
+        assert!(AllowRule::compile("翻译<*>").is_err());
     }
 
     #[test]

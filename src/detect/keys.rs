@@ -16,11 +16,62 @@ pub const KEY_TOKENS: usize = 8;
 /// A prompt needs this many tokens beyond a key to get keys (the rest is the slot).
 pub const MIN_SLOT_TOKENS: usize = 3;
 
-/// Normalised tokens: lower-case, trimmed of punctuation at both ends, digits folded to `0`,
-/// empty tokens dropped.
+/// Whether `c` belongs to a script written without spaces between words: CJK ideographs (as
+/// BERT's basic tokenizer splits them) and kana.
+pub fn is_cjk(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x3040..=0x30FF // hiragana, katakana
+            | 0x31F0..=0x31FF // katakana extensions
+            | 0x3400..=0x4DBF // CJK extension A
+            | 0x4E00..=0x9FFF // CJK unified ideographs
+            | 0xF900..=0xFAFF // CJK compatibility ideographs
+            | 0xFF66..=0xFF9D // half-width katakana
+            | 0x20000..=0x2FA1F // CJK extensions B–F, compatibility supplement
+    )
+}
+
+/// The words of `text`: runs between whitespace, except that each CJK character (see
+/// [`is_cjk`]) is a word of its own — Chinese and Japanese put no spaces between words, and one
+/// character a word is what BERT's tokenizer does too. Each word comes with whether whitespace
+/// precedes it, so that a template can be written back as the prompts were.
+pub fn words(text: &str) -> Words<'_> {
+    Words { text, at: 0 }
+}
+
+/// The iterator of [`words`].
+#[derive(Debug, Clone)]
+pub struct Words<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Iterator for Words<'a> {
+    type Item = (&'a str, bool);
+
+    fn next(&mut self) -> Option<(&'a str, bool)> {
+        let rest = &self.text[self.at..];
+        let word = rest.trim_start();
+        let spaced = word.len() < rest.len();
+        let first = word.chars().next()?;
+        let len = if is_cjk(first) {
+            first.len_utf8()
+        } else {
+            word.char_indices()
+                .find(|&(_, c)| c.is_whitespace() || is_cjk(c))
+                .map_or(word.len(), |(i, _)| i)
+        };
+        let start = self.text.len() - word.len();
+        self.at = start + len;
+        Some((&self.text[start..self.at], spaced))
+    }
+}
+
+/// Normalised tokens: the [`words`], lower-case, trimmed of punctuation at both ends, digits
+/// folded to `0`, empty tokens dropped.
 pub fn tokens(text: &str) -> Vec<String> {
-    text.split_whitespace()
-        .map(|w| {
+    words(text)
+        .map(|(w, _)| {
             w.trim_matches(|c: char| !c.is_alphanumeric())
                 .chars()
                 .map(|c| if c.is_ascii_digit() { '0' } else { c })
@@ -109,16 +160,25 @@ pub fn is_prose(segment: &str) -> bool {
     !segment.chars().any(|c| "=(){}[];<>+*\\|`_#".contains(c))
 }
 
-/// Lines, and sentences within lines (split after `.`, `!`, `?` or `:` followed by a space).
+/// Lines, and sentences within lines: split after `.`, `!`, `?` or `:` followed by a space, and
+/// after their full-width forms `。！？：`, which take no space after them.
 pub fn segments(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut start = 0;
-        let bytes = line.as_bytes();
-        for i in 0..bytes.len().saturating_sub(1) {
-            if matches!(bytes[i], b'.' | b'!' | b'?' | b':') && bytes[i + 1] == b' ' {
-                out.push(&line[start..=i]);
-                start = i + 1;
+        let mut chars = line.char_indices().peekable();
+        while let Some((_, c)) = chars.next() {
+            let Some(&(next, after)) = chars.peek() else {
+                break;
+            };
+            let ends = match c {
+                '.' | '!' | '?' | ':' => after == ' ',
+                '。' | '！' | '？' | '：' => true,
+                _ => false,
+            };
+            if ends {
+                out.push(&line[start..next]);
+                start = next;
             }
         }
         out.push(&line[start..]);
@@ -300,6 +360,57 @@ mod tests {
         let c =
             keys("Hey, it's Bob from team 7. What is the capital of France and why is it there?");
         assert!(!c.iter().any(|k| b.contains(k)));
+    }
+
+    #[test]
+    fn cjk_characters_are_words_of_their_own() {
+        let w: Vec<(&str, bool)> = words(" 用Python写 一个函数。 ok").collect();
+        assert_eq!(
+            w,
+            vec![
+                ("用", true),
+                ("Python", false),
+                ("写", false),
+                ("一", true),
+                ("个", false),
+                ("函", false),
+                ("数", false),
+                ("。", false),
+                ("ok", true)
+            ]
+        );
+        assert_eq!(
+            tokens("翻译成English: 2 次"),
+            ["翻", "译", "成", "english", "0", "次"]
+        );
+        // English is split as before: on whitespace alone.
+        let en = "Don't  stop—now: it's 3.14!";
+        let split: Vec<&str> = en.split_whitespace().collect();
+        assert_eq!(words(en).map(|(w, _)| w).collect::<Vec<_>>(), split);
+        assert_eq!(words("").count() + words(" \n ").count(), 0);
+    }
+
+    #[test]
+    fn chinese_prompts_of_one_template_share_keys_and_split_into_parts() {
+        let a = "请你作为一名资深的软件工程师，详细解释下面这个概念：量子计算的基本原理";
+        let b = "请你作为一名资深的软件工程师，详细解释下面这个概念：区块链是如何运作的";
+        let c = "今天的天气怎么样？我想知道明天会不会下雨，需要带伞吗";
+        let (ka, kb, kc) = (keys(a), keys(b), keys(c));
+        assert!(!ka.is_empty());
+        assert!(ka.iter().any(|k| kb.contains(k)));
+        assert!(!ka.iter().any(|k| kc.contains(k)));
+        assert_eq!(
+            segments("第一句话。第二句话！第三句？最后：结束"),
+            vec!["第一句话。", "第二句话！", "第三句？", "最后：", "结束"]
+        );
+        assert_eq!(
+            parts("请翻译下面的句子。今天天气很好，我们去公园散步吧。谢谢你的帮助！"),
+            vec![
+                "请翻译下面的句子。",
+                "今天天气很好，我们去公园散步吧。",
+                "谢谢你的帮助！"
+            ]
+        );
     }
 
     #[test]

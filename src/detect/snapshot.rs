@@ -18,7 +18,9 @@ use super::keys::KeyIndex;
 use super::{Detector, DetectorConfig};
 
 const MAGIC: &[u8; 8] = b"PRDETSNP";
-const VERSION: u32 = 1;
+/// 2: template keys take each Chinese or Japanese character as a word (keys of version 1 are
+/// stale for such prompts, so its snapshots are replayed instead).
+const VERSION: u32 = 2;
 /// Bytes hashed and written, or read and hashed, at a time.
 const CHUNK: usize = 1 << 20;
 

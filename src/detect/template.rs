@@ -2,39 +2,55 @@
 //! subsequence) and keeps the words every sample shares; the gaps become `<*>` slots.
 //! "Solve step by step: 2+2" and "Solve step by step: what is 7*6" give "Solve step by step: <*>".
 
+use super::keys;
+
 /// The template shared by `samples`, with `<*>` for each run of differing tokens.
-/// One sample gives itself back; no samples give an empty string.
+/// One sample gives itself back; no samples give an empty string. Words are split as
+/// [`keys::words`] splits them (each CJK character a word), and written back with a space
+/// before those that had one in the first sample, so a Chinese template reads without spaces.
 pub fn extract(samples: &[&str]) -> String {
     let mut iter = samples.iter();
     let Some(first) = iter.next() else {
         return String::new();
     };
-    // Long prompts are aligned on their first 200 tokens: enough for a template, cheap for LCS.
-    let mut template: Vec<Option<&str>> = first.split_whitespace().take(200).map(Some).collect();
+    // Long prompts are aligned on their first 200 words: enough for a template, cheap for LCS.
+    let mut template: Vec<Word> = keys::words(first)
+        .take(200)
+        .map(|(w, spaced)| (Some(w), spaced))
+        .collect();
     for s in iter {
-        let other: Vec<&str> = s.split_whitespace().take(200).collect();
+        let other: Vec<&str> = keys::words(s).take(200).map(|(w, _)| w).collect();
         template = merge(&template, &other);
     }
-    let mut out: Vec<&str> = Vec::with_capacity(template.len());
-    for t in template {
-        match t {
-            Some(w) => out.push(w),
-            None if out.last() != Some(&"<*>") => out.push("<*>"),
-            None => {}
+    let mut out = String::new();
+    let mut slot_last = false;
+    for (w, spaced) in template {
+        if w.is_none() && slot_last {
+            continue;
         }
+        slot_last = w.is_none();
+        if spaced && !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(w.unwrap_or("<*>"));
     }
-    out.join(" ")
+    out
 }
 
-/// Aligns a template (None = slot) with a new token sequence; tokens off the LCS become slots.
-fn merge<'a>(template: &[Option<&'a str>], other: &[&str]) -> Vec<Option<&'a str>> {
+/// A template word (`None`: a slot) and whether a space goes before it.
+type Word<'a> = (Option<&'a str>, bool);
+
+/// Aligns a template with a new word sequence; words off the LCS become slots, spaced as the
+/// first template word they stand for.
+fn merge<'a>(template: &[Word<'a>], other: &[&str]) -> Vec<Word<'a>> {
     let (n, m) = (template.len(), other.len());
+    let fixed = |i: usize, j: usize| template[i].0.is_some() && template[i].0 == Some(other[j]);
     // lcs[i][j] = LCS length of template[i..] and other[j..], flattened.
     let mut lcs = vec![0u16; (n + 1) * (m + 1)];
     let at = |i: usize, j: usize| i * (m + 1) + j;
     for i in (0..n).rev() {
         for j in (0..m).rev() {
-            lcs[at(i, j)] = if template[i].is_some() && template[i] == Some(other[j]) {
+            lcs[at(i, j)] = if fixed(i, j) {
                 lcs[at(i + 1, j + 1)] + 1
             } else {
                 lcs[at(i + 1, j)].max(lcs[at(i, j + 1)])
@@ -43,18 +59,19 @@ fn merge<'a>(template: &[Option<&'a str>], other: &[&str]) -> Vec<Option<&'a str
     }
     let (mut i, mut j) = (0, 0);
     let mut out = Vec::with_capacity(n);
-    let mut gap = false;
+    // The spacing of the slot being opened, while words are skipped.
+    let mut gap: Option<bool> = None;
+    let spaced_at = |i: usize| template.get(i).is_none_or(|w| w.1);
     while i < n && j < m {
-        if template[i].is_some() && template[i] == Some(other[j]) {
-            if gap {
-                out.push(None);
-                gap = false;
+        if fixed(i, j) {
+            if let Some(spaced) = gap.take() {
+                out.push((None, spaced));
             }
             out.push(template[i]);
             i += 1;
             j += 1;
         } else {
-            gap = true;
+            gap.get_or_insert(spaced_at(i));
             if lcs[at(i + 1, j)] >= lcs[at(i, j + 1)] {
                 i += 1;
             } else {
@@ -62,8 +79,8 @@ fn merge<'a>(template: &[Option<&'a str>], other: &[&str]) -> Vec<Option<&'a str
             }
         }
     }
-    if gap || i < n || j < m {
-        out.push(None);
+    if gap.is_some() || i < n || j < m {
+        out.push((None, gap.unwrap_or(spaced_at(i))));
     }
     out
 }
@@ -92,6 +109,27 @@ mod tests {
             extract(&["translate to French: cat", "translate to French: dog house"]),
             "translate to French: <*>"
         );
+    }
+
+    #[test]
+    fn chinese_templates_are_aligned_by_character_and_written_without_spaces() {
+        let t = extract(&[
+            "请把下面这段话翻译成英文：今天天气很好。",
+            "请把下面这段话翻译成英文：我喜欢在周末读书。",
+            "请把下面这段话翻译成英文：这家餐厅的菜很好吃。",
+        ]);
+        assert_eq!(t, "请把下面这段话翻译成英文：<*>。");
+        // Words in other scripts keep their spaces, and sit against CJK ones as they were.
+        let t = extract(&[
+            "用 Python 写一个函数，实现快速排序。",
+            "用 Python 写一个函数，计算斐波那契数列。",
+        ]);
+        assert_eq!(t, "用 Python 写一个函数，<*>。");
+        let t = extract(&[
+            "次の文を要約してください：猫が好き",
+            "次の文を要約してください：犬",
+        ]);
+        assert_eq!(t, "次の文を要約してください：<*>");
     }
 
     #[test]

@@ -614,6 +614,94 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
     server.stop().await;
 }
 
+/// A harvesting template in Chinese, which puts no spaces between words: found across accounts,
+/// shown to analysts as it is written (each character a word for alignment, no spaces added), and
+/// allow-listed by its template text; organic Chinese prompts stay allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chinese_template_is_found_written_back_and_allow_listed() {
+    use proto::allow_template_request::Source;
+    const HEAD: &str = "请你作为一名经验丰富的数学老师，用通俗易懂的语言一步一步地解答下面的题目，并在最后单独给出答案：";
+    const SLOTS: [&str; 16] = [
+        "一个长方形的长是8厘米，宽是5厘米，它的面积是多少？",
+        "小明有12个苹果，给了小红三分之一，还剩几个？",
+        "一辆汽车每小时行驶60公里，3.5小时能行驶多远？",
+        "求方程2x+7=19的解。",
+        "一个圆的半径是3米，它的周长是多少？",
+        "甲乙两人同时从两地相向而行，速度分别是每分钟50米和70米，两地相距1200米，几分钟后相遇？",
+        "把一根24米长的绳子平均分成6段，每段长多少米？",
+        "一件衣服原价200元，打八折后的价格是多少？",
+        "计算1到100所有整数的和。",
+        "一个三角形的三个内角之比是1:2:3，最大的角是多少度？",
+        "水池有两个进水管，单开甲管6小时注满，单开乙管4小时注满，同时开需要几小时？",
+        "一个数的百分之二十是15，这个数是多少？",
+        "某班有45名学生，男生比女生多5人，男生有多少人？",
+        "求函数y=x²-4x+3的最小值。",
+        "掷两枚骰子，点数之和为7的概率是多少？",
+        "一个正方体的棱长是4分米，它的体积是多少？",
+    ];
+    const ORGANIC_ZH: [&str; 4] = [
+        "帮我写一封给房东的邮件，说明下个月的房租会晚几天交。",
+        "北京有哪些适合周末带孩子去的博物馆？",
+        "我最近总是失眠，有什么改善睡眠的建议吗？",
+        "推荐几本适合初学者的机器学习入门书籍。",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    for (i, p) in ORGANIC_ZH.iter().enumerate() {
+        let v = c.check(req(&format!("zh-user-{i}"), p)).await.unwrap();
+        assert_eq!(v.into_inner().action(), proto::Action::Allow, "{p}");
+    }
+    let mut last = None;
+    for (i, slot) in SLOTS.iter().enumerate() {
+        let account = format!("zh-harvester-{}", i % 8);
+        let v = c
+            .check(req(&account, &format!("{HEAD}{slot}")))
+            .await
+            .unwrap();
+        last = Some(v.into_inner());
+    }
+    let last = last.unwrap();
+    assert_eq!(last.cluster_accounts, 8, "{last:?}");
+    assert_eq!(last.action(), proto::Action::Block, "{last:?}");
+    let list = every_campaign(&mut c).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let camp = &list[0];
+    assert_eq!((camp.accounts, camp.prompts), (8, 16), "{camp:?}");
+    // Every slot differs from its first character and ends in "？" or "。": what stays is the
+    // head, as written.
+    assert!(
+        camp.template.starts_with(&format!("{HEAD}<*>")),
+        "{}",
+        camp.template
+    );
+
+    // The analyst allow-lists the template as shown: new prompts of it are never linked.
+    let r = c
+        .allow_template(proto::AllowTemplateRequest {
+            source: Some(Source::Template(format!("{HEAD}<*>"))),
+            note: "our own maths tutor".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.campaigns_cleared, 1, "{r:?}");
+    let v = c
+        .check(req(
+            "zh-new",
+            &format!("{HEAD}一个梯形上底3米，下底5米，高4米，面积是多少？"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.neighbours, v.action()),
+        (0, proto::Action::Allow),
+        "{v:?}"
+    );
+    server.stop().await;
+}
+
 /// A gateway's CheckStream stays open as long as the gateway runs. At shutdown the server answers
 /// what the stream has sent, ends it with UNAVAILABLE saying how many requests are in, and the
 /// graceful shutdown finishes instead of waiting for the stream for ever.
