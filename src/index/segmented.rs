@@ -528,17 +528,7 @@ impl SegmentedHnsw {
         if let Some(dir) = &self.config.dir {
             let mut segments = self.listed_entries(&self.lost);
             segments.splice(at..at + 2, [merged.entry.clone()]);
-            let (next, up_to) = (self.next_segment, self.sealed_coverage());
-            let active = self.checkpointed.clone();
-            if let Err(e) = write_manifest(
-                dir,
-                self.dim,
-                next,
-                up_to,
-                segments,
-                active,
-                self.slice_start(),
-            ) {
+            if let Err(e) = self.rewrite_manifest(dir, segments) {
                 tracing::warn!(error = %e, "cannot rewrite the index manifest; merge discarded");
                 self.discard(&m.output);
                 return false;
@@ -672,17 +662,7 @@ impl SegmentedHnsw {
         if let Some(dir) = &self.config.dir {
             let mut segments = self.listed_entries(&lost);
             segments.retain(|e| !expired(e));
-            let (next, up_to) = (self.next_segment, self.sealed_coverage());
-            let active = self.checkpointed.clone();
-            if let Err(e) = write_manifest(
-                dir,
-                self.dim,
-                next,
-                up_to,
-                segments,
-                active,
-                self.slice_start(),
-            ) {
+            if let Err(e) = self.rewrite_manifest(dir, segments) {
                 tracing::warn!(error = %e, "cannot rewrite the index manifest; expired segments kept");
                 return 0;
             }
@@ -742,6 +722,15 @@ impl SegmentedHnsw {
     /// True when no segment holds anything.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Writes the manifest listing `segments` as sealed, with this index's numbering, coverage,
+    /// active checkpoint and time slice as they are.
+    fn rewrite_manifest(&self, dir: &Path, segments: Vec<SegmentEntry>) -> Result<(), IndexError> {
+        let (next, up_to) = (self.next_segment, self.sealed_coverage());
+        let active = self.checkpointed.clone();
+        let slice_start = self.slice_start();
+        write_manifest(dir, self.dim, next, up_to, segments, active, slice_start)
     }
 
     /// Where the active segment's time slice starts, when segments are sliced by time.
