@@ -206,6 +206,10 @@ impl Radar for RadarService {
                 validate::text("text", &t, &self.limits)?;
                 self.pipeline.embed(t).await?
             }
+            Some(proto::search_request::Query::PromptId(0)) => {
+                // As GetCampaign's: 0 is proto3's unset number, and ids start at 1.
+                return Err(Error::invalid("prompt_id", "required (ids start at 1)").into());
+            }
             Some(proto::search_request::Query::PromptId(id)) => {
                 let engine = self.engine.clone();
                 blocking(move || engine.record(id)).await?.embedding

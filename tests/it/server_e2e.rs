@@ -217,6 +217,20 @@ async fn invalid_input_is_invalid_argument_naming_the_field() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    // Id 0 is proto3's unset number: a missing id, as GetCampaign has it, not an unknown one.
+    let e = c
+        .search(proto::SearchRequest {
+            query: Some(Query::PromptId(0)),
+            k: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message().starts_with("prompt_id")),
+        (Code::InvalidArgument, true),
+        "{e:?}"
+    );
     let e = c
         .get_account(proto::GetAccountRequest {
             account_id: " ".into(),
