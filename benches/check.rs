@@ -1,6 +1,7 @@
 //! The gateway's path: unary `Check` through a real gRPC server on 127.0.0.1:0 (validate →
 //! embed queue → model → search → cluster → store commit → verdict), one client at a time and
-//! 8 concurrent clients (which share forward passes and store commits).
+//! 8 concurrent clients (which share forward passes and store commits); and what operators'
+//! counters cost: recording an answer (on every Check) and a `GetStats` call (a dashboard's poll).
 
 #![allow(clippy::unwrap_used)] // benches and tests may panic on setup failures
 
@@ -9,8 +10,10 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prompt_radar::config::{Config, DeviceKind, EngineConfig, Limits};
+use prompt_radar::detect::Action;
 use prompt_radar::embed::BatchConfig;
-use prompt_radar::proto::{CheckRequest, radar_client::RadarClient};
+use prompt_radar::proto::{CheckRequest, GetStatsRequest, radar_client::RadarClient};
+use prompt_radar::server::stats::{Outcome, ServerStats};
 use prompt_radar::server::{Prepared, bind};
 
 const CONCURRENCY: usize = 8;
@@ -97,6 +100,20 @@ fn bench(c: &mut Criterion) {
         pct(0.99),
         pct(1.0)
     );
+    // The server's own account of the same calls (its time excludes the network and tonic).
+    let s = rt
+        .block_on(client.clone().get_stats(GetStatsRequest {}))
+        .unwrap()
+        .into_inner();
+    let l = s.latency.unwrap_or_default();
+    eprintln!(
+        "check/unary GetStats: {} answers, server-side p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        l.count,
+        l.p50_us as f64 / 1e3,
+        l.p90_us as f64 / 1e3,
+        l.p99_us as f64 / 1e3,
+        l.max_us as f64 / 1e3
+    );
 
     let mut g = c.benchmark_group("check");
     g.sample_size(20).measurement_time(Duration::from_secs(10));
@@ -120,6 +137,24 @@ fn bench(c: &mut Criterion) {
                     call.await.unwrap().unwrap();
                 }
             })
+        });
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("stats");
+    g.throughput(Throughput::Elements(1));
+    let stats = ServerStats::new();
+    let mut us = 0u64;
+    g.bench_function("record_an_answer", |b| {
+        b.iter(|| {
+            us = (us + 997) % 50_000;
+            stats.record(Outcome::Answered(Action::Allow, Duration::from_micros(us)));
+        });
+    });
+    g.bench_function("get_stats_rpc", |b| {
+        b.iter(|| {
+            rt.block_on(client.clone().get_stats(GetStatsRequest {}))
+                .unwrap()
         });
     });
     g.finish();

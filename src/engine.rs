@@ -1079,6 +1079,28 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(format!("account_id: no account {account_id:?}")))
     }
 
+    /// How much the engine holds: prompts, accounts, and both indexes' segments and vectors.
+    /// Cheap (a sum over accounts and segments), for a dashboard that polls.
+    pub fn census(&self) -> Census {
+        let (prompts, accounts) = {
+            let d = self.detector.read();
+            (d.prompts(), d.account_count())
+        };
+        let sizes = |index: &RwLock<SegmentedHnsw>| {
+            let segments = index.read().segments();
+            (
+                segments.len(),
+                segments.iter().map(|s| s.count as u64).sum(),
+            )
+        };
+        Census {
+            prompts,
+            accounts,
+            index: sizes(&self.index),
+            part_index: sizes(&self.parts),
+        }
+    }
+
     /// Prompts stored.
     pub fn len(&self) -> u64 {
         self.detector.read().prompts()
@@ -1088,6 +1110,19 @@ impl Engine {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// What [`Engine::census`] counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Prompts stored.
+    pub prompts: u64,
+    /// Accounts that sent a prompt.
+    pub accounts: u64,
+    /// The vector index's segments and vectors.
+    pub index: (usize, u64),
+    /// The part index's segments and vectors.
+    pub part_index: (usize, u64),
 }
 
 /// Store meta key of the model record (see [`Engine::check_model`]).

@@ -48,6 +48,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<bool> {
             Command::Campaigns(args) => cli::client::campaigns(args).await.map(|()| true),
             Command::Search(args) => cli::client::search(args).await.map(|()| true),
             Command::Allow(args) => cli::client::allow(args).await.map(|()| true),
+            Command::Stats(args) => cli::client::stats(args).await.map(|()| true),
             Command::Reindex(_) | Command::Eval(_) | Command::BenchEmbed(_) => {
                 unreachable!("offline verbs return above")
             }

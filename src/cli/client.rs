@@ -746,9 +746,241 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Flags of `stats`.
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Read again every this many seconds until interrupted, a line each with what changed since
+    /// the reading before (0: read once).
+    #[arg(long, env = "PROMPT_RADAR_WATCH", default_value_t = 0)]
+    pub watch: u64,
+    /// Output format (jsonl: one object a reading, the server's counters as they are).
+    #[arg(long, env = "PROMPT_RADAR_FORMAT", value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Prints the server's counters (GetStats): once, or every `--watch` seconds.
+pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let mut out = std::io::stdout().lock();
+    let mut last: Option<proto::Stats> = None;
+    loop {
+        let now = client
+            .get_stats(proto::GetStatsRequest {})
+            .await?
+            .into_inner();
+        match (args.format, &last) {
+            (Format::Jsonl, _) => writeln!(out, "{}", stats_json(&now))?,
+            (Format::Table, None) => write!(out, "{}", stats_table(&now))?,
+            (Format::Table, Some(before)) => writeln!(out, "{}", stats_line(before, &now))?,
+        }
+        out.flush()?;
+        if args.watch == 0 {
+            return Ok(());
+        }
+        last = Some(now);
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(args.watch)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn latency_json(l: Option<&proto::Latency>) -> serde_json::Value {
+    let l = l.copied().unwrap_or_default();
+    json!({"count": l.count, "p50_us": l.p50_us, "p90_us": l.p90_us, "p99_us": l.p99_us, "max_us": l.max_us})
+}
+
+fn stats_json(s: &proto::Stats) -> serde_json::Value {
+    json!({
+        "uptime_ms": s.uptime_ms,
+        "allowed": s.allowed,
+        "reviewed": s.reviewed,
+        "blocked": s.blocked,
+        "refused_invalid": s.refused_invalid,
+        "refused_overload": s.refused_overload,
+        "failed": s.failed,
+        "latency": latency_json(s.latency.as_ref()),
+        "latency_last_minute": latency_json(s.latency_last_minute.as_ref()),
+        "queued": s.queued,
+        "queue_capacity": s.queue_capacity,
+        "prompts": s.prompts,
+        "accounts": s.accounts,
+        "index_segments": s.index_segments,
+        "index_vectors": s.index_vectors,
+        "part_index_segments": s.part_index_segments,
+        "part_index_vectors": s.part_index_vectors,
+    })
+}
+
+/// `1234567` as `1,234,567`.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Microseconds for people: `850 µs`, `2.1 ms`, `1.25 s`.
+fn micros(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us} µs"),
+        1_000..1_000_000 => format!("{:.1} ms", us as f64 / 1e3),
+        _ => format!("{:.2} s", us as f64 / 1e6),
+    }
+}
+
+/// Milliseconds of uptime as `3d 4h 05m 06s`, leading zero units left out.
+fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    let (d, h, m, s) = (s / 86_400, s / 3_600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s:02}s"),
+        (0, _, _) => format!("{h}h {m:02}m {s:02}s"),
+        _ => format!("{d}d {h}h {m:02}m {s:02}s"),
+    }
+}
+
+fn latency_text(l: Option<&proto::Latency>) -> String {
+    match l {
+        Some(l) if l.count > 0 => format!(
+            "{} answers: p50 {}, p90 {}, p99 {}, max {}",
+            grouped(l.count),
+            micros(l.p50_us),
+            micros(l.p90_us),
+            micros(l.p99_us),
+            micros(l.max_us)
+        ),
+        _ => "no answers".into(),
+    }
+}
+
+fn stats_table(s: &proto::Stats) -> String {
+    let answered = s.allowed + s.reviewed + s.blocked;
+    format!(
+        "uptime        {}
+checks        {} answered: {} allow, {} review, {} block; refused: {} invalid, {} overload (queue full); {} failed
+answer time   last minute: {}
+              since start: {}
+queue         {} of {} waiting for the model
+stored        {} prompts from {} accounts
+index         {} vectors in {} segments; part index {} vectors in {} segments
+",
+        uptime(s.uptime_ms),
+        grouped(answered),
+        grouped(s.allowed),
+        grouped(s.reviewed),
+        grouped(s.blocked),
+        grouped(s.refused_invalid),
+        grouped(s.refused_overload),
+        grouped(s.failed),
+        latency_text(s.latency_last_minute.as_ref()),
+        latency_text(s.latency.as_ref()),
+        s.queued,
+        s.queue_capacity,
+        grouped(s.prompts),
+        grouped(s.accounts),
+        grouped(s.index_vectors),
+        s.index_segments,
+        grouped(s.part_index_vectors),
+        s.part_index_segments,
+    )
+}
+
+/// One `--watch` line: what changed since `before`, and the last minute's answer times.
+fn stats_line(before: &proto::Stats, s: &proto::Stats) -> String {
+    let d = |now: u64, then: u64| now.saturating_sub(then);
+    let seconds = (d(s.uptime_ms, before.uptime_ms) as f64 / 1e3).max(1e-3);
+    let (allow, review, block) = (
+        d(s.allowed, before.allowed),
+        d(s.reviewed, before.reviewed),
+        d(s.blocked, before.blocked),
+    );
+    let refused = d(
+        s.refused_invalid + s.refused_overload + s.failed,
+        before.refused_invalid + before.refused_overload + before.failed,
+    );
+    let minute = s.latency_last_minute.unwrap_or_default();
+    let times = if minute.count > 0 {
+        format!(
+            "p50 {} p99 {} (last minute)",
+            micros(minute.p50_us),
+            micros(minute.p99_us)
+        )
+    } else {
+        "no answers in the last minute".into()
+    };
+    format!(
+        "up {}: {:.1} checks/s ({allow} allow, {review} review, {block} block), {refused} refused, {times}, queue {}/{}, {} prompts",
+        uptime(s.uptime_ms),
+        (allow + review + block) as f64 / seconds,
+        s.queued,
+        s.queue_capacity,
+        grouped(s.prompts),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::shown;
+
+    #[test]
+    fn stats_numbers_read_as_people_write_them() {
+        use super::{grouped, micros, uptime};
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1_000), "1,000");
+        assert_eq!(grouped(28_800_000), "28,800,000");
+        assert_eq!(micros(850), "850 µs");
+        assert_eq!(micros(2_140), "2.1 ms");
+        assert_eq!(micros(1_250_000), "1.25 s");
+        assert_eq!(uptime(59_999), "59s");
+        assert_eq!(uptime(3_723_000), "1h 02m 03s");
+        assert_eq!(uptime(90_061_000), "1d 1h 01m 01s");
+    }
+
+    #[test]
+    fn a_watch_line_gives_the_rates_since_the_reading_before() {
+        use prompt_radar::proto::{Latency, Stats};
+        let before = Stats {
+            uptime_ms: 10_000,
+            allowed: 100,
+            blocked: 5,
+            prompts: 105,
+            queue_capacity: 1024,
+            ..Stats::default()
+        };
+        let now = Stats {
+            uptime_ms: 12_000,
+            allowed: 180,
+            reviewed: 4,
+            blocked: 21,
+            refused_overload: 3,
+            latency_last_minute: Some(Latency {
+                count: 205,
+                p50_us: 2_100,
+                p99_us: 15_000,
+                ..Latency::default()
+            }),
+            prompts: 205,
+            queued: 7,
+            queue_capacity: 1024,
+            ..Stats::default()
+        };
+        assert_eq!(
+            super::stats_line(&before, &now),
+            "up 12s: 50.0 checks/s (80 allow, 4 review, 16 block), 3 refused, p50 2.1 ms p99 15.0 ms (last minute), queue 7/1024, 205 prompts"
+        );
+        let table = super::stats_table(&Stats::default());
+        assert!(table.contains("last minute: no answers"), "{table}");
+    }
 
     #[test]
     fn server_urls_take_host_port_and_refuse_https() {

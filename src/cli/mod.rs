@@ -46,6 +46,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Manage the allow-list of known legitimate app templates (admin).
     Allow(client::AllowArgs),
+    /// What the server answered since it started and how fast, its queue, and how much it holds
+    /// (operators; --watch to follow it).
+    Stats(client::StatsArgs),
     /// Time the embedder on real prompts (or fixed-length batches) per batch size.
     BenchEmbed(bench::BenchEmbedArgs),
 }

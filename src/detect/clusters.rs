@@ -385,6 +385,11 @@ impl Detector {
         self.accounts.values().map(|a| a.prompts).sum()
     }
 
+    /// Number of accounts that sent a prompt.
+    pub fn account_count(&self) -> u64 {
+        self.accounts.len() as u64
+    }
+
     fn cluster_score(&self, root: u64) -> (f32, u32) {
         match self.clusters.get(&root) {
             Some(c) if self.allowed.contains(&root) => (0.0, c.accounts.len() as u32),

@@ -121,6 +121,11 @@ impl<T: Send + 'static> BatcherHandle<T> {
     pub fn queued(&self) -> usize {
         self.capacity - self.tx.capacity()
     }
+
+    /// The most requests that may wait.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
 }
 
 /// The batcher thread.

@@ -143,6 +143,45 @@ pub fn allowed(e: crate::detect::allow::AllowEntry) -> proto::AllowedTemplate {
     }
 }
 
+fn latency(l: &super::stats::Latency) -> proto::Latency {
+    proto::Latency {
+        count: l.count,
+        p50_us: l.p50_us,
+        p90_us: l.p90_us,
+        p99_us: l.p99_us,
+        max_us: l.max_us,
+    }
+}
+
+/// `GetStats`' answer: the server's counters, its queue (waiting, capacity) and the engine's
+/// census.
+pub fn stats(
+    r: &super::stats::StatsReading,
+    (queued, capacity): (usize, usize),
+    census: &crate::engine::Census,
+) -> proto::Stats {
+    let n32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    proto::Stats {
+        uptime_ms: u64::try_from(r.uptime.as_millis()).unwrap_or(u64::MAX),
+        allowed: r.allowed,
+        reviewed: r.reviewed,
+        blocked: r.blocked,
+        refused_invalid: r.invalid,
+        refused_overload: r.overloaded,
+        failed: r.failed,
+        latency: Some(latency(&r.latency)),
+        latency_last_minute: Some(latency(&r.latency_last_minute)),
+        queued: n32(queued),
+        queue_capacity: n32(capacity),
+        prompts: census.prompts,
+        accounts: census.accounts,
+        index_segments: n32(census.index.0),
+        index_vectors: census.index.1,
+        part_index_segments: n32(census.part_index.0),
+        part_index_vectors: census.part_index.1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use super::pipeline::{CheckPipeline, Timed};
+use super::stats::{Outcome, ServerStats, refusal};
 use super::validate;
 use crate::config::Limits;
 use crate::detect::{AccountSummary, Verdict};
@@ -24,6 +25,8 @@ pub struct RadarService {
     limits: Limits,
     /// True once the server is shutting down: open CheckStreams stop taking requests.
     draining: Arc<watch::Sender<bool>>,
+    /// What Check and CheckStream answered, for GetStats.
+    stats: Arc<ServerStats>,
 }
 
 /// Starts a server's drain: see [`RadarService::drainer`].
@@ -46,6 +49,7 @@ impl RadarService {
             pipeline,
             limits,
             draining: Arc::new(watch::channel(false).0),
+            stats: Arc::new(ServerStats::new()),
         }
     }
 
@@ -70,14 +74,29 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// A verdict and its server-side time in microseconds, counted in `stats` (as is a failure).
 async fn await_verdict(
     rx: tokio::sync::oneshot::Receiver<Timed<Verdict>>,
+    stats: &ServerStats,
 ) -> Result<(Verdict, u64), Status> {
-    match rx.await {
-        Ok(Ok((v, t))) => Ok((v, t.as_micros() as u64)),
-        Ok(Err(e)) => Err(e.into()),
+    let got = match rx.await {
+        Ok(Ok((v, t))) => Ok((v, t)),
+        Ok(Err(e)) => Err(Status::from(e)),
         Err(_) => Err(Status::unavailable("check pipeline stopped")),
+    };
+    match got {
+        Ok((v, t)) => {
+            stats.record(Outcome::Answered(v.action, t));
+            Ok((v, t.as_micros() as u64))
+        }
+        Err(status) => Err(counted(status, stats)),
     }
+}
+
+/// `status`, counted in `stats` as a refused or failed check.
+fn counted(status: Status, stats: &ServerStats) -> Status {
+    stats.record(refusal(status.code()));
+    status
 }
 
 type CheckStream = ReceiverStream<Result<proto::CheckResponse, Status>>;
@@ -96,11 +115,14 @@ impl Radar for RadarService {
         request: Request<proto::CheckRequest>,
     ) -> Result<Response<proto::CheckResponse>, Status> {
         let r = request.into_inner();
-        let p = validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &self.limits)?;
+        let stats = &self.stats;
+        let p = validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &self.limits)
+            .map_err(|e| counted(e.into(), stats))?;
         let rx = self
             .pipeline
-            .try_check(p.prompt, p.account_id.clone(), p.timestamp_ms)?;
-        let (v, micros) = await_verdict(rx).await?;
+            .try_check(p.prompt, p.account_id.clone(), p.timestamp_ms)
+            .map_err(|e| counted(e.into(), stats))?;
+        let (v, micros) = await_verdict(rx, stats).await?;
         Ok(Response::new(convert::check_response(
             r.request_id,
             p.account_id,
@@ -122,6 +144,7 @@ impl Radar for RadarService {
         let (pending_tx, mut pending_rx) = mpsc::channel::<Pending>(in_flight);
         let (out_tx, out_rx) = mpsc::channel(in_flight);
         let (pipeline, limits) = (self.pipeline.clone(), self.limits.clone());
+        let stats = self.stats.clone();
         let mut draining = self.draining.subscribe();
         tokio::spawn(async move {
             let mut read = 0u64;
@@ -165,11 +188,12 @@ impl Radar for RadarService {
         tokio::spawn(async move {
             while let Some(item) = pending_rx.recv().await {
                 let out = match item {
-                    Pending::Queued(id, account, rx) => Ok(match await_verdict(rx).await {
+                    Pending::Queued(id, account, rx) => Ok(match await_verdict(rx, &stats).await {
                         Ok((v, micros)) => convert::check_response(id, account, &v, micros),
                         Err(status) => convert::check_error(id, account, &status),
                     }),
                     Pending::Rejected(id, account, status) => {
+                        let status = counted(status, &stats);
                         Ok(convert::check_error(id, account, &status))
                     }
                     Pending::Failed(status) => Err(status),
@@ -349,6 +373,20 @@ impl Radar for RadarService {
         let engine = self.engine.clone();
         Ok(Response::new(convert::allowed(
             blocking(move || engine.remove_allowed(id)).await?,
+        )))
+    }
+
+    async fn get_stats(
+        &self,
+        _request: Request<proto::GetStatsRequest>,
+    ) -> Result<Response<proto::Stats>, Status> {
+        let engine = self.engine.clone();
+        let census = blocking(move || Ok(engine.census())).await?;
+        let queue = (self.pipeline.queued(), self.pipeline.queue_capacity());
+        Ok(Response::new(convert::stats(
+            &self.stats.read(),
+            queue,
+            &census,
         )))
     }
 }

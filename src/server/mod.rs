@@ -6,6 +6,7 @@
 mod convert;
 mod handlers;
 mod pipeline;
+pub mod stats;
 pub mod validate;
 
 pub use handlers::{Drainer, RadarService};

@@ -144,6 +144,11 @@ impl CheckPipeline {
     pub fn queued(&self) -> usize {
         self.handle.queued()
     }
+
+    /// The most requests that may wait for the model.
+    pub fn queue_capacity(&self) -> usize {
+        self.handle.capacity()
+    }
 }
 
 /// Runs on the batcher thread: answers embed-only work, forwards checks to the ingest thread.

@@ -120,6 +120,41 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     assert_eq!(verdicts[33]["action"], "allow");
     assert!(verdicts[33]["campaign_id"].is_null());
 
+    // The operators' view: the 32 verdicts, split by action as `check` wrote them.
+    let o = run(vec![
+        "stats".into(),
+        "--server".into(),
+        url.clone(),
+        "--format".into(),
+        "jsonl".into(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stats = jsonl(&o.stdout);
+    assert_eq!(stats.len(), 1, "one reading without --watch");
+    let count = |action: &str| verdicts.iter().filter(|v| v["action"] == action).count();
+    let by_action =
+        ["allowed", "reviewed", "blocked"].map(|k| stats[0][k].as_u64().unwrap() as usize);
+    assert_eq!(
+        by_action,
+        [count("allow"), count("review"), count("block")],
+        "{stats:?}"
+    );
+    assert_eq!(
+        (
+            stats[0]["prompts"].as_u64(),
+            stats[0]["latency"]["count"].as_u64()
+        ),
+        (Some(32), Some(32))
+    );
+    let o = run(vec!["stats".into(), "--server".into(), url.clone()]).await;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("checks        32 answered: ")
+            && table.contains("stored        32 prompts from"),
+        "{table}"
+    );
+
     let o = run(vec![
         "accounts".into(),
         "--server".into(),

@@ -385,6 +385,97 @@ async fn overload_is_resource_exhausted_and_nothing_accepted_is_lost() {
     let mut c = server.client().await;
     let accounts = all_accounts(&mut c).await;
     assert_eq!(accounts.iter().map(|a| a.prompts).sum::<u64>(), ok);
+    // And the operators' counters say the same.
+    let stats = c.get_stats(proto::GetStatsRequest {}).await.unwrap();
+    let stats = stats.into_inner();
+    assert_eq!(
+        (
+            stats.allowed + stats.reviewed + stats.blocked,
+            stats.refused_overload
+        ),
+        (ok, exhausted),
+        "{stats:?}"
+    );
+    assert_eq!((stats.queue_capacity, stats.prompts), (1, ok), "{stats:?}");
+    server.stop().await;
+}
+
+/// GetStats: what Check and CheckStream answered (by action), refused (by kind) and how fast, the
+/// queue, and what the server holds, as the calls before it left them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_answers_refusals_and_what_the_server_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    let stats = |mut c: RadarClient<Channel>| async move {
+        c.get_stats(proto::GetStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let fresh = stats(c.clone()).await;
+    assert_eq!(
+        (
+            fresh.allowed,
+            fresh.blocked,
+            fresh.prompts,
+            fresh.index_vectors
+        ),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(fresh.latency.unwrap().count, 0);
+    assert_eq!(fresh.queue_capacity, 1024);
+    // Twelve accounts, one template: allowed at first, blocked once it is a campaign.
+    let mut actions = [0u64; 4];
+    for i in 0..24 {
+        let v = c
+            .check(req(&format!("harvester-{}", i % 12), &templated(i)))
+            .await
+            .unwrap()
+            .into_inner();
+        actions[v.action() as usize] += 1;
+    }
+    assert!(actions[proto::Action::Block as usize] > 0, "{actions:?}");
+    // Two refused: an empty prompt, a missing account id.
+    for (account, prompt) in [("a", ""), ("", "hello")] {
+        let e = c.check(req(account, prompt)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
+    // A stream: one answered, one refused item.
+    let items = vec![
+        req("streamer", "What is the capital of France?"),
+        req("", "x"),
+    ];
+    let mut answers = c
+        .check_stream(tokio_stream::iter(items))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(a) = answers.message().await.unwrap() {
+        if a.error.is_none() {
+            actions[a.action() as usize] += 1;
+        }
+    }
+    let s = stats(c.clone()).await;
+    let by_action = [s.allowed, s.reviewed, s.blocked];
+    let order = [
+        proto::Action::Allow,
+        proto::Action::Review,
+        proto::Action::Block,
+    ];
+    assert_eq!(by_action, order.map(|a| actions[a as usize]), "{s:?}");
+    assert_eq!((s.refused_invalid, s.refused_overload, s.failed), (3, 0, 0));
+    for l in [s.latency.unwrap(), s.latency_last_minute.unwrap()] {
+        assert_eq!(l.count, 25, "{l:?}");
+        assert!(
+            l.p50_us > 0 && l.p50_us <= l.p90_us && l.p90_us <= l.p99_us && l.p99_us <= l.max_us
+        );
+    }
+    assert_eq!((s.prompts, s.accounts, s.queued), (25, 13, 0), "{s:?}");
+    // Every stored prompt is in the vector index; the template's sentences in the part index.
+    assert_eq!((s.index_segments, s.index_vectors), (1, 25), "{s:?}");
+    assert!(s.part_index_vectors > 0, "{s:?}");
+    assert!(s.uptime_ms >= fresh.uptime_ms, "{s:?}");
     server.stop().await;
 }
 
