@@ -436,6 +436,7 @@ impl Engine {
                     timestamp_ms: r.timestamp_ms,
                     text_hash: r.text_hash,
                     links: &r.links,
+                    allowed: keys.is_none(),
                 });
                 if let Some((account, keys)) = keys {
                     key_index.record(r.id, account, &keys);
@@ -738,6 +739,7 @@ impl Engine {
                 let id = state.next_id;
                 state.next_id += 1;
                 let mut links: Vec<u64> = Vec::new();
+                let allowed = found.is_none();
                 if let Some(Found { near, parts, keys }) = found {
                     links = near;
                     let more = parts
@@ -748,6 +750,9 @@ impl Engine {
                             links.push(l);
                         }
                     }
+                    // Never to a known app's prompt (see `Detector::closed`). Dropped before the
+                    // links are stored, so a start's replay unions the same clusters.
+                    links.retain(|&l| !detector.closed(l));
                 }
                 let record = PromptRecord {
                     parts: p.parts,
@@ -767,6 +772,7 @@ impl Engine {
                     timestamp_ms: record.timestamp_ms,
                     text_hash: record.text_hash,
                     links: &record.links,
+                    allowed,
                 });
                 records.push(PromptRecord {
                     cluster_id: verdict.cluster_id,

@@ -27,6 +27,9 @@ pub struct Observation<'a> {
     pub text_hash: u64,
     /// Earlier prompt ids above the similarity threshold.
     pub links: &'a [u64],
+    /// Whether it matched the allow-list as it came in: a known app's prompt, never linked
+    /// and never linked to (see [`Detector::closed`]).
+    pub allowed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +67,8 @@ struct PromptSeen {
     text_hash: u64,
     /// Whether it already counts as shared for its account.
     shared: bool,
+    /// Whether it matched the allow-list as it came in.
+    allowed: bool,
 }
 
 impl PromptSeen {
@@ -71,6 +76,7 @@ impl PromptSeen {
         account: u32::MAX,
         text_hash: 0,
         shared: false,
+        allowed: false,
     };
 }
 
@@ -170,6 +176,16 @@ impl Detector {
             self.allowed.insert(root);
         }
         was
+    }
+
+    /// Whether nothing may link to prompt `id`: it matched the allow-list as it came in, or it
+    /// is in an allow-listed cluster. A known app's prompts are never linked into campaigns,
+    /// whichever way the link would point: a look-alike campaign that linked to them would be
+    /// cleared with the app (joining its allowed cluster), or show the app's prompts and users
+    /// as its own.
+    pub fn closed(&self, id: u64) -> bool {
+        self.prompts_seen.get(id as usize).is_some_and(|p| p.allowed)
+            || (!self.allowed.is_empty() && self.allowed.contains(&self.cluster_of(id)))
     }
 
     /// The thresholds in force.
@@ -276,6 +292,7 @@ impl Detector {
             account: acct,
             text_hash: obs.text_hash,
             shared,
+            allowed: obs.allowed,
         };
         let a = self.accounts.entry(acct).or_default();
         if a.prompts == 0 {
@@ -483,7 +500,7 @@ impl Detector {
         for p in &self.prompts_seen {
             e.u32(p.account);
             e.u64(p.text_hash);
-            e.u8(u8::from(p.shared));
+            e.u8(u8::from(p.shared) | u8::from(p.allowed) << 1);
         }
         e.len(self.clusters.len());
         for (&root, c) in &self.clusters {
@@ -562,10 +579,13 @@ impl Detector {
         let mut prompts_seen = Vec::with_capacity(n);
         for _ in 0..n {
             let a = d.u32()?;
+            let text_hash = d.u64()?;
+            let flags = d.u8()?;
             prompts_seen.push(PromptSeen {
                 account: if a == u32::MAX { a } else { account(a)? },
-                text_hash: d.u64()?,
-                shared: d.u8()? != 0,
+                text_hash,
+                shared: flags & 1 != 0,
+                allowed: flags & 2 != 0,
             });
         }
         let n = d.len(56)?;
@@ -699,7 +719,24 @@ mod tests {
             timestamp_ms: id as i64 * 1000,
             text_hash: hash,
             links,
+            allowed: false,
         }
+    }
+
+    #[test]
+    fn a_known_apps_prompts_and_allow_listed_clusters_are_closed() {
+        let mut d = Detector::new(DetectorConfig::default());
+        d.observe(obs(1, "a", 1, &[]));
+        d.observe(obs(2, "b", 2, &[1]));
+        d.observe(Observation {
+            allowed: true,
+            ..obs(3, "c", 3, &[])
+        });
+        d.observe(obs(4, "d", 4, &[]));
+        assert!(d.closed(3) && !d.closed(1) && !d.closed(4));
+        d.allow_cluster(2); // the cluster of 1 and 2
+        assert!(d.closed(1) && d.closed(2), "the allowed cluster, every member");
+        assert!(!d.closed(4) && !d.closed(99), "others and unknown ids stay open");
     }
 
     #[test]

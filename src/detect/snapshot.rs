@@ -390,6 +390,8 @@ mod tests {
                 timestamp_ms: *id as i64 * 1_000,
                 text_hash: *hash,
                 links,
+                // Every tenth prompt a known app's: the flag is part of the state restored.
+                allowed: id % 10 == 0,
             });
             k.link(*id, hash % 3, &[hash % 7, 100 + id % 4]);
         }
@@ -426,6 +428,8 @@ mod tests {
         assert_eq!(d2.campaigns(0.0), d.campaigns(0.0));
         assert!(!d.campaigns(0.5).is_empty(), "the stream has campaigns");
         assert_eq!(k2.len(), k.len());
+        assert!((0..400).any(|id| d.closed(id)));
+        assert!((0..400).all(|id| d2.closed(id) == d.closed(id)));
         // The same further prompts give the same verdicts and template-key links.
         for (id, account, hash, links) in stream(400, 600) {
             let o = Observation {
@@ -434,6 +438,7 @@ mod tests {
                 timestamp_ms: id as i64 * 1_000,
                 text_hash: hash,
                 links: &links,
+                allowed: id % 10 == 0,
             };
             assert_eq!(d2.observe(o), d.observe(o));
             let keys = [hash % 7, 100 + id % 4, 200 + id];

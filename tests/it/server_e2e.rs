@@ -682,6 +682,35 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
             "{v:?}"
         );
     }
+    // A look-alike campaign from other accounts, worded differently enough not to match the
+    // allow-listed template, with the same slots: its prompts are near the allowed ones, but an
+    // allow-listed cluster takes no one in, so it is a campaign of its own and flagged.
+    let look_alike = |i: usize| {
+        templated(i).replace(
+            "You are an expert competitive programmer.",
+            "Act as a senior competitive programming coach.",
+        )
+    };
+    for i in 0..24 {
+        c.check(req(&format!("copycat-{}", i % 8), &look_alike(i)))
+            .await
+            .unwrap();
+    }
+    let copycats = |accounts: Vec<proto::Account>| {
+        let mut names: Vec<String> = accounts
+            .into_iter()
+            .filter(|a| a.flagged)
+            .map(|a| a.account_id)
+            .collect();
+        names.sort();
+        names
+    };
+    let want: Vec<String> = (0..8).map(|i| format!("copycat-{i}")).collect();
+    assert_eq!(copycats(all_accounts(&mut c).await), want);
+    let list = every_campaign(&mut c).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0].template.starts_with("Act as a senior"), "{list:?}");
+    assert_eq!(list[0].accounts, 8, "{list:?}");
     server.stop().await;
 
     // After a restart the entry and its effect are still there.
@@ -694,8 +723,11 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .into_inner()
         .templates;
     assert_eq!(listed, vec![entry.clone()]);
+    // The allowed campaign is still cleared, the look-alike still its own campaign.
+    assert_eq!(copycats(all_accounts(&mut c).await), want);
     let list = every_campaign(&mut c).await;
-    assert!(list.is_empty(), "{list:?}");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0].template.starts_with("Act as a senior"), "{list:?}");
 
     let gone = c
         .remove_allowed_template(proto::RemoveAllowedTemplateRequest { id: entry.id })
