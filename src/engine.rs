@@ -50,6 +50,10 @@ pub struct NewPrompt {
     pub embedding: Vec<f32>,
     /// Embeddings of its parts (`detect::keys::parts`, in that order); may be empty.
     pub parts: Vec<Vec<f32>>,
+    /// Whether the model reads it ([`crate::embed::readable`]). An unreadable prompt (mostly
+    /// tokens the vocabulary lacks: Chinese, for all-MiniLM-L6-v2) embeds alike whatever it
+    /// says, so it is linked by its words (template keys) only, never by its vectors.
+    pub readable: bool,
 }
 
 /// A text's vector and its parts' vectors.
@@ -719,9 +723,15 @@ impl Engine {
             let within = in_batch(&batch, first_id, index.dim(), cfg, parallel);
             let lookup = |(i, p): (usize, &NewPrompt)| {
                 let keys = template_keys(allow, &p.account_id, &p.text)?;
+                if !p.readable {
+                    let (near, parts) = (Vec::new(), Vec::new());
+                    return Some(Found { near, parts, keys });
+                }
                 let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
                 near.retain(|n| n.similarity >= cfg.similarity_threshold);
-                near.extend_from_slice(&within.near[i]);
+                // The batch's unreadable prompts are no one's neighbours either.
+                let in_batch = within.near[i].iter();
+                near.extend(in_batch.filter(|n| batch[(n.id - first_id) as usize].readable));
                 near.sort_by(by_similarity);
                 near.truncate(cfg.neighbours_k);
                 let near = near.iter().map(|n| n.id).collect();
@@ -1581,6 +1591,7 @@ mod tests {
             text: format!("{} {}", word(2 * n), word(2 * n + 1)),
             embedding: unit_vectors(1_000 + n as u64, 1, DIM).remove(0),
             parts: parts.to_vec(),
+            readable: true,
         }
     }
 
@@ -1779,6 +1790,7 @@ mod tests {
             text,
             embedding: unit_vectors(5_000_000 + i as u64, 1, DIM).remove(0),
             parts: Vec::new(),
+            readable: true,
         }
     }
 
@@ -1850,6 +1862,49 @@ mod tests {
     /// An engine on `dir` whose index fits one segment, without retention.
     fn open_one_segment(dir: &Path) -> Engine {
         Engine::open(config(dir, 100_000, None), DIM).unwrap()
+    }
+
+    #[test]
+    fn unreadable_prompts_are_linked_by_their_words_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open_one_segment(dir.path());
+        // Texts the model cannot read embed alike, whatever they say: one vector for all.
+        let v = unit_vectors(77, 1, DIM).remove(0);
+        let p = |n: usize, text: &str, readable: bool| NewPrompt {
+            account_id: format!("acct-{n}"),
+            timestamp_ms: 1_750_000_000_000,
+            text: text.into(),
+            embedding: v.clone(),
+            parts: Vec::new(),
+            readable,
+        };
+        let got = engine
+            .ingest(vec![
+                p(1, "如何投资股票？", false),
+                p(2, "怎么做蛋糕？", false),
+            ])
+            .unwrap();
+        assert_eq!(got[1].neighbours, 0, "not by their vectors, in a batch");
+        let got = engine.ingest(vec![p(3, "如何做红烧肉？", false)]).unwrap();
+        assert_eq!(got[0].neighbours, 0, "nor through the index");
+        // A template's fixed words still link them (each character a word: see `keys`).
+        let head = "请你作为一名经验丰富的数学老师，一步一步地解答下面的题目：";
+        let got = engine
+            .ingest(vec![p(4, &format!("{head}求方程2x+7=19的解。"), false)])
+            .unwrap();
+        assert_eq!(got[0].neighbours, 0);
+        let got = engine
+            .ingest(vec![p(
+                5,
+                &format!("{head}掷两枚骰子，点数之和为7的概率是多少？"),
+                false,
+            )])
+            .unwrap();
+        assert_eq!(got[0].neighbours, 1, "the head key links the two");
+        // The control: readable prompts with that vector link to every one before.
+        let got = engine.ingest(vec![p(6, "What is up?", true)]).unwrap();
+        let k = crate::detect::DetectorConfig::default().neighbours_k as u32;
+        assert_eq!(got[0].neighbours, 5.min(k));
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use crate::config::Limits;
 use crate::detect::Verdict;
 use crate::embed::{EmbedError, Embedder};
@@ -293,7 +295,9 @@ where
     let limits = Limits::default();
     let batch_size = batch_size.max(1);
     let mut times = StageTimes::default();
-    let (tx, rx) = sync_channel::<Vec<(usize, TrafficLine, Vec<f32>, Vec<Vec<f32>>)>>(4);
+    let (tx, rx) = sync_channel::<Vec<(usize, TrafficLine, (Vec<f32>, Vec<Vec<f32>>), bool)>>(4);
+    let tokenizer = embedder.tokenizer();
+    let unknown = tokenizer.unknown_id();
     let with_parts = engine.uses_parts();
     let (verdict_tx, verdict_rx) = std::sync::mpsc::channel::<Vec<(usize, TrafficLine, Verdict)>>();
     let committed = observer.committed_line().unwrap_or_default();
@@ -305,13 +309,14 @@ where
                 let last_line = batch.last().map_or(0, |(line, ..)| *line);
                 let (meta, prompts): (Vec<(usize, TrafficLine)>, Vec<NewPrompt>) = batch
                     .into_iter()
-                    .map(|(line, t, embedding, parts)| {
+                    .map(|(line, t, (embedding, parts), readable)| {
                         let p = NewPrompt {
                             account_id: t.account_id.clone(),
                             timestamp_ms: t.timestamp_ms,
                             text: t.prompt.clone(),
                             embedding,
                             parts,
+                            readable,
                         };
                         ((line, t), p)
                     })
@@ -378,11 +383,20 @@ where
                     Ok(v)
                 })?;
                 times.embedded += embedded as u64;
+                // Tokenised again for the share of unknown tokens: cached vectors skip the model.
+                let readable: Vec<bool> = texts
+                    .par_iter()
+                    .map(|t| {
+                        let ids = tokenizer.ids(t).unwrap_or_default();
+                        crate::embed::readable(&ids, unknown)
+                    })
+                    .collect();
                 times.embed += t.elapsed();
                 let batch: Vec<_> = pending
                     .drain(..)
                     .zip(vectors)
-                    .map(|((l, t), (v, parts))| (l, t, v, parts))
+                    .zip(readable)
+                    .map(|(((l, t), v), readable)| (l, t, v, readable))
                     .collect();
                 if tx.send(batch).is_err() {
                     send_failed = true;

@@ -184,7 +184,9 @@ impl Detector {
     /// cleared with the app (joining its allowed cluster), or show the app's prompts and users
     /// as its own.
     pub fn closed(&self, id: u64) -> bool {
-        self.prompts_seen.get(id as usize).is_some_and(|p| p.allowed)
+        self.prompts_seen
+            .get(id as usize)
+            .is_some_and(|p| p.allowed)
             || (!self.allowed.is_empty() && self.allowed.contains(&self.cluster_of(id)))
     }
 
@@ -735,8 +737,14 @@ mod tests {
         d.observe(obs(4, "d", 4, &[]));
         assert!(d.closed(3) && !d.closed(1) && !d.closed(4));
         d.allow_cluster(2); // the cluster of 1 and 2
-        assert!(d.closed(1) && d.closed(2), "the allowed cluster, every member");
-        assert!(!d.closed(4) && !d.closed(99), "others and unknown ids stay open");
+        assert!(
+            d.closed(1) && d.closed(2),
+            "the allowed cluster, every member"
+        );
+        assert!(
+            !d.closed(4) && !d.closed(99),
+            "others and unknown ids stay open"
+        );
     }
 
     #[test]

@@ -354,6 +354,10 @@ impl Tokenize for Tokenizer {
         }
         Ok(encoding.get_ids().to_vec())
     }
+
+    fn unknown_id(&self) -> Option<u32> {
+        self.token_to_id("[UNK]")
+    }
 }
 
 /// The longest prefix of `text` of at most `max_bytes` bytes that ends just before an ASCII space,

@@ -52,6 +52,28 @@ pub type Embeddings = Vec<Vec<f32>>;
 pub trait Tokenize: Send + Sync {
     /// The ids of one text, tokenised on the calling thread.
     fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError>;
+
+    /// The id of the token that stands for text the vocabulary lacks, if the model has one.
+    fn unknown_id(&self) -> Option<u32> {
+        None
+    }
+}
+
+/// The largest share of a text's tokens that may be unknown to the model for its embedding to
+/// mean anything. all-MiniLM-L6-v2's vocabulary has 244 of the ~21,000 CJK ideographs: a
+/// Chinese question is mostly `[UNK]` tokens, and two unrelated ones embed alike ("如何投资股票？"
+/// and "如何做红烧肉？" at cosine 1.0). Japanese (kana are in the vocabulary) stays below it.
+pub const MAX_UNKNOWN_SHARE: f32 = 0.25;
+
+/// Whether the model reads `ids` (a text's ids from [`Tokenize::ids`], with the two special
+/// tokens around it): at most [`MAX_UNKNOWN_SHARE`] of them are `unknown`.
+pub fn readable(ids: &[u32], unknown: Option<u32>) -> bool {
+    let Some(unknown) = unknown else {
+        return true;
+    };
+    let unknowns = ids.iter().filter(|&&id| id == unknown).count();
+    let tokens = ids.len().saturating_sub(2).max(1);
+    unknowns as f32 <= MAX_UNKNOWN_SHARE * tokens as f32
 }
 
 /// A synchronous sentence embedder. Implementations are driven from one dedicated thread (see
@@ -77,4 +99,20 @@ pub trait Embedder: Send {
     fn dim(&self) -> usize;
     /// Human-readable device name ("cpu", "cuda:0").
     fn device_name(&self) -> String;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_text_is_readable_while_at_most_a_quarter_of_its_tokens_are_unknown() {
+        use super::readable;
+        const UNK: u32 = 100;
+        // [CLS] … [SEP]: the two special tokens do not count.
+        assert!(readable(&[101, 7, 8, 9, UNK, 102], Some(UNK)));
+        assert!(!readable(&[101, 7, 8, UNK, UNK, 102], Some(UNK)));
+        assert!(!readable(&[101, UNK, 102], Some(UNK)));
+        assert!(readable(&[101, 102], Some(UNK)));
+        // A model without an unknown token reads everything.
+        assert!(readable(&[101, UNK, UNK, 102], None));
+    }
 }

@@ -25,6 +25,8 @@ pub enum Work {
         text: String,
         account_id: String,
         timestamp_ms: i64,
+        /// Whether the model reads it (`embed::readable`).
+        readable: bool,
         reply: oneshot::Sender<Timed<Verdict>>,
     },
     /// A text to embed only (search by text).
@@ -85,6 +87,12 @@ impl CheckPipeline {
             .collect()
     }
 
+    /// Whether the model reads the prompt whose sequences (its own first) are `seqs`.
+    fn readable(&self, seqs: &[Vec<u32>]) -> bool {
+        let own = seqs.first().map_or(&[][..], Vec::as_slice);
+        crate::embed::readable(own, self.tokenizer.unknown_id())
+    }
+
     /// Queues a prompt; fails at once with `RESOURCE_EXHAUSTED` when the queue is full.
     pub fn try_check(
         &self,
@@ -94,6 +102,7 @@ impl CheckPipeline {
     ) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
         self.handle.has_room()?; // refuse before tokenising
         let seqs = self.tokenize(&text, true)?;
+        let readable = self.readable(&seqs);
         let (reply, rx) = oneshot::channel();
         self.handle.try_submit(
             seqs,
@@ -101,6 +110,7 @@ impl CheckPipeline {
                 text,
                 account_id,
                 timestamp_ms,
+                readable,
                 reply,
             },
         )?;
@@ -115,6 +125,7 @@ impl CheckPipeline {
         timestamp_ms: i64,
     ) -> Result<oneshot::Receiver<Timed<Verdict>>, Error> {
         let seqs = self.tokenize(&text, true)?;
+        let readable = self.readable(&seqs);
         let (reply, rx) = oneshot::channel();
         self.handle
             .submit(
@@ -123,6 +134,7 @@ impl CheckPipeline {
                     text,
                     account_id,
                     timestamp_ms,
+                    readable,
                     reply,
                 },
             )
@@ -171,6 +183,7 @@ fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<Ingest
                     text,
                     account_id,
                     timestamp_ms,
+                    readable,
                     reply,
                 },
                 Ok(mut embedding),
@@ -188,6 +201,7 @@ fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<Ingest
                     text,
                     embedding,
                     parts,
+                    readable,
                 };
                 checks.push((p, reply, job.queued_at));
             }

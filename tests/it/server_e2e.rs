@@ -776,19 +776,52 @@ async fn a_chinese_template_is_found_written_back_and_allow_listed() {
         "掷两枚骰子，点数之和为7的概率是多少？",
         "一个正方体的棱长是4分米，它的体积是多少？",
     ];
-    const ORGANIC_ZH: [&str; 4] = [
-        "帮我写一封给房东的邮件，说明下个月的房租会晚几天交。",
-        "北京有哪些适合周末带孩子去的博物馆？",
-        "我最近总是失眠，有什么改善睡眠的建议吗？",
-        "推荐几本适合初学者的机器学习入门书籍。",
+    // Everyday questions, three from each of ten people. all-MiniLM-L6-v2 lacks most of these
+    // characters: as strings of unknown tokens they embed alike ("如何投资股票？" and
+    // "如何做红烧肉？" at cosine 1.0), so only their words may link them, and they share none.
+    const ORGANIC_ZH: [&str; 30] = [
+        "怎么做蛋糕？",
+        "牙齿敏感怎么办？",
+        "狗狗掉毛严重怎么办？",
+        "怎么煮饺子？",
+        "怎么戒烟最有效？",
+        "怎么缓解焦虑？",
+        "怎么去除衣服油渍？",
+        "怎么练腹肌？",
+        "怎么泡绿茶？",
+        "怎么清洗油烟机？",
+        "如何做红烧肉？",
+        "怎么养多肉植物？",
+        "电脑开机很慢怎么解决？",
+        "如何学好数学？",
+        "如何挑选西瓜？",
+        "如何写简历？",
+        "如何办理护照？",
+        "如何种西红柿？",
+        "如何选购冰箱？",
+        "如何预防近视？",
+        "如何投资股票？",
+        "怎么看懂财务报表？",
+        "感冒了吃什么药好得快？",
+        "膝盖疼怎么办？",
+        "头发干枯怎么护理？",
+        "鱼缸水变绿怎么办？",
+        "空调不制冷怎么办？",
+        "嗓子疼吃什么好？",
+        "车胎漏气怎么办？",
+        "失眠多梦怎么调理？",
     ];
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path())).await;
     let mut c = server.client().await;
     for (i, p) in ORGANIC_ZH.iter().enumerate() {
-        let v = c.check(req(&format!("zh-user-{i}"), p)).await.unwrap();
+        let v = c
+            .check(req(&format!("zh-user-{}", i % 10), p))
+            .await
+            .unwrap();
         assert_eq!(v.into_inner().action(), proto::Action::Allow, "{p}");
     }
+    assert!(every_campaign(&mut c).await.is_empty());
     let mut last = None;
     for (i, slot) in SLOTS.iter().enumerate() {
         let account = format!("zh-harvester-{}", i % 8);
