@@ -848,6 +848,10 @@ fn uptime(ms: u64) -> String {
     }
 }
 
+fn segments(n: u32) -> String {
+    format!("{n} segment{}", if n == 1 { "" } else { "s" })
+}
+
 fn latency_text(l: Option<&proto::Latency>) -> String {
     match l {
         Some(l) if l.count > 0 => format!(
@@ -871,7 +875,7 @@ answer time   last minute: {}
               since start: {}
 queue         {} of {} waiting for the model
 stored        {} prompts from {} accounts
-index         {} vectors in {} segments; part index {} vectors in {} segments
+index         {} vectors in {}; part index {} vectors in {}
 ",
         uptime(s.uptime_ms),
         grouped(answered),
@@ -888,9 +892,9 @@ index         {} vectors in {} segments; part index {} vectors in {} segments
         grouped(s.prompts),
         grouped(s.accounts),
         grouped(s.index_vectors),
-        s.index_segments,
+        segments(s.index_segments),
         grouped(s.part_index_vectors),
-        s.part_index_segments,
+        segments(s.part_index_segments),
     )
 }
 
@@ -978,8 +982,12 @@ mod tests {
             super::stats_line(&before, &now),
             "up 12s: 50.0 checks/s (80 allow, 4 review, 16 block), 3 refused, p50 2.1 ms p99 15.0 ms (last minute), queue 7/1024, 205 prompts"
         );
-        let table = super::stats_table(&Stats::default());
+        let table = super::stats_table(&Stats {
+            index_segments: 1,
+            ..Stats::default()
+        });
         assert!(table.contains("last minute: no answers"), "{table}");
+        assert!(table.contains("0 vectors in 1 segment; part index 0 vectors in 0 segments"));
     }
 
     #[test]

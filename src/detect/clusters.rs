@@ -14,6 +14,22 @@ use super::{Action, DetectorConfig, Verdict};
 /// Sample prompt ids kept per cluster (for templates and examples).
 const SAMPLES: usize = 8;
 
+/// The samples of two merged clusters: of both clusters' members, the [`SAMPLES`] whose id has the
+/// smallest hash (a bottom-k sketch). Each cluster's samples are its own bottom-k, so this is the
+/// merged cluster's: a uniform sample of all its members, the same whatever order they joined
+/// in. The first prompts to meet are the most alike (they link first); kept as samples, they made
+/// templates keep a slot's value as fixed wording, and allow-listing such a template cleared
+/// prompts that did not match it.
+fn merge_samples(mut a: Vec<u64>, b: Vec<u64>) -> Vec<u64> {
+    let rank = |id: &u64| (xxhash_rust::xxh3::xxh3_64(&id.to_le_bytes()), *id);
+    a.extend(b);
+    a.sort_unstable_by_key(rank);
+    a.dedup();
+    a.truncate(SAMPLES);
+    a.sort_unstable();
+    a
+}
+
 /// One prompt as the detector sees it: who, when, which text (by hash) and its links.
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
@@ -39,7 +55,7 @@ struct ClusterStats {
     texts: HashSet<u64>,
     first_seen_ms: i64,
     last_seen_ms: i64,
-    /// First prompt ids of distinct accounts, up to `SAMPLES`.
+    /// A uniform sample of the members, up to `SAMPLES` (see [`merge_samples`]), in id order.
     samples: Vec<u64>,
 }
 
@@ -99,7 +115,7 @@ pub struct CampaignSummary {
     pub last_seen_ms: i64,
     /// Accounts with the most prompts here, most first (up to 10).
     pub top_accounts: Vec<(String, u64)>,
-    /// Sample member prompt ids (first prompts of distinct accounts).
+    /// Sample member prompt ids: a uniform sample of the cluster, in id order.
     pub samples: Vec<u64>,
 }
 
@@ -700,13 +716,7 @@ fn merge(mut keep: ClusterStats, gone: ClusterStats) -> ClusterStats {
     keep.texts.extend(gone.texts);
     keep.first_seen_ms = keep.first_seen_ms.min(gone.first_seen_ms);
     keep.last_seen_ms = keep.last_seen_ms.max(gone.last_seen_ms);
-    for s in gone.samples {
-        if keep.samples.len() >= SAMPLES {
-            break;
-        }
-        keep.samples.push(s);
-    }
-    keep.samples.sort_unstable();
+    keep.samples = merge_samples(std::mem::take(&mut keep.samples), gone.samples);
     keep
 }
 
@@ -723,6 +733,31 @@ mod tests {
             links,
             allowed: false,
         }
+    }
+
+    #[test]
+    fn samples_are_uniform_over_the_cluster_whatever_order_it_grew_in() {
+        let bottom = |ids: std::ops::RangeInclusive<u64>| merge_samples(ids.collect(), Vec::new());
+        let account = |id: u64| format!("a{}", id % 20);
+        // One prompt at a time, each linking to the one before.
+        let mut one = Detector::new(DetectorConfig::default());
+        for id in 1..=201u64 {
+            let links: Vec<u64> = (id > 1).then_some(id - 1).into_iter().collect();
+            one.observe(obs(id, &account(id), id, &links));
+        }
+        // Two halves growing apart, then a prompt that joins them.
+        let mut two = Detector::new(DetectorConfig::default());
+        for id in 1..=200u64 {
+            let links: Vec<u64> = (id != 1 && id != 101).then_some(id - 1).into_iter().collect();
+            two.observe(obs(id, &account(id), id, &links));
+        }
+        two.observe(obs(201, &account(201), 201, &[100, 200]));
+        let want = bottom(1..=201);
+        assert_eq!(want.len(), SAMPLES);
+        assert_eq!(one.campaign(1).unwrap().samples, want);
+        assert_eq!(two.campaign(1).unwrap().samples, want);
+        // Not the first prompts: those link first, being the most alike.
+        assert!(want.iter().any(|&id| id > 100), "{want:?}");
     }
 
     #[test]
