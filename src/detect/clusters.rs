@@ -748,7 +748,10 @@ mod tests {
         // Two halves growing apart, then a prompt that joins them.
         let mut two = Detector::new(DetectorConfig::default());
         for id in 1..=200u64 {
-            let links: Vec<u64> = (id != 1 && id != 101).then_some(id - 1).into_iter().collect();
+            let links: Vec<u64> = (id != 1 && id != 101)
+                .then_some(id - 1)
+                .into_iter()
+                .collect();
             two.observe(obs(id, &account(id), id, &links));
         }
         two.observe(obs(201, &account(201), 201, &[100, 200]));

@@ -31,8 +31,25 @@ pub fn is_cjk(c: char) -> bool {
     )
 }
 
+/// Whether `c` is the punctuation CJK text uses (`、。「」【】` and the full-width `！？：，（）`…),
+/// written without spaces around it.
+fn is_cjk_punctuation(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x3001..=0x303F // CJK symbols and punctuation (U+3000, a space, is whitespace)
+            | 0xFE10..=0xFE1F // vertical forms
+            | 0xFE30..=0xFE4F // CJK compatibility forms
+            | 0xFF01..=0xFF0F | 0xFF1A..=0xFF20 | 0xFF3B..=0xFF40 | 0xFF5B..=0xFF65 // full-width
+    )
+}
+
+/// A character that is a word of its own: a CJK character or CJK punctuation.
+fn stands_alone(c: char) -> bool {
+    is_cjk(c) || is_cjk_punctuation(c)
+}
+
 /// The words of `text`: runs between whitespace, except that each CJK character (see
-/// [`is_cjk`]) is a word of its own — Chinese and Japanese put no spaces between words, and one
+/// [`is_cjk`]) and each CJK punctuation mark is a word of its own — Chinese and Japanese put no spaces between words, and one
 /// character a word is what BERT's tokenizer does too. Each word comes with whether whitespace
 /// precedes it, so that a template can be written back as the prompts were.
 pub fn words(text: &str) -> Words<'_> {
@@ -54,11 +71,11 @@ impl<'a> Iterator for Words<'a> {
         let word = rest.trim_start();
         let spaced = word.len() < rest.len();
         let first = word.chars().next()?;
-        let len = if is_cjk(first) {
+        let len = if stands_alone(first) {
             first.len_utf8()
         } else {
             word.char_indices()
-                .find(|&(_, c)| c.is_whitespace() || is_cjk(c))
+                .find(|&(_, c)| c.is_whitespace() || stands_alone(c))
                 .map_or(word.len(), |(i, _)| i)
         };
         let start = self.text.len() - word.len();

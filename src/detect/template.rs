@@ -13,14 +13,26 @@ pub fn extract(samples: &[&str]) -> String {
     let Some(first) = iter.next() else {
         return String::new();
     };
-    // Long prompts are aligned on their first 200 words: enough for a template, cheap for LCS.
+    // Long prompts are aligned on their first words: enough for a template, cheap for LCS. A
+    // template cut there ends in a slot (the rest is not compared), so that an allow-list entry
+    // made of it matches prompts that go on past it. A CJK character is a word: 500 words are a
+    // long paragraph of Chinese.
     let mut template: Vec<Word> = keys::words(first)
-        .take(200)
+        .take(ALIGNED_WORDS)
         .map(|(w, spaced)| (Some(w), spaced))
         .collect();
+    let mut cut = keys::words(first)
+        .nth(ALIGNED_WORDS)
+        .map(|(_, spaced)| spaced);
     for s in iter {
-        let other: Vec<&str> = keys::words(s).take(200).map(|(w, _)| w).collect();
+        let other: Vec<&str> = keys::words(s).take(ALIGNED_WORDS).map(|(w, _)| w).collect();
         template = merge(&template, &other);
+        if cut.is_none() && keys::words(s).nth(ALIGNED_WORDS).is_some() {
+            cut = Some(true);
+        }
+    }
+    if let Some(spaced) = cut {
+        template.push((None, spaced));
     }
     let mut out = String::new();
     let mut slot_last = false;
@@ -36,6 +48,9 @@ pub fn extract(samples: &[&str]) -> String {
     }
     out
 }
+
+/// Words of each sample aligned (the LCS of two samples costs their product).
+const ALIGNED_WORDS: usize = 500;
 
 /// A template word (`None`: a slot) and whether a space goes before it.
 type Word<'a> = (Option<&'a str>, bool);
@@ -87,7 +102,7 @@ fn merge<'a>(template: &[Word<'a>], other: &[&str]) -> Vec<Word<'a>> {
 
 #[cfg(test)]
 mod tests {
-    use super::extract;
+    use super::{ALIGNED_WORDS, extract};
 
     #[test]
     fn slots_become_wildcards() {
@@ -130,6 +145,27 @@ mod tests {
             "次の文を要約してください：犬",
         ]);
         assert_eq!(t, "次の文を要約してください：<*>");
+        // Full-width punctuation is a word of its own: a slot that sometimes ends in "？" keeps
+        // the fixed emoji after it.
+        let t = extract(&[
+            "🔥请帮我写一条朋友圈文案🔥主题：周末去爬山？😀😀",
+            "🔥请帮我写一条朋友圈文案🔥主题：新买的咖啡机😀😀",
+            "🔥请帮我写一条朋友圈文案🔥主题：猫咪生日？😀😀",
+        ]);
+        assert_eq!(t, "🔥请帮我写一条朋友圈文案🔥主题：<*>😀😀");
+    }
+
+    #[test]
+    fn a_template_cut_at_the_aligned_words_ends_in_a_slot() {
+        let head: String = "请".repeat(ALIGNED_WORDS - 2);
+        let (a, b) = (
+            format!("{head}翻译：猫。谢谢"),
+            format!("{head}翻译：狗。谢谢"),
+        );
+        // The slot is within the aligned words; what follows is cut, and says so.
+        assert_eq!(extract(&[&a, &b]), format!("{head}翻译<*>"));
+        let short = extract(&["Translate this: cat. Thanks", "Translate this: dog. Thanks"]);
+        assert_eq!(short, "Translate this: <*> Thanks");
     }
 
     #[test]
