@@ -1182,6 +1182,15 @@ const PART_HNSW: HnswParams = HnswParams {
 /// Ids per prompt in the part index (a prompt has at most `keys::MAX_PARTS` parts).
 const PART_SLOTS: u64 = 8;
 
+/// The slice clock of the index in `config`'s data directory, and the vectors of its active
+/// segment's checkpoint (see [`SegmentedHnsw::clock_on_disk`]); `None` without time slices.
+pub fn slice_clock_on_disk(config: &EngineConfig) -> Option<(crate::index::SliceClock, usize)> {
+    SegmentedHnsw::clock_on_disk(&SegmentsConfig {
+        dir: Some(config.data_dir.join(INDEX_DIR)),
+        ..config.segments.clone()
+    })
+}
+
 /// The part index's segments: the index's settings (size, time span, retention, merges) with
 /// [`PART_HNSW`], in their own directory.
 fn part_segments(config: &EngineConfig) -> SegmentsConfig {

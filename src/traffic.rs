@@ -270,13 +270,15 @@ fn scan(
 pub struct TimeOrder {
     /// Lines read, as [`count_lines`] counts them (a run that needs both reads the file once).
     pub lines: u64,
-    /// Lines with a time of their own (0 or absent, "now", and unreadable lines left out).
+    /// Lines whose time was read (0, null or absent: the time of the scan, as ingest takes
+    /// them "now"); unreadable lines are left out.
     pub timed: u64,
     /// Segments that would seal for their time, ingesting in batches of the run's size
     /// (counted in timed lines) as `reindex` does.
     pub seals: u64,
-    /// Lines that would go into a slice starting more than the span after them (late, see
-    /// [`SliceClock`]): retention keeps them until that slice expires.
+    /// Lines that would go into a segment whose newest prompt is more than twice the span newer:
+    /// retention keeps them that much past their time. (In time order a segment spans a little
+    /// more than the span: it seals after the batch that took it past.)
     pub late: u64,
     /// The first line more than the span older than the newest before it, and by how much (ms).
     pub first_late: Option<(usize, i64)>,
@@ -298,45 +300,83 @@ impl TimeOrder {
     }
 }
 
-/// Reads the times of `path` from line `first` on and counts what `clock` (a fresh index's, say)
-/// does with them when they go in in batches of `batch` lines (see [`TimeOrder`]).
+/// The segment being filled, as [`time_order`] follows it.
+#[derive(Debug)]
+struct Filling {
+    /// Times of the lines in it.
+    times: Vec<i64>,
+    /// Vectors it held before (the data directory's active segment), and their newest time.
+    before: (usize, Option<i64>),
+}
+
+impl Filling {
+    /// Counts the lines more than twice `span` older than the segment's newest; empties it.
+    fn seal(&mut self, span: i64) -> u64 {
+        let newest = self.times.iter().copied().max().max(self.before.1);
+        let late = newest.map_or(0, |n| {
+            let cutoff = n.saturating_sub(span.saturating_mul(2));
+            self.times.iter().filter(|&&t| t < cutoff).count()
+        });
+        self.times.clear();
+        self.before = (0, None);
+        late as u64
+    }
+}
+
+/// Reads the times of `path` from line `first` on and follows what ingesting it in batches of
+/// `batch` lines would do to the index's segments (see [`TimeOrder`]): `clock` is the index's
+/// (as [`crate::engine::slice_clock_on_disk`] reads it), whose active segment holds `before`
+/// vectors and seals at `max_points`.
 pub fn time_order(
     path: &std::path::Path,
     first: usize,
     batch: usize,
-    mut clock: SliceClock,
+    (mut clock, before, max_points): (SliceClock, usize, usize),
 ) -> std::io::Result<TimeOrder> {
     #[derive(Deserialize)]
     struct Timed {
         #[serde(default, deserialize_with = "null_is_now")]
         timestamp_ms: i64,
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let span = clock.span_ms();
     let mut order = TimeOrder::default();
     let (mut newest, mut oldest) = (i64::MIN, i64::MAX);
     let batch = batch.max(1) as u64;
+    let mut filling = Filling {
+        times: Vec::new(),
+        before: (before, clock.newest()),
+    };
     order.lines = scan(path, first, |line, text| {
         let Ok(Timed { timestamp_ms: t }) = serde_json::from_str::<Timed>(text) else {
             return;
         };
-        if t <= 0 {
-            return;
-        }
-        if order.first_late.is_none()
-            && newest != i64::MIN
-            && t < newest.saturating_sub(clock.span_ms())
-        {
+        let t = match t {
+            0 => now,
+            t if t < 0 => return, // refused at ingest
+            t => t,
+        };
+        if order.first_late.is_none() && newest != i64::MIN && t < newest.saturating_sub(span) {
             order.first_late = Some((line, newest - t));
         }
         newest = newest.max(t);
         oldest = oldest.min(t);
-        order.late += u64::from(clock.note(t));
+        clock.note(t);
+        filling.times.push(t);
         order.timed += 1;
-        // A segment seals after the batch that made it due.
-        if order.timed % batch == 0 && clock.due() {
-            order.seals += 1;
-            clock.sealed();
+        // A segment seals after the batch that made it due, or full.
+        if order.timed % batch == 0 {
+            let due = clock.due();
+            if due || filling.times.len() + filling.before.0 >= max_points {
+                order.seals += u64::from(due);
+                order.late += filling.seal(span);
+                clock.sealed();
+            }
         }
     })?;
+    order.late += filling.seal(span);
     order.covered_ms = if order.timed > 0 { newest - oldest } else { 0 };
     Ok(order)
 }
@@ -377,17 +417,21 @@ not json
                 .collect();
             std::fs::write(&path, text.join("\n")).unwrap();
         };
-        // Four late lines in a row mean the traffic went back (segments of 256 vectors), or
-        // 3,125 (the default 200,000).
-        let clock = |max_points: usize| {
+        // A fresh index's clock. Four late lines in a row mean the traffic went back (segments
+        // of 256 vectors), or 3,125 (the default 200,000).
+        let index = |max_points: usize| {
             let config = crate::index::SegmentsConfig {
                 segment_span_ms: Some(DAY),
                 max_points_per_segment: max_points,
                 ..Default::default()
             };
-            SliceClock::for_config(&config, None).unwrap()
+            (
+                SliceClock::for_config(&config, None).unwrap(),
+                0,
+                max_points,
+            )
         };
-        let (short_run, long_run) = (clock(256), clock(200_000));
+        let (short_run, long_run) = (index(256), index(200_000));
         // In order, ten lines a day for 30 days, batches of 4: a seal a day or so.
         let in_order: Vec<i64> = (0..300).map(|i| t0 + i * DAY / 10).collect();
         write(&in_order);
@@ -419,6 +463,51 @@ not json
         assert!(o.late > 200 && o.many_late(), "{o:?}");
         // From line 31 on (--start-line): the first account's lines are not read.
         assert_eq!(time_order(&path, 31, 4, long_run).unwrap().timed, 270);
+        // Newest first, in segments of 8 lines (0.8 days): sealed by size, nothing is late.
+        let reversed: Vec<i64> = in_order.iter().rev().copied().collect();
+        write(&reversed);
+        let (clock, ..) = long_run;
+        let o = time_order(&path, 1, 4, (clock, 0, 8)).unwrap();
+        assert_eq!((o.late, o.seals), (0, 0), "{o:?}");
+        assert!(o.first_late.is_some());
+    }
+
+    #[test]
+    fn time_order_takes_untimed_lines_as_now_and_starts_from_the_index_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        const DAY: i64 = 86_400_000;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let config = crate::index::SegmentsConfig {
+            segment_span_ms: Some(DAY),
+            ..Default::default()
+        };
+        let fresh = SliceClock::for_config(&config, None).unwrap();
+        // Six days of the past in order, but the first line without a time: ingest takes it as
+        // now, and the slice it starts leaves every other line late.
+        let mut lines: Vec<String> = (0..600)
+            .map(|i| {
+                let t = now - 6 * DAY + i * DAY / 100;
+                format!(r#"{{"account_id": "a", "prompt": "p", "timestamp_ms": {t}}}"#)
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let o = time_order(&path, 1, 16, (fresh, 0, 200_000)).unwrap();
+        assert!(!o.many_late(), "{o:?}");
+        lines[0] = r#"{"account_id": "a", "prompt": "p"}"#.into();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let o = time_order(&path, 1, 16, (fresh, 0, 200_000)).unwrap();
+        assert_eq!(o.timed, 600);
+        assert!(o.late > 350 && o.many_late(), "{o:?}");
+        // Put in order again, into an index whose slice started now (a backfill): all late.
+        lines[0] = lines[1].clone();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let on_disk = SliceClock::for_config(&config, Some(now)).unwrap();
+        let o = time_order(&path, 1, 16, (on_disk, 1_000, 200_000)).unwrap();
+        assert!(o.late > 350 && o.many_late(), "{o:?}");
     }
 
     #[test]

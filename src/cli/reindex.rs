@@ -14,7 +14,6 @@ use clap::Args;
 use prompt_radar::detect::Verdict;
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 use prompt_radar::engine::Engine;
-use prompt_radar::index::SliceClock;
 use prompt_radar::offline::{self, CommittedLine, Observer};
 use prompt_radar::traffic::{self, LineError, TrafficLine};
 
@@ -203,9 +202,12 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let input = &args.offline.input;
     // With time-sliced segments the input's times are read too, in the same pass as the count.
     let span = config.segments.segment_span_ms;
-    let clock = SliceClock::for_config(&config.segments, None);
-    let order = clock
-        .map(|clock| traffic::time_order(input, first, args.offline.batch_size, clock))
+    let max_points = config.segments.max_points_per_segment;
+    let order = prompt_radar::engine::slice_clock_on_disk(&config)
+        .map(|(clock, before)| {
+            let index = (clock, before, max_points);
+            traffic::time_order(input, first, args.offline.batch_size, index)
+        })
         .transpose()
         .with_context(|| format!("cannot read {}", input.display()))?;
     let total = match &order {
@@ -236,11 +238,11 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
             );
         } else if order.many_late() {
             eprintln!(
-                "reindex: the input is not in time order{example}: {} of {} timed lines ({:.1}%) are over {} h older than the time slice they go into, so retention keeps them until that slice expires; sort the file by timestamp_ms to slice it exactly",
+                "reindex: the input is not in time order{example}: {} of {} lines ({:.1}%) would go into an index segment with prompts over {} h newer, and retention keeps them until those expire; sort the file by timestamp_ms to slice it exactly",
                 order.late,
                 order.timed,
                 100.0 * order.late as f64 / order.timed.max(1) as f64,
-                span / 3_600_000,
+                2 * span / 3_600_000,
             );
         }
     }

@@ -193,6 +193,18 @@ impl SliceClock {
         self.start
     }
 
+    /// The newest time in the slice being filled.
+    pub fn newest(&self) -> Option<i64> {
+        self.newest
+    }
+
+    /// The clock [`SegmentedHnsw::open`] resumes from `m`: the manifest's slice, or the newest
+    /// sealed time in manifests from before it was kept.
+    fn from_manifest(config: &SegmentsConfig, m: &Manifest) -> Option<Self> {
+        let newest_sealed = m.segments.iter().map(|e| e.info.max_ts).max();
+        SliceClock::for_config(config, m.slice_start_ms.or(newest_sealed))
+    }
+
     /// Takes up a reloaded active segment's slice: its prompts' times are not noted again.
     fn resume(&mut self, active: &SegmentInfo) {
         if active.count > 0 {
@@ -295,9 +307,7 @@ impl SegmentedHnsw {
         if let Some(m) = manifest {
             me.next_segment = m.next_segment;
             me.sealed_up_to = m.sealed_up_to;
-            let newest_sealed = m.segments.iter().map(|e| e.info.max_ts).max();
-            let slice_start = m.slice_start_ms.or(newest_sealed);
-            me.clock = SliceClock::for_config(&me.config, slice_start);
+            me.clock = SliceClock::from_manifest(&me.config, &m);
             let loaded: Vec<(SegmentEntry, Result<HnswIndex, IndexError>)> = m
                 .segments
                 .into_par_iter()
@@ -355,6 +365,27 @@ impl SegmentedHnsw {
         }
         remove_orphans(&dir, &me.listed());
         Ok(me)
+    }
+
+    /// The slice clock [`open`](Self::open) would resume, and the vectors of the active
+    /// segment's checkpoint, read from `config.dir`'s manifest alone (no graph is loaded): for a
+    /// look at an input before a run. `None` without time slices; a fresh clock without a
+    /// readable manifest.
+    pub fn clock_on_disk(config: &SegmentsConfig) -> Option<(SliceClock, usize)> {
+        let fresh = SliceClock::for_config(config, None)?;
+        let manifest = config.dir.as_ref().and_then(|dir| {
+            let raw = fs::read(dir.join(MANIFEST)).ok()?;
+            serde_json::from_slice::<Manifest>(&raw).ok()
+        });
+        let Some(m) = manifest else {
+            return Some((fresh, 0));
+        };
+        let mut clock = SliceClock::from_manifest(config, &m)?;
+        let active = m.active.map(|e| e.info);
+        if let Some(info) = &active {
+            clock.resume(info);
+        }
+        Some((clock, active.map_or(0, |i| i.count)))
     }
 
     /// Highest prompt id on disk, in sealed segments (loaded or since dropped by retention) or
