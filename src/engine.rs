@@ -510,8 +510,9 @@ impl Engine {
 
     /// Allow-lists `template` (fixed words with `<*>` slots, as `campaigns` shows them): its
     /// future prompts are never linked into campaigns, and current campaigns most of whose sample
-    /// prompts match it stop scoring. Durable before it returns. A template already listed
-    /// (same text) keeps its one entry, which is returned with `already_listed` set.
+    /// prompts match it stop scoring. Durable before it returns. A template already listed (one
+    /// that matches the same prompts: the same words, whatever the spacing, case or punctuation
+    /// at their edges) keeps its one entry, which is returned with `already_listed` set.
     pub fn allow_template(
         &self,
         template: &str,
@@ -522,7 +523,8 @@ impl Engine {
         let template = template.trim();
         let (entry, already_listed) = {
             let mut state = self.ingest.lock();
-            match state.allow.0.iter().find(|e| e.template == template) {
+            let same = |e: &&AllowEntry| AllowRule::compile(&e.template).is_ok_and(|r| r == rule);
+            match state.allow.0.iter().find(same) {
                 // The same template twice is one entry: the list stays the set an admin reads.
                 Some(e) => (e.clone(), true),
                 None => {

@@ -25,8 +25,8 @@ pub struct AllowEntry {
     pub created_ms: i64,
 }
 
-/// A compiled template.
-#[derive(Debug, Clone)]
+/// A compiled template. Two templates that compile to equal rules match the same prompts.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowRule {
     runs: Vec<Vec<String>>,
     anchored_start: bool,
@@ -161,6 +161,23 @@ mod tests {
         // Three characters are three words, enough; two are not.
         assert!(AllowRule::compile("翻译成<*>").is_ok());
         assert!(AllowRule::compile("翻译<*>").is_err());
+    }
+
+    #[test]
+    fn templates_differing_in_spacing_case_or_edge_punctuation_are_one_rule() {
+        let rule = |t: &str| AllowRule::compile(t).unwrap();
+        let zh = rule("请把下面这段话翻译成英文：<*>");
+        assert_eq!(rule("请把下面这段话翻译成英文：  <*>"), zh);
+        assert_eq!(rule("请 把 下 面 这 段 话 翻 译 成 英 文 ： <*>"), zh);
+        assert_eq!(
+            rule("Rewrite the text to be formal: <*>"),
+            rule(" rewrite THE text to be formal <*>")
+        );
+        assert_ne!(
+            rule("Rewrite the text to be formal: <*>"),
+            rule("Rewrite the text to be formal")
+        );
+        assert_ne!(zh, rule("请把下面这段话翻译成法文：<*>"));
     }
 
     #[test]

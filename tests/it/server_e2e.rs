@@ -636,6 +636,15 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .into_inner();
     assert!(again.already_listed, "{again:?}");
     assert_eq!(again.entry.as_ref(), Some(&entry));
+    // The same words in other case and spacing match the same prompts: the same entry.
+    let shouted = entry.template.to_uppercase().replace(' ', "  ");
+    let again = c
+        .allow_template(allow(Some(Source::Template(shouted))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.already_listed, "{again:?}");
+    assert_eq!(again.entry.as_ref(), Some(&entry));
     // A cluster whose recovered template is too short to allow-list is refused by its id.
     let lone = c
         .check(req("someone", "hello there"))
