@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use prompt_radar::detect::scoring::score_text;
 use prompt_radar::proto::{self, radar_client::RadarClient};
 use prompt_radar::traffic;
 
@@ -318,9 +319,9 @@ async fn one_account(client: &mut Client, id: &str, format: Format) -> anyhow::R
             writeln!(out, "account    {}", shown(&a.account_id, usize::MAX))?;
             writeln!(
                 out,
-                "verdict    {}, score {:.3}{}",
+                "verdict    {}, score {}{}",
                 action_name(a.action()),
-                a.score,
+                score_text(a.score, 3),
                 if a.flagged { ", flagged" } else { "" }
             )?;
             writeln!(
@@ -380,10 +381,10 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
             Format::Jsonl => writeln!(out, "{}", account_json(&a))?,
             Format::Table => writeln!(
                 out,
-                "{:<28} {:>7} {:>6.3} {:>7} {:>9}  {}",
+                "{:<28} {:>7} {:>6} {:>7} {:>9}  {}",
                 shown(&a.account_id, usize::MAX),
                 action_name(a.action()),
-                a.score,
+                score_text(a.score, 3),
                 a.prompts,
                 a.campaign_prompts,
                 shown(&a.reason, usize::MAX)
@@ -453,9 +454,9 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
             Format::Table => {
                 writeln!(
                     out,
-                    "campaign {}  score {:.3}  {} accounts  {} prompts ({} distinct)  seen {} .. {}",
+                    "campaign {}  score {}  {} accounts  {} prompts ({} distinct)  seen {} .. {}",
                     c.campaign_id,
-                    c.score,
+                    score_text(c.score, 3),
                     c.accounts,
                     c.prompts,
                     c.distinct_prompts,
@@ -766,10 +767,21 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let mut last: Option<proto::Stats> = None;
     loop {
-        let now = client
-            .get_stats(proto::GetStatsRequest {})
-            .await?
-            .into_inner();
+        let reading = client.get_stats(proto::GetStatsRequest {}).await;
+        let now = match reading {
+            Ok(r) => r.into_inner(),
+            // Watching outlives a server's restart or a network blip: the next reading is tried.
+            Err(e) if args.watch > 0 && last.is_some() => {
+                let code = prompt_radar::server::code_name(e.code());
+                eprintln!("stats: no reading: {code}: {}", e.message());
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(args.watch)) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         match (args.format, &last) {
             (Format::Jsonl, _) => writeln!(out, "{}", stats_json(&now))?,
             (Format::Table, None) => write!(out, "{}", stats_table(&now))?,
@@ -898,8 +910,12 @@ index         {} vectors in {}; part index {} vectors in {}
     )
 }
 
-/// One `--watch` line: what changed since `before`, and the last minute's answer times.
+/// One `--watch` line: what changed since `before`, and the last minute's answer times. A server
+/// whose uptime went back has restarted: its counters are counted from its start.
 fn stats_line(before: &proto::Stats, s: &proto::Stats) -> String {
+    let restarted = s.uptime_ms < before.uptime_ms;
+    let zero = proto::Stats::default();
+    let before = if restarted { &zero } else { before };
     let d = |now: u64, then: u64| now.saturating_sub(then);
     let seconds = (d(s.uptime_ms, before.uptime_ms) as f64 / 1e3).max(1e-3);
     let (allow, review, block) = (
@@ -922,8 +938,9 @@ fn stats_line(before: &proto::Stats, s: &proto::Stats) -> String {
         "no answers in the last minute".into()
     };
     format!(
-        "up {}: {:.1} checks/s ({allow} allow, {review} review, {block} block), {refused} refused, {times}, queue {}/{}, {} prompts",
+        "up {}{}: {:.1} checks/s ({allow} allow, {review} review, {block} block), {refused} refused, {times}, queue {}/{}, {} prompts",
         uptime(s.uptime_ms),
+        if restarted { " (restarted)" } else { "" },
         (allow + review + block) as f64 / seconds,
         s.queued,
         s.queue_capacity,
@@ -981,6 +998,17 @@ mod tests {
         assert_eq!(
             super::stats_line(&before, &now),
             "up 12s: 50.0 checks/s (80 allow, 4 review, 16 block), 3 refused, p50 2.1 ms p99 15.0 ms (last minute), queue 7/1024, 205 prompts"
+        );
+        // The server restarted between two readings: its new counters, over its uptime.
+        let restarted = Stats {
+            uptime_ms: 4_000,
+            allowed: 18,
+            ..Stats::default()
+        };
+        let line = super::stats_line(&now, &restarted);
+        assert!(
+            line.starts_with("up 4s (restarted): 4.5 checks/s (18 allow, 0 review, 0 block)"),
+            "{line}"
         );
         let table = super::stats_table(&Stats {
             index_segments: 1,

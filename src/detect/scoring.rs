@@ -15,6 +15,15 @@
 //!   sure each campaign is. An account that mostly sends unrelated prompts stays low even if a few
 //!   of them land in a campaign cluster.
 
+/// `score` with `decimals` digits, cut rather than rounded: a score just under a threshold
+/// (0.49999 under review's 0.5) must not read as the threshold beside a verdict below it.
+pub fn score_text(score: f32, decimals: usize) -> String {
+    let scale = 10f64.powi(decimals as i32);
+    // f32 to f64 adds digits (0.5f32 is exact, 0.7f32 is 0.69999998…): go through f32's text.
+    let exact: f64 = score.to_string().parse().unwrap_or(0.0);
+    format!("{:.*}", decimals, (exact * scale).floor() / scale)
+}
+
 /// Campaign score of a cluster with `accounts` distinct accounts, `prompts` members and
 /// `distinct_texts` distinct normalised texts.
 pub fn campaign_score(
@@ -111,5 +120,14 @@ mod tests {
             backward.to_bits(),
             "{forward} {backward}"
         );
+    }
+
+    #[test]
+    fn scores_are_shown_cut_not_rounded() {
+        assert_eq!(super::score_text(0.499_996, 3), "0.499");
+        assert_eq!(super::score_text(0.5, 3), "0.500");
+        assert_eq!(super::score_text(0.7, 2), "0.70");
+        assert_eq!(super::score_text(1.0, 2), "1.00");
+        assert_eq!(super::score_text(0.0, 3), "0.000");
     }
 }

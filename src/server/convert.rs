@@ -1,5 +1,6 @@
 //! Conversions between engine types and protobuf messages.
 
+use crate::detect::scoring::score_text;
 use crate::detect::{AccountSummary, Action, Verdict};
 use crate::engine::{CampaignView, Hit};
 use crate::proto;
@@ -96,8 +97,8 @@ pub fn account(a: AccountSummary) -> proto::Account {
             a.prompts,
             if a.score > 0.0 {
                 format!(
-                    " (score {:.2}: some sit in clusters shared with other accounts that score below a campaign)",
-                    a.score
+                    " (score {}: some sit in clusters shared with other accounts that score below a campaign)",
+                    score_text(a.score, 2)
                 )
             } else {
                 String::new()
@@ -105,13 +106,13 @@ pub fn account(a: AccountSummary) -> proto::Account {
         )
     } else {
         format!(
-            "{} of its {} prompts ({:.0}%) are campaign traffic in {} campaign(s) shared with other accounts ({} linked directly to other accounts' prompts); score {:.2}",
+            "{} of its {} prompts ({:.0}%) are campaign traffic in {} campaign(s) shared with other accounts ({} linked directly to other accounts' prompts); score {}",
             a.campaign_prompts,
             a.prompts,
             100.0 * a.campaign_prompts as f64 / a.prompts.max(1) as f64,
             a.campaigns.len(),
             a.cross_account_prompts,
-            a.score
+            score_text(a.score, 2)
         ) + &a
             .too_few_to_judge
             .map(|min| {
