@@ -157,12 +157,15 @@ impl VectorCache {
     }
 
     /// Vectors for `texts` in order: cached ones from the cache, the rest (each distinct text once)
-    /// from `embedder`. Returns the vectors and how many texts the model embedded.
+    /// from `embedder`. Returns the vectors, whether the model reads each of the first `judged`
+    /// texts ([`crate::embed::readable`]), and how many texts the model embedded. Each text the
+    /// model embeds is tokenised once, for both; a cached one only when it is judged.
     pub fn embed<E: Embedder + ?Sized>(
         &mut self,
         embedder: &mut E,
         texts: &[&str],
-    ) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
+        judged: usize,
+    ) -> Result<Cached, EmbedError> {
         let keys: Vec<u64> = texts
             .iter()
             .map(|t| xxhash_rust::xxh3::xxh3_64(t.as_bytes()))
@@ -176,11 +179,32 @@ impl VectorCache {
                 todo_keys.push(*k);
             }
         }
+        let tokenizer = embedder.tokenizer();
+        let unknown = tokenizer.unknown_id();
+        let todo_ids: Vec<Vec<u32>> = todo
+            .par_iter()
+            .map(|t| tokenizer.ids(t))
+            .collect::<Result<_, _>>()?;
         let fresh = if todo.is_empty() {
             Vec::new()
         } else {
-            embedder.embed(&todo)?
+            let refs: Vec<&[u32]> = todo_ids.iter().map(Vec::as_slice).collect();
+            embedder.embed_ids(&refs)?
         };
+        let read: HashMap<u64, bool> = todo_keys
+            .iter()
+            .zip(&todo_ids)
+            .map(|(k, ids)| (*k, crate::embed::readable(ids, unknown)))
+            .collect();
+        let readable = texts
+            .par_iter()
+            .zip(&keys)
+            .take(judged)
+            .map(|(t, k)| match read.get(k) {
+                Some(&r) => r,
+                None => crate::embed::readable(&tokenizer.ids(t).unwrap_or_default(), unknown),
+            })
+            .collect();
         let mut batch: HashMap<u64, Vec<f32>> = todo_keys.iter().copied().zip(fresh).collect();
         let out = keys
             .iter()
@@ -198,8 +222,23 @@ impl VectorCache {
             }
             self.map.insert(k, v);
         }
-        Ok((out, todo.len()))
+        Ok(Cached {
+            vectors: out,
+            readable,
+            embedded: todo.len(),
+        })
     }
+}
+
+/// What [`VectorCache::embed`] returns.
+#[derive(Debug)]
+pub struct Cached {
+    /// One vector per text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Whether the model reads each judged text.
+    pub readable: Vec<bool>,
+    /// Texts the model embedded (the rest came from the cache or repeated one).
+    pub embedded: usize,
 }
 
 /// An identity for the model in `model_dir` (its config and the size and first MiB of its weights),
@@ -296,8 +335,6 @@ where
     let batch_size = batch_size.max(1);
     let mut times = StageTimes::default();
     let (tx, rx) = sync_channel::<Vec<(usize, TrafficLine, (Vec<f32>, Vec<Vec<f32>>), bool)>>(4);
-    let tokenizer = embedder.tokenizer();
-    let unknown = tokenizer.unknown_id();
     let with_parts = engine.uses_parts();
     let (verdict_tx, verdict_rx) = std::sync::mpsc::channel::<Vec<(usize, TrafficLine, Verdict)>>();
     let committed = observer.committed_line().unwrap_or_default();
@@ -376,21 +413,14 @@ where
             if pending.len() >= batch_size || ((done || times.stopped) && !pending.is_empty()) {
                 let t = Instant::now();
                 let texts: Vec<&str> = pending.iter().map(|(_, p)| p.prompt.as_str()).collect();
-                let mut embedded = 0;
+                let (mut embedded, mut readable) = (0, Vec::new());
+                // The whole prompts come first in `all`: their readability is wanted.
                 let vectors = embed_with_parts(&texts, with_parts, |all| {
-                    let (v, n) = cache.embed(embedder, all)?;
-                    embedded = n;
-                    Ok(v)
+                    let got = cache.embed(embedder, all, texts.len())?;
+                    (embedded, readable) = (got.embedded, got.readable);
+                    Ok(got.vectors)
                 })?;
                 times.embedded += embedded as u64;
-                // Tokenised again for the share of unknown tokens: cached vectors skip the model.
-                let readable: Vec<bool> = texts
-                    .par_iter()
-                    .map(|t| {
-                        let ids = tokenizer.ids(t).unwrap_or_default();
-                        crate::embed::readable(&ids, unknown)
-                    })
-                    .collect();
                 times.embed += t.elapsed();
                 let batch: Vec<_> = pending
                     .drain(..)
@@ -516,6 +546,10 @@ mod tests {
         fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
             Ok(text.bytes().map(u32::from).collect())
         }
+
+        fn unknown_id(&self) -> Option<u32> {
+            Some(u32::from(b'?'))
+        }
     }
 
     impl Embedder for Counting {
@@ -545,19 +579,27 @@ mod tests {
     fn the_cache_embeds_each_distinct_text_once_and_keeps_order() {
         let mut model = Counting::default();
         let mut cache = VectorCache::new(3, 2, 7);
-        let (v, n) = cache
-            .embed(&mut model, &["ab", "c", "ab", "dddd", "c"])
+        let got = cache
+            .embed(&mut model, &["ab", "c", "ab", "dddd", "c"], 0)
             .unwrap();
+        let (v, n) = (got.vectors, got.embedded);
         assert_eq!(n, 3);
         assert_eq!(model.seen, ["ab", "c", "dddd"]);
         let want = |t: &str| vec![t.len() as f32, f32::from(t.as_bytes()[0])];
         assert_eq!(v, ["ab", "c", "ab", "dddd", "c"].map(want));
         // Cached now: only the new text reaches the model; past capacity nothing more is kept.
-        let (v, n) = cache.embed(&mut model, &["eee", "dddd", "ab"]).unwrap();
-        assert_eq!((n, cache.len()), (1, 3));
-        assert_eq!(v, ["eee", "dddd", "ab"].map(want));
-        let (_, n) = cache.embed(&mut model, &["eee"]).unwrap();
-        assert_eq!(n, 1, "over capacity: not remembered");
+        let got = cache.embed(&mut model, &["eee", "dddd", "ab"], 0).unwrap();
+        assert_eq!((got.embedded, cache.len()), (1, 3));
+        assert_eq!(got.vectors, ["eee", "dddd", "ab"].map(want));
+        let got = cache.embed(&mut model, &["eee"], 0).unwrap();
+        assert_eq!(got.embedded, 1, "over capacity: not remembered");
+        // Readability of the first texts asked for, embedded ones and cached ones alike ('?' is
+        // the unknown byte).
+        let got = cache
+            .embed(&mut model, &["ab", "cdefg?", "??x?", "dddd"], 3)
+            .unwrap();
+        assert_eq!(got.readable, [true, true, false]);
+        assert_eq!(got.embedded, 2);
         // Saved and loaded for the same model only.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.bin");
