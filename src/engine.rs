@@ -369,10 +369,7 @@ impl Engine {
         let started = Instant::now();
         let store = Store::open(&config.data_dir)?;
         let index_dir = config.data_dir.join(INDEX_DIR);
-        let segments = SegmentsConfig {
-            dir: Some(index_dir.clone()),
-            ..config.segments.clone()
-        };
+        let segments = index_segments(&config);
         remove_legacy_part_dumps(&index_dir);
         // The two indexes load side by side: each reads its dumps on its own threads (a sealed
         // segment a thread), but a directory with few segments would leave cores idle.
@@ -523,8 +520,8 @@ impl Engine {
         let template = template.trim();
         let (entry, already_listed) = {
             let mut state = self.ingest.lock();
-            let same = |e: &&AllowEntry| AllowRule::compile(&e.template).is_ok_and(|r| r == rule);
-            match state.allow.0.iter().find(same) {
+            let listed = state.allow.1.listed(&rule);
+            match state.allow.0.iter().find(|e| Some(e.id) == listed) {
                 // The same template twice is one entry: the list stays the set an admin reads.
                 Some(e) => (e.clone(), true),
                 None => {
@@ -1187,10 +1184,15 @@ const PART_SLOTS: u64 = 8;
 /// The slice clock of the index in `config`'s data directory, and the vectors of its active
 /// segment's checkpoint (see [`SegmentedHnsw::clock_on_disk`]); `None` without time slices.
 pub fn slice_clock_on_disk(config: &EngineConfig) -> Option<(crate::index::SliceClock, usize)> {
-    SegmentedHnsw::clock_on_disk(&SegmentsConfig {
+    SegmentedHnsw::clock_on_disk(&index_segments(config))
+}
+
+/// The vector index's segments: the index's settings, in their directory.
+fn index_segments(config: &EngineConfig) -> SegmentsConfig {
+    SegmentsConfig {
         dir: Some(config.data_dir.join(INDEX_DIR)),
         ..config.segments.clone()
-    })
+    }
 }
 
 /// The part index's segments: the index's settings (size, time span, retention, merges) with

@@ -338,9 +338,7 @@ pub fn time_order(
         #[serde(default, deserialize_with = "null_is_now")]
         timestamp_ms: i64,
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now = crate::server::validate::now_ms();
     let span = clock.span_ms();
     let mut order = TimeOrder::default();
     let (mut newest, mut oldest) = (i64::MIN, i64::MAX);
@@ -477,10 +475,7 @@ not json
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.jsonl");
         const DAY: i64 = 86_400_000;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
+        let now = crate::server::validate::now_ms();
         let config = crate::index::SegmentsConfig {
             segment_span_ms: Some(DAY),
             ..Default::default()

@@ -115,6 +115,14 @@ impl AllowList {
             .map(|(id, _)| *id)
     }
 
+    /// The id of the entry whose rule is `rule` (one that matches the same prompts), if any.
+    pub fn listed(&self, rule: &AllowRule) -> Option<u64> {
+        self.rules
+            .iter()
+            .find(|(_, r)| r == rule)
+            .map(|(id, _)| *id)
+    }
+
     /// The compiled rules, in entry order.
     pub fn rules(&self) -> impl Iterator<Item = &AllowRule> {
         self.rules.iter().map(|(_, r)| r)

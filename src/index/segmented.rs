@@ -145,8 +145,8 @@ impl SliceClock {
         })
     }
 
-    /// Notes the time of a prompt put in the slice; returns whether it is late.
-    pub fn note(&mut self, ts: i64) -> bool {
+    /// Notes the time of a prompt put in the slice.
+    pub fn note(&mut self, ts: i64) {
         let start = *self.start.get_or_insert(ts);
         self.newest = Some(self.newest.map_or(ts, |n| n.max(ts)));
         let late = ts < start.saturating_sub(self.span_ms);
@@ -157,7 +157,6 @@ impl SliceClock {
         } else {
             (self.run, self.run_newest) = (self.run + 1, self.run_newest.max(ts));
         }
-        late
     }
 
     /// Whether the slice is due to seal: it spans past its start, or the traffic went back.
@@ -280,6 +279,7 @@ impl SegmentedHnsw {
     /// [`missing_ranges`](Self::missing_ranges); an unreadable manifest means starting empty
     /// (the caller then re-inserts everything from the store). Only creating `dir` can fail.
     pub fn open(config: SegmentsConfig, dim: usize) -> Result<Self, IndexError> {
+        let clock = SliceClock::for_config(&config, None);
         let mut me = SegmentedHnsw {
             active: Segment::empty(&config, dim, 1),
             config,
@@ -290,9 +290,8 @@ impl SegmentedHnsw {
             sealed_up_to: 0,
             checkpointed: None,
             merging: None,
-            clock: None,
+            clock,
         };
-        me.clock = SliceClock::for_config(&me.config, None);
         let Some(dir) = me.config.dir.clone() else {
             return Ok(me);
         };
@@ -559,7 +558,7 @@ impl SegmentedHnsw {
         if let Some(dir) = &self.config.dir {
             let mut segments = self.listed_entries(&self.lost);
             segments.splice(at..at + 2, [merged.entry.clone()]);
-            if let Err(e) = self.rewrite_manifest(dir, segments) {
+            if let Err(e) = self.rewrite_manifest(dir, segments, self.checkpointed.clone()) {
                 tracing::warn!(error = %e, "cannot rewrite the index manifest; merge discarded");
                 self.discard(&m.output);
                 return false;
@@ -658,19 +657,8 @@ impl SegmentedHnsw {
         // A crash between the dump and the manifest leaves the old checkpoint's entry with a
         // dump of another size, which `open` refuses: the store then re-inserts the prompts.
         self.active.index.dump(dir, &self.active.entry.basename)?;
-        let segments = self.listed_entries(&self.lost);
-        let (next, up_to) = (self.next_segment, self.sealed_coverage());
         let entry = self.active.entry.clone();
-        let slice_start = self.slice_start();
-        write_manifest(
-            dir,
-            self.dim,
-            next,
-            up_to,
-            segments,
-            Some(entry.clone()),
-            slice_start,
-        )?;
+        self.rewrite_manifest(dir, self.listed_entries(&self.lost), Some(entry.clone()))?;
         self.checkpointed = Some(entry);
         Ok(info.count)
     }
@@ -693,7 +681,7 @@ impl SegmentedHnsw {
         if let Some(dir) = &self.config.dir {
             let mut segments = self.listed_entries(&lost);
             segments.retain(|e| !expired(e));
-            if let Err(e) = self.rewrite_manifest(dir, segments) {
+            if let Err(e) = self.rewrite_manifest(dir, segments, self.checkpointed.clone()) {
                 tracing::warn!(error = %e, "cannot rewrite the index manifest; expired segments kept");
                 return 0;
             }
@@ -755,11 +743,15 @@ impl SegmentedHnsw {
         self.len() == 0
     }
 
-    /// Writes the manifest listing `segments` as sealed, with this index's numbering, coverage,
-    /// active checkpoint and time slice as they are.
-    fn rewrite_manifest(&self, dir: &Path, segments: Vec<SegmentEntry>) -> Result<(), IndexError> {
+    /// Writes the manifest listing `segments` as sealed and `active` as the active segment's
+    /// checkpoint, with this index's numbering, coverage and time slice as they are.
+    fn rewrite_manifest(
+        &self,
+        dir: &Path,
+        segments: Vec<SegmentEntry>,
+        active: Option<SegmentEntry>,
+    ) -> Result<(), IndexError> {
         let (next, up_to) = (self.next_segment, self.sealed_coverage());
-        let active = self.checkpointed.clone();
         let slice_start = self.slice_start();
         write_manifest(dir, self.dim, next, up_to, segments, active, slice_start)
     }
