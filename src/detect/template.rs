@@ -17,19 +17,27 @@ pub fn extract(samples: &[&str]) -> String {
     // template cut there ends in a slot (the rest is not compared), so that an allow-list entry
     // made of it matches prompts that go on past it. A CJK character is a word: 500 words are a
     // long paragraph of Chinese.
+    // One word past the aligned ones says whether a sample was cut (and how the first sample's
+    // rest was spaced).
     let mut template: Vec<Word> = keys::words(first)
-        .take(ALIGNED_WORDS)
+        .take(ALIGNED_WORDS + 1)
         .map(|(w, spaced)| (Some(w), spaced))
         .collect();
-    let mut cut = keys::words(first)
-        .nth(ALIGNED_WORDS)
-        .map(|(_, spaced)| spaced);
+    let mut cut = if template.len() > ALIGNED_WORDS {
+        template.pop().map(|(_, spaced)| spaced)
+    } else {
+        None
+    };
     for s in iter {
-        let other: Vec<&str> = keys::words(s).take(ALIGNED_WORDS).map(|(w, _)| w).collect();
-        template = merge(&template, &other);
-        if cut.is_none() && keys::words(s).nth(ALIGNED_WORDS).is_some() {
-            cut = Some(true);
+        let mut other: Vec<&str> = keys::words(s)
+            .take(ALIGNED_WORDS + 1)
+            .map(|(w, _)| w)
+            .collect();
+        if other.len() > ALIGNED_WORDS {
+            other.pop();
+            cut.get_or_insert(true);
         }
+        template = merge(&template, &other);
     }
     if let Some(spaced) = cut {
         template.push((None, spaced));
