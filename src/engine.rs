@@ -27,7 +27,7 @@ use rayon::prelude::*;
 
 use crate::config::EngineConfig;
 use crate::detect::allow::{AllowEntry, AllowList, AllowRule};
-use crate::detect::keys::{self, KeyIndex};
+use crate::detect::keys::{self, KeyIndex, Source};
 use crate::detect::snapshot::{self, SnapshotHeader};
 use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict, template};
 use crate::embed::{EmbedError, Embedder};
@@ -1226,8 +1226,8 @@ struct Found {
     near: Vec<u64>,
     /// Prompts sharing enough parts.
     parts: Vec<u64>,
-    /// The account's hash and the prompt's template keys.
-    keys: (u64, Vec<u64>),
+    /// Who sent the prompt and its template keys.
+    keys: (Source, Vec<u64>),
 }
 
 /// The part-index entries of `(prompt id, timestamp, parts)`: each part under
@@ -1249,11 +1249,14 @@ fn part_items<'a>(
 /// A prompt's template keys, with its account's hash; `None` when an allow-listed template
 /// matches it: a known legitimate app's prompt is stored and searchable but never linked.
 /// Ingest and a start's replay both ask here, so a start rebuilds the key index ingest built.
-fn template_keys(allow: &AllowList, account_id: &str, text: &str) -> Option<(u64, Vec<u64>)> {
-    allow
-        .matching(text)
-        .is_none()
-        .then(|| (keys::account_hash(account_id), keys::keys(text)))
+fn template_keys(allow: &AllowList, account_id: &str, text: &str) -> Option<(Source, Vec<u64>)> {
+    allow.matching(text).is_none().then(|| {
+        let from = Source {
+            account: keys::account_hash(account_id),
+            text: crate::store::text_hash(text),
+        };
+        (from, keys::keys(text))
+    })
 }
 
 /// Records a start's replay reads ahead per chunk.
@@ -1268,7 +1271,7 @@ fn replay_store(
     allow_list: &AllowList,
     from: u64,
     keys_from: u64,
-    mut apply: impl FnMut(PromptRecord, Option<(u64, Vec<u64>)>),
+    mut apply: impl FnMut(PromptRecord, Option<(Source, Vec<u64>)>),
 ) -> Result<(), Error> {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<PromptRecord>>(2);
@@ -1290,7 +1293,7 @@ fn replay_store(
             n
         });
         for chunk in rx {
-            let keys: Vec<Option<(u64, Vec<u64>)>> = chunk
+            let keys: Vec<Option<(Source, Vec<u64>)>> = chunk
                 .par_iter()
                 .map(|r| {
                     (r.id >= keys_from)
@@ -1913,11 +1916,26 @@ mod tests {
                 false,
             )])
             .unwrap();
-        assert_eq!(got[0].neighbours, 1, "the head key links the two");
+        assert_eq!(
+            got[0].neighbours, 0,
+            "a key of two accounts links no one yet"
+        );
+        let got = engine
+            .ingest(vec![p(
+                6,
+                &format!("{head}一个圆的半径是3米，它的周长是多少？"),
+                false,
+            )])
+            .unwrap();
+        assert_eq!(
+            got[0].neighbours, 2,
+            "the head key, now of three accounts, links all three"
+        );
+        assert_eq!(got[0].cluster_accounts, 3);
         // The control: readable prompts with that vector link to every one before.
-        let got = engine.ingest(vec![p(6, "What is up?", true)]).unwrap();
+        let got = engine.ingest(vec![p(7, "What is up?", true)]).unwrap();
         let k = crate::detect::DetectorConfig::default().neighbours_k as u32;
-        assert_eq!(got[0].neighbours, 5.min(k));
+        assert_eq!(got[0].neighbours, 6.min(k));
     }
 
     #[test]

@@ -214,6 +214,64 @@ fn hash(tag: &[u8], words: &[String]) -> u64 {
     h.digest()
 }
 
+/// Distinct accounts, and distinct texts, a template key must have been seen in, the new
+/// prompt's included, before it links prompts of different accounts. A key that two accounts or
+/// two texts share proves little: a campaign's slot is often a public question (a benchmark's, a
+/// FAQ's) that an ordinary user also sends on its own, and then the user's prompt and the
+/// campaign's (sent verbatim by several of its accounts) end in the same words. A template's fixed
+/// wording comes back with slot after slot, from account after account; a slot value seldom does.
+/// Prompts of one account still link through any key they share, and the prompt that brings a
+/// key to the spread links the latest prompts of two other accounts, which joins theirs.
+pub const KEY_SPREAD: u8 = 3;
+
+/// Who sent a prompt, as the [`KeyIndex`] tells prompts apart: hashes of its account id
+/// ([`account_hash`]) and of its text (`store::text_hash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    pub account: u64,
+    pub text: u64,
+}
+
+/// The latest two distinct values seen, and how many distinct ones: exact up to [`KEY_SPREAD`],
+/// where it stops (one value is `last`, two are `last` and `other`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Distinct {
+    last: u64,
+    other: u64,
+    count: u8,
+}
+
+impl Distinct {
+    fn new(value: u64) -> Self {
+        Self {
+            last: value,
+            other: 0,
+            count: 1,
+        }
+    }
+
+    fn then(self, value: u64) -> Self {
+        if value == self.last {
+            return self;
+        }
+        let known = self.count == 2 && self.other == value;
+        Self {
+            last: value,
+            other: self.last,
+            count: if known {
+                self.count
+            } else {
+                (self.count + 1).min(KEY_SPREAD)
+            },
+        }
+    }
+
+    /// Whether `value` is one of those seen, when that is known (below [`KEY_SPREAD`]).
+    fn holds(self, value: u64) -> bool {
+        value == self.last || (self.count == 2 && value == self.other)
+    }
+}
+
 /// Per template key, the latest prompt and the latest prompt of another account than that one.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
@@ -222,62 +280,82 @@ pub struct KeyIndex {
 
 #[derive(Debug, Clone, Copy)]
 struct Latest {
+    /// The latest prompt under the key.
     id: u64,
-    account: u64,
-    /// The latest prompt under the key from an account other than `account`.
+    /// The latest prompt under the key from an account other than the latest prompt's.
     other: Option<u64>,
+    accounts: Distinct,
+    texts: Distinct,
+}
+
+impl Latest {
+    /// The state after prompt `id` from `from` under a key whose state was `prev`.
+    fn then(prev: Option<Latest>, id: u64, from: Source) -> Latest {
+        match prev {
+            None => Latest {
+                id,
+                other: None,
+                accounts: Distinct::new(from.account),
+                texts: Distinct::new(from.text),
+            },
+            Some(p) => Latest {
+                id,
+                other: if p.accounts.last == from.account {
+                    p.other
+                } else {
+                    Some(p.id)
+                },
+                accounts: p.accounts.then(from.account),
+                texts: p.texts.then(from.text),
+            },
+        }
+    }
+
+    /// Whether the key links prompts of different accounts (see [`KEY_SPREAD`]).
+    fn spread(&self) -> bool {
+        self.accounts.count >= KEY_SPREAD && self.texts.count >= KEY_SPREAD
+    }
 }
 
 impl KeyIndex {
-    /// Links of prompt `id` from `account` (a hash of the account id) with `keys`: per key, the
-    /// latest earlier prompt and the latest earlier prompt of another account — so a template an
-    /// account repeats in a burst still links it to the other accounts that share it. Records `id`.
-    pub fn link(&mut self, id: u64, account: u64, keys: &[u64]) -> Vec<u64> {
+    /// Links of prompt `id` from `from` with `keys`: per key, the latest earlier prompt and the
+    /// latest earlier prompt of another account than that one's — so a template an account
+    /// repeats in a burst still links it to the other accounts that share it — once the key is
+    /// spread over [`KEY_SPREAD`] accounts and texts; before that, only the account's own latest
+    /// earlier prompt under the key. Records `id`.
+    pub fn link(&mut self, id: u64, from: Source, keys: &[u64]) -> Vec<u64> {
         let mut links = Vec::with_capacity(keys.len());
         for &k in keys {
-            if let Some(prev) = self.latest.get(&k).copied() {
-                let other = if prev.account != account {
-                    Some(prev.id)
+            let prev = self.latest.get(&k).copied();
+            let next = Latest::then(prev, id, from);
+            if let Some(p) = prev {
+                let candidates = if next.spread() {
+                    [Some(p.id), p.other]
+                } else if p.accounts.last == from.account {
+                    [Some(p.id), None]
+                } else if p.accounts.holds(from.account) {
+                    // Two accounts so far, and the other one sent the latest prompt.
+                    [p.other, None]
                 } else {
-                    prev.other
+                    [None, None]
                 };
-                for l in [Some(prev.id), other].into_iter().flatten() {
+                for l in candidates.into_iter().flatten() {
                     if l < id && !links.contains(&l) {
                         links.push(l);
                     }
                 }
             }
-            self.record_one(id, account, k);
+            self.latest.insert(k, next);
         }
         links
     }
 
     /// Records `id` under `keys` without linking (replay: the links are already stored).
-    pub fn record(&mut self, id: u64, account: u64, keys: &[u64]) {
+    pub fn record(&mut self, id: u64, from: Source, keys: &[u64]) {
         for &k in keys {
-            self.record_one(id, account, k);
+            let next = Latest::then(self.latest.get(&k).copied(), id, from);
+            self.latest.insert(k, next);
         }
-    }
-
-    fn record_one(&mut self, id: u64, account: u64, key: u64) {
-        let next = match self.latest.get(&key) {
-            Some(prev) if prev.account != account => Latest {
-                id,
-                account,
-                other: Some(prev.id),
-            },
-            Some(prev) => Latest {
-                id,
-                account,
-                other: prev.other,
-            },
-            None => Latest {
-                id,
-                account,
-                other: None,
-            },
-        };
-        self.latest.insert(key, next);
     }
 
     /// Writes the index for the detector snapshot (see `snapshot`).
@@ -286,21 +364,41 @@ impl KeyIndex {
         for (&key, l) in &self.latest {
             e.u64(key);
             e.u64(l.id);
-            e.u64(l.account);
             e.u8(u8::from(l.other.is_some()));
             e.u64(l.other.unwrap_or(0));
+            for d in [l.accounts, l.texts] {
+                e.u64(d.last);
+                e.u64(d.other);
+                e.u8(d.count);
+            }
         }
     }
 
     /// Reads what [`KeyIndex::encode`] wrote.
     pub(super) fn decode(d: &mut super::snapshot::Dec) -> std::io::Result<Self> {
-        let n = d.len(33)?;
+        let n = d.len(59)?;
         let mut latest = HashMap::with_capacity(n);
         for _ in 0..n {
             let key = d.u64()?;
-            let (id, account, some, other) = (d.u64()?, d.u64()?, d.u8()?, d.u64()?);
+            let (id, some, other) = (d.u64()?, d.u8()?, d.u64()?);
+            let mut distinct = || -> std::io::Result<Distinct> {
+                Ok(Distinct {
+                    last: d.u64()?,
+                    other: d.u64()?,
+                    count: d.u8()?.clamp(1, KEY_SPREAD),
+                })
+            };
+            let (accounts, texts) = (distinct()?, distinct()?);
             let other = (some != 0).then_some(other);
-            latest.insert(key, Latest { id, account, other });
+            latest.insert(
+                key,
+                Latest {
+                    id,
+                    other,
+                    accounts,
+                    texts,
+                },
+            );
         }
         Ok(Self { latest })
     }
@@ -481,19 +579,73 @@ mod tests {
         assert_eq!(p[MAX_PARTS - 1], "Sentence number 19 here.");
     }
 
+    /// Account `account`'s prompt of text `text`.
+    fn from(account: u64, text: u64) -> Source {
+        Source { account, text }
+    }
+
     #[test]
     fn index_links_to_the_latest_prompt_per_key() {
         let mut idx = KeyIndex::default();
-        assert!(idx.link(1, 100, &[10, 20]).is_empty());
-        assert_eq!(idx.link(2, 200, &[10, 30]), vec![1]);
-        assert_eq!(idx.link(3, 300, &[10, 20]), vec![2, 1]);
-        idx.record(4, 400, &[30]);
-        assert_eq!(idx.link(5, 500, &[30]), vec![4]);
+        assert!(idx.link(1, from(100, 1), &[10, 20]).is_empty());
+        // Two accounts under key 10: not yet.
+        assert!(idx.link(2, from(200, 2), &[10, 30]).is_empty());
+        // The third account links the latest prompts of both earlier ones.
+        assert_eq!(idx.link(3, from(300, 3), &[10, 20]), vec![2, 1]);
+        idx.record(4, from(400, 4), &[30]);
+        idx.record(5, from(500, 5), &[30]);
+        assert_eq!(idx.link(6, from(600, 6), &[30]), vec![5, 4]);
         assert_eq!(idx.len(), 3);
         // A burst of one account still links to the latest other account under the key.
-        assert_eq!(idx.link(6, 600, &[10]), vec![3]);
-        assert_eq!(idx.link(7, 600, &[10]), vec![6, 3]);
-        assert_eq!(idx.link(8, 600, &[10]), vec![7, 3]);
-        assert_eq!(idx.link(9, 300, &[10]), vec![8]);
+        assert_eq!(idx.link(7, from(700, 7), &[10]), vec![3, 2]);
+        assert_eq!(idx.link(8, from(700, 8), &[10]), vec![7, 3]);
+        assert_eq!(idx.link(9, from(700, 9), &[10]), vec![8, 3]);
+        assert_eq!(idx.link(10, from(300, 10), &[10]), vec![9, 3]);
+    }
+
+    #[test]
+    fn a_key_of_two_accounts_or_two_texts_links_each_account_to_itself_only() {
+        // A campaign wraps a public question in its template; an ordinary account then asks that
+        // question on its own. Both prompts end in the question's words.
+        let q = "What is the best way to learn to play the guitar as an adult?";
+        let campaign = keys(&format!(
+            "Translate this text to Italian and keep the same tone please. {q}"
+        ));
+        let user = keys(q);
+        assert!(
+            user.iter().any(|k| campaign.contains(k)),
+            "the question's keys are shared: {campaign:?} {user:?}"
+        );
+        let mut idx = KeyIndex::default();
+        assert!(idx.link(1, from(100, 1), &campaign).is_empty());
+        assert!(idx.link(2, from(200, 2), &user).is_empty(), "two accounts");
+        assert_eq!(
+            idx.link(3, from(200, 2), &user),
+            vec![2],
+            "its own earlier prompt"
+        );
+        assert_eq!(
+            idx.link(4, from(100, 1), &campaign),
+            vec![1],
+            "its own earlier prompt"
+        );
+        // However often either sends, the key stays at two accounts: each links to itself.
+        let mut last = [4, 3];
+        for id in 5..20 {
+            let who = usize::from(id % 3 != 0);
+            let (source, keys) = [(from(100, 1), &campaign), (from(200, 2), &user)][who];
+            assert_eq!(idx.link(id, source, keys), vec![last[who]], "prompt {id}");
+            last[who] = id;
+        }
+        // Campaign accounts that send the same wrapped question: three accounts, two texts.
+        assert!(idx.link(20, from(300, 1), &campaign).is_empty());
+        assert!(idx.link(21, from(400, 1), &campaign).is_empty());
+        assert!(
+            idx.link(22, from(200, 2), &user).is_empty(),
+            "not known to be its own"
+        );
+        // A third text, from a third account, makes the keys template evidence.
+        let third = idx.link(23, from(500, 3), &user);
+        assert_eq!(third, vec![22, 21], "{third:?}");
     }
 }

@@ -19,8 +19,9 @@ use super::{Detector, DetectorConfig};
 
 const MAGIC: &[u8; 8] = b"PRDETSNP";
 /// 2: template keys take each Chinese or Japanese character as a word (keys of version 1 are
-/// stale for such prompts, so its snapshots are replayed instead).
-const VERSION: u32 = 2;
+/// stale for such prompts, so its snapshots are replayed instead). 3: the template-key index
+/// counts the accounts and texts seen under each key (see `keys::KEY_SPREAD`).
+const VERSION: u32 = 3;
 /// Bytes hashed and written, or read and hashed, at a time.
 const CHUNK: usize = 1 << 20;
 
@@ -361,6 +362,7 @@ impl Dec {
 mod tests {
     use super::*;
     use crate::detect::Observation;
+    use crate::detect::keys::Source;
 
     /// A stream with what the state holds: campaigns across accounts (links to other accounts'
     /// prompts, varying texts), merges of clusters, verbatim repeats, lone prompts.
@@ -382,6 +384,13 @@ mod tests {
             .collect()
     }
 
+    fn source(hash: u64) -> Source {
+        Source {
+            account: hash % 3,
+            text: hash % 5,
+        }
+    }
+
     fn observe_all(d: &mut Detector, k: &mut KeyIndex, s: &[(u64, String, u64, Vec<u64>)]) {
         for (id, account, hash, links) in s {
             d.observe(Observation {
@@ -393,7 +402,7 @@ mod tests {
                 // Every tenth prompt a known app's: the flag is part of the state restored.
                 allowed: id % 10 == 0,
             });
-            k.link(*id, hash % 3, &[hash % 7, 100 + id % 4]);
+            k.link(*id, source(*hash), &[hash % 7, 100 + id % 4]);
         }
     }
 
@@ -431,6 +440,7 @@ mod tests {
         assert!((0..400).any(|id| d.closed(id)));
         assert!((0..400).all(|id| d2.closed(id) == d.closed(id)));
         // The same further prompts give the same verdicts and template-key links.
+        let mut key_links = 0;
         for (id, account, hash, links) in stream(400, 600) {
             let o = Observation {
                 id,
@@ -442,8 +452,11 @@ mod tests {
             };
             assert_eq!(d2.observe(o), d.observe(o));
             let keys = [hash % 7, 100 + id % 4, 200 + id];
-            assert_eq!(k2.link(id, hash % 3, &keys), k.link(id, hash % 3, &keys));
+            let links = k.link(id, source(hash), &keys);
+            key_links += links.len();
+            assert_eq!(k2.link(id, source(hash), &keys), links);
         }
+        assert!(key_links > 100, "template keys link: {key_links}");
         assert_eq!(d2.accounts(), d.accounts());
     }
 

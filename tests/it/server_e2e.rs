@@ -881,6 +881,87 @@ async fn a_chinese_template_is_found_written_back_and_allow_listed() {
     server.stop().await;
 }
 
+/// A campaign's slot is often a public question that ordinary users ask too. QA found users who
+/// sent such a question on its own pulled into the campaign and blocked: their prompt and the
+/// campaign's end in the same words, so they shared template keys. Here each question goes out
+/// from three campaign accounts, as when a harvester reuses its list across accounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_asking_a_campaigns_slot_question_is_not_pulled_into_it() {
+    const EN_HEAD: &str = "Translate this text to Italian and keep the same tone please. ";
+    const EN: [&str; 10] = [
+        "What is the best way to learn to play the guitar as an adult?",
+        "How can I improve the quality of my sleep at night?",
+        "Why does the sky look blue during the day but red at sunset?",
+        "What should I do when my phone battery drains very fast?",
+        "How do I relieve neck pain after working long hours at a desk?",
+        "What is the healthiest way to lose weight without a strict diet?",
+        "How do I train my puppy to use the same spot for the toilet?",
+        "What are the most effective ways to stop procrastinating every day?",
+        "What time of day is best to drink milk for good sleep?",
+        "How can I keep my houseplants alive while I am away on holiday?",
+    ];
+    const ZH_HEAD: &str = "请把下面这段话翻译成日文：";
+    const ZH: [&str; 10] = [
+        "光合作用的过程是怎样的",
+        "为什么天空看起来是蓝色的",
+        "怎样提高睡眠质量",
+        "电脑开不了机怎么办",
+        "地球为什么会有四季",
+        "咖啡喝多了有什么影响",
+        "孩子不爱吃饭怎么办",
+        "如何养好多肉植物",
+        "牛奶在一天中什么时候喝最好",
+        "怎么选择合适的跑鞋",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    for (lang, head, questions) in [("en", EN_HEAD, EN), ("zh", ZH_HEAD, ZH)] {
+        // Ten accounts, three prompts each: account i asks questions i, i + 1 and i + 2.
+        for i in 0..10 {
+            for j in 0..3 {
+                let q = questions[(i + j) % 10];
+                c.check(req(&format!("{lang}-harvester-{i}"), &format!("{head}{q}")))
+                    .await
+                    .unwrap();
+            }
+        }
+        // Someone asks two of the questions, as they are and as people type them.
+        let user = format!("{lang}-user");
+        for q in [questions[0].to_string(), format!("{}？", questions[4])] {
+            let q = if lang == "en" {
+                q.trim_end_matches('？').to_string()
+            } else {
+                q
+            };
+            let v = c.check(req(&user, &q)).await.unwrap().into_inner();
+            assert_eq!(
+                (v.action(), v.campaign_id),
+                (proto::Action::Allow, None),
+                "{lang}: {q}: {v:?}"
+            );
+        }
+        let a = c
+            .get_account(proto::GetAccountRequest {
+                account_id: user.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!a.flagged && a.campaigns.is_empty(), "{a:?}");
+    }
+    // The campaigns themselves are found as before.
+    let list = every_campaign(&mut c).await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    for head in [EN_HEAD, ZH_HEAD] {
+        let template = format!("{head}<*>");
+        let camp = list.iter().find(|c| c.template == template);
+        let camp = camp.unwrap_or_else(|| panic!("a campaign of {template}: {list:?}"));
+        assert_eq!((camp.accounts, camp.prompts), (10, 30), "{camp:?}");
+    }
+    server.stop().await;
+}
+
 /// A gateway's CheckStream stays open as long as the gateway runs. At shutdown the server answers
 /// what the stream has sent, ends it with UNAVAILABLE saying how many requests are in, and the
 /// graceful shutdown finishes instead of waiting for the stream for ever.
