@@ -109,11 +109,12 @@ pub fn keys(text: &str) -> Vec<u64> {
         if t.len() < KEY_TOKENS + MIN_SLOT_TOKENS {
             return;
         }
-        for k in [
-            hash(b"head", &t[..KEY_TOKENS]),
-            hash(b"tail", &t[t.len() - KEY_TOKENS..]),
+        for (tag, words) in [
+            (&b"head"[..], &t[..KEY_TOKENS]),
+            (&b"tail"[..], &t[t.len() - KEY_TOKENS..]),
         ] {
-            if !out.contains(&k) {
+            let k = hash(tag, words);
+            if wordy(words) && !out.contains(&k) {
                 out.push(k);
             }
         }
@@ -125,7 +126,8 @@ pub fn keys(text: &str) -> Vec<u64> {
             let t = tokens(seg);
             // A whole short segment repeated verbatim is a template's fixed phrase even when it
             // is too short for head/tail keys ("Summarize this dialogue:", "Are they duplicates?").
-            if (PART_MIN_TOKENS..=PART_MAX_TOKENS).contains(&t.len()) && is_prose(seg) {
+            if (PART_MIN_TOKENS..=PART_MAX_TOKENS).contains(&t.len()) && is_prose(seg) && wordy(&t)
+            {
                 let k = hash(b"segment", &t);
                 if !out.contains(&k) {
                     out.push(k);
@@ -135,6 +137,17 @@ pub fn keys(text: &str) -> Vec<u64> {
         }
     }
     out
+}
+
+/// Whether at least half of `tokens` are words (hold a letter). Runs of numbers ("0 0 0 0 0 0 0
+/// 0" once digits are folded: a list of values, a table's row, a version) are data, a slot's, and
+/// recur across unrelated prompts.
+fn wordy(tokens: &[String]) -> bool {
+    let words = tokens
+        .iter()
+        .filter(|t| t.chars().any(char::is_alphabetic))
+        .count();
+    2 * words >= tokens.len()
 }
 
 /// Fewest normalised tokens of a part (shorter segments are greetings and fillers).
@@ -577,6 +590,22 @@ mod tests {
         assert_eq!(p.len(), MAX_PARTS);
         assert_eq!(p[0], "Sentence number 0 here.");
         assert_eq!(p[MAX_PARTS - 1], "Sentence number 19 here.");
+    }
+
+    #[test]
+    fn runs_of_numbers_are_no_keys() {
+        let a = keys("Sort these numbers in ascending order:\n4 8 15 16 23 42 7 19 3 11 5");
+        let b = keys("Find the median of the list below.\n1 9 12 17 25 40 6 18 2 10 3");
+        assert!(
+            !a.iter().any(|k| b.contains(k)),
+            "the numbers' tails are not keys: {a:?} {b:?}"
+        );
+        // Fixed wording with a number or two in it still is.
+        let c = keys("Sort these numbers in ascending order:\n5 3 9 1 0 8 2 7 6 4 11");
+        assert!(a.iter().any(|k| c.contains(k)));
+        let t = |s: &str| tokens(s);
+        assert!(wordy(&t("answer in 3 steps and 100 words at most")));
+        assert!(!wordy(&t("1, 2, 3, 4, 5 and 6 or 7")));
     }
 
     /// Account `account`'s prompt of text `text`.
