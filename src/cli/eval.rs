@@ -16,6 +16,7 @@ use prompt_radar::config::Limits;
 use prompt_radar::detect::{Action, Verdict};
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 use prompt_radar::engine::Engine;
+use prompt_radar::eval::metrics::ORGANIC;
 use prompt_radar::eval::{
     self, AccountOutcome, ExactHashBaseline, LabelledStream, Metrics, MinHashLshBaseline,
 };
@@ -265,6 +266,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         }
         std::fs::write(p, out).with_context(|| format!("cannot write {}", p.display()))?;
     }
+    let mix = eval::campaign_mix(summaries.iter().flat_map(|a| {
+        let label = labels.get(&a.account_id).map_or(ORGANIC, String::as_str);
+        a.campaigns
+            .iter()
+            .map(move |&c| (a.account_id.as_str(), label, c))
+    }));
     let final_flags: HashMap<String, bool> = summaries
         .into_iter()
         .map(|a| (a.account_id, a.flagged))
@@ -305,6 +312,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
             "prompts": lines.len(),
             "seconds": times.wall.as_secs_f64(),
             "prompt_radar": ours.to_json(),
+            "prompt_radar_campaigns": mix.to_json(),
             "exact_hash": exact.to_json(),
             "minhash_lsh": minhash.to_json(),
         });
@@ -315,12 +323,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{}",
+        "{}{}\n",
         ours.report(&format!(
             "prompt-radar on {} ({:.1}s)",
             args.offline.input.display(),
             times.wall.as_secs_f64()
-        ))
+        )),
+        mix.report()
     )?;
     writeln!(
         out,

@@ -214,6 +214,75 @@ impl Metrics {
     }
 }
 
+/// How the campaigns the detector lists line up with the labels. Account-level metrics do not
+/// show it, but an analyst reads campaigns: one that merges several labelled campaigns shows no
+/// useful template (and cannot be allow-listed), and an organic account credited in a campaign is
+/// a prompt or two away from being flagged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CampaignMix {
+    /// Campaigns that credit at least one account.
+    pub listed: usize,
+    /// Of those, campaigns whose accounts come from more than one labelled campaign.
+    pub merged: usize,
+    /// The campaign with the most accounts: its accounts, the labelled campaigns among them and
+    /// its organic accounts.
+    pub largest: (usize, usize, usize),
+    /// Organic accounts credited in any campaign, flagged or not.
+    pub organic_credited: usize,
+}
+
+/// [`CampaignMix`] of `members`: each account's label with a campaign it is credited in, one
+/// pair per (account, campaign).
+pub fn campaign_mix<'a>(members: impl IntoIterator<Item = (&'a str, &'a str, u64)>) -> CampaignMix {
+    // Per campaign: its organic accounts and its accounts per labelled campaign.
+    let mut by: BTreeMap<u64, (usize, BTreeMap<&str, usize>)> = BTreeMap::new();
+    let mut organic = std::collections::BTreeSet::new();
+    for (account, label, campaign) in members {
+        let entry = by.entry(campaign).or_default();
+        if label == ORGANIC {
+            entry.0 += 1;
+            organic.insert(account);
+        } else {
+            *entry.1.entry(label).or_default() += 1;
+        }
+    }
+    let size = |c: &(usize, BTreeMap<&str, usize>)| c.0 + c.1.values().sum::<usize>();
+    let largest = by
+        .values()
+        .max_by_key(|c| size(c))
+        .map_or((0, 0, 0), |c| (size(c), c.1.len(), c.0));
+    CampaignMix {
+        listed: by.len(),
+        merged: by.values().filter(|c| c.1.len() > 1).count(),
+        largest,
+        organic_credited: organic.len(),
+    }
+}
+
+impl CampaignMix {
+    /// One line for the report.
+    pub fn report(&self) -> String {
+        let (n, labelled, organic) = self.largest;
+        format!(
+            "campaigns listed {}, {} of them merging labelled campaigns; the largest: {n} accounts \
+             ({labelled} labelled campaigns, {organic} organic); organic accounts credited in a \
+             campaign {}",
+            self.listed, self.merged, self.organic_credited
+        )
+    }
+
+    /// All fields as a JSON object.
+    pub fn to_json(&self) -> Value {
+        let (accounts, labelled, organic) = self.largest;
+        json!({
+            "listed": self.listed,
+            "merged": self.merged,
+            "largest": {"accounts": accounts, "labelled_campaigns": labelled, "organic": organic},
+            "organic_credited": self.organic_credited,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +369,37 @@ mod tests {
         assert_eq!(m.median_prompts_to_flag, Some(3.0));
         assert!(close(m.precision, 1.0));
         assert!(close(m.organic_fpr, 0.0));
+    }
+
+    #[test]
+    fn campaign_mix_counts_merged_campaigns_and_organic_accounts() {
+        let members = [
+            ("a1", "camp-a", 1),
+            ("a2", "camp-a", 1),
+            ("b1", "camp-b", 1),
+            ("o1", ORGANIC, 1),
+            ("o1", ORGANIC, 2),
+            ("a3", "camp-a", 2),
+            ("o2", ORGANIC, 3),
+            ("b2", "camp-b", 4),
+        ];
+        let m = campaign_mix(members);
+        assert_eq!(
+            m,
+            CampaignMix {
+                listed: 4,
+                merged: 1,
+                largest: (4, 2, 1),
+                organic_credited: 2,
+            }
+        );
+        assert!(
+            m.report().contains("campaigns listed 4, 1 of them merging"),
+            "{}",
+            m.report()
+        );
+        assert_eq!(m.to_json()["largest"]["accounts"], 4);
+        assert_eq!(campaign_mix([]), CampaignMix::default());
     }
 
     #[test]

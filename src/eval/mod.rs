@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::BufRead;
 
 pub use baselines::{Baseline, ExactHashBaseline, MinHashLshBaseline};
-pub use metrics::{AccountOutcome, Metrics, compute};
+pub use metrics::{AccountOutcome, CampaignMix, Metrics, campaign_mix, compute};
 
 use crate::traffic::{self, LineError};
 

@@ -737,6 +737,27 @@ async fn eval_gives_the_same_verdicts_as_serve_check_and_accounts() {
         "{stdout}"
     );
     let eval_lines = jsonl(&std::fs::read(&acc_out).unwrap());
+    let listed: std::collections::BTreeSet<&str> = eval_lines
+        .iter()
+        .flat_map(|v| v["campaigns"].as_array().unwrap())
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    // The two templates are listed apart, and no organic account is credited in them.
+    let metrics: Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
+    let mix = &metrics["prompt_radar_campaigns"];
+    assert_eq!(mix["listed"].as_u64(), Some(listed.len() as u64), "{mix}");
+    assert!(listed.len() >= 2, "{listed:?}");
+    assert_eq!(
+        (mix["merged"].as_u64(), mix["organic_credited"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(
+        stdout.contains(&format!(
+            "campaigns listed {}, 0 of them merging",
+            listed.len()
+        )),
+        "{stdout}"
+    );
     // Campaign ids are strings here too, as in `accounts --format jsonl`.
     assert!(
         eval_lines.iter().any(|v| v["flagged"] == true)
@@ -788,7 +809,6 @@ async fn eval_gives_the_same_verdicts_as_serve_check_and_accounts() {
 
     // And the numbers eval printed follow from those verdicts: every campaign account flagged,
     // no organic one.
-    let metrics: Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
     let ours = &metrics["prompt_radar"];
     let tp = by_eval
         .values()
