@@ -1253,7 +1253,7 @@ fn template_keys(allow: &AllowList, account_id: &str, text: &str) -> Option<(Sou
     allow.matching(text).is_none().then(|| {
         let from = Source {
             account: keys::account_hash(account_id),
-            text: crate::store::text_hash(text),
+            text: keys::text_identity(text),
         };
         (from, keys::keys(text))
     })

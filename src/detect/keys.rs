@@ -99,6 +99,25 @@ pub fn tokens(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Which text a prompt is, as [`KeyIndex`] counts texts: a hash of its [`words`], lower-case and
+/// trimmed of punctuation at both ends, so that "How do I sleep better?" and "how do I sleep
+/// better" are one text. Digits are kept: prompts of a template whose slot is a number are
+/// different texts.
+pub fn text_identity(text: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (w, _) in words(text) {
+        let w = w.trim_matches(|c: char| !c.is_alphanumeric());
+        if w.is_empty() {
+            continue;
+        }
+        for c in w.chars().flat_map(char::to_lowercase) {
+            h.update(c.encode_utf8(&mut [0; 4]).as_bytes());
+        }
+        h.update(b"\x1f");
+    }
+    h.digest()
+}
+
 /// The template keys of a prompt: the head and tail keys of the whole prompt and of each of its
 /// segments (lines, sentences) long enough to carry a slot. Segment keys share the tags of the
 /// whole-prompt keys on purpose: a template sentence matches whether it opens the prompt or
@@ -238,7 +257,7 @@ fn hash(tag: &[u8], words: &[String]) -> u64 {
 pub const KEY_SPREAD: u8 = 3;
 
 /// Who sent a prompt, as the [`KeyIndex`] tells prompts apart: hashes of its account id
-/// ([`account_hash`]) and of its text (`store::text_hash`).
+/// ([`account_hash`]) and of its text ([`text_identity`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Source {
     pub account: u64,
@@ -590,6 +609,31 @@ mod tests {
         assert_eq!(p.len(), MAX_PARTS);
         assert_eq!(p[0], "Sentence number 0 here.");
         assert_eq!(p[MAX_PARTS - 1], "Sentence number 19 here.");
+    }
+
+    #[test]
+    fn one_text_whatever_its_case_spacing_and_punctuation() {
+        let a = text_identity("How can I improve the quality of my sleep at night?");
+        assert_eq!(
+            a,
+            text_identity("how can i improve the quality of my sleep at night")
+        );
+        assert_eq!(
+            a,
+            text_identity("  How can I improve the quality of my sleep, at night ?!")
+        );
+        assert_ne!(
+            a,
+            text_identity("How can I improve the quality of my sleep at noon?")
+        );
+        assert_ne!(
+            text_identity("What is 12 + 7?"),
+            text_identity("What is 13 + 7?")
+        );
+        assert_eq!(
+            text_identity("光合作用的过程是怎样的？"),
+            text_identity("光合作用的过程是怎样的")
+        );
     }
 
     #[test]

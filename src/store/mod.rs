@@ -9,7 +9,7 @@
 
 mod record;
 
-pub use record::{PromptRecord, text_hash};
+pub use record::PromptRecord;
 
 use std::path::Path;
 

@@ -926,29 +926,40 @@ async fn a_user_asking_a_campaigns_slot_question_is_not_pulled_into_it() {
                     .unwrap();
             }
         }
-        // Someone asks two of the questions, as they are and as people type them.
-        let user = format!("{lang}-user");
-        for q in [questions[0].to_string(), format!("{}？", questions[4])] {
-            let q = if lang == "en" {
-                q.trim_end_matches('？').to_string()
-            } else {
-                q
-            };
+        // Two people ask two of the questions, as they are and as people type them (another
+        // case, no question mark, a full-width one): still two texts of each question.
+        let asked = [
+            ("user-1", questions[0].to_string()),
+            (
+                "user-1",
+                format!("{}？", questions[4].trim_end_matches('?')),
+            ),
+            ("user-2", questions[0].to_lowercase().replace('?', "")),
+            (
+                "user-2",
+                format!("{}？", questions[0].trim_end_matches('?')),
+            ),
+            ("user-2", questions[4].to_uppercase()),
+        ];
+        for (user, q) in asked {
+            let user = format!("{lang}-{user}");
             let v = c.check(req(&user, &q)).await.unwrap().into_inner();
             assert_eq!(
                 (v.action(), v.campaign_id),
                 (proto::Action::Allow, None),
-                "{lang}: {q}: {v:?}"
+                "{user}: {q}: {v:?}"
             );
         }
-        let a = c
-            .get_account(proto::GetAccountRequest {
-                account_id: user.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(!a.flagged && a.campaigns.is_empty(), "{a:?}");
+        for user in ["user-1", "user-2"] {
+            let a = c
+                .get_account(proto::GetAccountRequest {
+                    account_id: format!("{lang}-{user}"),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!a.flagged && a.campaigns.is_empty(), "{a:?}");
+        }
     }
     // The campaigns themselves are found as before.
     let list = every_campaign(&mut c).await;
