@@ -1916,10 +1916,7 @@ mod tests {
                 false,
             )])
             .unwrap();
-        assert_eq!(
-            got[0].neighbours, 0,
-            "a key of two accounts links no one yet"
-        );
+        assert_eq!(got[0].neighbours, 0, "a key of two texts links no one yet");
         let got = engine
             .ingest(vec![p(
                 6,
@@ -1929,7 +1926,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             got[0].neighbours, 2,
-            "the head key, now of three accounts, links all three"
+            "the head key, now of three texts, links all three"
         );
         assert_eq!(got[0].cluster_accounts, 3);
         // The control: readable prompts with that vector link to every one before.

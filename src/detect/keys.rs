@@ -158,15 +158,12 @@ pub fn keys(text: &str) -> Vec<u64> {
     out
 }
 
-/// Whether at least half of `tokens` are words (hold a letter). Runs of numbers ("0 0 0 0 0 0 0
-/// 0" once digits are folded: a list of values, a table's row, a version) are data, a slot's, and
-/// recur across unrelated prompts.
+/// Whether at least half of `tokens` are words (hold a letter and no digit). Runs of numbers ("0 0
+/// 0 0 0 0 0 0" once digits are folded: a list of values, a table's row, a version), with units
+/// or without ("00km 00km …"), are data, a slot's, and recur across unrelated prompts.
 fn wordy(tokens: &[String]) -> bool {
-    let words = tokens
-        .iter()
-        .filter(|t| t.chars().any(char::is_alphabetic))
-        .count();
-    2 * words >= tokens.len()
+    let word = |t: &&String| t.chars().any(char::is_alphabetic) && !t.contains('0');
+    2 * tokens.iter().filter(word).count() >= tokens.len()
 }
 
 /// Fewest normalised tokens of a part (shorter segments are greetings and fillers).
@@ -246,15 +243,23 @@ fn hash(tag: &[u8], words: &[String]) -> u64 {
     h.digest()
 }
 
-/// Distinct accounts, and distinct texts, a template key must have been seen in, the new
-/// prompt's included, before it links prompts of different accounts. A key that two accounts or
-/// two texts share proves little: a campaign's slot is often a public question (a benchmark's, a
-/// FAQ's) that an ordinary user also sends on its own, and then the user's prompt and the
-/// campaign's (sent verbatim by several of its accounts) end in the same words. A template's fixed
-/// wording comes back with slot after slot, from account after account; a slot value seldom does.
+/// Distinct texts a template key must have been seen in, the new prompt's included, before it
+/// links prompts of different accounts (and [`KEY_ACCOUNTS`] accounts, or there is no other
+/// account to link). A key that two texts share proves little: a campaign's slot is often a
+/// public question (a benchmark's, a FAQ's) that an ordinary user also asks on its own, and then
+/// the user's prompt and the campaign's (sent verbatim by several of its accounts) end in the same
+/// words. A template's fixed wording comes back with slot after slot; a slot value seldom does.
 /// Prompts of one account still link through any key they share, and the prompt that brings a
-/// key to the spread links the latest prompts of two other accounts, which joins theirs.
-pub const KEY_SPREAD: u8 = 3;
+/// key to the spread links the latest prompt under it and the latest of another account.
+///
+/// Three accounts as well (tried) also keeps apart a user and a campaign account that wrapped the
+/// same question in two templates, but a campaign whose accounts send their prompts one account
+/// after another then loses its first accounts: their bursts link to no one until a third
+/// account comes (QA: 4 of 8 accounts flagged, where two accounts gave 6 and the old rule 7).
+pub const KEY_TEXTS: u8 = 3;
+/// Distinct accounts a key must have been seen from, the new prompt's included (see
+/// [`KEY_TEXTS`]).
+pub const KEY_ACCOUNTS: u8 = 2;
 
 /// Who sent a prompt, as the [`KeyIndex`] tells prompts apart: hashes of its account id
 /// ([`account_hash`]) and of its text ([`text_identity`]).
@@ -264,7 +269,7 @@ pub struct Source {
     pub text: u64,
 }
 
-/// The latest two distinct values seen, and how many distinct ones: exact up to [`KEY_SPREAD`],
+/// The latest two distinct values seen, and how many distinct ones: exact up to [`KEY_TEXTS`],
 /// where it stops (one value is `last`, two are `last` and `other`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Distinct {
@@ -293,12 +298,12 @@ impl Distinct {
             count: if known {
                 self.count
             } else {
-                (self.count + 1).min(KEY_SPREAD)
+                (self.count + 1).min(KEY_TEXTS)
             },
         }
     }
 
-    /// Whether `value` is one of those seen, when that is known (below [`KEY_SPREAD`]).
+    /// Whether `value` is one of those seen, when that is known (below [`KEY_TEXTS`]).
     fn holds(self, value: u64) -> bool {
         value == self.last || (self.count == 2 && value == self.other)
     }
@@ -343,9 +348,9 @@ impl Latest {
         }
     }
 
-    /// Whether the key links prompts of different accounts (see [`KEY_SPREAD`]).
+    /// Whether the key links prompts of different accounts (see [`KEY_TEXTS`]).
     fn spread(&self) -> bool {
-        self.accounts.count >= KEY_SPREAD && self.texts.count >= KEY_SPREAD
+        self.accounts.count >= KEY_ACCOUNTS && self.texts.count >= KEY_TEXTS
     }
 }
 
@@ -353,8 +358,8 @@ impl KeyIndex {
     /// Links of prompt `id` from `from` with `keys`: per key, the latest earlier prompt and the
     /// latest earlier prompt of another account than that one's — so a template an account
     /// repeats in a burst still links it to the other accounts that share it — once the key is
-    /// spread over [`KEY_SPREAD`] accounts and texts; before that, only the account's own latest
-    /// earlier prompt under the key. Records `id`.
+    /// spread over [`KEY_ACCOUNTS`] accounts and [`KEY_TEXTS`] texts; before that, only the
+    /// account's own latest earlier prompt under the key. Records `id`.
     pub fn link(&mut self, id: u64, from: Source, keys: &[u64]) -> Vec<u64> {
         let mut links = Vec::with_capacity(keys.len());
         for &k in keys {
@@ -417,7 +422,7 @@ impl KeyIndex {
                 Ok(Distinct {
                     last: d.u64()?,
                     other: d.u64()?,
-                    count: d.u8()?.clamp(1, KEY_SPREAD),
+                    count: d.u8()?.clamp(1, KEY_TEXTS),
                 })
             };
             let (accounts, texts) = (distinct()?, distinct()?);
@@ -650,6 +655,14 @@ mod tests {
         let t = |s: &str| tokens(s);
         assert!(wordy(&t("answer in 3 steps and 100 words at most")));
         assert!(!wordy(&t("1, 2, 3, 4, 5 and 6 or 7")));
+        assert!(!wordy(&t("40km 85km 79km 12km 33km 61km 90km 27km")));
+        let d = keys(
+            "Plan a route through these distances:\n40km 85km 79km 12km 33km 61km 90km 27km 55km",
+        );
+        let e = keys(
+            "Which of these runs is an outlier?\n10km 15km 19km 12km 13km 11km 90km 17km 15km",
+        );
+        assert!(!d.iter().any(|k| e.contains(k)), "{d:?} {e:?}");
     }
 
     /// Account `account`'s prompt of text `text`.
@@ -661,9 +674,9 @@ mod tests {
     fn index_links_to_the_latest_prompt_per_key() {
         let mut idx = KeyIndex::default();
         assert!(idx.link(1, from(100, 1), &[10, 20]).is_empty());
-        // Two accounts under key 10: not yet.
+        // Two texts under key 10: not yet.
         assert!(idx.link(2, from(200, 2), &[10, 30]).is_empty());
-        // The third account links the latest prompts of both earlier ones.
+        // The third text links the latest prompts of both earlier accounts.
         assert_eq!(idx.link(3, from(300, 3), &[10, 20]), vec![2, 1]);
         idx.record(4, from(400, 4), &[30]);
         idx.record(5, from(500, 5), &[30]);
@@ -677,7 +690,16 @@ mod tests {
     }
 
     #[test]
-    fn a_key_of_two_accounts_or_two_texts_links_each_account_to_itself_only() {
+    fn a_second_account_links_once_the_key_has_three_texts() {
+        let mut idx = KeyIndex::default();
+        assert!(idx.link(1, from(100, 1), &[10]).is_empty());
+        assert_eq!(idx.link(2, from(100, 2), &[10]), vec![1]);
+        assert_eq!(idx.link(3, from(200, 3), &[10]), vec![2]);
+        assert_eq!(idx.link(4, from(200, 4), &[10]), vec![3, 2]);
+    }
+
+    #[test]
+    fn a_key_of_two_texts_links_each_account_to_itself_only() {
         // A campaign wraps a public question in its template; an ordinary account then asks that
         // question on its own. Both prompts end in the question's words.
         let q = "What is the best way to learn to play the guitar as an adult?";
@@ -691,7 +713,7 @@ mod tests {
         );
         let mut idx = KeyIndex::default();
         assert!(idx.link(1, from(100, 1), &campaign).is_empty());
-        assert!(idx.link(2, from(200, 2), &user).is_empty(), "two accounts");
+        assert!(idx.link(2, from(200, 2), &user).is_empty(), "two texts");
         assert_eq!(
             idx.link(3, from(200, 2), &user),
             vec![2],
@@ -702,7 +724,7 @@ mod tests {
             vec![1],
             "its own earlier prompt"
         );
-        // However often either sends, the key stays at two accounts: each links to itself.
+        // However often either sends, the key stays at two texts: each links to itself.
         let mut last = [4, 3];
         for id in 5..20 {
             let who = usize::from(id % 3 != 0);
