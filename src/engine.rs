@@ -1246,7 +1246,7 @@ fn part_items<'a>(
         .collect()
 }
 
-/// A prompt's template keys, with its account's hash; `None` when an allow-listed template
+/// A prompt's template keys, with who sent it (see `keys::Source`); `None` when an allow-listed template
 /// matches it: a known legitimate app's prompt is stored and searchable but never linked.
 /// Ingest and a start's replay both ask here, so a start rebuilds the key index ingest built.
 fn template_keys(allow: &AllowList, account_id: &str, text: &str) -> Option<(Source, Vec<u64>)> {

@@ -89,14 +89,20 @@ impl<'a> Iterator for Words<'a> {
 pub fn tokens(text: &str) -> Vec<String> {
     words(text)
         .map(|(w, _)| {
-            w.trim_matches(|c: char| !c.is_alphanumeric())
-                .chars()
+            normalised(w)
                 .map(|c| if c.is_ascii_digit() { '0' } else { c })
-                .flat_map(char::to_lowercase)
                 .collect::<String>()
         })
         .filter(|w| !w.is_empty())
         .collect()
+}
+
+/// The characters of word `w`, lower-case, trimmed of punctuation at both ends: what [`tokens`]
+/// and [`text_identity`] compare.
+fn normalised(w: &str) -> impl Iterator<Item = char> + '_ {
+    w.trim_matches(|c: char| !c.is_alphanumeric())
+        .chars()
+        .flat_map(char::to_lowercase)
 }
 
 /// Which text a prompt is, as [`KeyIndex`] counts texts: a hash of its [`words`], lower-case and
@@ -106,14 +112,14 @@ pub fn tokens(text: &str) -> Vec<String> {
 pub fn text_identity(text: &str) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (w, _) in words(text) {
-        let w = w.trim_matches(|c: char| !c.is_alphanumeric());
-        if w.is_empty() {
-            continue;
-        }
-        for c in w.chars().flat_map(char::to_lowercase) {
+        let mut empty = true;
+        for c in normalised(w) {
             h.update(c.encode_utf8(&mut [0; 4]).as_bytes());
+            empty = false;
         }
-        h.update(b"\x1f");
+        if !empty {
+            h.update(b"\x1f");
+        }
     }
     h.digest()
 }
