@@ -315,18 +315,61 @@ impl Distinct {
     }
 }
 
-/// Per template key, the latest prompt and the latest prompt of another account than that one.
+/// Per template key, its latest prompts and those of the account before (see [`Latest`]).
 #[derive(Debug, Default)]
 pub struct KeyIndex {
     latest: HashMap<u64, Latest>,
 }
 
+/// Prompts kept per run of one account under a key (see [`Latest`]).
+pub const RUN: usize = 4;
+
+/// Up to [`RUN`] prompt ids, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ring {
+    ids: [u64; RUN],
+    len: u8,
+}
+
+impl Ring {
+    const EMPTY: Self = Self {
+        ids: [0; RUN],
+        len: 0,
+    };
+
+    fn one(id: u64) -> Self {
+        Self::EMPTY.push(id)
+    }
+
+    /// The ring with `id` as its newest, the oldest dropped when full.
+    fn push(self, id: u64) -> Self {
+        let mut ids = [0; RUN];
+        ids[0] = id;
+        ids[1..].copy_from_slice(&self.ids[..RUN - 1]);
+        Self {
+            ids,
+            len: (self.len + 1).min(RUN as u8),
+        }
+    }
+
+    /// The `i`-th newest, counting round the ring.
+    fn get(&self, i: usize) -> Option<u64> {
+        (self.len > 0).then(|| self.ids[i % usize::from(self.len)])
+    }
+}
+
+/// A key's state. A *run* is the prompts one account sent under the key with no other account's
+/// in between.
 #[derive(Debug, Clone, Copy)]
 struct Latest {
-    /// The latest prompt under the key.
-    id: u64,
-    /// The latest prompt under the key from an account other than the latest prompt's.
-    other: Option<u64>,
+    /// The current run's latest prompts (all of account `accounts.last`), newest first: `run.ids[0]`
+    /// is the key's latest prompt.
+    run: Ring,
+    /// Prompts in the current run so far (saturating).
+    run_len: u16,
+    /// The run before: the latest prompts of the account that sent under the key before the
+    /// current run's, newest first (empty until a second run starts).
+    before: Ring,
     accounts: Distinct,
     texts: Distinct,
 }
@@ -336,22 +379,36 @@ impl Latest {
     fn then(prev: Option<Latest>, id: u64, from: Source) -> Latest {
         match prev {
             None => Latest {
-                id,
-                other: None,
+                run: Ring::one(id),
+                run_len: 1,
+                before: Ring::EMPTY,
                 accounts: Distinct::new(from.account),
                 texts: Distinct::new(from.text),
             },
+            Some(p) if p.accounts.last == from.account => Latest {
+                run: p.run.push(id),
+                run_len: p.run_len.saturating_add(1),
+                texts: p.texts.then(from.text),
+                ..p
+            },
             Some(p) => Latest {
-                id,
-                other: if p.accounts.last == from.account {
-                    p.other
-                } else {
-                    Some(p.id)
-                },
+                run: Ring::one(id),
+                run_len: 1,
+                before: p.run,
                 accounts: p.accounts.then(from.account),
                 texts: p.texts.then(from.text),
             },
         }
+    }
+
+    /// The latest prompt under the key.
+    fn id(&self) -> u64 {
+        self.run.ids[0]
+    }
+
+    /// The latest prompt from another account than the latest prompt's.
+    fn other(&self) -> Option<u64> {
+        self.before.get(0)
     }
 
     /// Whether the key links prompts of different accounts (see [`KEY_TEXTS`]).
@@ -361,24 +418,30 @@ impl Latest {
 }
 
 impl KeyIndex {
-    /// Links of prompt `id` from `from` with `keys`: per key, the latest earlier prompt and the
-    /// latest earlier prompt of another account than that one's — so a template an account
-    /// repeats in a burst still links it to the other accounts that share it — once the key is
-    /// spread over [`KEY_ACCOUNTS`] accounts and [`KEY_TEXTS`] texts; before that, only the
-    /// account's own latest earlier prompt under the key. Records `id`.
+    /// Links of prompt `id` from `from` with `keys`, per key once it is spread over
+    /// [`KEY_ACCOUNTS`] accounts and [`KEY_TEXTS`] texts: the latest earlier prompt, and one of
+    /// the run before the latest prompt's (so a template an account repeats in a burst still
+    /// links it to the other accounts that share it). A prompt that goes on a run takes the run
+    /// before's prompts in turn, newest first: a campaign whose accounts send one after another
+    /// then links each account to [`RUN`] prompts of the one before, not to its last prompt
+    /// alone, and the cross-account evidence that counts distinct targets sees that many.
+    /// Before the key is spread, only the account's own latest earlier prompt under it. Records
+    /// `id`.
     pub fn link(&mut self, id: u64, from: Source, keys: &[u64]) -> Vec<u64> {
         let mut links = Vec::with_capacity(keys.len());
         for &k in keys {
             let prev = self.latest.get(&k).copied();
             let next = Latest::then(prev, id, from);
             if let Some(p) = prev {
+                let own = p.accounts.last == from.account;
                 let candidates = if next.spread() {
-                    [Some(p.id), p.other]
-                } else if p.accounts.last == from.account {
-                    [Some(p.id), None]
+                    let turn = if own { usize::from(p.run_len) } else { 0 };
+                    [Some(p.id()), p.before.get(turn)]
+                } else if own {
+                    [Some(p.id()), None]
                 } else if p.accounts.holds(from.account) {
                     // Two accounts so far, and the other one sent the latest prompt.
-                    [p.other, None]
+                    [p.other(), None]
                 } else {
                     [None, None]
                 };
@@ -406,9 +469,13 @@ impl KeyIndex {
         e.len(self.latest.len());
         for (&key, l) in &self.latest {
             e.u64(key);
-            e.u64(l.id);
-            e.u8(u8::from(l.other.is_some()));
-            e.u64(l.other.unwrap_or(0));
+            for ring in [l.run, l.before] {
+                e.u8(ring.len);
+                for &id in &ring.ids[..usize::from(ring.len)] {
+                    e.u64(id);
+                }
+            }
+            e.u32(u32::from(l.run_len));
             for d in [l.accounts, l.texts] {
                 e.u64(d.last);
                 e.u64(d.other);
@@ -419,11 +486,26 @@ impl KeyIndex {
 
     /// Reads what [`KeyIndex::encode`] wrote.
     pub(super) fn decode(d: &mut super::snapshot::Dec) -> std::io::Result<Self> {
-        let n = d.len(59)?;
+        use super::snapshot::invalid;
+        // The fewest bytes of an entry: a key, a run of one, an empty run before, the run's
+        // length, two `Distinct`s.
+        let n = d.len(8 + 9 + 1 + 4 + 2 * 17)?;
         let mut latest = HashMap::with_capacity(n);
         for _ in 0..n {
             let key = d.u64()?;
-            let (id, some, other) = (d.u64()?, d.u8()?, d.u64()?);
+            let mut ring = |least: u8| -> std::io::Result<Ring> {
+                let len = d.u8()?;
+                if !(least..=RUN as u8).contains(&len) {
+                    return Err(invalid(format!("a key's run of {len} prompts")));
+                }
+                let mut ids = [0; RUN];
+                for id in &mut ids[..usize::from(len)] {
+                    *id = d.u64()?;
+                }
+                Ok(Ring { ids, len })
+            };
+            let (run, before) = (ring(1)?, ring(0)?);
+            let run_len = u16::try_from(d.u32()?.max(1)).unwrap_or(u16::MAX);
             let mut distinct = || -> std::io::Result<Distinct> {
                 Ok(Distinct {
                     last: d.u64()?,
@@ -432,12 +514,12 @@ impl KeyIndex {
                 })
             };
             let (accounts, texts) = (distinct()?, distinct()?);
-            let other = (some != 0).then_some(other);
             latest.insert(
                 key,
                 Latest {
-                    id,
-                    other,
+                    run,
+                    run_len,
+                    before,
                     accounts,
                     texts,
                 },
@@ -696,12 +778,47 @@ mod tests {
     }
 
     #[test]
+    fn a_run_takes_the_run_before_in_turn() {
+        // Accounts that send one after another, ten prompts each: account 100 sends 1..=10,
+        // 200 sends 11..=20, 300 sends 21..=23.
+        let mut idx = KeyIndex::default();
+        for id in 1..=10 {
+            idx.link(id, from(100, id), &[10]);
+        }
+        let mut got = Vec::new();
+        for id in 11..=20 {
+            got.push(idx.link(id, from(200, id), &[10]));
+        }
+        // Its first prompt links the latest of the run before; the next ones its own latest and
+        // the run before's last RUN prompts in turn, then round again.
+        let want: [&[u64]; 10] = [
+            &[10],
+            &[11, 9],
+            &[12, 8],
+            &[13, 7],
+            &[14, 10],
+            &[15, 9],
+            &[16, 8],
+            &[17, 7],
+            &[18, 10],
+            &[19, 9],
+        ];
+        assert_eq!(got, want.map(<[u64]>::to_vec));
+        assert_eq!(idx.link(21, from(300, 21), &[10]), vec![20, 10]);
+        assert_eq!(idx.link(22, from(300, 22), &[10]), vec![21, 19]);
+        // Back to an earlier account: a new run, before which is 300's.
+        assert_eq!(idx.link(23, from(100, 23), &[10]), vec![22, 20]);
+        assert_eq!(idx.link(24, from(100, 24), &[10]), vec![23, 21]);
+        assert_eq!(idx.link(25, from(100, 25), &[10]), vec![24, 22]);
+    }
+
+    #[test]
     fn a_second_account_links_once_the_key_has_three_texts() {
         let mut idx = KeyIndex::default();
         assert!(idx.link(1, from(100, 1), &[10]).is_empty());
         assert_eq!(idx.link(2, from(100, 2), &[10]), vec![1]);
         assert_eq!(idx.link(3, from(200, 3), &[10]), vec![2]);
-        assert_eq!(idx.link(4, from(200, 4), &[10]), vec![3, 2]);
+        assert_eq!(idx.link(4, from(200, 4), &[10]), vec![3, 1]);
     }
 
     #[test]

@@ -881,6 +881,52 @@ async fn a_chinese_template_is_found_written_back_and_allow_listed() {
     server.stop().await;
 }
 
+/// A campaign whose accounts send their prompts one account after another, in a language the
+/// model cannot read, so only the template's words link them. QA found that each account's burst
+/// linked to the one last prompt of the account before: two cross-account prompts an account,
+/// under the share that credits its whole burst, and two of eight accounts went unflagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_whose_accounts_send_one_after_another_is_found_whole() {
+    const HEAD: &str = "请你作为一名知识渊博的大学教授，用通俗易懂的语言详细地讲解下面这个主题，并举出具体的例子：";
+    const SUBJECTS: [&str; 10] = [
+        "量子计算", "区块链网", "机器学习", "光合作用", "狭义相对", "基因编辑", "云端存储", "神经网络",
+        "板块构造", "温室效应",
+    ];
+    const ASPECTS: [&str; 8] = [
+        "的基本原理", "的发展历史", "的主要应用", "的优点缺点", "的未来趋势", "的常见误解",
+        "的核心概念", "的实际案例",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    // Eight accounts, ten prompts each, every slot different; account 0 sends all of its prompts
+    // first, then account 1, and so on.
+    for n in 0..80 {
+        let slot = format!("{}{}", SUBJECTS[n % 10], ASPECTS[n / 10]);
+        c.check(req(&format!("seq-{}", n / 10), &format!("{HEAD}{slot}")))
+            .await
+            .unwrap();
+    }
+    let mut unflagged = Vec::new();
+    for i in 0..8 {
+        let a = c
+            .get_account(proto::GetAccountRequest {
+                account_id: format!("seq-{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if !a.flagged || a.campaign_prompts != 10 {
+            unflagged.push(a);
+        }
+    }
+    assert!(unflagged.is_empty(), "{unflagged:#?}");
+    let list = every_campaign(&mut c).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!((list[0].accounts, list[0].prompts), (8, 80), "{list:?}");
+    server.stop().await;
+}
+
 /// A campaign's slot is often a public question that ordinary users ask too. QA found users who
 /// sent such a question on its own pulled into the campaign and blocked: their prompt and the
 /// campaign's end in the same words, so they shared template keys. Here each question goes out
