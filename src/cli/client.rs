@@ -446,18 +446,20 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                 out,
                 "{}",
                 json!({"campaign_id": c.campaign_id.to_string(), "score": c.score, "template": c.template,
-                       "accounts": c.accounts, "prompts": c.prompts, "distinct_prompts": c.distinct_prompts,
+                       "accounts": c.accounts, "flagged_accounts": c.flagged_accounts,
+                       "prompts": c.prompts, "distinct_prompts": c.distinct_prompts,
                        "first_seen_ms": c.first_seen_ms, "last_seen_ms": c.last_seen_ms,
-                       "top_accounts": c.top_accounts.iter().map(|a| json!({"account_id": a.account_id, "prompts": a.prompts})).collect::<Vec<_>>(),
+                       "top_accounts": c.top_accounts.iter().map(|a| json!({"account_id": a.account_id, "prompts": a.prompts, "campaign_prompts": a.campaign_prompts})).collect::<Vec<_>>(),
                        "examples": c.examples})
             )?,
             Format::Table => {
                 writeln!(
                     out,
-                    "campaign {}  score {}  {} accounts  {} prompts ({} distinct)  seen {} .. {}",
+                    "campaign {}  score {}  {} accounts ({} flagged)  {} prompts ({} distinct)  seen {} .. {}",
                     c.campaign_id,
                     score_text(c.score, 3),
                     c.accounts,
+                    c.flagged_accounts,
                     c.prompts,
                     c.distinct_prompts,
                     utc(c.first_seen_ms),
@@ -472,9 +474,20 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                     .top_accounts
                     .iter()
                     .take(5)
-                    .map(|a| format!("{} ({})", shown(&a.account_id, 64), a.prompts))
+                    .map(|a| {
+                        format!(
+                            "{} ({}/{})",
+                            shown(&a.account_id, 64),
+                            a.campaign_prompts,
+                            a.prompts
+                        )
+                    })
                     .collect();
-                writeln!(out, "  top accounts: {}", top.join(", "))?;
+                writeln!(
+                    out,
+                    "  top accounts (campaign prompts/prompts here): {}",
+                    top.join(", ")
+                )?;
             }
         }
     }
@@ -491,14 +504,16 @@ fn campaign_in_full(out: &mut impl Write, c: &proto::Campaign) -> std::io::Resul
     writeln!(out, "  template: {}", shown(&c.template, usize::MAX))?;
     writeln!(
         out,
-        "  top accounts ({} of {}):",
+        "  top accounts ({} of {}, {} flagged): campaign prompts, prompts here, account",
         c.top_accounts.len(),
-        c.accounts
+        c.accounts,
+        c.flagged_accounts
     )?;
     for a in &c.top_accounts {
         writeln!(
             out,
-            "    {:>7}  {}",
+            "    {:>7}  {:>7}  {}",
+            a.campaign_prompts,
             a.prompts,
             shown(&a.account_id, usize::MAX)
         )?;

@@ -113,10 +113,25 @@ pub struct CampaignSummary {
     pub first_seen_ms: i64,
     /// Last send time.
     pub last_seen_ms: i64,
-    /// Accounts with the most prompts here, most first (up to 10).
-    pub top_accounts: Vec<(String, u64)>,
+    /// Of its accounts, those flagged whose prompts here count as campaign traffic (see
+    /// [`AccountSummary::campaign_prompts`]): the campaign's members, where `accounts` also counts
+    /// everyone a stray link chained in (a batch job with one look-alike, an app's users).
+    pub flagged_accounts: u32,
+    /// Accounts with the most campaign prompts here, most first (up to 10; ties: more prompts).
+    pub top_accounts: Vec<TopAccount>,
     /// Sample member prompt ids: a uniform sample of the cluster, in id order.
     pub samples: Vec<u64>,
+}
+
+/// One of a campaign's top accounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopAccount {
+    /// The account id.
+    pub account_id: String,
+    /// Its prompts in the campaign's cluster.
+    pub prompts: u64,
+    /// Of those, the ones that count as campaign traffic (see `DetectorConfig::min_cross_account_share`).
+    pub campaign_prompts: u64,
 }
 
 /// An account's verdict and the evidence behind it.
@@ -344,8 +359,11 @@ impl Detector {
         let mut out: Vec<CampaignSummary> = self
             .clusters
             .keys()
+            .filter(|&&root| {
+                let score = self.cluster_score(root).0;
+                score >= min_score && score > 0.0
+            })
             .filter_map(|&root| self.campaign(root))
-            .filter(|c| c.score >= min_score && c.score > 0.0)
             .collect();
         out.sort_by(|a, b| {
             b.score
@@ -360,20 +378,40 @@ impl Detector {
     pub fn campaign(&self, id: u64) -> Option<CampaignSummary> {
         let root = self.cluster_of(id);
         let c = self.clusters.get(&root)?;
-        let mut top: Vec<(u32, u64)> = c.accounts.iter().map(|(&a, &n)| (a, n)).collect();
-        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let score = self.cluster_score(root).0;
+        // Per account: its prompts here, those that count as campaign traffic, and whether it is
+        // a flagged member. A member's traffic counts only where the cluster is a campaign.
+        let mut top: Vec<(u32, u64, u64)> = Vec::with_capacity(c.accounts.len());
+        let mut flagged = 0;
+        for (&a, &n) in &c.accounts {
+            let credited = if score >= self.config.campaign_score {
+                self.credited(a, root)
+            } else {
+                0
+            };
+            if credited > 0 && self.account_summary(a).flagged {
+                flagged += 1;
+            }
+            top.push((a, n, credited));
+        }
+        top.sort_by(|x, y| y.2.cmp(&x.2).then(y.1.cmp(&x.1)).then(x.0.cmp(&y.0)));
         top.truncate(10);
         Some(CampaignSummary {
             id: root,
-            score: self.cluster_score(root).0,
+            score,
             accounts: c.accounts.len() as u32,
+            flagged_accounts: flagged,
             prompts: c.prompts,
             distinct_prompts: c.texts.len() as u64,
             first_seen_ms: c.first_seen_ms,
             last_seen_ms: c.last_seen_ms,
             top_accounts: top
                 .into_iter()
-                .map(|(a, n)| (self.account_names[a as usize].clone(), n))
+                .map(|(a, prompts, campaign_prompts)| TopAccount {
+                    account_id: self.account_names[a as usize].clone(),
+                    prompts,
+                    campaign_prompts,
+                })
                 .collect(),
             samples: c.samples.clone(),
         })
@@ -445,6 +483,31 @@ impl Detector {
         }
     }
 
+    /// Of `n` prompts of an account in one cluster, `m` of them linked across accounts, those
+    /// that count as campaign traffic: all of them when the linked share reaches
+    /// `min_cross_account_share`, else the linked ones.
+    fn credit(&self, n: u64, m: u64) -> u64 {
+        if m as f32 >= self.config.min_cross_account_share * n as f32 {
+            n
+        } else {
+            m
+        }
+    }
+
+    /// [`Self::credit`] of account `acct` in the cluster whose root is `root`.
+    fn credited(&self, acct: u32, root: u64) -> u64 {
+        let Some(a) = self.accounts.get(&acct) else {
+            return 0;
+        };
+        let in_root = |map: &HashMap<u64, u64>| -> u64 {
+            map.iter()
+                .filter(|&(&c, _)| self.cluster_of(c) == root)
+                .map(|(_, &n)| n)
+                .sum()
+        };
+        self.credit(in_root(&a.clusters), in_root(&a.shared))
+    }
+
     fn account_summary(&self, acct: u32) -> AccountSummary {
         let a = &self.accounts[&acct];
         // Per cluster: the account's prompts there, and those linked directly to another
@@ -465,11 +528,7 @@ impl Detector {
         let mut weighted = Vec::with_capacity(by_root.len());
         for (&root, &(n, m)) in &by_root {
             let s = self.cluster_score(root).0;
-            let credited = if m as f32 >= self.config.min_cross_account_share * n as f32 {
-                n
-            } else {
-                m
-            };
+            let credited = self.credit(n, m);
             weighted.push((credited, s));
             if s >= self.config.campaign_score && credited > 0 {
                 campaigns.push((root, credited));
@@ -908,6 +967,52 @@ mod tests {
                 .iter()
                 .filter(|a| a.account_id.starts_with("camp-"))
                 .all(|a| a.flagged)
+        );
+        // The listing says so too: 11 accounts, of them 10 flagged members, and the members
+        // first among its top accounts, though the batch job sent the most prompts.
+        let listed = d.campaigns(0.0);
+        assert_eq!(listed.len(), 1);
+        let c = &listed[0];
+        assert_eq!((c.accounts, c.flagged_accounts), (11, 10), "{c:?}");
+        assert_eq!(c.top_accounts.len(), 10);
+        assert!(
+            c.top_accounts
+                .iter()
+                .all(|t| t.account_id.starts_with("camp-")
+                    && (t.prompts, t.campaign_prompts) == (3, 3)),
+            "{c:?}"
+        );
+        assert_eq!(d.campaign(31).unwrap(), *c);
+        // Under a campaign score no cluster reaches, nothing counts as campaign traffic: the
+        // listing ranks by prompts, the batch job first.
+        let strict = DetectorConfig {
+            campaign_score: 1.1,
+            ..DetectorConfig::default()
+        };
+        let mut e = Detector::new(strict);
+        for i in 1..=230u64 {
+            let links: Vec<u64> = match i {
+                1 => vec![],
+                31 => vec![30],
+                i if i > 31 => vec![i - 1, 30],
+                i => vec![i - 1],
+            };
+            let account = if i <= 30 {
+                format!("camp-{}", i % 10)
+            } else {
+                "batch".into()
+            };
+            e.observe(obs(i, &account, i, &links));
+        }
+        let c = &e.campaigns(0.0)[0];
+        assert_eq!(c.flagged_accounts, 0);
+        assert_eq!(
+            (
+                c.top_accounts[0].account_id.as_str(),
+                c.top_accounts[0].prompts,
+                c.top_accounts[0].campaign_prompts
+            ),
+            ("batch", 200, 0)
         );
     }
 

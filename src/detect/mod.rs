@@ -14,7 +14,7 @@ pub mod scoring;
 pub mod snapshot;
 pub mod template;
 
-pub use clusters::{AccountSummary, CampaignSummary, Detector, Observation};
+pub use clusters::{AccountSummary, CampaignSummary, Detector, Observation, TopAccount};
 
 /// What the gateway should do with an account's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -80,12 +80,14 @@ pub fn campaign(c: CampaignView) -> proto::Campaign {
         top_accounts: s
             .top_accounts
             .into_iter()
-            .map(|(account_id, prompts)| proto::AccountCount {
-                account_id,
-                prompts,
+            .map(|t| proto::AccountCount {
+                account_id: t.account_id,
+                prompts: t.prompts,
+                campaign_prompts: t.campaign_prompts,
             })
             .collect(),
         examples: c.examples,
+        flagged_accounts: s.flagged_accounts,
     }
 }
 

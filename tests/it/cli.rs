@@ -198,6 +198,7 @@ async fn check_accounts_campaigns_search_through_the_binary() {
         (Some(8), Some(24))
     );
     assert!(campaigns[0]["template"].as_str().unwrap().contains("<*>"));
+    assert_eq!(campaigns[0]["flagged_accounts"], 8, "{:?}", campaigns[0]);
     let campaign_id = campaigns[0]["campaign_id"].as_str().unwrap().to_string();
     assert_eq!(last_bot["campaign_id"], campaign_id.as_str());
     assert_eq!(accounts[0]["campaigns"][0], campaign_id.as_str());
@@ -253,9 +254,15 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     );
     let o = run(full(&campaign_id)).await;
     let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("top accounts (8 of 8):"), "{table}");
+    assert!(
+        table.contains("top accounts (8 of 8, 8 flagged): campaign prompts, prompts here, account"),
+        "{table}"
+    );
     for b in 0..8 {
-        assert!(table.contains(&format!("      3  bot-{b}\n")), "{table}");
+        assert!(
+            table.contains(&format!("      3        3  bot-{b}\n")),
+            "{table}"
+        );
     }
     let examples = table
         .split("examples (")

@@ -889,12 +889,26 @@ async fn a_chinese_template_is_found_written_back_and_allow_listed() {
 async fn a_campaign_whose_accounts_send_one_after_another_is_found_whole() {
     const HEAD: &str = "请你作为一名知识渊博的大学教授，用通俗易懂的语言详细地讲解下面这个主题，并举出具体的例子：";
     const SUBJECTS: [&str; 10] = [
-        "量子计算", "区块链网", "机器学习", "光合作用", "狭义相对", "基因编辑", "云端存储", "神经网络",
-        "板块构造", "温室效应",
+        "量子计算",
+        "区块链网",
+        "机器学习",
+        "光合作用",
+        "狭义相对",
+        "基因编辑",
+        "云端存储",
+        "神经网络",
+        "板块构造",
+        "温室效应",
     ];
     const ASPECTS: [&str; 8] = [
-        "的基本原理", "的发展历史", "的主要应用", "的优点缺点", "的未来趋势", "的常见误解",
-        "的核心概念", "的实际案例",
+        "的基本原理",
+        "的发展历史",
+        "的主要应用",
+        "的优点缺点",
+        "的未来趋势",
+        "的常见误解",
+        "的核心概念",
+        "的实际案例",
     ];
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path())).await;
@@ -923,7 +937,11 @@ async fn a_campaign_whose_accounts_send_one_after_another_is_found_whole() {
     assert!(unflagged.is_empty(), "{unflagged:#?}");
     let list = every_campaign(&mut c).await;
     assert_eq!(list.len(), 1, "{list:?}");
-    assert_eq!((list[0].accounts, list[0].prompts), (8, 80), "{list:?}");
+    assert_eq!(
+        (list[0].accounts, list[0].flagged_accounts, list[0].prompts),
+        (8, 8, 80),
+        "{list:?}"
+    );
     server.stop().await;
 }
 
