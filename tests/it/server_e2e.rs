@@ -884,7 +884,7 @@ async fn a_chinese_template_is_found_written_back_and_allow_listed() {
 /// A campaign whose accounts send their prompts one account after another, in a language the
 /// model cannot read, so only the template's words link them. QA found that each account's burst
 /// linked to the one last prompt of the account before: two cross-account prompts an account,
-/// under the share that credits its whole burst, and two of eight accounts went unflagged.
+/// under the share that credits its whole burst, and none of these eight accounts was flagged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_whose_accounts_send_one_after_another_is_found_whole() {
     const HEAD: &str = "请你作为一名知识渊博的大学教授，用通俗易懂的语言详细地讲解下面这个主题，并举出具体的例子：";
