@@ -290,14 +290,20 @@ impl Detector {
 
         // Cross-account evidence. A prompt counts as shared when it links to a prompt of another
         // account that this account had not linked to before (a batch job that keeps linking to
-        // the one look-alike someone else sent gets credit once), and the prompt it links to
-        // counts as shared for its own account too (so the first account of a campaign, whose
-        // early prompts had nobody to link to yet, gets credit when others follow).
+        // the one look-alike someone else sent gets credit once), and one prompt it links to of
+        // each other account counts as shared for that account too (so the first account of a
+        // campaign, whose early prompts had nobody to link to yet, gets credit when others
+        // follow; and one look-alike credits one prompt of a batch job, not all its neighbours).
         let i = obs.id as usize;
         if self.prompts_seen.len() <= i {
             self.prompts_seen.resize(i + 1, PromptSeen::NONE);
         }
         let mut shared = false;
+        // Accounts this prompt has vouched for: it credits one prompt of each account it links
+        // to. One look-alike that another account sends sits next to many prompts of a batch job
+        // (a dozen near neighbours of one template); crediting them all swept a whole batch job
+        // into the campaign the look-alike came from.
+        let mut vouched: Vec<u32> = Vec::new();
         for &l in obs.links {
             if l >= obs.id {
                 continue;
@@ -314,7 +320,8 @@ impl Detector {
                 shared = true;
             }
             let target = &mut self.prompts_seen[l as usize];
-            if !target.shared {
+            if !target.shared && !vouched.contains(&seen.account) {
+                vouched.push(seen.account);
                 target.shared = true;
                 if let Some(o) = self.accounts.get_mut(&seen.account) {
                     *o.shared.entry(root).or_default() += 1;
@@ -1014,6 +1021,35 @@ mod tests {
             ),
             ("batch", 200, 0)
         );
+    }
+
+    #[test]
+    fn one_look_alike_from_another_account_credits_one_prompt_of_a_batch_job() {
+        let mut d = Detector::new(DetectorConfig::default());
+        // A campaign: 6 accounts × 6 prompts, each linked to the previous prompt.
+        for i in 1..=36u64 {
+            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
+            d.observe(obs(i, &format!("camp-{}", i % 6), i, &links));
+        }
+        // A one-account batch job of 24 prompts of its own template, each linked to the one
+        // before.
+        for i in 37..=60u64 {
+            let links: Vec<u64> = if i == 37 { vec![] } else { vec![i - 1] };
+            d.observe(obs(i, "batch", i, &links));
+        }
+        // A campaign account sends a look-alike of the batch template: its near neighbours are
+        // 16 of the batch's prompts, and it also links into the campaign.
+        let mut links: Vec<u64> = (45..=60).rev().collect();
+        links.push(36);
+        d.observe(obs(61, "camp-1", 61, &links));
+        let batch = d.account("batch").unwrap();
+        assert_eq!(batch.cross_account_prompts, 1, "{batch:?}");
+        assert!(!batch.flagged, "{batch:?}");
+        // Later campaign prompts each credit one more prompt of the accounts they link to.
+        d.observe(obs(62, "camp-2", 62, &[61, 60, 59]));
+        let batch = d.account("batch").unwrap();
+        assert_eq!(batch.cross_account_prompts, 2, "{batch:?}");
+        assert!(!batch.flagged, "{batch:?}");
     }
 
     #[test]

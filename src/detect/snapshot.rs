@@ -21,7 +21,8 @@ const MAGIC: &[u8; 8] = b"PRDETSNP";
 /// 2: template keys take each Chinese or Japanese character as a word (keys of version 1 are
 /// stale for such prompts, so its snapshots are replayed instead). 3: the template-key index
 /// counts the accounts and texts seen under each key (see `keys::KEY_TEXTS`). 4: it keeps each
-/// key's latest run of one account and the run before (see `keys::RUN`).
+/// key's latest run of one account and the run before (see `keys::RUN`), and a prompt credits one
+/// linked prompt of each other account (the prompts' `shared` marks changed meaning).
 const VERSION: u32 = 4;
 /// Bytes hashed and written, or read and hashed, at a time.
 const CHUNK: usize = 1 << 20;

@@ -945,6 +945,111 @@ async fn a_campaign_whose_accounts_send_one_after_another_is_found_whole() {
     server.stop().await;
 }
 
+/// One look-alike sent by a campaign account: the campaign's opener before a batch job's
+/// template. Its near neighbours are many of the batch job's prompts; QA found each of them
+/// credited to the batch job as cross-account evidence, and the whole job (24 prompts, one
+/// account) flagged with the campaign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_look_alike_from_a_campaign_account_does_not_sweep_a_batch_job_in() {
+    const OPENER: &str = "Please act as a careful senior math tutor today.";
+    const ITEMS: [&str; 6] = [
+        "apples",
+        "pencils",
+        "notebooks",
+        "tickets",
+        "cookies",
+        "marbles",
+    ];
+    const PRODUCTS: [&str; 8] = [
+        "blender",
+        "jacket",
+        "phone case",
+        "desk lamp",
+        "backpack",
+        "coffee maker",
+        "headset",
+        "water bottle",
+    ];
+    const ARRIVALS: [&str; 3] = ["on time", "two days late", "in a dented box"];
+    const VERDICTS: [&str; 4] = [
+        "It broke after a week and support never answered.",
+        "Works exactly as described, I would buy it again.",
+        "It is fine for the price, nothing special.",
+        "The colour was off but it does the job.",
+    ];
+    let maths = |a: usize, k: usize| {
+        let (n, p, m) = (3 + a * 7 + k * 5, 2 + (a + k) % 5, 4 + k);
+        format!(
+            "{OPENER} Solve the following problem and show every step clearly: A shop sells {} for \
+             {p} dollars each. Maria buys {n} of them and pays with {} dollars. How much change \
+             does she get? Give the final answer on its own line at the very end.",
+            ITEMS[k],
+            n * p + m * 10
+        )
+    };
+    let review = |i: usize| {
+        format!(
+            "Read this customer review and classify its sentiment: The {} arrived {}. {} Reply \
+             with exactly one word: positive, negative or neutral.",
+            PRODUCTS[i % 8],
+            ARRIVALS[i % 3],
+            VERDICTS[(i / 3) % 4]
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    let mut send = async |account: &str, prompt: String| {
+        c.check(req(account, &prompt)).await.unwrap();
+    };
+    // Half the campaign (6 accounts × 6 prompts, interleaved), the batch job, the look-alike, the
+    // rest of the campaign.
+    let campaign: Vec<(String, String)> = (0..6)
+        .flat_map(|k| (0..6).map(move |a| (format!("camp-{a}"), (a, k))))
+        .map(|(acct, (a, k))| (acct, maths(a, k)))
+        .collect();
+    for (acct, p) in &campaign[..18] {
+        send(acct, p.clone()).await;
+    }
+    for i in 0..24 {
+        send("batch", review(i)).await;
+    }
+    send("camp-0", format!("{OPENER} {}", review(24))).await;
+    for (acct, p) in &campaign[18..] {
+        send(acct, p.clone()).await;
+    }
+    let batch = c
+        .get_account(proto::GetAccountRequest {
+            account_id: "batch".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!batch.flagged && batch.campaign_prompts <= 2, "{batch:?}");
+    for a in 0..6 {
+        let acct = c
+            .get_account(proto::GetAccountRequest {
+                account_id: format!("camp-{a}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(acct.flagged, "{acct:?}");
+    }
+    let list = every_campaign(&mut c).await;
+    let camp = list
+        .iter()
+        .find(|l| l.flagged_accounts == 6)
+        .unwrap_or_else(|| panic!("the campaign with its 6 members: {list:?}"));
+    assert!(
+        camp.top_accounts[..6]
+            .iter()
+            .all(|t| t.account_id.starts_with("camp-")),
+        "{camp:?}"
+    );
+    server.stop().await;
+}
+
 /// A campaign's slot is often a public question that ordinary users ask too. QA found users who
 /// sent such a question on its own pulled into the campaign and blocked: their prompt and the
 /// campaign's end in the same words, so they shared template keys. Here each question goes out
