@@ -407,9 +407,9 @@ pub struct CampaignsArgs {
     /// Only campaigns scoring at least this (the server's campaign threshold is the floor).
     #[arg(long, env = "PROMPT_RADAR_MIN_SCORE", default_value_t = 0.0)]
     pub min_score: f32,
-    /// Only this campaign, in full: its whole template, its 10 busiest accounts and up to 8
-    /// example prompts (from distinct accounts). Any prompt id of a cluster (a `search` hit's
-    /// cluster or prompt id) shows that cluster, campaign or not.
+    /// Only this campaign, in full: its whole template, its 10 top accounts (most campaign
+    /// prompts first) and up to 8 example prompts (a uniform sample of its prompts). Any prompt id
+    /// of a cluster (a `search` hit's cluster or prompt id) shows that cluster, campaign or not.
     #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_ID", conflicts_with_all = ["top", "min_score"])]
     pub id: Option<u64>,
     /// Output format.
