@@ -290,7 +290,9 @@ impl Detector {
 
         // Cross-account evidence. A prompt counts as shared when it links to a prompt of another
         // account that this account had not linked to before (a batch job that keeps linking to
-        // the one look-alike someone else sent gets credit once), and one prompt it links to of
+        // the one look-alike someone else sent gets credit once; it takes one such prompt of each
+        // account, and leaves the others it links to for its account's later prompts), and one
+        // prompt it links to of
         // each other account counts as shared for that account too (so the first account of a
         // campaign, whose early prompts had nobody to link to yet, gets credit when others
         // follow; and one look-alike credits one prompt of a batch job, not all its neighbours).
@@ -304,6 +306,8 @@ impl Detector {
         // (a dozen near neighbours of one template); crediting them all swept a whole batch job
         // into the campaign the look-alike came from.
         let mut vouched: Vec<u32> = Vec::new();
+        // Accounts of which this prompt has taken a new target (see below).
+        let mut used: Vec<u32> = Vec::new();
         for &l in obs.links {
             if l >= obs.id {
                 continue;
@@ -316,8 +320,17 @@ impl Detector {
             if seen.account == acct || seen.account == u32::MAX || seen.text_hash == obs.text_hash {
                 continue;
             }
-            if self.accounts.entry(acct).or_default().targets.insert(l) {
-                shared = true;
+            // One new target per other account, the first not linked before: a prompt that links
+            // to many of another account's prompts at once (a template's fixed sentences match
+            // every earlier prompt's) leaves the rest for the account's later prompts, so the
+            // evidence does not depend on how many prompts one lookup saw (a big batch's prompts
+            // see all the batch's earlier ones).
+            if !used.contains(&seen.account) {
+                let targets = &mut self.accounts.entry(acct).or_default().targets;
+                if targets.insert(l) {
+                    used.push(seen.account);
+                    shared = true;
+                }
             }
             let target = &mut self.prompts_seen[l as usize];
             if !target.shared && !vouched.contains(&seen.account) {
@@ -1050,6 +1063,29 @@ mod tests {
         let batch = d.account("batch").unwrap();
         assert_eq!(batch.cross_account_prompts, 2, "{batch:?}");
         assert!(!batch.flagged, "{batch:?}");
+    }
+
+    #[test]
+    fn a_prompt_linked_to_many_prompts_of_one_account_leaves_targets_for_its_next() {
+        // Account a sends 10 prompts; account b's 5 prompts each link to all of them at once (as
+        // a big batch's lookups do, where every earlier prompt of the template is a match). Two
+        // accounts make a weak campaign: count it as one to see the evidence.
+        let mut d = Detector::new(DetectorConfig {
+            campaign_score: 0.1,
+            ..DetectorConfig::default()
+        });
+        for i in 1..=10u64 {
+            let links: Vec<u64> = (1..i).collect();
+            d.observe(obs(i, "a", i, &links));
+        }
+        for i in 11..=15u64 {
+            let links: Vec<u64> = (1..i).collect();
+            d.observe(obs(i, "b", i, &links));
+        }
+        let b = d.account("b").unwrap();
+        assert_eq!(b.cross_account_prompts, 5, "{b:?}");
+        // Each of b's prompts vouched for one of a's.
+        assert_eq!(d.account("a").unwrap().cross_account_prompts, 5);
     }
 
     #[test]
