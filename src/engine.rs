@@ -516,7 +516,7 @@ impl Engine {
         note: &str,
         now_ms: i64,
     ) -> Result<Allowed, Error> {
-        let rule = AllowRule::compile(template).map_err(|r| Error::invalid("template", r))?;
+        let rule = AllowRule::compile_new(template).map_err(|r| Error::invalid("template", r))?;
         let template = template.trim();
         let (entry, already_listed) = {
             let mut state = self.ingest.lock();
@@ -555,7 +555,7 @@ impl Engine {
         now_ms: i64,
     ) -> Result<Allowed, Error> {
         let view = self.campaign(campaign_id)?;
-        if let Err(reason) = AllowRule::compile(&view.template) {
+        if let Err(reason) = AllowRule::compile_new(&view.template) {
             return Err(Error::invalid(
                 "campaign_id",
                 format!(

@@ -11,6 +11,10 @@ use super::keys;
 
 /// Fewest fixed tokens an entry needs: a template of one or two words would allow everything.
 pub const MIN_FIXED_TOKENS: usize = 3;
+/// Fewest fixed tokens in a row a new entry needs somewhere: a template recovered from a merged
+/// cluster can read `<*> a <*> and <*> of <*> the <*>`, whose scattered stop-words a fifth of all
+/// prompts contain, and allow-listing it cleared an unrelated campaign.
+pub const MIN_RUN_TOKENS: usize = 3;
 
 /// One allow-list entry as stored and shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +60,18 @@ impl AllowRule {
             anchored_start: first_fixed,
             anchored_end: last_fixed,
         })
+    }
+
+    /// [`AllowRule::compile`] for a new entry, which also needs [`MIN_RUN_TOKENS`] fixed words in
+    /// a row. Entries already stored are compiled as they were accepted.
+    pub fn compile_new(template: &str) -> Result<Self, String> {
+        let rule = Self::compile(template)?;
+        if rule.runs.iter().all(|r| r.len() < MIN_RUN_TOKENS) {
+            return Err(format!(
+                "a template needs {MIN_RUN_TOKENS} fixed words in a row somewhere; scattered words between <*> slots match unrelated prompts"
+            ));
+        }
+        Ok(rule)
     }
 
     /// Whether `text` is an instance of the template.
@@ -169,6 +185,28 @@ mod tests {
         // Three characters are three words, enough; two are not.
         assert!(AllowRule::compile("翻译成<*>").is_ok());
         assert!(AllowRule::compile("翻译<*>").is_err());
+    }
+
+    #[test]
+    fn a_new_entry_needs_three_fixed_words_in_a_row() {
+        // What a merged cluster's template can read: five fixed words, none next to another.
+        let merged = "<*> a <*> and <*> of <*> the <*> the <*>";
+        assert!(
+            AllowRule::compile(merged).is_ok(),
+            "an entry already stored still loads"
+        );
+        let err = AllowRule::compile_new(merged).unwrap_err();
+        assert!(err.contains("3 fixed words in a row"), "{err}");
+        let rule = AllowRule::compile(merged).unwrap();
+        assert!(rule.matches("Write a poem and a list of the colours of the sea, the sky."));
+        for ok in [
+            "Rewrite the following text to be more professional: <*>",
+            "<*> Translate to French: <*> Thanks.",
+            "翻译成<*>",
+        ] {
+            assert!(AllowRule::compile_new(ok).is_ok(), "{ok}");
+        }
+        assert!(AllowRule::compile_new("Translate <*> to <*> now").is_err());
     }
 
     #[test]
