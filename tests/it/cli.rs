@@ -714,6 +714,80 @@ fn labelled_file(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// A campaign sent one account after another, its slots real instructions (alpaca_eval): the
+/// verdicts must not depend on how the stream is batched. QA found the last account flagged at
+/// batch size 1 and missed at 256: in a big batch a prompt's lookups see every earlier prompt of
+/// the batch, and the first prompt took all of them as cross-account targets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_verdicts_do_not_depend_on_the_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = crate::common::repo_dir().join("eval/data/organic/alpaca_eval.jsonl");
+    let slots: Vec<String> = std::fs::read_to_string(&source)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .filter(|t| (81..400).contains(&t.len()))
+        .take(40)
+        .collect();
+    assert_eq!(slots.len(), 40, "{}", source.display());
+    let input = dir.path().join("in-turn.jsonl");
+    let mut f = std::fs::File::create(&input).unwrap();
+    for (i, slot) in slots.iter().enumerate() {
+        let prompt = format!(
+            "Please act as a careful senior math tutor today. Solve the following problem and \
+             show every step clearly: {slot} Give the final answer on its own line at the very end."
+        );
+        let line = serde_json::json!({"account_id": format!("c-{}", i / 10), "prompt": prompt,
+                                      "timestamp_ms": 1_750_000_000_000i64 + i as i64 * 1000,
+                                      "label": "campaign"});
+        writeln!(f, "{line}").unwrap();
+    }
+    drop(f);
+    let mut outcomes = Vec::new();
+    for batch in ["1", "256"] {
+        let out = dir.path().join(format!("accounts-{batch}.jsonl"));
+        let o = run(vec![
+            "eval".into(),
+            "--input".into(),
+            input.display().to_string(),
+            "--model".into(),
+            model_dir().display().to_string(),
+            "--batch-size".into(),
+            batch.into(),
+            "--accounts-out".into(),
+            out.display().to_string(),
+        ])
+        .await;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut accounts: Vec<(String, bool, u64)> = jsonl(&std::fs::read(&out).unwrap())
+            .iter()
+            .map(|a| {
+                let id = a["account_id"].as_str().unwrap().to_string();
+                (
+                    id,
+                    a["flagged"] == true,
+                    a["campaign_prompts"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        accounts.sort();
+        outcomes.push(accounts);
+    }
+    assert_eq!(outcomes[0], outcomes[1], "batch size 1, then 256");
+    assert!(
+        outcomes[1]
+            .iter()
+            .all(|(_, flagged, n)| *flagged && *n == 10),
+        "{:?}",
+        outcomes[1]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eval_gives_the_same_verdicts_as_serve_check_and_accounts() {
     let dir = tempfile::tempdir().unwrap();
