@@ -292,10 +292,10 @@ impl Detector {
         // account that this account had not linked to before (a batch job that keeps linking to
         // the one look-alike someone else sent gets credit once; it takes one such prompt of each
         // account, and leaves the others it links to for its account's later prompts), and one
-        // prompt it links to of
-        // each other account counts as shared for that account too (so the first account of a
-        // campaign, whose early prompts had nobody to link to yet, gets credit when others
-        // follow; and one look-alike credits one prompt of a batch job, not all its neighbours).
+        // prompt it links to of each other account counts as shared for that account too (so the
+        // first account of a campaign, whose early prompts had nobody to link to yet, gets credit
+        // when others follow; and one look-alike credits one prompt of a batch job, not all its
+        // neighbours).
         let i = obs.id as usize;
         if self.prompts_seen.len() <= i {
             self.prompts_seen.resize(i + 1, PromptSeen::NONE);
@@ -964,20 +964,36 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_batch_job_chained_to_a_campaign_by_one_look_alike_is_not_flagged() {
-        let mut d = Detector::new(DetectorConfig::default());
-        // A campaign: 10 accounts × 3 prompts, each linked to the previous prompt.
-        for i in 1..=30u64 {
-            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
-            d.observe(obs(i, &format!("camp-{}", i % 10), i, &links));
+    /// Observes prompts `ids` in order, each of text `id` and linked to the prompt before it
+    /// (the first to nothing), sent by `account(id)`.
+    fn chain(
+        d: &mut Detector,
+        ids: std::ops::RangeInclusive<u64>,
+        account: impl Fn(u64) -> String,
+    ) {
+        let first = *ids.start();
+        for i in ids {
+            let links: Vec<u64> = if i == first { vec![] } else { vec![i - 1] };
+            d.observe(obs(i, &account(i), i, &links));
         }
-        // A one-account batch job of 200 prompts, each linked to its previous prompt and, through
-        // a key someone else once used, to the same campaign prompt 30.
+    }
+
+    /// A campaign of 10 accounts × 3 prompts chained one to the next (1..=30), then a one-account
+    /// batch job of 200 prompts (31..=230), each linked to its previous prompt and, through a key
+    /// someone else once used, to the same campaign prompt 30.
+    fn campaign_and_chained_batch_job(config: DetectorConfig) -> Detector {
+        let mut d = Detector::new(config);
+        chain(&mut d, 1..=30, |i| format!("camp-{}", i % 10));
         for i in 31..=230u64 {
             let links: Vec<u64> = if i == 31 { vec![30] } else { vec![i - 1, 30] };
             d.observe(obs(i, "batch", i, &links));
         }
+        d
+    }
+
+    #[test]
+    fn a_batch_job_chained_to_a_campaign_by_one_look_alike_is_not_flagged() {
+        let d = campaign_and_chained_batch_job(DetectorConfig::default());
         let batch = d.account("batch").unwrap();
         assert!(d.campaign(31).unwrap().accounts == 11);
         assert!(!batch.flagged, "{batch:?}");
@@ -1005,25 +1021,10 @@ mod tests {
         assert_eq!(d.campaign(31).unwrap(), *c);
         // Under a campaign score no cluster reaches, nothing counts as campaign traffic: the
         // listing ranks by prompts, the batch job first.
-        let strict = DetectorConfig {
+        let e = campaign_and_chained_batch_job(DetectorConfig {
             campaign_score: 1.1,
             ..DetectorConfig::default()
-        };
-        let mut e = Detector::new(strict);
-        for i in 1..=230u64 {
-            let links: Vec<u64> = match i {
-                1 => vec![],
-                31 => vec![30],
-                i if i > 31 => vec![i - 1, 30],
-                i => vec![i - 1],
-            };
-            let account = if i <= 30 {
-                format!("camp-{}", i % 10)
-            } else {
-                "batch".into()
-            };
-            e.observe(obs(i, &account, i, &links));
-        }
+        });
         let c = &e.campaigns(0.0)[0];
         assert_eq!(c.flagged_accounts, 0);
         assert_eq!(
@@ -1040,16 +1041,10 @@ mod tests {
     fn one_look_alike_from_another_account_credits_one_prompt_of_a_batch_job() {
         let mut d = Detector::new(DetectorConfig::default());
         // A campaign: 6 accounts × 6 prompts, each linked to the previous prompt.
-        for i in 1..=36u64 {
-            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
-            d.observe(obs(i, &format!("camp-{}", i % 6), i, &links));
-        }
+        chain(&mut d, 1..=36, |i| format!("camp-{}", i % 6));
         // A one-account batch job of 24 prompts of its own template, each linked to the one
         // before.
-        for i in 37..=60u64 {
-            let links: Vec<u64> = if i == 37 { vec![] } else { vec![i - 1] };
-            d.observe(obs(i, "batch", i, &links));
-        }
+        chain(&mut d, 37..=60, |_| "batch".into());
         // A campaign account sends a look-alike of the batch template: its near neighbours are
         // 16 of the batch's prompts, and it also links into the campaign.
         let mut links: Vec<u64> = (45..=60).rev().collect();
@@ -1117,10 +1112,7 @@ mod tests {
     fn the_first_account_of_a_campaign_gets_credit_when_others_follow() {
         let mut d = Detector::new(DetectorConfig::default());
         // "first" sends a burst of 4 linked only to itself; then 8 accounts link to its prompts.
-        for i in 1..=4u64 {
-            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
-            d.observe(obs(i, "first", i, &links));
-        }
+        chain(&mut d, 1..=4, |_| "first".into());
         assert!(!d.account("first").unwrap().flagged);
         for i in 5..=20u64 {
             d.observe(obs(
@@ -1149,10 +1141,7 @@ mod tests {
     #[test]
     fn one_account_batch_job_is_not_a_campaign() {
         let mut d = Detector::new(DetectorConfig::default());
-        for i in 1..=200u64 {
-            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
-            d.observe(obs(i, "batch-job", i, &links));
-        }
+        chain(&mut d, 1..=200, |_| "batch-job".into());
         assert!(!d.account("batch-job").unwrap().flagged);
     }
 
@@ -1174,10 +1163,7 @@ mod tests {
     #[test]
     fn account_mostly_organic_stays_low() {
         let mut d = Detector::new(DetectorConfig::default());
-        for i in 1..=20u64 {
-            let links: Vec<u64> = if i == 1 { vec![] } else { vec![i - 1] };
-            d.observe(obs(i, &format!("bot-{}", i % 10), i, &links));
-        }
+        chain(&mut d, 1..=20, |i| format!("bot-{}", i % 10));
         // "mixed" sends one prompt into the campaign and nine unrelated ones.
         d.observe(obs(21, "mixed", 21, &[20]));
         for i in 22..=30u64 {

@@ -123,21 +123,9 @@ async fn campaign_across_accounts_is_found_and_organic_traffic_is_not() {
         assert_eq!(streamed, listed, "flagged_only {flagged_only}");
         assert_eq!(listed.len(), if flagged_only { 12 } else { 13 });
     }
-    let organic = c
-        .get_account(proto::GetAccountRequest {
-            account_id: "organic-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let organic = account(&mut c, "organic-1").await;
     assert!(!organic.flagged && organic.prompts == 8, "{organic:?}");
-    let h = c
-        .get_account(proto::GetAccountRequest {
-            account_id: "harvester-3".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let h = account(&mut c, "harvester-3").await;
     assert!(
         h.flagged && h.campaigns == vec![campaign_id] && h.reason.contains("campaign"),
         "{h:?}"
@@ -923,13 +911,7 @@ async fn a_campaign_whose_accounts_send_one_after_another_is_found_whole() {
     }
     let mut unflagged = Vec::new();
     for i in 0..8 {
-        let a = c
-            .get_account(proto::GetAccountRequest {
-                account_id: format!("seq-{i}"),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let a = account(&mut c, format!("seq-{i}")).await;
         if !a.flagged || a.campaign_prompts != 10 {
             unflagged.push(a);
         }
@@ -1018,22 +1000,10 @@ async fn a_look_alike_from_a_campaign_account_does_not_sweep_a_batch_job_in() {
     for (acct, p) in &campaign[18..] {
         send(acct, p.clone()).await;
     }
-    let batch = c
-        .get_account(proto::GetAccountRequest {
-            account_id: "batch".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let batch = account(&mut c, "batch").await;
     assert!(!batch.flagged && batch.campaign_prompts <= 2, "{batch:?}");
     for a in 0..6 {
-        let acct = c
-            .get_account(proto::GetAccountRequest {
-                account_id: format!("camp-{a}"),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let acct = account(&mut c, format!("camp-{a}")).await;
         assert!(acct.flagged, "{acct:?}");
     }
     let list = every_campaign(&mut c).await;
@@ -1120,13 +1090,7 @@ async fn a_user_asking_a_campaigns_slot_question_is_not_pulled_into_it() {
             );
         }
         for user in ["user-1", "user-2"] {
-            let a = c
-                .get_account(proto::GetAccountRequest {
-                    account_id: format!("{lang}-{user}"),
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let a = account(&mut c, format!("{lang}-{user}")).await;
             assert!(!a.flagged && a.campaigns.is_empty(), "{a:?}");
         }
     }
@@ -1184,6 +1148,16 @@ async fn shutdown_ends_an_open_stream_after_answering_what_it_sent() {
     let stored: u64 = all_accounts(&mut c).await.iter().map(|a| a.prompts).sum();
     assert_eq!(stored, 10, "every answered request is stored");
     server.stop().await;
+}
+
+/// GetAccount of `account_id`, which must be known.
+async fn account(c: &mut RadarClient<Channel>, account_id: impl Into<String>) -> proto::Account {
+    c.get_account(proto::GetAccountRequest {
+        account_id: account_id.into(),
+    })
+    .await
+    .expect("GetAccount")
+    .into_inner()
 }
 
 /// The campaigns listed with no score threshold (up to 10).
