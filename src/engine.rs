@@ -29,7 +29,8 @@ use crate::config::EngineConfig;
 use crate::detect::allow::{AllowEntry, AllowList, AllowRule};
 use crate::detect::keys::{self, KeyIndex, Source};
 use crate::detect::snapshot::{self, SnapshotHeader};
-use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict, template};
+use crate::detect::template::{self, TemplateGroup};
+use crate::detect::{AccountSummary, CampaignSummary, Detector, Observation, Verdict};
 use crate::embed::{EmbedError, Embedder};
 use crate::error::Error;
 use crate::index::{
@@ -144,9 +145,17 @@ pub struct Allowed {
 pub struct CampaignView {
     /// Numbers from the detector.
     pub summary: CampaignSummary,
-    /// Fixed words with `<*>` slots.
+    /// The words every sampled prompt shares, `<*>` for the rest (what `allow --campaign` lists).
     pub template: String,
-    /// Sample member prompts.
+    /// The templates the sampled prompts follow, most followed first (see
+    /// [`template::groups`]): one for a campaign of one template, several where the cluster
+    /// holds several (then [`Self::template`] keeps only the words they all share).
+    pub templates: Vec<TemplateGroup>,
+    /// Sampled prompts, of `summary.samples`.
+    pub sampled: u32,
+    /// Of those, the ones that follow no template another sample follows.
+    pub sampled_alone: u32,
+    /// A few member prompts (a uniform sample, in id order).
     pub examples: Vec<String>,
 }
 
@@ -1059,17 +1068,27 @@ impl Engine {
     }
 
     fn campaign_view(&self, summary: CampaignSummary) -> Result<CampaignView, Error> {
-        let examples: Vec<String> = self
+        let texts: Vec<(u64, String)> = self
             .store
             .get_many(&summary.samples)?
             .into_iter()
-            .map(|r| r.text)
+            .map(|r| (r.id, r.text))
             .collect();
-        let refs: Vec<&str> = examples.iter().map(String::as_str).collect();
+        let refs: Vec<&str> = texts.iter().map(|(_, t)| t.as_str()).collect();
         let template = template::extract(&refs);
+        let (templates, sampled_alone) = template::groups(&refs);
+        let shown = crate::detect::examples(&summary.samples);
+        let examples = texts
+            .iter()
+            .filter(|(id, _)| shown.binary_search(id).is_ok())
+            .map(|(_, t)| t.clone())
+            .collect();
         Ok(CampaignView {
             summary,
             template,
+            templates,
+            sampled: refs.len() as u32,
+            sampled_alone,
             examples,
         })
     }

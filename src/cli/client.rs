@@ -407,9 +407,10 @@ pub struct CampaignsArgs {
     /// Only campaigns scoring at least this (the server's campaign threshold is the floor).
     #[arg(long, env = "PROMPT_RADAR_MIN_SCORE", default_value_t = 0.0)]
     pub min_score: f32,
-    /// Only this campaign, in full: its whole template, its 10 top accounts (most campaign
-    /// prompts first) and up to 8 example prompts (a uniform sample of its prompts). Any prompt id
-    /// of a cluster (a `search` hit's cluster or prompt id) shows that cluster, campaign or not.
+    /// Only this campaign, in full: its whole template (and every template its sampled prompts
+    /// follow, when they follow several), its 10 top accounts (most campaign prompts first) and
+    /// up to 8 example prompts (a uniform sample of its prompts). Any prompt id of a cluster (a
+    /// `search` hit's cluster or prompt id) shows that cluster, campaign or not.
     #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_ID", conflicts_with_all = ["top", "min_score"])]
     pub id: Option<u64>,
     /// Output format.
@@ -450,6 +451,8 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                        "prompts": c.prompts, "distinct_prompts": c.distinct_prompts,
                        "first_seen_ms": c.first_seen_ms, "last_seen_ms": c.last_seen_ms,
                        "top_accounts": c.top_accounts.iter().map(|a| json!({"account_id": a.account_id, "prompts": a.prompts, "campaign_prompts": a.campaign_prompts})).collect::<Vec<_>>(),
+                       "templates": c.templates.iter().map(|t| json!({"template": t.template, "samples": t.samples})).collect::<Vec<_>>(),
+                       "sampled": c.sampled, "sampled_alone": c.sampled_alone,
                        "examples": c.examples})
             )?,
             Format::Table => {
@@ -470,6 +473,7 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 writeln!(out, "  template: {}", shown(&c.template, 160))?;
+                templates(&mut out, c, 5, 160)?;
                 let top: Vec<String> = c
                     .top_accounts
                     .iter()
@@ -498,10 +502,44 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A campaign's templates, when they say more than its one template does: when its sampled
+/// prompts follow several, or some follow none (a paraphrasing campaign's share no wording). At
+/// most `most` of them, each cut at `width` characters, with how many sampled prompts follow
+/// each.
+fn templates(
+    out: &mut impl Write,
+    c: &proto::Campaign,
+    most: usize,
+    width: usize,
+) -> std::io::Result<()> {
+    if c.templates.len() < 2 && c.sampled_alone == 0 {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "  templates ({} of {} sampled prompts follow one; samples, template):",
+        c.sampled.saturating_sub(c.sampled_alone),
+        c.sampled
+    )?;
+    for t in c.templates.iter().take(most) {
+        writeln!(out, "    {:>3}  {}", t.samples, shown(&t.template, width))?;
+    }
+    if c.templates.len() > most {
+        writeln!(
+            out,
+            "    ... {} more (campaigns --id {})",
+            c.templates.len() - most,
+            c.campaign_id
+        )?;
+    }
+    Ok(())
+}
+
 /// The rest of `campaigns --id`'s table: the whole template, every top account the server
 /// sends, and the example prompts (each on one line, cut at 300 characters).
 fn campaign_in_full(out: &mut impl Write, c: &proto::Campaign) -> std::io::Result<()> {
     writeln!(out, "  template: {}", shown(&c.template, usize::MAX))?;
+    templates(out, c, usize::MAX, usize::MAX)?;
     writeln!(
         out,
         "  top accounts ({} of {}, {} flagged): campaign prompts, prompts here, account",
@@ -966,6 +1004,51 @@ fn stats_line(before: &proto::Stats, s: &proto::Stats) -> String {
 #[cfg(test)]
 mod tests {
     use super::shown;
+    use prompt_radar::proto;
+
+    #[test]
+    fn a_campaigns_templates_are_listed_when_there_are_several_or_none() {
+        let share = |template: &str, samples| proto::TemplateShare {
+            template: template.into(),
+            samples,
+        };
+        let mut c = proto::Campaign {
+            campaign_id: 7,
+            template: "Translate: <*>".into(),
+            templates: vec![share("Translate: <*>", 32)],
+            sampled: 32,
+            ..Default::default()
+        };
+        let shown_for = |c: &proto::Campaign, most| {
+            let mut out = Vec::new();
+            super::templates(&mut out, c, most, 20).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            shown_for(&c, 5),
+            "",
+            "one template, all samples: the headline says it"
+        );
+        c.template = "<*>".into();
+        c.templates = vec![
+            share("Translate into French, keeping the tone: <*>", 20),
+            share("Summarise in one line: <*>", 9),
+            share("Name three <*>", 2),
+        ];
+        c.sampled_alone = 1;
+        assert_eq!(
+            shown_for(&c, 2),
+            "  templates (31 of 32 sampled prompts follow one; samples, template):\n     \
+             20  Translate into Frenc…\n      9  Summarise in one lin…\n    ... 1 more (campaigns --id 7)\n"
+        );
+        c.templates.clear();
+        c.sampled_alone = 32;
+        assert_eq!(
+            shown_for(&c, 5),
+            "  templates (0 of 32 sampled prompts follow one; samples, template):\n",
+            "a paraphrasing campaign: no template"
+        );
+    }
 
     #[test]
     fn stats_numbers_read_as_people_write_them() {

@@ -11,8 +11,18 @@ use super::scoring::{account_score, campaign_score};
 use super::snapshot::{Dec, Enc, invalid};
 use super::{Action, DetectorConfig, Verdict};
 
-/// Sample prompt ids kept per cluster (for templates and examples).
-const SAMPLES: usize = 8;
+/// Sample prompt ids kept per cluster: enough for the templates of a cluster that holds several
+/// (one campaign rotating templates, or campaigns a few look-alikes chained together; see
+/// `template::groups`), a template followed by a tenth of the cluster getting ~3 samples.
+const SAMPLES: usize = 32;
+
+/// Of the samples, those shown as examples (see [`examples`]).
+pub const EXAMPLES: usize = 8;
+
+/// A sample's rank: the hash of its id (ties: the id).
+fn rank(id: &u64) -> (u64, u64) {
+    (xxhash_rust::xxh3::xxh3_64(&id.to_le_bytes()), *id)
+}
 
 /// The samples of two merged clusters: of both clusters' members, the [`SAMPLES`] whose id has the
 /// smallest hash (a bottom-k sketch). Each cluster's samples are its own bottom-k, so this is the
@@ -21,13 +31,22 @@ const SAMPLES: usize = 8;
 /// templates keep a slot's value as fixed wording, and allow-listing such a template cleared
 /// prompts that did not match it.
 fn merge_samples(mut a: Vec<u64>, b: Vec<u64>) -> Vec<u64> {
-    let rank = |id: &u64| (xxhash_rust::xxh3::xxh3_64(&id.to_le_bytes()), *id);
     a.extend(b);
     a.sort_unstable_by_key(rank);
     a.dedup();
     a.truncate(SAMPLES);
     a.sort_unstable();
     a
+}
+
+/// Of a cluster's samples, the [`EXAMPLES`] an analyst reads, in id order: the bottom-k of the
+/// bottom-k, so still a uniform sample of the cluster.
+pub fn examples(samples: &[u64]) -> Vec<u64> {
+    let mut out = samples.to_vec();
+    out.sort_unstable_by_key(rank);
+    out.truncate(EXAMPLES);
+    out.sort_unstable();
+    out
 }
 
 /// One prompt as the detector sees it: who, when, which text (by hash) and its links.
@@ -840,6 +859,16 @@ mod tests {
         assert_eq!(two.campaign(1).unwrap().samples, want);
         // Not the first prompts: those link first, being the most alike.
         assert!(want.iter().any(|&id| id > 100), "{want:?}");
+        // The examples are the samples' own bottom-k: the cluster's, had it kept fewer.
+        let shown = examples(&want);
+        assert_eq!(shown.len(), EXAMPLES);
+        assert_eq!(shown, {
+            let mut all: Vec<u64> = (1..=201).collect();
+            all.sort_unstable_by_key(rank);
+            all.truncate(EXAMPLES);
+            all.sort_unstable();
+            all
+        });
     }
 
     #[test]

@@ -14,7 +14,9 @@ pub mod scoring;
 pub mod snapshot;
 pub mod template;
 
-pub use clusters::{AccountSummary, CampaignSummary, Detector, Observation, TopAccount};
+pub use clusters::{
+    AccountSummary, CampaignSummary, Detector, EXAMPLES, Observation, TopAccount, examples,
+};
 
 /// What the gateway should do with an account's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

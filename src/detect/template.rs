@@ -13,48 +13,217 @@ pub fn extract(samples: &[&str]) -> String {
     let Some(first) = iter.next() else {
         return String::new();
     };
-    // Long prompts are aligned on their first words: enough for a template, cheap for LCS. A
-    // template cut there ends in a slot (the rest is not compared), so that an allow-list entry
-    // made of it matches prompts that go on past it. A CJK character is a word: 500 words are a
-    // long paragraph of Chinese.
-    // One word past the aligned ones says whether a sample was cut (and how the first sample's
-    // rest was spaced).
-    let mut template: Vec<Word> = keys::words(first)
-        .take(ALIGNED_WORDS + 1)
-        .map(|(w, spaced)| (Some(w), spaced))
-        .collect();
-    let mut cut = if template.len() > ALIGNED_WORDS {
-        template.pop().map(|(_, spaced)| spaced)
-    } else {
-        None
-    };
+    let mut draft = Draft::of(first, ALIGNED_WORDS);
     for s in iter {
-        let mut other: Vec<&str> = keys::words(s)
-            .take(ALIGNED_WORDS + 1)
-            .map(|(w, _)| w)
+        draft.absorb(Draft::of(s, ALIGNED_WORDS));
+    }
+    draft.written()
+}
+
+/// One template a campaign's prompts follow: its fixed words with `<*>` slots, and how many of
+/// the samples follow it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateGroup {
+    /// Fixed words with `<*>` slots, written as [`extract`] writes them.
+    pub template: String,
+    /// Samples that follow it.
+    pub samples: u32,
+}
+
+/// The templates among `samples`, most followed first (ties: the first seen first), and how many
+/// samples follow none that another sample follows. A cluster can hold prompts of several
+/// templates: one campaign that rotates templates, or campaigns that look-alike prompts chained
+/// together. [`extract`] over all of them keeps only the words they all share (`<*> the <*>`).
+///
+/// Here samples are grouped bottom-up: each step joins the two groups whose joint template keeps
+/// the most fixed words in runs of [`RUN_WORDS`] or more — at least [`GROUP_WORDS`], and half of
+/// each group's own, so two templates that share one phrase stay two (the rewordings of one
+/// instruction, say). Groups of one sample are not templates: they are counted, not returned (a
+/// paraphrasing campaign's prompts share no wording). Prompts are aligned on their first
+/// [`GROUP_ALIGNED_WORDS`] words (the pairs cost their product).
+pub fn groups(samples: &[&str]) -> (Vec<TemplateGroup>, u32) {
+    let mut drafts: Vec<Option<Draft<'_>>> = samples
+        .iter()
+        .map(|s| Some(Draft::of(s, GROUP_ALIGNED_WORDS)))
+        .collect();
+    // The joint template of each pair of groups that may join, and the run words it keeps.
+    let mut pairs: std::collections::BTreeMap<(usize, usize), (usize, Vec<Word<'_>>)> =
+        std::collections::BTreeMap::new();
+    for i in 0..drafts.len() {
+        for j in i + 1..drafts.len() {
+            if let (Some(a), Some(b)) = (&drafts[i], &drafts[j])
+                && let Some(p) = joint(a, b)
+            {
+                pairs.insert((i, j), p);
+            }
+        }
+    }
+    // The pair keeping the most words joins first (ties: the first pair).
+    while let Some((&(i, j), _)) = pairs
+        .iter()
+        .max_by(|x, y| x.1.0.cmp(&y.1.0).then(y.0.cmp(x.0)))
+    {
+        let (_, merged) = pairs.remove(&(i, j)).unwrap_or_default();
+        let gone = drafts[j].take();
+        pairs.retain(|&(x, y), _| x != i && y != i && x != j && y != j);
+        if let (Some(a), Some(b)) = (drafts[i].as_mut(), gone) {
+            a.join(merged, b);
+        }
+        for k in 0..drafts.len() {
+            let (lo, hi) = (i.min(k), i.max(k));
+            if k == i {
+                continue;
+            }
+            if let (Some(a), Some(b)) = (&drafts[lo], &drafts[hi])
+                && let Some(p) = joint(a, b)
+            {
+                pairs.insert((lo, hi), p);
+            }
+        }
+    }
+    let mut drafts: Vec<Draft<'_>> = drafts.into_iter().flatten().collect();
+    let alone = drafts.iter().filter(|d| d.members == 1).count() as u32;
+    // A stable sort: ties keep the order of their first sample.
+    drafts.sort_by_key(|d| std::cmp::Reverse(d.members));
+    let groups = drafts
+        .into_iter()
+        .filter(|d| d.members > 1)
+        .map(|d| TemplateGroup {
+            samples: d.members as u32,
+            template: d.written(),
+        })
+        .collect();
+    (groups, alone)
+}
+
+/// The joint template of groups `a` and `b` and the fixed words it keeps in runs (see
+/// [`run_words`]), when they may be one group (see [`groups`]).
+fn joint<'a>(a: &Draft<'a>, b: &Draft<'_>) -> Option<(usize, Vec<Word<'a>>)> {
+    let other: Vec<Option<&str>> = b.words.iter().map(|w| w.0).collect();
+    // Too few words in common for a template: skip the alignment.
+    if common_words(&a.words, &other) < GROUP_WORDS {
+        return None;
+    }
+    let merged = merge(&a.words, &other);
+    let kept = run_words(&merged);
+    let keeps_half = |d: &Draft<'_>| d.members == 1 || 2 * kept >= run_words(&d.words);
+    (kept >= GROUP_WORDS && keeps_half(a) && keeps_half(b)).then_some((kept, merged))
+}
+
+/// Words of each sample [`groups`] aligns.
+pub const GROUP_ALIGNED_WORDS: usize = 128;
+
+/// Fixed words a template must keep, in runs of [`RUN_WORDS`] or more, for samples to be one
+/// group: a sentence of a template, more than two prompts' slots share by chance.
+pub const GROUP_WORDS: usize = 6;
+/// Words in a row that count towards [`GROUP_WORDS`]: scattered common words ("the", "a") are
+/// not a template.
+pub const RUN_WORDS: usize = 3;
+
+/// The fixed words of `template` in runs of [`RUN_WORDS`] or more.
+fn run_words(template: &[Word<'_>]) -> usize {
+    let mut total = 0;
+    let mut run = 0;
+    for w in template.iter().chain(std::iter::once(&(None, false))) {
+        if w.0.is_some() {
+            run += 1;
+        } else {
+            if run >= RUN_WORDS {
+                total += run;
+            }
+            run = 0;
+        }
+    }
+    total
+}
+
+/// An upper bound of the fixed words `template` and `other` can share (their common words,
+/// counted with multiplicity): cheap, to skip alignments that cannot make a group.
+fn common_words(template: &[Word<'_>], other: &[Option<&str>]) -> usize {
+    let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for w in template.iter().filter_map(|w| w.0) {
+        *counts.entry(w).or_default() += 1;
+    }
+    other
+        .iter()
+        .flatten()
+        .filter(|w| {
+            counts.get_mut(*w).is_some_and(|n| {
+                let left = *n > 0;
+                *n = n.saturating_sub(1);
+                left
+            })
+        })
+        .count()
+}
+
+/// A template being built: its words, whether a sample was cut (and how the first sample's rest
+/// was spaced), and how many samples went into it.
+struct Draft<'a> {
+    words: Vec<Word<'a>>,
+    cut: Option<bool>,
+    members: usize,
+}
+
+impl<'a> Draft<'a> {
+    /// The template of one sample: its first `limit` words. Long prompts are aligned on their
+    /// first words: enough for a template, cheap for LCS. A template cut there ends in a slot
+    /// (the rest is not compared), so that an allow-list entry made of it matches prompts that
+    /// go on past it. A CJK character is a word: 500 words are a long paragraph of Chinese.
+    fn of(sample: &'a str, limit: usize) -> Self {
+        // One word past the aligned ones says whether a sample was cut (and how the first
+        // sample's rest was spaced).
+        let mut words: Vec<Word<'a>> = keys::words(sample)
+            .take(limit + 1)
+            .map(|(w, spaced)| (Some(w), spaced))
             .collect();
-        if other.len() > ALIGNED_WORDS {
-            other.pop();
-            cut.get_or_insert(true);
+        let cut = if words.len() > limit {
+            words.pop().map(|(_, spaced)| spaced)
+        } else {
+            None
+        };
+        Self {
+            words,
+            cut,
+            members: 1,
         }
-        template = merge(&template, &other);
     }
-    if let Some(spaced) = cut {
-        template.push((None, spaced));
+
+    /// Takes in another sample's (or group's) template.
+    fn absorb(&mut self, other: Draft<'_>) {
+        let words: Vec<Option<&str>> = other.words.iter().map(|w| w.0).collect();
+        let merged = merge(&self.words, &words);
+        self.join(merged, other);
     }
-    let mut out = String::new();
-    let mut slot_last = false;
-    for (w, spaced) in template {
-        if w.is_none() && slot_last {
-            continue;
+
+    /// Takes in `other`, `merged` being [`merge`] of the two templates' words.
+    fn join(&mut self, merged: Vec<Word<'a>>, other: Draft<'_>) {
+        self.words = merged;
+        if other.cut.is_some() {
+            self.cut.get_or_insert(true);
         }
-        slot_last = w.is_none();
-        if spaced && !out.is_empty() {
-            out.push(' ');
-        }
-        out.push_str(w.unwrap_or("<*>"));
+        self.members += other.members;
     }
-    out
+
+    /// The template as text: slots as `<*>` (one for a run of them), spaced as the first sample.
+    fn written(mut self) -> String {
+        if let Some(spaced) = self.cut {
+            self.words.push((None, spaced));
+        }
+        let mut out = String::new();
+        let mut slot_last = false;
+        for (w, spaced) in self.words {
+            if w.is_none() && slot_last {
+                continue;
+            }
+            slot_last = w.is_none();
+            if spaced && !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(w.unwrap_or("<*>"));
+        }
+        out
+    }
 }
 
 /// Words of each sample aligned (the LCS of two samples costs their product).
@@ -65,9 +234,9 @@ type Word<'a> = (Option<&'a str>, bool);
 
 /// Aligns a template with a new word sequence; words off the LCS become slots, spaced as the
 /// first template word they stand for.
-fn merge<'a>(template: &[Word<'a>], other: &[&str]) -> Vec<Word<'a>> {
+fn merge<'a>(template: &[Word<'a>], other: &[Option<&str>]) -> Vec<Word<'a>> {
     let (n, m) = (template.len(), other.len());
-    let fixed = |i: usize, j: usize| template[i].0.is_some() && template[i].0 == Some(other[j]);
+    let fixed = |i: usize, j: usize| template[i].0.is_some() && template[i].0 == other[j];
     // lcs[i][j] = LCS length of template[i..] and other[j..], flattened.
     let mut lcs = vec![0u16; (n + 1) * (m + 1)];
     let at = |i: usize, j: usize| i * (m + 1) + j;
@@ -110,7 +279,7 @@ fn merge<'a>(template: &[Word<'a>], other: &[&str]) -> Vec<Word<'a>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ALIGNED_WORDS, extract};
+    use super::{ALIGNED_WORDS, TemplateGroup, extract, groups};
 
     #[test]
     fn slots_become_wildcards() {
@@ -174,6 +343,100 @@ mod tests {
         assert_eq!(extract(&[&a, &b]), format!("{head}翻译<*>"));
         let short = extract(&["Translate this: cat. Thanks", "Translate this: dog. Thanks"]);
         assert_eq!(short, "Translate this: <*> Thanks");
+    }
+
+    #[test]
+    fn a_cluster_of_two_templates_shows_both() {
+        let samples = [
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request. ### Instruction: Name three fruits. ### Response:",
+            "Hi! Write a Python function for the task below. Include type hints and three pytest unit tests. Task: reverse a list. Thanks!",
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request. ### Instruction: Give the capital of France. ### Response:",
+            "How do I sleep better when the neighbours are loud at night?",
+            "Write a Python function for the task below. Include type hints and three pytest unit tests. Task: parse ISO dates. -- Sam",
+            "Below is an instruction that describes a task. Write a response that appropriately completes the request. ### Instruction: Summarise the plot of Hamlet. ### Response:",
+        ];
+        // Over all of them, only scattered words survive.
+        let all = extract(&samples);
+        assert!(
+            all.split("<*>")
+                .all(|part| part.split_whitespace().count() < 2),
+            "{all}"
+        );
+        let (groups, alone) = groups(&samples);
+        assert_eq!(
+            groups,
+            vec![
+                TemplateGroup {
+                    template: "Below is an instruction that describes a task. Write a response that appropriately completes the request. ### Instruction: <*> ### Response:".into(),
+                    samples: 3,
+                },
+                TemplateGroup {
+                    template: "<*> Write a Python function for the task below. Include type hints and three pytest unit tests. Task: <*>".into(),
+                    samples: 2,
+                },
+            ]
+        );
+        assert_eq!(alone, 1, "the organic question follows no template");
+    }
+
+    #[test]
+    fn prompts_sharing_only_common_words_are_no_template() {
+        // Reworded prompts: the same question type, no sentence in common.
+        let samples = [
+            "Quick one for you: what is the sum of the first ten odd numbers? Walk me through it.",
+            "I'm stuck on this: a train leaves at noon at 60 mph, when is it 90 miles out? Explain please.",
+            "Could use some help. How many legs do five spiders have in total? Show the steps.",
+        ];
+        assert_eq!(groups(&samples), (vec![], 3));
+        // One template throughout: one group, the template over all of them.
+        let one = [
+            "Translate to French, keeping the tone: the cat sleeps",
+            "Translate to French, keeping the tone: we are late again",
+            "Translate to French, keeping the tone: good morning",
+        ];
+        assert_eq!(
+            groups(&one),
+            (
+                vec![TemplateGroup {
+                    template: extract(&one),
+                    samples: 3
+                }],
+                0
+            )
+        );
+        assert_eq!(groups(&[]), (vec![], 0));
+    }
+
+    #[test]
+    fn templates_that_share_one_sentence_stay_two() {
+        // Two rewordings of one instruction: the same opening sentence (six words, enough for a
+        // template of two prompts), then different words. Each is its own template.
+        let samples = [
+            "Please answer the question below carefully. Use at most two sentences and cite a source for every claim you make. Question: why is the sky blue",
+            "Please answer the question below carefully. Then tell me a joke about it in the style of a pirate captain on a long voyage. Question: why do cats purr",
+            "Please answer the question below carefully. Use at most two sentences and cite a source for every claim you make. Question: how do tides work",
+            "Please answer the question below carefully. Then tell me a joke about it in the style of a pirate captain on a long voyage. Question: what is rust",
+            "Please answer the question below carefully. Can you recommend a good novel?",
+        ];
+        let (groups, alone) = groups(&samples);
+        let found: Vec<(&str, u32)> = groups
+            .iter()
+            .map(|g| (g.template.as_str(), g.samples))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                (
+                    "Please answer the question below carefully. Use at most two sentences and cite a source for every claim you make. Question: <*>",
+                    2
+                ),
+                (
+                    "Please answer the question below carefully. Then tell me a joke about it in the style of a pirate captain on a long voyage. Question: <*>",
+                    2
+                ),
+            ]
+        );
+        assert_eq!(alone, 1, "the opener alone is no template of the groups");
     }
 
     #[test]

@@ -88,6 +88,16 @@ pub fn campaign(c: CampaignView) -> proto::Campaign {
             .collect(),
         examples: c.examples,
         flagged_accounts: s.flagged_accounts,
+        templates: c
+            .templates
+            .into_iter()
+            .map(|t| proto::TemplateShare {
+                template: t.template,
+                samples: t.samples,
+            })
+            .collect(),
+        sampled: c.sampled,
+        sampled_alone: c.sampled_alone,
     }
 }
 

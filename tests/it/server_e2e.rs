@@ -68,6 +68,17 @@ async fn campaign_across_accounts_is_found_and_organic_traffic_is_not() {
     );
     assert!(camp.template.contains("<*>"), "{}", camp.template);
     assert!(!camp.examples.is_empty());
+    // One template, followed by every sampled prompt.
+    assert_eq!((camp.sampled, camp.sampled_alone), (24, 0), "{camp:?}");
+    assert_eq!(camp.templates.len(), 1, "{:?}", camp.templates);
+    assert_eq!(camp.templates[0].samples, 24);
+    assert!(
+        camp.templates[0]
+            .template
+            .starts_with("You are an expert competitive programmer."),
+        "{:?}",
+        camp.templates
+    );
 
     // Any member prompt id resolves to the campaign.
     let got = c
@@ -138,6 +149,87 @@ async fn campaign_across_accounts_is_found_and_organic_traffic_is_not() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_rotating_two_templates_lists_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    // Two templates that open alike (their first words are one template key, so the cluster
+    // holds both) and then ask for different work.
+    const OPENING: &str =
+        "You are a senior engineer at a large software company, working on our internal tools.";
+    const SNIPPETS: [&str; 8] = [
+        "def add(a, b): return a - b",
+        "for i in range(len(xs)): print(xs[i+1])",
+        "password = input(); os.system('login ' + password)",
+        "while True: data.append(read())",
+        "if x = 3: return None",
+        "def mean(xs): return sum(xs) / len(xs)",
+        "cursor.execute('SELECT * FROM users WHERE id = ' + uid)",
+        "with open(path) as f: text = f.read().decode()",
+    ];
+    let prompt = |i: usize| {
+        if i.is_multiple_of(2) {
+            format!(
+                "{OPENING} Think step by step, explain your reasoning in detail, then give a complete, \
+                 well-commented Python solution with unit tests and complexity analysis. Task: {}",
+                SNIPPETS[i / 2 % 8]
+            )
+        } else {
+            format!(
+                "{OPENING} Review the code below for bugs, security holes and style problems, list every \
+                 finding with a suggested fix, and rate the code from one to ten. Code: {}",
+                SNIPPETS[i / 2 % 8]
+            )
+        }
+    };
+    for i in 0..40 {
+        c.check(req(&format!("rotator-{}", i % 10), &prompt(i)))
+            .await
+            .unwrap();
+    }
+    let list = every_campaign(&mut c).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let camp = &list[0];
+    assert_eq!((camp.accounts, camp.prompts), (10, 40), "{camp:?}");
+    // The words both share make the one template; each template is listed whole.
+    assert!(
+        camp.template.starts_with(OPENING) && !camp.template.contains("step by step"),
+        "{}",
+        camp.template
+    );
+    assert_eq!((camp.sampled, camp.sampled_alone), (32, 0), "{camp:?}");
+    let mut found: Vec<(&str, u32)> = camp
+        .templates
+        .iter()
+        .map(|t| (t.template.as_str(), t.samples))
+        .collect();
+    found.sort();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0].1 + found[1].1, 32, "{found:?}");
+    assert!(
+        found[0].0.starts_with(OPENING)
+            && found[0].0.contains("Review the code below for bugs")
+            && found[0].0.ends_with("Code: <*>"),
+        "{found:?}"
+    );
+    assert!(
+        found[1].0.starts_with(OPENING)
+            && found[1].0.contains("Think step by step")
+            && found[1].0.ends_with("Task: <*>"),
+        "{found:?}"
+    );
+    // GetCampaign says the same.
+    let got = c
+        .get_campaign(proto::GetCampaignRequest {
+            campaign_id: camp.campaign_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.templates, camp.templates);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
