@@ -565,10 +565,20 @@ impl Engine {
     ) -> Result<Allowed, Error> {
         let view = self.campaign(campaign_id)?;
         if let Err(reason) = AllowRule::compile_new(&view.template) {
+            // A cluster of several templates shares few words; the admin wants one of them.
+            let several = if view.templates.len() > 1 {
+                format!(
+                    "; its prompts follow {} templates (`campaigns --id {campaign_id}` lists them): \
+                     allow-list the app's own with a template instead",
+                    view.templates.len()
+                )
+            } else {
+                String::new()
+            };
             return Err(Error::invalid(
                 "campaign_id",
                 format!(
-                    "the template recovered from {campaign_id}, {:?}, cannot be allow-listed: {reason}",
+                    "the template recovered from {campaign_id}, {:?}, cannot be allow-listed: {reason}{several}",
                     view.template
                 ),
             ));

@@ -233,6 +233,93 @@ async fn a_campaign_rotating_two_templates_lists_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why() {
+    use proto::allow_template_request::Source;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let mut c = server.client().await;
+    const SUMMARY: &str = "Summarise the following customer review in exactly three bullet points for our product team:";
+    const TRANSLATION: &str = "Translate this support ticket into formal German and keep every product name unchanged, please:";
+    const SLOTS: [&str; 8] = [
+        "the battery lasts two days and the screen is bright",
+        "shipping took three weeks and the box was damaged",
+        "the app crashes whenever I open the settings page",
+        "great value, although the manual is hard to follow",
+        "the headphones stopped charging after one month",
+        "customer service answered within an hour, very helpful",
+        "the colour in the photos does not match the real thing",
+        "installation was easy but the fan is loud at night",
+    ];
+    // Two templates with no three words in a row in common, eight accounts each...
+    for i in 0..32 {
+        let text = if i % 4 < 2 {
+            format!("{SUMMARY} {}", SLOTS[i % 8])
+        } else {
+            format!("{TRANSLATION} {}", SLOTS[(i + 3) % 8])
+        };
+        c.check(req(&format!("ops-{}", i % 8), &text))
+            .await
+            .unwrap();
+    }
+    // ...and one prompt of both, which links them into one cluster.
+    let bridge = c
+        .check(req(
+            "ops-8",
+            &format!("{SUMMARY} {}. {TRANSLATION} {}", SLOTS[0], SLOTS[1]),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let camp = c
+        .get_campaign(proto::GetCampaignRequest {
+            campaign_id: bridge.prompt_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((camp.accounts, camp.prompts), (9, 33), "{camp:?}");
+    assert_eq!(camp.templates.len(), 2, "{:?}", camp.templates);
+    assert!(
+        camp.templates
+            .iter()
+            .any(|t| t.template.starts_with(SUMMARY))
+            && camp
+                .templates
+                .iter()
+                .any(|t| t.template.starts_with(TRANSLATION)),
+        "{:?}",
+        camp.templates
+    );
+    // Allow-listing by the campaign's id would list the words both share: refused, naming the
+    // way out.
+    let err = c
+        .allow_template(proto::AllowTemplateRequest {
+            source: Some(Source::CampaignId(camp.campaign_id)),
+            note: "support tooling".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("its prompts follow 2 templates")
+            && err
+                .message()
+                .contains(&format!("campaigns --id {}", camp.campaign_id)),
+        "{err:?}"
+    );
+    // One of them, by its text, is allowed.
+    let r = c
+        .allow_template(proto::AllowTemplateRequest {
+            source: Some(Source::Template(format!("{SUMMARY} <*>"))),
+            note: "support tooling".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.already_listed, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_input_is_invalid_argument_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(config(dir.path())).await;
