@@ -446,7 +446,7 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
             Format::Jsonl => writeln!(
                 out,
                 "{}",
-                json!({"campaign_id": c.campaign_id.to_string(), "score": c.score, "template": c.template,
+                json!({"campaign_id": c.campaign_id.to_string(), "is_campaign": c.is_campaign, "score": c.score, "template": c.template,
                        "accounts": c.accounts, "flagged_accounts": c.flagged_accounts,
                        "prompts": c.prompts, "distinct_prompts": c.distinct_prompts,
                        "first_seen_ms": c.first_seen_ms, "last_seen_ms": c.last_seen_ms,
@@ -458,8 +458,12 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
             Format::Table => {
                 writeln!(
                     out,
-                    "campaign {}  score {}  {} accounts ({} flagged)  {} prompts ({} distinct)  seen {} .. {}",
-                    c.campaign_id,
+                    "{}  score {}  {} accounts ({} flagged)  {} prompts ({} distinct)  seen {} .. {}",
+                    if c.is_campaign {
+                        format!("campaign {}", c.campaign_id)
+                    } else {
+                        format!("cluster {} (not a campaign)", c.campaign_id)
+                    },
                     score_text(c.score, 3),
                     c.accounts,
                     c.flagged_accounts,

@@ -122,6 +122,9 @@ pub struct CampaignSummary {
     pub id: u64,
     /// Campaign score in [0, 1].
     pub score: f32,
+    /// Whether the score reaches the campaign threshold (`DetectorConfig::campaign_score`):
+    /// `campaign` looks up any cluster, campaign or not.
+    pub is_campaign: bool,
     /// Distinct accounts.
     pub accounts: u32,
     /// Member prompts.
@@ -418,12 +421,13 @@ impl Detector {
         let root = self.cluster_of(id);
         let c = self.clusters.get(&root)?;
         let score = self.cluster_score(root).0;
+        let is_campaign = score >= self.config.campaign_score;
         // Per account: its prompts here, those that count as campaign traffic, and whether it is
         // a flagged member. A member's traffic counts only where the cluster is a campaign.
         let mut top: Vec<(u32, u64, u64)> = Vec::with_capacity(c.accounts.len());
         let mut flagged = 0;
         for (&a, &n) in &c.accounts {
-            let credited = if score >= self.config.campaign_score {
+            let credited = if is_campaign {
                 self.credited(a, root)
             } else {
                 0
@@ -438,6 +442,7 @@ impl Detector {
         Some(CampaignSummary {
             id: root,
             score,
+            is_campaign,
             accounts: c.accounts.len() as u32,
             flagged_accounts: flagged,
             prompts: c.prompts,

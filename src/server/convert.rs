@@ -98,6 +98,7 @@ pub fn campaign(c: CampaignView) -> proto::Campaign {
             .collect(),
         sampled: c.sampled,
         sampled_alone: c.sampled_alone,
+        is_campaign: s.is_campaign,
     }
 }
 

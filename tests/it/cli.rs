@@ -272,6 +272,19 @@ async fn check_accounts_campaigns_search_through_the_binary() {
         examples.lines().skip(1).all(|l| l.starts_with("    ")) && examples.lines().count() > 1,
         "{table}"
     );
+    // A prompt that is in no campaign: its cluster, said to be none.
+    let person = verdicts[33]["prompt_id"].as_u64().unwrap().to_string();
+    let o = run(full(&person)).await;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success()
+            && table.starts_with("cluster ")
+            && table.contains(" (not a campaign)  score "),
+        "{table}"
+    );
+    let o = run([full(&person), jsonl_args()].concat()).await;
+    assert_eq!(jsonl(&o.stdout)[0]["is_campaign"], false);
+    assert_eq!(campaigns[0]["is_campaign"], true);
     let o = run(full("999999")).await;
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("NOT_FOUND: campaign_id"));

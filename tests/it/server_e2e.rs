@@ -68,6 +68,7 @@ async fn campaign_across_accounts_is_found_and_organic_traffic_is_not() {
     );
     assert!(camp.template.contains("<*>"), "{}", camp.template);
     assert!(!camp.examples.is_empty());
+    assert!(camp.is_campaign);
     // One template, followed by every sampled prompt.
     assert_eq!((camp.sampled, camp.sampled_alone), (24, 0), "{camp:?}");
     assert_eq!(camp.templates.len(), 1, "{:?}", camp.templates);
