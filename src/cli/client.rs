@@ -516,8 +516,15 @@ fn templates(
     most: usize,
     width: usize,
 ) -> std::io::Result<()> {
-    if c.templates.len() < 2 && c.sampled_alone == 0 {
+    if c.templates.len() < 2 && c.sampled_alone == 0 || c.sampled < 2 {
         return Ok(());
+    }
+    if c.templates.is_empty() {
+        return writeln!(
+            out,
+            "  templates: none (no two of its {} sampled prompts share a template's wording)",
+            c.sampled
+        );
     }
     writeln!(
         out,
@@ -1049,9 +1056,12 @@ mod tests {
         c.sampled_alone = 32;
         assert_eq!(
             shown_for(&c, 5),
-            "  templates (0 of 32 sampled prompts follow one; samples, template):\n",
+            "  templates: none (no two of its 32 sampled prompts share a template's wording)\n",
             "a paraphrasing campaign: no template"
         );
+        c.sampled = 1;
+        c.sampled_alone = 1;
+        assert_eq!(shown_for(&c, 5), "", "one prompt: nothing to group");
     }
 
     #[test]

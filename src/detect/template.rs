@@ -36,15 +36,19 @@ pub struct TemplateGroup {
 /// together. [`extract`] over all of them keeps only the words they all share (`<*> the <*>`).
 ///
 /// Here samples are grouped bottom-up: each step joins the two groups whose joint template keeps
-/// the most fixed words in runs of [`RUN_WORDS`] or more — at least [`GROUP_WORDS`], and half of
-/// each group's own, so two templates that share one phrase stay two (the rewordings of one
-/// instruction, say). Groups of one sample are not templates: they are counted, not returned (a
-/// paraphrasing campaign's prompts share no wording). Prompts are aligned on their first
-/// [`GROUP_ALIGNED_WORDS`] words (the pairs cost their product).
+/// the most fixed words in runs of [`RUN_WORDS`] or more — at least [`GROUP_WORDS`], and two
+/// thirds of each group's own, so two templates that share a phrase stay two (the rewordings of
+/// one instruction, say). A group of one text (a prompt, or the same prompt sent again) has no
+/// template of its own to keep. Groups of one sample are not templates: they are counted, not
+/// returned (a paraphrasing campaign's prompts share little wording; what they share, they are
+/// listed by). Prompts are compared on their first and last [`GROUP_END_WORDS`] words (pairs of
+/// samples cost the product of their lengths); each group's template is then [`extract`] of its
+/// samples.
 pub fn groups(samples: &[&str]) -> (Vec<TemplateGroup>, u32) {
     let mut drafts: Vec<Option<Draft<'_>>> = samples
         .iter()
-        .map(|s| Some(Draft::of(s, GROUP_ALIGNED_WORDS)))
+        .enumerate()
+        .map(|(i, s)| Some(Draft::ends(s, i)))
         .collect();
     // The joint template of each pair of groups that may join, and the run words it keeps.
     let mut pairs: std::collections::BTreeMap<(usize, usize), (usize, Vec<Word<'_>>)> =
@@ -82,15 +86,18 @@ pub fn groups(samples: &[&str]) -> (Vec<TemplateGroup>, u32) {
         }
     }
     let mut drafts: Vec<Draft<'_>> = drafts.into_iter().flatten().collect();
-    let alone = drafts.iter().filter(|d| d.members == 1).count() as u32;
+    let alone = drafts.iter().filter(|d| d.samples.len() == 1).count() as u32;
     // A stable sort: ties keep the order of their first sample.
-    drafts.sort_by_key(|d| std::cmp::Reverse(d.members));
+    drafts.sort_by_key(|d| std::cmp::Reverse(d.samples.len()));
     let groups = drafts
         .into_iter()
-        .filter(|d| d.members > 1)
-        .map(|d| TemplateGroup {
-            samples: d.members as u32,
-            template: d.written(),
+        .filter(|d| d.samples.len() > 1)
+        .map(|d| {
+            let members: Vec<&str> = d.samples.iter().map(|&i| samples[i]).collect();
+            TemplateGroup {
+                samples: members.len() as u32,
+                template: extract(&members),
+            }
         })
         .collect();
     (groups, alone)
@@ -106,12 +113,15 @@ fn joint<'a>(a: &Draft<'a>, b: &Draft<'_>) -> Option<(usize, Vec<Word<'a>>)> {
     }
     let merged = merge(&a.words, &other);
     let kept = run_words(&merged);
-    let keeps_half = |d: &Draft<'_>| d.members == 1 || 2 * kept >= run_words(&d.words);
-    (kept >= GROUP_WORDS && keeps_half(a) && keeps_half(b)).then_some((kept, merged))
+    // Two thirds of each group's template must stay: the sentence two rewordings share is not
+    // a template of theirs.
+    let keeps_enough = |d: &Draft<'_>| d.is_text() || 3 * kept >= 2 * run_words(&d.words);
+    (kept >= GROUP_WORDS && keeps_enough(a) && keeps_enough(b)).then_some((kept, merged))
 }
 
-/// Words of each sample [`groups`] aligns.
-pub const GROUP_ALIGNED_WORDS: usize = 128;
+/// Words from each end of a sample that [`groups`] compares: a template's fixed wording sits at
+/// its start, its end or both (an instruction after a long pasted slot).
+pub const GROUP_END_WORDS: usize = 64;
 
 /// Fixed words a template must keep, in runs of [`RUN_WORDS`] or more, for samples to be one
 /// group: a sentence of a template, more than two prompts' slots share by chance.
@@ -162,7 +172,10 @@ fn common_words(template: &[Word<'_>], other: &[Option<&str>]) -> usize {
 struct Draft<'a> {
     words: Vec<Word<'a>>,
     cut: Option<bool>,
-    members: usize,
+    /// The samples that went into it, by index.
+    samples: Vec<usize>,
+    /// Their text, while they are all one text.
+    text: Option<&'a str>,
 }
 
 impl<'a> Draft<'a> {
@@ -185,8 +198,34 @@ impl<'a> Draft<'a> {
         Self {
             words,
             cut,
-            members: 1,
+            samples: vec![0],
+            text: Some(sample),
         }
+    }
+
+    /// Sample `index`'s first and last [`GROUP_END_WORDS`] words, a slot between them when it
+    /// has more (see [`groups`]).
+    fn ends(sample: &'a str, index: usize) -> Self {
+        let mut words: Vec<Word<'a>> = keys::words(sample)
+            .map(|(w, spaced)| (Some(w), spaced))
+            .collect();
+        if words.len() > 2 * GROUP_END_WORDS {
+            let tail = words.split_off(words.len() - GROUP_END_WORDS);
+            words.truncate(GROUP_END_WORDS);
+            words.push((None, true));
+            words.extend(tail);
+        }
+        Self {
+            words,
+            cut: None,
+            samples: vec![index],
+            text: Some(sample),
+        }
+    }
+
+    /// Whether it is one text: one sample, or samples that are the same prompt.
+    fn is_text(&self) -> bool {
+        self.text.is_some()
     }
 
     /// Takes in another sample's (or group's) template.
@@ -199,10 +238,13 @@ impl<'a> Draft<'a> {
     /// Takes in `other`, `merged` being [`merge`] of the two templates' words.
     fn join(&mut self, merged: Vec<Word<'a>>, other: Draft<'_>) {
         self.words = merged;
+        if self.text != other.text {
+            self.text = None;
+        }
         if other.cut.is_some() {
             self.cut.get_or_insert(true);
         }
-        self.members += other.members;
+        self.samples.extend(other.samples);
     }
 
     /// The template as text: slots as `<*>` (one for a run of them), spaced as the first sample.
@@ -216,8 +258,14 @@ impl<'a> Draft<'a> {
             if w.is_none() && slot_last {
                 continue;
             }
+            // A word that began its sample has no space before it; after a slot (another sample
+            // had words before it) it reads as a word of its own, unless it is CJK or
+            // punctuation, which are written against what precedes them.
+            let apart = slot_last
+                && w.and_then(|w| w.chars().next())
+                    .is_some_and(|c| c.is_alphanumeric() && !keys::is_cjk(c));
             slot_last = w.is_none();
-            if spaced && !out.is_empty() {
+            if (spaced || apart) && !out.is_empty() {
                 out.push(' ');
             }
             out.push_str(w.unwrap_or("<*>"));
@@ -437,6 +485,97 @@ mod tests {
             ]
         );
         assert_eq!(alone, 1, "the opener alone is no template of the groups");
+    }
+
+    #[test]
+    fn a_prompt_sent_twice_follows_the_template_not_a_template_of_its_own() {
+        let t =
+            "Act as a strict grader. Solve this and output only the final number, nothing else:";
+        let questions = [
+            "What is 7 times 8?",
+            "How many legs do 3 spiders have?",
+            "What is 2 + 2?",
+        ];
+        // Each question twice: a repeated pair shares every word, more than the template.
+        let samples: Vec<String> = questions
+            .iter()
+            .flat_map(|q| [format!("{t} {q}"), format!("{t} {q}")])
+            .collect();
+        let refs: Vec<&str> = samples.iter().map(String::as_str).collect();
+        assert_eq!(
+            groups(&refs),
+            (
+                vec![TemplateGroup {
+                    template: format!("{t} <*>"),
+                    samples: 6
+                }],
+                0
+            )
+        );
+    }
+
+    #[test]
+    fn long_prompts_are_compared_at_both_ends() {
+        // One opening, a long pasted slot, and two different closing instructions.
+        let code = |i: usize| {
+            (0..150)
+                .map(|w| format!("tok{}_{}", i, w))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let open = "Below is a module from our repository. Read it carefully before answering.";
+        let samples: Vec<String> = (0..6)
+            .map(|i| {
+                let close = if i % 2 == 0 {
+                    "Now translate the whole module to idiomatic Rust and explain every change you made."
+                } else {
+                    "Now audit the module for security problems and rank each finding by its severity."
+                };
+                format!("{open} {} {close}", code(i))
+            })
+            .collect();
+        let refs: Vec<&str> = samples.iter().map(String::as_str).collect();
+        let (groups, alone) = groups(&refs);
+        assert_eq!(alone, 0);
+        let mut found: Vec<(String, u32)> = groups
+            .into_iter()
+            .map(|g| (g.template, g.samples))
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                (
+                    format!(
+                        "{open} <*> Now audit the module for security problems and rank each finding by its severity."
+                    ),
+                    3
+                ),
+                (
+                    format!(
+                        "{open} <*> Now translate the whole module to idiomatic Rust and explain every change you made."
+                    ),
+                    3
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_slot_before_a_words_that_began_its_sample_is_spaced() {
+        // The first sample begins with the template; the second has a greeting first.
+        assert_eq!(
+            extract(&[
+                "Pretend you are an agent: hi",
+                "Hello! Pretend you are an agent: bye"
+            ]),
+            "<*> Pretend you are an agent: <*>"
+        );
+        // CJK characters and punctuation stay against the slot.
+        assert_eq!(
+            extract(&["。请翻译：猫", "你好。请翻译：狗"]),
+            "<*>。请翻译：<*>"
+        );
     }
 
     #[test]
