@@ -136,6 +136,9 @@ pub struct Allowed {
     pub entry: AllowEntry,
     /// Campaigns that stopped scoring because of it.
     pub cleared: usize,
+    /// Campaigns some of whose sampled prompts it matches that still score: prompts the list
+    /// does not match follow a template of their own (see [`Engine::allow_template`]).
+    pub not_cleared: Vec<u64>,
     /// The template was already on the list; nothing was added.
     pub already_listed: bool,
 }
@@ -508,15 +511,16 @@ impl Engine {
         };
         // Cluster marks are not stored: re-derive them from the allow-list.
         let list = engine.ingest.lock().allow.1.clone();
-        for rule in list.rules() {
-            engine.allow_matching_clusters(rule)?;
-        }
+        engine.allow_matching_clusters(&list, None)?;
         Ok(engine)
     }
 
     /// Allow-lists `template` (fixed words with `<*>` slots, as `campaigns` shows them): its
     /// future prompts are never linked into campaigns, and current campaigns most of whose sample
-    /// prompts match it stop scoring. Durable before it returns. A template already listed (one
+    /// prompts the allow-list matches stop scoring — unless the prompts it does not match follow
+    /// a template of their own: a cluster is one unit, and clearing it would clear a campaign a
+    /// few look-alikes chained to an app's prompts (those are `not_cleared`). Durable before it
+    /// returns. A template already listed (one
     /// that matches the same prompts: the same words, whatever the spacing, case or punctuation
     /// at their edges) keeps its one entry, which is returned with `already_listed` set.
     pub fn allow_template(
@@ -548,10 +552,12 @@ impl Engine {
                 }
             }
         };
-        let cleared = self.allow_matching_clusters(&rule)?;
+        let list = self.ingest.lock().allow.1.clone();
+        let (cleared, not_cleared) = self.allow_matching_clusters(&list, Some(&rule))?;
         Ok(Allowed {
             entry,
             cleared,
+            not_cleared,
             already_listed,
         })
     }
@@ -584,9 +590,11 @@ impl Engine {
             ));
         }
         let mut allowed = self.allow_template(&view.template, note, now_ms)?;
+        // Every sampled prompt follows the template recovered from them all: the cluster goes.
         if self.detector.write().allow_cluster(view.summary.id) {
             allowed.cleared = allowed.cleared.max(1);
         }
+        allowed.not_cleared.retain(|&c| c != view.summary.id);
         Ok(allowed)
     }
 
@@ -608,9 +616,7 @@ impl Engine {
         let gone = entries.remove(pos);
         self.set_allow(&mut state, entries)?;
         self.detector.write().clear_allowed();
-        for rule in state.allow.1.rules() {
-            self.allow_matching_clusters(rule)?;
-        }
+        self.allow_matching_clusters(&state.allow.1, None)?;
         Ok(gone)
     }
 
@@ -627,22 +633,42 @@ impl Engine {
         Ok(())
     }
 
-    /// Marks campaigns most of whose sample prompts match `rule` as allowed; returns how many.
-    fn allow_matching_clusters(&self, rule: &AllowRule) -> Result<usize, Error> {
+    /// Marks as allowed the campaigns at least half of whose sampled prompts `list` matches,
+    /// and whose other sampled prompts follow no template of their own (see
+    /// [`template::groups`]): an app's cluster with a few organic look-alikes goes, a campaign
+    /// chained to an app's prompts stays. Returns how many it marked, and the campaigns `focus`
+    /// (a rule just added) matches a sampled prompt of that it left.
+    fn allow_matching_clusters(
+        &self,
+        list: &AllowList,
+        focus: Option<&AllowRule>,
+    ) -> Result<(usize, Vec<u64>), Error> {
+        if list.is_empty() {
+            return Ok((0, Vec::new()));
+        }
         let campaigns = {
             let d = self.detector.read();
             d.campaigns(d.config().campaign_score)
         };
-        let mut hit = Vec::new();
+        let (mut hit, mut left) = (Vec::new(), Vec::new());
         for c in campaigns {
             let samples = self.store.get_many(&c.samples)?;
-            let matching = samples.iter().filter(|r| rule.matches(&r.text)).count();
-            if !samples.is_empty() && 2 * matching >= samples.len() {
+            let (matched, rest): (Vec<&PromptRecord>, Vec<&PromptRecord>) = samples
+                .iter()
+                .partition(|r| list.matching(&r.text).is_some());
+            if matched.is_empty() {
+                continue;
+            }
+            let rest: Vec<&str> = rest.iter().map(|r| r.text.as_str()).collect();
+            if 2 * matched.len() >= samples.len() && template::groups(&rest).0.is_empty() {
                 hit.push(c.id);
+            } else if focus.is_some_and(|f| matched.iter().any(|r| f.matches(&r.text))) {
+                left.push(c.id);
             }
         }
         let mut d = self.detector.write();
-        Ok(hit.into_iter().filter(|&id| d.allow_cluster(id)).count())
+        let cleared = hit.into_iter().filter(|&id| d.allow_cluster(id)).count();
+        Ok((cleared, left))
     }
 
     /// Whether prompts should come with part embeddings (`NewPrompt::parts`): part links are on.

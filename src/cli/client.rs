@@ -779,6 +779,12 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                 writeln!(std::io::stdout(), "{verb} {}", line(e))?;
             }
             eprintln!("allow: {} campaign(s) cleared", r.campaigns_cleared);
+            for c in &r.campaigns_not_cleared {
+                eprintln!(
+                    "allow: campaign {c} not cleared: some of its prompts match, others follow \
+                     templates of their own (`campaigns --id {c}`)"
+                );
+            }
         }
         AllowAction::List { format } => {
             let list = client

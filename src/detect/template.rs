@@ -36,10 +36,10 @@ pub struct TemplateGroup {
 /// together. [`extract`] over all of them keeps only the words they all share (`<*> the <*>`).
 ///
 /// Here samples are grouped bottom-up: each step joins the two groups whose joint template keeps
-/// the most fixed words in runs of [`RUN_WORDS`] or more — at least [`GROUP_WORDS`], and two
-/// thirds of each group's own, so two templates that share a phrase stay two (the rewordings of
-/// one instruction, say). A group of one text (a prompt, or the same prompt sent again) has no
-/// template of its own to keep. Groups of one sample are not templates: they are counted, not
+/// the most fixed words in runs of [`RUN_WORDS`] or more — at least [`GROUP_WORDS`], and half of
+/// each group's own, so two templates that share a phrase stay two (the rewordings of one
+/// instruction, say); one text (a prompt, or the same prompt sent again) has no template to
+/// keep. Groups of one sample are not templates: they are counted, not
 /// returned (a paraphrasing campaign's prompts share little wording; what they share, they are
 /// listed by). Prompts are compared on their first and last [`GROUP_END_WORDS`] words (pairs of
 /// samples cost the product of their lengths); each group's template is then [`extract`] of its
@@ -113,9 +113,11 @@ fn joint<'a>(a: &Draft<'a>, b: &Draft<'_>) -> Option<(usize, Vec<Word<'a>>)> {
     }
     let merged = merge(&a.words, &other);
     let kept = run_words(&merged);
-    // Two thirds of each group's template must stay: the sentence two rewordings share is not
-    // a template of theirs.
-    let keeps_enough = |d: &Draft<'_>| d.is_text() || 3 * kept >= 2 * run_words(&d.words);
+    // Half of each group's template must stay: the sentence two rewordings share is not a
+    // template of theirs. (Not more: a slot filled from a short list — a city, a topic — is
+    // fixed within a group of prompts that drew the same value, and such groups are one
+    // template; two templates that share half their words are listed as one.)
+    let keeps_enough = |d: &Draft<'_>| d.is_text() || 2 * kept >= run_words(&d.words);
     (kept >= GROUP_WORDS && keeps_enough(a) && keeps_enough(b)).then_some((kept, merged))
 }
 
@@ -174,8 +176,8 @@ struct Draft<'a> {
     cut: Option<bool>,
     /// The samples that went into it, by index.
     samples: Vec<usize>,
-    /// Their text, while they are all one text.
-    text: Option<&'a str>,
+    /// Their distinct texts.
+    texts: Vec<&'a str>,
 }
 
 impl<'a> Draft<'a> {
@@ -199,7 +201,7 @@ impl<'a> Draft<'a> {
             words,
             cut,
             samples: vec![0],
-            text: Some(sample),
+            texts: vec![sample],
         }
     }
 
@@ -219,27 +221,30 @@ impl<'a> Draft<'a> {
             words,
             cut: None,
             samples: vec![index],
-            text: Some(sample),
+            texts: vec![sample],
         }
     }
 
-    /// Whether it is one text: one sample, or samples that are the same prompt.
+    /// Whether it is one text (a prompt, or the same prompt sent again), with no template of
+    /// its own yet to keep (see [`groups`]).
     fn is_text(&self) -> bool {
-        self.text.is_some()
+        self.texts.len() == 1
     }
 
     /// Takes in another sample's (or group's) template.
-    fn absorb(&mut self, other: Draft<'_>) {
+    fn absorb(&mut self, other: Draft<'a>) {
         let words: Vec<Option<&str>> = other.words.iter().map(|w| w.0).collect();
         let merged = merge(&self.words, &words);
         self.join(merged, other);
     }
 
     /// Takes in `other`, `merged` being [`merge`] of the two templates' words.
-    fn join(&mut self, merged: Vec<Word<'a>>, other: Draft<'_>) {
+    fn join(&mut self, merged: Vec<Word<'a>>, other: Draft<'a>) {
         self.words = merged;
-        if self.text != other.text {
-            self.text = None;
+        for t in other.texts {
+            if !self.texts.contains(&t) {
+                self.texts.push(t);
+            }
         }
         if other.cut.is_some() {
             self.cut.get_or_insert(true);

@@ -348,6 +348,7 @@ impl Radar for RadarService {
             entry: Some(convert::allowed(allowed.entry)),
             campaigns_cleared: allowed.cleared as u32,
             already_listed: allowed.already_listed,
+            campaigns_not_cleared: allowed.not_cleared,
         }))
     }
 

@@ -253,10 +253,11 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
     ];
     // Two templates with no three words in a row in common, eight accounts each...
     for i in 0..32 {
+        // Every text its own: the same text from several accounts is no template evidence.
         let text = if i % 4 < 2 {
-            format!("{SUMMARY} {}", SLOTS[i % 8])
+            format!("{SUMMARY} {} (order {i})", SLOTS[i % 8])
         } else {
-            format!("{TRANSLATION} {}", SLOTS[(i + 3) % 8])
+            format!("{TRANSLATION} {} (ticket {i})", SLOTS[(i + 3) % 8])
         };
         c.check(req(&format!("ops-{}", i % 8), &text))
             .await
@@ -279,6 +280,7 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
         .unwrap()
         .into_inner();
     assert_eq!((camp.accounts, camp.prompts), (9, 33), "{camp:?}");
+    assert!(camp.is_campaign, "{camp:?}");
     assert_eq!(camp.templates.len(), 2, "{:?}", camp.templates);
     assert!(
         camp.templates
@@ -308,7 +310,9 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
                 .contains(&format!("campaigns --id {}", camp.campaign_id)),
         "{err:?}"
     );
-    // One of them, by its text, is allowed.
+    // One of them, by its text, is allowed; it matches half the cluster's prompts, but the
+    // others follow a template of their own, so the cluster (one unit) still scores, and the
+    // answer says so.
     let r = c
         .allow_template(proto::AllowTemplateRequest {
             source: Some(Source::Template(format!("{SUMMARY} <*>"))),
@@ -318,6 +322,28 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
         .unwrap()
         .into_inner();
     assert!(!r.already_listed, "{r:?}");
+    assert_eq!(r.campaigns_cleared, 0, "{r:?}");
+    assert_eq!(r.campaigns_not_cleared, vec![camp.campaign_id], "{r:?}");
+    let list = every_campaign(&mut c).await;
+    assert!(
+        list.iter().any(|l| l.campaign_id == camp.campaign_id),
+        "{list:?}"
+    );
+    // Both templates allowed: nothing of it follows another template, and it is cleared.
+    let r = c
+        .allow_template(proto::AllowTemplateRequest {
+            source: Some(Source::Template(format!("{TRANSLATION} <*>"))),
+            note: "support tooling".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.campaigns_cleared, r.campaigns_not_cleared.len()),
+        (1, 0),
+        "{r:?}"
+    );
+    assert!(every_campaign(&mut c).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
