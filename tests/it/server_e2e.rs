@@ -295,11 +295,7 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
     );
     // Allow-listing by the campaign's id would list the words both share: refused, naming the
     // way out.
-    let err = c
-        .allow_template(proto::AllowTemplateRequest {
-            source: Some(Source::CampaignId(camp.campaign_id)),
-            note: "support tooling".into(),
-        })
+    let err = allow(&mut c, Source::CampaignId(camp.campaign_id))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -313,14 +309,9 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
     // One of them, by its text, is allowed; it matches half the cluster's prompts, but the
     // others follow a template of their own, so the cluster (one unit) still scores, and the
     // answer says so.
-    let r = c
-        .allow_template(proto::AllowTemplateRequest {
-            source: Some(Source::Template(format!("{SUMMARY} <*>"))),
-            note: "support tooling".into(),
-        })
+    let r = allow(&mut c, Source::Template(format!("{SUMMARY} <*>")))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(!r.already_listed, "{r:?}");
     assert_eq!(r.campaigns_cleared, 0, "{r:?}");
     assert_eq!(r.campaigns_not_cleared, vec![camp.campaign_id], "{r:?}");
@@ -330,14 +321,9 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
         "{list:?}"
     );
     // Both templates allowed: nothing of it follows another template, and it is cleared.
-    let r = c
-        .allow_template(proto::AllowTemplateRequest {
-            source: Some(Source::Template(format!("{TRANSLATION} <*>"))),
-            note: "support tooling".into(),
-        })
+    let r = allow(&mut c, Source::Template(format!("{TRANSLATION} <*>")))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(
         (r.campaigns_cleared, r.campaigns_not_cleared.len()),
         (1, 0),
@@ -1376,4 +1362,17 @@ async fn every_campaign(c: &mut RadarClient<Channel>) -> Vec<proto::Campaign> {
     .expect("ListCampaigns")
     .into_inner()
     .campaigns
+}
+
+/// Allow-lists `source` (note "support tooling").
+async fn allow(
+    c: &mut RadarClient<Channel>,
+    source: proto::allow_template_request::Source,
+) -> Result<proto::AllowTemplateResponse, tonic::Status> {
+    c.allow_template(proto::AllowTemplateRequest {
+        source: Some(source),
+        note: "support tooling".into(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
 }
