@@ -1079,17 +1079,25 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(format!("prompt_id: no prompt {id}")))
     }
 
-    /// Campaigns scoring at least `min_score`, highest first, at most `top`.
-    pub fn campaigns(&self, top: usize, min_score: f32) -> Result<Vec<CampaignView>, Error> {
-        let summaries: Vec<CampaignSummary> = {
+    /// Campaigns scoring at least `min_score`, highest first, at most `top`; and how many there
+    /// are in all.
+    pub fn campaigns(
+        &self,
+        top: usize,
+        min_score: f32,
+    ) -> Result<(Vec<CampaignView>, usize), Error> {
+        let (summaries, total): (Vec<CampaignSummary>, usize) = {
             let d = self.detector.read();
             let min = min_score.max(d.config().campaign_score);
-            d.campaigns(min).into_iter().take(top).collect()
+            let all = d.campaigns(min);
+            let total = all.len();
+            (all.into_iter().take(top).collect(), total)
         };
-        summaries
+        let views = summaries
             .into_iter()
             .map(|s| self.campaign_view(s))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((views, total))
     }
 
     /// One campaign by any prompt id of its cluster.
@@ -1875,7 +1883,7 @@ mod tests {
     }
 
     fn campaign_summaries(engine: &Engine) -> Vec<CampaignSummary> {
-        (engine.campaigns(10, 0.0).unwrap())
+        (engine.campaigns(10, 0.0).unwrap().0)
             .into_iter()
             .map(|c| c.summary)
             .collect()

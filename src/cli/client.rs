@@ -421,22 +421,25 @@ pub struct CampaignsArgs {
 /// Prints campaigns with their template: the top ones, or one in full (`--id`).
 pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.server).await?;
-    let list = match args.id {
-        Some(id) => vec![
-            client
-                .get_campaign(proto::GetCampaignRequest { campaign_id: id })
-                .await?
-                .into_inner(),
-        ],
+    let (list, total) = match args.id {
+        Some(id) => (
+            vec![
+                client
+                    .get_campaign(proto::GetCampaignRequest { campaign_id: id })
+                    .await?
+                    .into_inner(),
+            ],
+            1,
+        ),
         None => {
-            client
+            let r = client
                 .list_campaigns(proto::ListCampaignsRequest {
                     top: args.top,
                     min_score: args.min_score,
                 })
                 .await?
-                .into_inner()
-                .campaigns
+                .into_inner();
+            (r.campaigns, r.total)
         }
     };
     let full = args.id.is_some();
@@ -501,7 +504,7 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     if !full {
-        eprintln!("campaigns: {} listed", list.len());
+        eprintln!("campaigns: {} listed of {total}", list.len());
     }
     Ok(())
 }

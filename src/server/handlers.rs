@@ -257,9 +257,10 @@ impl Radar for RadarService {
         }
         let top = if r.top == 0 { 20 } else { r.top as usize };
         let engine = self.engine.clone();
-        let list = blocking(move || engine.campaigns(top, r.min_score)).await?;
+        let (list, total) = blocking(move || engine.campaigns(top, r.min_score)).await?;
         Ok(Response::new(proto::ListCampaignsResponse {
             campaigns: list.into_iter().map(convert::campaign).collect(),
+            total: u32::try_from(total).unwrap_or(u32::MAX),
         }))
     }
 

@@ -191,6 +191,10 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     let campaigns = jsonl(&o.stdout);
     assert_eq!(campaigns.len(), 1);
     assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "campaigns: 1 listed of 1\n"
+    );
+    assert_eq!(
         (
             campaigns[0]["accounts"].as_u64(),
             campaigns[0]["prompts"].as_u64()

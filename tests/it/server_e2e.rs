@@ -1295,6 +1295,17 @@ async fn a_user_asking_a_campaigns_slot_question_is_not_pulled_into_it() {
         let camp = camp.unwrap_or_else(|| panic!("a campaign of {template}: {list:?}"));
         assert_eq!((camp.accounts, camp.prompts), (10, 30), "{camp:?}");
     }
+    // The top one, and how many there are.
+    let top = c
+        .list_campaigns(proto::ListCampaignsRequest {
+            top: 1,
+            min_score: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((top.campaigns.len(), top.total), (1, 2), "{top:?}");
+    assert_eq!(top.campaigns[0], list[0]);
     server.stop().await;
 }
 
