@@ -648,11 +648,11 @@ impl Engine {
         }
         let campaigns = {
             let d = self.detector.read();
-            d.campaigns(d.config().campaign_score)
+            d.campaign_samples(d.config().campaign_score)
         };
         let (mut hit, mut left) = (Vec::new(), Vec::new());
-        for c in campaigns {
-            let samples = self.store.get_many(&c.samples)?;
+        for (root, ids) in campaigns {
+            let samples = self.store.get_many(&ids)?;
             let (matched, rest): (Vec<&PromptRecord>, Vec<&PromptRecord>) = samples
                 .iter()
                 .partition(|r| list.matching(&r.text).is_some());
@@ -661,9 +661,9 @@ impl Engine {
             }
             let rest: Vec<&str> = rest.iter().map(|r| r.text.as_str()).collect();
             if 2 * matched.len() >= samples.len() && template::groups(&rest).0.is_empty() {
-                hit.push(c.id);
+                hit.push(root);
             } else if focus.is_some_and(|f| matched.iter().any(|r| f.matches(&r.text))) {
-                left.push(c.id);
+                left.push(root);
             }
         }
         let mut d = self.detector.write();

@@ -398,22 +398,35 @@ impl Detector {
 
     /// Clusters scoring at least `min_score` as campaigns, highest score first (ties: more accounts).
     pub fn campaigns(&self, min_score: f32) -> Vec<CampaignSummary> {
-        let mut out: Vec<CampaignSummary> = self
+        self.campaign_roots(min_score)
+            .into_iter()
+            .filter_map(|root| self.campaign(root))
+            .collect()
+    }
+
+    /// The root and sampled prompt ids of each cluster [`Self::campaigns`] lists, in its order:
+    /// what the allow-list needs, without the per-account evidence a summary adds up.
+    pub fn campaign_samples(&self, min_score: f32) -> Vec<(u64, Vec<u64>)> {
+        self.campaign_roots(min_score)
+            .into_iter()
+            .filter_map(|root| Some((root, self.clusters.get(&root)?.samples.clone())))
+            .collect()
+    }
+
+    /// The roots of clusters scoring at least `min_score` (and above 0), highest score first
+    /// (ties: more accounts, then the lower root).
+    fn campaign_roots(&self, min_score: f32) -> Vec<u64> {
+        let mut roots: Vec<(u64, f32, u32)> = self
             .clusters
             .keys()
-            .filter(|&&root| {
-                let score = self.cluster_score(root).0;
-                score >= min_score && score > 0.0
+            .map(|&root| {
+                let (score, accounts) = self.cluster_score(root);
+                (root, score, accounts)
             })
-            .filter_map(|&root| self.campaign(root))
+            .filter(|&(_, score, _)| score >= min_score && score > 0.0)
             .collect();
-        out.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then(b.accounts.cmp(&a.accounts))
-                .then(a.id.cmp(&b.id))
-        });
-        out
+        roots.sort_by(|a, b| b.1.total_cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+        roots.into_iter().map(|(root, _, _)| root).collect()
     }
 
     /// The cluster containing prompt `id`, if that prompt is known.
