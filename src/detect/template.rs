@@ -45,10 +45,16 @@ pub struct TemplateGroup {
 /// samples cost the product of their lengths); each group's template is then [`extract`] of its
 /// samples.
 pub fn groups(samples: &[&str]) -> (Vec<TemplateGroup>, u32) {
-    let mut drafts: Vec<Option<Draft<'_>>> = samples
+    let mut drafts: Vec<Option<Group<'_>>> = samples
         .iter()
         .enumerate()
-        .map(|(i, s)| Some(Draft::ends(s, i)))
+        .map(|(i, s)| {
+            Some(Group {
+                draft: Draft::ends(s),
+                members: vec![i],
+                one_text: true,
+            })
+        })
         .collect();
     // The joint template of each pair of groups that may join, and the run words it keeps.
     let mut pairs: std::collections::BTreeMap<(usize, usize), (usize, Vec<Word<'_>>)> =
@@ -71,7 +77,9 @@ pub fn groups(samples: &[&str]) -> (Vec<TemplateGroup>, u32) {
         let gone = drafts[j].take();
         pairs.retain(|&(x, y), _| x != i && y != i && x != j && y != j);
         if let (Some(a), Some(b)) = (drafts[i].as_mut(), gone) {
-            a.join(merged, b);
+            a.one_text = a.one_text && b.one_text && samples[a.members[0]] == samples[b.members[0]];
+            a.draft.join(merged, b.draft);
+            a.members.extend(b.members);
         }
         for k in 0..drafts.len() {
             let (lo, hi) = (i.min(k), i.max(k));
@@ -85,15 +93,15 @@ pub fn groups(samples: &[&str]) -> (Vec<TemplateGroup>, u32) {
             }
         }
     }
-    let mut drafts: Vec<Draft<'_>> = drafts.into_iter().flatten().collect();
-    let alone = drafts.iter().filter(|d| d.samples.len() == 1).count() as u32;
+    let mut drafts: Vec<Group<'_>> = drafts.into_iter().flatten().collect();
+    let alone = drafts.iter().filter(|d| d.members.len() == 1).count() as u32;
     // A stable sort: ties keep the order of their first sample.
-    drafts.sort_by_key(|d| std::cmp::Reverse(d.samples.len()));
+    drafts.sort_by_key(|d| std::cmp::Reverse(d.members.len()));
     let groups = drafts
         .into_iter()
-        .filter(|d| d.samples.len() > 1)
+        .filter(|d| d.members.len() > 1)
         .map(|d| {
-            let members: Vec<&str> = d.samples.iter().map(|&i| samples[i]).collect();
+            let members: Vec<&str> = d.members.iter().map(|&i| samples[i]).collect();
             TemplateGroup {
                 samples: members.len() as u32,
                 template: extract(&members),
@@ -103,21 +111,30 @@ pub fn groups(samples: &[&str]) -> (Vec<TemplateGroup>, u32) {
     (groups, alone)
 }
 
+/// A group of samples being formed by [`groups`]: their joint template, which samples (by
+/// index), and whether they are all one text (a prompt, or the same prompt sent again), which has
+/// no template of its own yet to keep.
+struct Group<'a> {
+    draft: Draft<'a>,
+    members: Vec<usize>,
+    one_text: bool,
+}
+
 /// The joint template of groups `a` and `b` and the fixed words it keeps in runs (see
 /// [`run_words`]), when they may be one group (see [`groups`]).
-fn joint<'a>(a: &Draft<'a>, b: &Draft<'_>) -> Option<(usize, Vec<Word<'a>>)> {
-    let other: Vec<Option<&str>> = b.words.iter().map(|w| w.0).collect();
+fn joint<'a>(a: &Group<'a>, b: &Group<'_>) -> Option<(usize, Vec<Word<'a>>)> {
+    let other: Vec<Option<&str>> = b.draft.words.iter().map(|w| w.0).collect();
     // Too few words in common for a template: skip the alignment.
-    if common_words(&a.words, &other) < GROUP_WORDS {
+    if common_words(&a.draft.words, &other) < GROUP_WORDS {
         return None;
     }
-    let merged = merge(&a.words, &other);
+    let merged = merge(&a.draft.words, &other);
     let kept = run_words(&merged);
     // Half of each group's template must stay: the sentence two rewordings share is not a
     // template of theirs. (Not more: a slot filled from a short list — a city, a topic — is
     // fixed within a group of prompts that drew the same value, and such groups are one
     // template; two templates that share half their words are listed as one.)
-    let keeps_enough = |d: &Draft<'_>| d.is_text() || 2 * kept >= run_words(&d.words);
+    let keeps_enough = |g: &Group<'_>| g.one_text || 2 * kept >= run_words(&g.draft.words);
     (kept >= GROUP_WORDS && keeps_enough(a) && keeps_enough(b)).then_some((kept, merged))
 }
 
@@ -169,15 +186,11 @@ fn common_words(template: &[Word<'_>], other: &[Option<&str>]) -> usize {
         .count()
 }
 
-/// A template being built: its words, whether a sample was cut (and how the first sample's rest
-/// was spaced), and how many samples went into it.
+/// A template being built: its words, and whether a sample was cut (and how the first sample's
+/// rest was spaced).
 struct Draft<'a> {
     words: Vec<Word<'a>>,
     cut: Option<bool>,
-    /// The samples that went into it, by index.
-    samples: Vec<usize>,
-    /// Their distinct texts.
-    texts: Vec<&'a str>,
 }
 
 impl<'a> Draft<'a> {
@@ -197,17 +210,12 @@ impl<'a> Draft<'a> {
         } else {
             None
         };
-        Self {
-            words,
-            cut,
-            samples: vec![0],
-            texts: vec![sample],
-        }
+        Self { words, cut }
     }
 
-    /// Sample `index`'s first and last [`GROUP_END_WORDS`] words, a slot between them when it
-    /// has more (see [`groups`]).
-    fn ends(sample: &'a str, index: usize) -> Self {
+    /// A sample's first and last [`GROUP_END_WORDS`] words, a slot between them when it has
+    /// more (see [`groups`]).
+    fn ends(sample: &'a str) -> Self {
         let mut words: Vec<Word<'a>> = keys::words(sample)
             .map(|(w, spaced)| (Some(w), spaced))
             .collect();
@@ -217,39 +225,22 @@ impl<'a> Draft<'a> {
             words.push((None, true));
             words.extend(tail);
         }
-        Self {
-            words,
-            cut: None,
-            samples: vec![index],
-            texts: vec![sample],
-        }
-    }
-
-    /// Whether it is one text (a prompt, or the same prompt sent again), with no template of
-    /// its own yet to keep (see [`groups`]).
-    fn is_text(&self) -> bool {
-        self.texts.len() == 1
+        Self { words, cut: None }
     }
 
     /// Takes in another sample's (or group's) template.
-    fn absorb(&mut self, other: Draft<'a>) {
+    fn absorb(&mut self, other: Draft<'_>) {
         let words: Vec<Option<&str>> = other.words.iter().map(|w| w.0).collect();
         let merged = merge(&self.words, &words);
         self.join(merged, other);
     }
 
     /// Takes in `other`, `merged` being [`merge`] of the two templates' words.
-    fn join(&mut self, merged: Vec<Word<'a>>, other: Draft<'a>) {
+    fn join(&mut self, merged: Vec<Word<'a>>, other: Draft<'_>) {
         self.words = merged;
-        for t in other.texts {
-            if !self.texts.contains(&t) {
-                self.texts.push(t);
-            }
-        }
         if other.cut.is_some() {
             self.cut.get_or_insert(true);
         }
-        self.samples.extend(other.samples);
     }
 
     /// The template as text: slots as `<*>` (one for a run of them), spaced as the first sample.
