@@ -24,6 +24,14 @@ pub fn score_text(score: f32, decimals: usize) -> String {
     format!("{:.*}", decimals, (exact * scale).floor() / scale)
 }
 
+/// `n` and its noun, singular for one: `1 account`, `3 accounts` (nouns whose plural adds an `s`).
+pub fn counted(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 /// Campaign score of a cluster with `accounts` distinct accounts, `prompts` members and
 /// `distinct_texts` distinct normalised texts.
 pub fn campaign_score(

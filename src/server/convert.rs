@@ -1,6 +1,6 @@
 //! Conversions between engine types and protobuf messages.
 
-use crate::detect::scoring::score_text;
+use crate::detect::scoring::{counted, score_text};
 use crate::detect::{AccountSummary, Action, Verdict};
 use crate::engine::{CampaignView, Hit};
 use crate::proto;
@@ -106,8 +106,11 @@ pub fn campaign(c: CampaignView) -> proto::Campaign {
 pub fn account(a: AccountSummary) -> proto::Account {
     let reason = if a.campaign_prompts == 0 {
         format!(
-            "none of its {} prompts is in a multi-account campaign{}",
-            a.prompts,
+            "{} in a multi-account campaign{}",
+            match a.prompts {
+                1 => "its one prompt is not".to_string(),
+                n => format!("none of its {n} prompts is"),
+            },
             if a.score > 0.0 {
                 format!(
                     " (score {}: some sit in clusters shared with other accounts that score below a campaign)",
@@ -119,11 +122,12 @@ pub fn account(a: AccountSummary) -> proto::Account {
         )
     } else {
         format!(
-            "{} of its {} prompts ({:.0}%) are campaign traffic in {} campaign(s) shared with other accounts ({} linked directly to other accounts' prompts); score {}",
+            "{} of its {} ({:.0}%) {} campaign traffic in {} shared with other accounts ({} linked directly to other accounts' prompts); score {}",
             a.campaign_prompts,
-            a.prompts,
+            counted(a.prompts, "prompt"),
             100.0 * a.campaign_prompts as f64 / a.prompts.max(1) as f64,
-            a.campaigns.len(),
+            if a.campaign_prompts == 1 { "is" } else { "are" },
+            counted(a.campaigns.len() as u64, "campaign"),
             a.cross_account_prompts,
             score_text(a.score, 2)
         ) + &a
@@ -218,6 +222,10 @@ mod tests {
         };
         let reason = account(summary.clone()).reason;
         assert!(
+            reason.starts_with("1 of its 1 prompt (100%) is campaign traffic in 1 campaign shared"),
+            "{reason}"
+        );
+        assert!(
             reason.ends_with(
                 "score 0.78; not judged yet: an account needs at least 2 campaign prompts"
             ),
@@ -229,7 +237,13 @@ mod tests {
             prompts: 3,
             ..summary
         };
-        assert!(account(judged.clone()).reason.ends_with("score 0.78"));
+        let reason = account(judged.clone()).reason;
+        assert!(reason.ends_with("score 0.78"), "{reason}");
+        assert!(
+            reason
+                .starts_with("3 of its 3 prompts (100%) are campaign traffic in 1 campaign shared"),
+            "{reason}"
+        );
 
         // No campaign prompts: a score above 0 says where it comes from, a 0 says nothing.
         let below = AccountSummary {
@@ -247,8 +261,16 @@ mod tests {
             ..below
         };
         assert_eq!(
-            account(clean).reason,
+            account(clean.clone()).reason,
             "none of its 3 prompts is in a multi-account campaign"
+        );
+        let one = AccountSummary {
+            prompts: 1,
+            ..clean
+        };
+        assert_eq!(
+            account(one).reason,
+            "its one prompt is not in a multi-account campaign"
         );
     }
 }
