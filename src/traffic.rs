@@ -241,6 +241,42 @@ pub fn parse(line: usize, s: &str) -> Result<TrafficLine, LineError> {
     })
 }
 
+/// The file an `--input` names: `-` is standard input.
+pub fn input_path(path: &std::path::Path) -> std::path::PathBuf {
+    match path.as_os_str() == "-" {
+        true => "/dev/stdin".into(),
+        false => path.to_path_buf(),
+    }
+}
+
+/// Whether `path` can be read twice: a regular file. A pipe (`--input /dev/stdin`, `<(zcat …)`,
+/// a FIFO) can be read once only, so a verb reads it without counting its lines first (a count
+/// would drain it and leave nothing to read).
+pub fn rereadable(path: &std::path::Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Refuses an output path that is the input file (the same file by device and inode, whatever
+/// the path says): creating the output would empty the input before it is read, or overwrite it
+/// after. `flag` names the output's flag in the error.
+pub fn refuse_input_as_output(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    flag: &str,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(i), Ok(o)) = (std::fs::metadata(input), std::fs::metadata(output)) else {
+        return Ok(());
+    };
+    if i.is_file() && (i.dev(), i.ino()) == (o.dev(), o.ino()) {
+        anyhow::bail!(
+            "{flag} {} is the input file: writing it would destroy the input; give another path",
+            output.display()
+        );
+    }
+    Ok(())
+}
+
 /// Counts the non-blank lines from line `first` on (for progress bars); lines that are not UTF-8
 /// or too long count too, as [`lines`] reports each of them.
 pub fn count_lines(path: &std::path::Path, first: usize) -> std::io::Result<u64> {

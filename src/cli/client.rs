@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use prompt_radar::detect::scoring::score_text;
+use prompt_radar::detect::scoring::{counted, score_text};
 use prompt_radar::proto::{self, radar_client::RadarClient};
 use prompt_radar::traffic;
 
@@ -76,13 +76,16 @@ pub async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
 pub struct CheckArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Traffic JSONL: {"account_id", "prompt", "timestamp_ms"} per line.
+    /// Traffic JSONL: {"account_id", "prompt", "timestamp_ms"} per line (`-`: standard input;
+    /// a pipe is read as it comes, without a line count for the progress bar).
     #[arg(long, env = "PROMPT_RADAR_INPUT")]
     pub input: PathBuf,
-    /// Where verdicts go, one JSON line per input line (default: stdout).
+    /// Where verdicts go, one JSON line per input line (default: stdout; not the input file).
     #[arg(long, env = "PROMPT_RADAR_OUTPUT")]
     pub output: Option<PathBuf>,
     /// On a malformed or rejected line: report it with its line number and go on, or stop.
+    /// `check` sends ahead of the answers: at a line the server rejects, the lines already sent
+    /// after it (up to 1,024) are still answered and stored; the summary says which.
     #[arg(long, env = "PROMPT_RADAR_ON_ERROR", value_enum, default_value_t = OnError::Skip)]
     pub on_error: OnError,
     /// Start at this line of the input (1-based), skipping the ones before: to go on after a
@@ -93,6 +96,18 @@ pub struct CheckArgs {
     pub start_line: u64,
 }
 
+/// Closes the semaphore when dropped.
+struct ClosedOnDrop(Arc<tokio::sync::Semaphore>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The most lines `check` has sent and not yet had answered.
+const IN_FLIGHT: usize = 1024;
+
 /// An input line on its way: sent to the server, or failed locally.
 enum Slot {
     Sent(usize),
@@ -100,18 +115,45 @@ enum Slot {
 }
 
 /// Streams the file through CheckStream and writes verdicts in file order.
+///
+/// The first Ctrl-C or SIGTERM stops reading: the lines already sent are answered (and stored)
+/// and their verdicts written, and the run ends saying where to go on; a second quits at once.
+/// An output that cannot be written (a closed pipe) ends the run the same way: what the server
+/// stored is never left without a line to go on from.
 pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
-    let total = traffic::count_lines(&args.input, first)
-        .with_context(|| format!("cannot read {}", args.input.display()))?;
-    if first > 1 && total == 0 {
-        eprintln!(
-            "check: {} has nothing from line {first} on: nothing to do",
-            args.input.display()
-        );
+    let input = traffic::input_path(&args.input);
+    if let Some(out) = &args.output {
+        traffic::refuse_input_as_output(&input, out, "--output")?;
     }
-    let file = std::fs::File::open(&args.input)
+    // A pipe is read once: counting its lines first would drain it.
+    let total = match traffic::rereadable(&input) {
+        true => Some(
+            traffic::count_lines(&input, first)
+                .with_context(|| format!("cannot read {}", args.input.display()))?,
+        ),
+        false => None,
+    };
+    if first > 1 {
+        eprintln!(
+            "check: starting at line {first} ({} skipped, --start-line)",
+            match first {
+                2 => "line 1".to_string(),
+                n => format!("lines 1-{}", n - 1),
+            }
+        );
+        if total == Some(0) {
+            eprintln!(
+                "check: {} has nothing from line {first} on: nothing to do",
+                args.input.display()
+            );
+        }
+    }
+    let file = std::fs::File::open(&input)
         .with_context(|| format!("cannot open {}", args.input.display()))?;
+    // Connected before the output is created: a server that is down leaves the output of the
+    // last run as it was.
+    let mut client = connect(&args.server).await?;
     let mut out: Box<dyn Write + Send> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
@@ -122,15 +164,24 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         .output
         .as_ref()
         .map_or("stdout".to_string(), |p| p.display().to_string());
-    let wrote = |r: std::io::Result<()>| r.with_context(|| format!("cannot write {out_name}"));
-    let mut client = connect(&args.server).await?;
     let (req_tx, req_rx) = mpsc::channel::<proto::CheckRequest>(256);
+    // Lines sent and not yet answered: at most IN_FLIGHT, so that a stop (an error, a signal)
+    // takes effect within that many lines, whatever the transport's buffers would take in.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let permits = in_flight.clone();
+    let runtime = tokio::runtime::Handle::current();
+    // However this ends (an error returns early), the reader waiting for a permit is let go.
+    let _release = ClosedOnDrop(in_flight.clone());
     let (slot_tx, mut slot_rx) = mpsc::channel::<Slot>(4096);
     let stop_on_error = args.on_error == OnError::Stop;
-    // Set at a stop on an error the server reported: the reader sends nothing more. The lines
-    // already sent are stored by then, so their verdicts are still read and written.
+    // Set at a stop (an error the server reported, a signal, an output that cannot be
+    // written): the reader sends nothing more. The lines already sent are stored by then, so
+    // their answers are still read.
     let halt = Arc::new(AtomicBool::new(false));
     let halted = halt.clone();
+    // The last line handed to the stream.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let last_sent = sent.clone();
     let reader = tokio::task::spawn_blocking(move || {
         for (line, parsed) in traffic::lines_from(std::io::BufReader::new(file), first) {
             if halted.load(Ordering::Relaxed) {
@@ -138,6 +189,13 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
             }
             let slot = match parsed {
                 Ok(t) => {
+                    match runtime.block_on(permits.acquire()) {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => break,
+                    }
+                    if halted.load(Ordering::Relaxed) {
+                        break;
+                    }
                     let req = proto::CheckRequest {
                         account_id: t.account_id,
                         prompt: t.prompt,
@@ -147,6 +205,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                     if req_tx.blocking_send(req).is_err() {
                         break;
                     }
+                    last_sent.store(line, Ordering::Relaxed);
                     Slot::Sent(line)
                 }
                 Err(e) => Slot::Bad(line, e.reason),
@@ -157,32 +216,50 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
             }
         }
     });
+    let interrupted = stop_on_signal(halt.clone(), sent.clone())?;
     let started = Instant::now();
     let mut responses = client
         .check_stream(ReceiverStream::new(req_rx))
         .await
         .context("CheckStream")?
         .into_inner();
-    let mut bar = super::progress::Progress::new("check", total);
+    let mut bar = match total {
+        Some(total) => super::progress::Progress::new("check", total),
+        None => super::progress::Progress::open_ended("check"),
+    };
     let (mut ok, mut errors) = (0u64, 0u64);
     let mut actions = [0u64; 3];
-    let mut micros = Vec::with_capacity(total as usize);
+    let mut micros = Vec::with_capacity(total.unwrap_or(0).min(1 << 20) as usize);
     // The line of the error that stopped the run, and the last line answered or reported.
     let mut stopped: Option<usize> = None;
     let mut last_line = 0;
+    // The output's write error, and the line whose verdict it lost: verdicts are no longer
+    // written, but the answers to what was sent are still awaited, to know what is stored.
+    let mut unwritten: Option<(usize, std::io::Error)> = None;
     while let Some(slot) = slot_rx.recv().await {
         let (line, value) = match slot {
             Slot::Bad(line, reason) => (line, Err(reason)),
             Slot::Sent(line) => match responses.message().await {
-                Ok(Some(r)) => (line, Ok(r)),
+                Ok(Some(r)) => {
+                    in_flight.add_permits(1);
+                    (line, Ok(r))
+                }
                 // The verdicts so far are written (the writer flushes as it drops).
                 ended => {
                     let why = match ended {
                         Err(status) => anyhow::Error::new(status),
                         _ => anyhow::anyhow!("the server closed the stream"),
                     };
+                    let ahead = sent.load(Ordering::Relaxed);
+                    let ahead = match ahead > line {
+                        true => format!(
+                            "; lines {}-{ahead} were sent too, and those the server received before it stopped are stored",
+                            line + 1
+                        ),
+                        false => String::new(),
+                    };
                     return Err(why.context(format!(
-                        "no verdict for line {line}; the lines before it are checked (to go on: the same command with --start-line {line} and a new --output)"
+                        "no verdict for line {line}; the lines before it are checked{ahead} (to go on: the same command with --start-line {line} and a new --output)"
                     )));
                 }
             },
@@ -210,10 +287,10 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                 }))
             }
         };
-        match json {
+        let v = match json {
             Ok(v) => {
                 ok += 1;
-                wrote(writeln!(out, "{v}"))?;
+                v
             }
             Err(v) => {
                 errors += 1;
@@ -223,18 +300,29 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                         v["error"].as_str().unwrap_or("error")
                     )
                 });
-                wrote(writeln!(out, "{v}"))?;
                 if stop_on_error && stopped.is_none() {
                     stopped = Some(line);
                     halt.store(true, Ordering::Relaxed);
                 }
+                v
             }
+        };
+        if unwritten.is_none()
+            && let Err(e) = writeln!(out, "{v}")
+        {
+            unwritten = Some((line, e));
+            halt.store(true, Ordering::Relaxed);
         }
         last_line = line;
         bar.inc(1);
     }
     drop(slot_rx);
-    wrote(out.flush())?;
+    if unwritten.is_none()
+        && let Err(e) = out.flush()
+    {
+        // Buffered verdicts were lost with it: which ones is not known.
+        unwritten = Some((0, e));
+    }
     bar.finish();
     let _ = reader.await;
     let secs = started.elapsed().as_secs_f64();
@@ -246,20 +334,28 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
             .unwrap_or(0) as f64
             / 1000.0
     };
+    let times = match micros.is_empty() {
+        true => String::new(),
+        false => format!(
+            "; server time p50 {:.1} ms, p99 {:.1} ms",
+            pct(0.5),
+            pct(0.99)
+        ),
+    };
     eprintln!(
-        "check: {} lines in {:.1}s ({:.0} prompts/s): {ok} verdicts (allow {}, review {}, block {}), {errors} errors; server time p50 {:.1} ms, p99 {:.1} ms{}",
-        ok + errors,
+        "check: {} in {:.1}s ({:.0} prompts/s): {} (allow {}, review {}, block {}), {}{times}{}",
+        counted(ok + errors, "line"),
         secs,
         ok as f64 / secs.max(1e-9),
+        counted(ok, "verdict"),
         actions[0],
         actions[1],
         actions[2],
-        pct(0.5),
-        pct(0.99),
+        counted(errors, "error"),
         match stopped {
             None => String::new(),
             Some(n) if last_line > n => format!(
-                "; stopped at the first error, line {n} (--on-error stop). Lines {}-{last_line} were already sent: their verdicts (or errors) are in the output, and what was accepted is stored: fix line {n} and send it alone, then go on with --start-line {}",
+                "; stopped at the first error, line {n} (--on-error stop). Lines {}-{last_line} were already read ahead: their verdicts (or errors) are in the output, and what the server accepted is stored: fix line {n} and send it alone, then go on with --start-line {}",
                 n + 1,
                 last_line + 1
             ),
@@ -268,7 +364,74 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
             ),
         }
     );
-    Ok(errors == 0)
+    let checked = match last_line {
+        0 => "no line was sent".to_string(),
+        n => format!("the lines up to {n} are checked and what the server accepted is stored"),
+    };
+    if let Some((line, e)) = unwritten {
+        let lost = match line {
+            0 => "some verdicts were not written".to_string(),
+            n => format!("the verdicts from line {n} on were not written"),
+        };
+        // Not an I/O error to the caller: a closed pipe here is not a reader that has what it
+        // wanted (`accounts | head`), it is verdicts lost for prompts now stored.
+        anyhow::bail!(
+            "cannot write {out_name}: {e}; {checked}, but {lost} (to go on: the same command with --start-line {} and a new --output)",
+            last_line.max(first - 1) + 1
+        );
+    }
+    if interrupted.load(Ordering::Relaxed) && stopped.is_none() && sent.load(Ordering::Relaxed) > 0
+    {
+        let go_on = last_line.max(first - 1) + 1;
+        eprintln!(
+            "check: interrupted: {checked}, their verdicts are in {out_name}; to go on: the same command with --start-line {go_on} and a new --output"
+        );
+        return Ok(false);
+    }
+    Ok(errors == 0 && !interrupted.load(Ordering::Relaxed))
+}
+
+/// The first Ctrl-C or SIGTERM sets `halt` (the reader sends nothing more; the answers to what
+/// was sent are still written) and the flag returned; the second exits at once, with status 130,
+/// saying how far the lines were sent (`sent`). The handlers are in place when this returns.
+#[cfg(unix)]
+fn stop_on_signal(
+    halt: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+) -> anyhow::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut interrupt, mut terminate) = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+    );
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    tokio::spawn(async move {
+        tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
+        flag.store(true, Ordering::Relaxed);
+        halt.store(true, Ordering::Relaxed);
+        eprintln!(
+            "check: stopping: nothing more is sent; the verdicts of the lines already sent are written first (a second Ctrl-C quits at once)"
+        );
+        tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(
+            err,
+            "\ncheck: stopped at once (second signal): lines up to {} were sent and may be stored, and not all their verdicts are written (the store does not deduplicate: count the stored prompts before going on)",
+            sent.load(Ordering::Relaxed)
+        );
+        std::process::exit(130);
+    });
+    Ok(interrupted)
+}
+
+/// Elsewhere a signal ends the run as the system does by default.
+#[cfg(not(unix))]
+fn stop_on_signal(
+    _halt: Arc<AtomicBool>,
+    _sent: Arc<AtomicUsize>,
+) -> anyhow::Result<Arc<AtomicBool>> {
+    Ok(Arc::new(AtomicBool::new(false)))
 }
 
 /// Flags of `accounts`.
@@ -461,16 +624,16 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
             Format::Table => {
                 writeln!(
                     out,
-                    "{}  score {}  {} accounts ({} flagged)  {} prompts ({} distinct)  seen {} .. {}",
+                    "{}  score {}  {} ({} flagged)  {} ({} distinct)  seen {} .. {}",
                     if c.is_campaign {
                         format!("campaign {}", c.campaign_id)
                     } else {
                         format!("cluster {} (not a campaign)", c.campaign_id)
                     },
                     score_text(c.score, 3),
-                    c.accounts,
+                    counted(c.accounts, "account"),
                     c.flagged_accounts,
-                    c.prompts,
+                    counted(c.prompts, "prompt"),
                     c.distinct_prompts,
                     utc(c.first_seen_ms),
                     utc(c.last_seen_ms)
@@ -781,7 +944,10 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                 };
                 writeln!(std::io::stdout(), "{verb} {}", line(e))?;
             }
-            eprintln!("allow: {} campaign(s) cleared", r.campaigns_cleared);
+            eprintln!(
+                "allow: {} cleared",
+                counted(r.campaigns_cleared, "campaign")
+            );
             for c in &r.campaigns_not_cleared {
                 eprintln!(
                     "allow: campaign {c} not cleared: some of its prompts match, others follow \

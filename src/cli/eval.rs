@@ -91,6 +91,16 @@ type Labelled = (Vec<(usize, TrafficLine)>, HashMap<String, String>);
 
 /// Runs the evaluation; prints the report.
 pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
+    let input = &args.offline.input;
+    for (out, flag) in [
+        (&args.json, "--json"),
+        (&args.accounts_out, "--accounts-out"),
+        (&args.embed_cache, "--embed-cache"),
+    ] {
+        if let Some(out) = out {
+            traffic::refuse_input_as_output(input, out, flag)?;
+        }
+    }
     // Every line is read and checked first: metrics of part of the stream would be wrong, not
     // partial.
     let read = |p: &PathBuf| -> anyhow::Result<Labelled> {
@@ -132,7 +142,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         let labels = labels.into_iter().map(|(a, (l, _))| (a, l)).collect();
         Ok((out, labels))
     };
-    let (lines, labels) = read(&args.offline.input)?;
+    let (lines, labels) = read(&traffic::input_path(input))?;
     anyhow::ensure!(
         !lines.is_empty(),
         "{}: no traffic lines to evaluate",
@@ -161,7 +171,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     }
     let load = Instant::now();
     let mut obs = FirstFlag {
-        progress: Progress::new("eval", lines.len() as u64, OnError::Stop),
+        progress: Progress::new("eval", Some(lines.len() as u64), OnError::Stop),
         sent: HashMap::new(),
         first: HashMap::new(),
     };

@@ -235,7 +235,8 @@ impl EngineArgs {
 /// Flags shared by the offline verbs (`reindex`, `eval`).
 #[derive(Debug, Clone, Args)]
 pub struct OfflineArgs {
-    /// Traffic JSONL: {"account_id", "prompt", "timestamp_ms"} per line (`eval` also needs "label").
+    /// Traffic JSONL: {"account_id", "prompt", "timestamp_ms"} per line (`eval` also needs "label";
+    /// `-`: standard input, which `reindex` reads as it comes, with no line count beforehand).
     #[arg(long, env = "PROMPT_RADAR_INPUT")]
     pub input: PathBuf,
     #[command(flatten)]

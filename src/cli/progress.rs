@@ -26,12 +26,22 @@ impl Progress {
         Self::with_bar(verb, ProgressBar::new(total), PLAIN_EVERY)
     }
 
+    /// Progress over items whose number is not known beforehand (input read from a pipe): a
+    /// count and a rate, no share or ETA.
+    pub fn open_ended(verb: &str) -> Self {
+        Self::with_bar(verb, ProgressBar::no_length(), PLAIN_EVERY)
+    }
+
     /// Progress through `bar`, with plain lines every `every` when it is hidden.
     pub fn with_bar(verb: &str, bar: ProgressBar, every: Duration) -> Self {
-        let style = ProgressStyle::with_template(&format!(
-            "{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let template = match bar.length() {
+            Some(_) => {
+                format!("{{spinner}} {verb} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}")
+            }
+            None => format!("{{spinner}} {verb} {{pos}} {{per_sec}}"),
+        };
+        let style = ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
         let plain = bar.is_hidden().then(|| Plain {
             verb: verb.to_string(),
             every,
@@ -67,9 +77,12 @@ impl Progress {
             return None;
         }
         p.last = Instant::now();
-        let (pos, total) = (self.bar.position(), self.bar.length().unwrap_or(0));
+        let pos = self.bar.position();
         let secs = self.bar.elapsed().as_secs_f64().max(1e-9);
         let rate = pos as f64 / secs;
+        let Some(total) = self.bar.length() else {
+            return Some(format!("{}: {pos} in {secs:.0}s, {rate:.0}/s", p.verb));
+        };
         let share = 100.0 * pos as f64 / total.max(1) as f64;
         let eta = if rate > 0.0 {
             format!("{:.0}s", total.saturating_sub(pos) as f64 / rate)
@@ -118,6 +131,15 @@ mod tests {
         }
         let next = p.inc_line(1).unwrap_or_default();
         assert!(next.starts_with("eval: 256/1000 (26%) in "), "{next}");
+        // A pipe's lines are not counted beforehand: a count and a rate only.
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+        let mut p = Progress::with_bar("check", bar, Duration::ZERO);
+        p.bar.inc(300);
+        let line = p.plain_line().unwrap_or_default();
+        assert!(
+            line.starts_with("check: 300 in ") && line.ends_with("/s"),
+            "{line}"
+        );
         // On a schedule: not again before `every` has passed.
         let bar = ProgressBar::with_draw_target(Some(10), ProgressDrawTarget::hidden());
         let mut p = Progress::with_bar("check", bar, Duration::from_secs(3600));

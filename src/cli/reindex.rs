@@ -49,10 +49,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Progress over `total` lines labelled `verb`.
-    pub fn new(verb: &str, total: u64, on_error: OnError) -> Self {
+    /// Progress over `total` lines labelled `verb` (`None`: not known beforehand).
+    pub fn new(verb: &str, total: Option<u64>, on_error: OnError) -> Self {
         Self {
-            display: progress::Progress::new(verb, total),
+            display: match total {
+                Some(total) => progress::Progress::new(verb, total),
+                None => progress::Progress::open_ended(verb),
+            },
             keep_going: on_error == OnError::Skip,
             stop: None,
             stopping: false,
@@ -199,11 +202,20 @@ impl Observer for Progress {
 pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
     let mut config = args.offline.engine.to_config()?;
-    let input = &args.offline.input;
+    let input = &traffic::input_path(&args.offline.input);
+    // A pipe is read once: no count and no time-order pass before the run.
+    let once = !traffic::rereadable(input);
+    if once {
+        eprintln!(
+            "reindex: {} is not a regular file: it is read once, with no line count beforehand and no check that it is in time order",
+            args.offline.input.display()
+        );
+    }
     // With time-sliced segments the input's times are read too, in the same pass as the count.
     let span = config.segments.segment_span_ms;
     let max_points = config.segments.max_points_per_segment;
     let order = prompt_radar::engine::slice_clock_on_disk(&config)
+        .filter(|_| !once)
         .map(|(clock, before)| {
             let index = (clock, before, max_points);
             traffic::time_order(input, first, args.offline.batch_size, index)
@@ -211,9 +223,12 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         .transpose()
         .with_context(|| format!("cannot read {}", input.display()))?;
     let total = match &order {
-        Some(order) => order.lines,
-        None => traffic::count_lines(input, first)
-            .with_context(|| format!("cannot read {}", input.display()))?,
+        _ if once => None,
+        Some(order) => Some(order.lines),
+        None => Some(
+            traffic::count_lines(input, first)
+                .with_context(|| format!("cannot read {}", input.display()))?,
+        ),
     };
     let file =
         std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
@@ -269,7 +284,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     );
     if first > 1 {
         eprintln!("reindex: starting at line {first}");
-        if total == 0 {
+        if total == Some(0) {
             eprintln!(
                 "reindex: {} has nothing from line {first} on: nothing to do",
                 args.offline.input.display()

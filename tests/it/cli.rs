@@ -1038,6 +1038,41 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
     );
 }
 
+/// `reindex --input -` reads standard input once, as it comes: counting its lines first would
+/// drain the pipe and leave nothing to store.
+#[test]
+fn reindex_reads_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    prompts_file(&input, 30);
+    let data = dir.path().join("data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(["reindex", "--input", "-", "--data-dir"])
+        .arg(&data)
+        .arg("--model")
+        .arg(model_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(&input).unwrap())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("- is not a regular file: it is read once")
+            && stderr.contains("reindex: 30 prompts"),
+        "{stderr}"
+    );
+    assert_eq!(open_data_dir(&data).len(), 30);
+}
+
 /// With time-sliced segments (`--retention-days`), an input sorted by account instead of by time
 /// goes back in time with every account. A rule on each segment's own oldest and newest time
 /// sealed a segment of about a batch each time; the slice clock puts each account's older lines
@@ -1411,4 +1446,197 @@ fn eval_refuses_a_file_with_a_line_it_cannot_use_before_running() {
         assert!(stderr.contains(said), "{said}: {stderr}");
         assert!(o.stdout.is_empty(), "no metrics");
     }
+}
+
+/// How many prompts the server at `url` has stored (`stats --format jsonl`).
+async fn stored(url: &str) -> u64 {
+    let o = run(["stats", "--server", url, "--format", "jsonl"]
+        .map(String::from)
+        .to_vec())
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    jsonl(&o.stdout)[0]["prompts"].as_u64().unwrap()
+}
+
+/// Writes `lines` real prompts of 40 accounts to `path`.
+fn prompts_file(path: &std::path::Path, lines: usize) {
+    let real = crate::common::read_data("recall_prompts.txt");
+    let mut f = std::fs::File::create(path).unwrap();
+    for (i, p) in real.lines().cycle().take(lines).enumerate() {
+        let v = serde_json::json!({"account_id": format!("u{}", i % 40), "prompt": format!("{p} ({i})")});
+        writeln!(f, "{v}").unwrap();
+    }
+}
+
+/// `check` of `input` against `url` with `extra` flags, stdout piped; runs `on_first` once the
+/// first verdict is out, then reads the rest. Returns the exit code, the verdict lines read and
+/// stderr.
+fn check_watched(
+    url: &str,
+    input: &std::path::Path,
+    on_first: impl FnOnce(&mut std::process::Child) -> bool,
+) -> (Option<i32>, Vec<Value>, String) {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args([
+            "check",
+            "--server",
+            url,
+            "--input",
+            &input.display().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let mut lines = vec![first];
+    // `on_first` says whether to go on reading stdout (false: it is closed here).
+    if on_first(&mut child) {
+        lines.extend(stdout.lines().map(Result::unwrap));
+    } else {
+        drop(stdout);
+    }
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let code = child.wait().unwrap().code();
+    let verdicts = lines
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (code, verdicts, stderr)
+}
+
+/// `check` never loses what it was given or what it stored: an output path that is the input is
+/// refused before anything is written, a server that is down leaves the last output as it was,
+/// a pipe is read (not drained by a line count first), and a Ctrl-C or a closed output ends the
+/// run with every stored prompt's line accounted for and the line to go on from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped() {
+    const LINES: usize = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(&dir.path().join("data"))).await;
+    let url = format!("http://{}", server.addr);
+    let input = dir.path().join("prompts.jsonl");
+    prompts_file(&input, LINES);
+    let bytes = std::fs::read(&input).unwrap();
+
+    // The input as the output (here by another path to the same file): refused, input intact.
+    let o = check_to_file(&url, &input, &dir.path().join(".").join("prompts.jsonl")).await;
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{said}");
+    assert!(said.contains("is the input file"), "{said}");
+    assert_eq!(std::fs::read(&input).unwrap(), bytes, "the input is kept");
+    assert_eq!(stored(&url).await, 0);
+    // So is eval's.
+    let o = run(vec![
+        "eval".into(),
+        "--input".into(),
+        input.display().to_string(),
+        "--accounts-out".into(),
+        input.display().to_string(),
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--accounts-out"));
+    assert_eq!(std::fs::read(&input).unwrap(), bytes, "the input is kept");
+
+    // A server that is down: the last run's output stays as it was.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let output = dir.path().join("verdicts.jsonl");
+    std::fs::write(&output, "{\"line\": 1}\n").unwrap();
+    let o = check_to_file(&down, &input, &output).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), "{\"line\": 1}\n");
+
+    // A pipe (`-`, standard input), from line 1496 on.
+    let tail = bytes.clone();
+    let url2 = url.clone();
+    let o = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+            .args([
+                "check",
+                "--server",
+                &url2,
+                "--input",
+                "-",
+                "--start-line",
+                "1496",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&tail).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains("check: starting at line 1496 (lines 1-1495 skipped, --start-line)"),
+        "{said}"
+    );
+    let lines: Vec<u64> = jsonl(&o.stdout)
+        .iter()
+        .map(|v| v["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, (1496..=1500).collect::<Vec<u64>>(), "{said}");
+    assert_eq!(stored(&url).await, 5);
+
+    // Ctrl-C once the first verdict is out: the lines sent are answered and written, the rest
+    // are not sent, and the run says where to go on.
+    let (url2, input2) = (url.clone(), input.clone());
+    let (code, verdicts, said) = tokio::task::spawn_blocking(move || {
+        check_watched(&url2, &input2, |child| {
+            let kill = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(kill.success());
+            true
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("check: stopping:"), "{said}");
+    let next = number_after(&said, "to go on: the same command with --start-line ");
+    assert!(next <= LINES, "stopped part way: {said}");
+    let lines: Vec<u64> = verdicts
+        .iter()
+        .map(|v| v["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, (1..next as u64).collect::<Vec<u64>>(), "{said}");
+    assert_eq!(
+        stored(&url).await,
+        5 + next as u64 - 1,
+        "every stored prompt has its verdict written: {said}"
+    );
+
+    // The output closed after one verdict (`check | head -1`): an error naming where to go on,
+    // and every line before it is stored.
+    let before = stored(&url).await;
+    let (url2, input2) = (url.clone(), input.clone());
+    let (code, _, said) =
+        tokio::task::spawn_blocking(move || check_watched(&url2, &input2, |_| false))
+            .await
+            .unwrap();
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("cannot write stdout"), "{said}");
+    let next = number_after(&said, "to go on: the same command with --start-line ");
+    assert!(next > 1 && next <= LINES, "{said}");
+    assert_eq!(stored(&url).await, before + next as u64 - 1, "{said}");
 }
