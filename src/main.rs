@@ -86,14 +86,9 @@ fn stdout_closed(e: &anyhow::Error) -> bool {
         .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
-/// A gRPC status as the server's contract names it: `NOT_FOUND: id: no allow-list entry 42`
-/// (tonic's own text reads "code: 'Some requested entity was not found', message: \"…\"").
+/// A gRPC status as the server's contract names it (see `cli::client::status_text`).
 fn status_line(status: &tonic::Status) -> String {
-    let code = prompt_radar::server::code_name(status.code());
-    match status.message() {
-        "" => code.to_string(),
-        m => format!("{code}: {m}"),
-    }
+    cli::client::status_text(status)
 }
 
 #[cfg(test)]

@@ -52,11 +52,31 @@ fn server_url(server: &str) -> anyhow::Result<String> {
     }
 }
 
+/// A gRPC status as the server's contract names it: `NOT_FOUND: id: no allow-list entry 42`
+/// (tonic's own text reads "code: 'Some requested entity was not found', message: \"…\"").
+/// The client's own deadline (`--timeout`) reads as one.
+pub fn status_text(status: &tonic::Status) -> String {
+    // tonic reports its timeout layer's expiry as CANCELLED "Timeout expired".
+    if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+        return "DEADLINE_EXCEEDED: no answer from the server within --timeout".to_string();
+    }
+    let code = prompt_radar::server::code_name(status.code());
+    match status.message() {
+        "" => code.to_string(),
+        m => format!("{code}: {m}"),
+    }
+}
+
 /// Connects to the server.
 pub async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
     let url = server_url(&args.server)?;
+    let wait = std::time::Duration::from_secs(args.timeout);
     let channel = tonic::transport::Endpoint::from_shared(url)
         .with_context(|| format!("--server {:?} is not a valid URL", args.server))?
+        .connect_timeout(wait)
+        .timeout(wait)
+        .http2_keep_alive_interval(wait)
+        .keep_alive_timeout(wait)
         .connect()
         .await
         .with_context(|| format!("cannot connect to {}", args.server))?;
@@ -371,7 +391,9 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     if let Some((line, e)) = unwritten {
         let lost = match line {
             0 => "some verdicts were not written".to_string(),
-            n => format!("the verdicts from line {n} on were not written"),
+            n => format!(
+                "the output broke at line {n}: its verdict and those after it (and perhaps some buffered before it) were not written"
+            ),
         };
         // Not an I/O error to the caller: a closed pipe here is not a reader that has what it
         // wanted (`accounts | head`), it is verdicts lost for prompts now stored.
@@ -1011,8 +1033,7 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
             Ok(r) => r.into_inner(),
             // Watching outlives a server's restart or a network blip: the next reading is tried.
             Err(e) if args.watch > 0 && last.is_some() => {
-                let code = prompt_radar::server::code_name(e.code());
-                eprintln!("stats: no reading: {code}: {}", e.message());
+                eprintln!("stats: no reading: {}", status_text(&e));
                 tokio::select! {
                     () = tokio::time::sleep(std::time::Duration::from_secs(args.watch)) => {}
                     _ = tokio::signal::ctrl_c() => return Ok(()),

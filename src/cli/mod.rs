@@ -270,6 +270,12 @@ pub struct ServerArgs {
         hide_env_values = true
     )]
     pub auth_token: Option<String>,
+    /// Seconds to wait for the server: to connect, and for each answer to begin. A server that
+    /// takes connections but does not answer (wedged, paused) is then reported, not waited on for
+    /// ever; a `check` stream's connection is pinged as often and dropped when a ping goes
+    /// unanswered as long.
+    #[arg(long, global = true, env = "PROMPT_RADAR_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout: u64,
 }
 
 /// Default listen address.

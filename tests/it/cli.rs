@@ -1640,3 +1640,58 @@ async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped(
     assert!(next > 1 && next <= LINES, "{said}");
     assert_eq!(stored(&url).await, before + next as u64 - 1, "{said}");
 }
+
+/// Runs the binary with `args`; fails the test if it has not ended after `limit` (it hangs).
+fn bin_within(args: &[&str], limit: std::time::Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > until {
+            child.kill().unwrap();
+            panic!("{args:?} still waiting after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A server that takes the connection and never answers (wedged, paused) is reported after
+/// `--timeout`, by the listing verbs and by `check`, instead of being waited on for ever.
+#[test]
+fn a_server_that_never_answers_is_reported_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    prompts_file(&input, 3);
+    // Listening, so connections complete, but never accepting or answering.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let input = input.display().to_string();
+    let limit = std::time::Duration::from_secs(60);
+    for args in [
+        vec!["stats", "--server", &url, "--timeout", "1"],
+        vec!["campaigns", "--server", &url, "--timeout", "1"],
+        vec![
+            "check",
+            "--server",
+            &url,
+            "--timeout",
+            "1",
+            "--input",
+            &input,
+        ],
+    ] {
+        let o = bin_within(&args, limit);
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {said}");
+        assert!(
+            said.contains("DEADLINE_EXCEEDED: no answer from the server within --timeout"),
+            "{args:?}: {said}"
+        );
+    }
+    drop(silent);
+}
