@@ -112,13 +112,15 @@ pub struct EngineArgs {
     /// template again and again, organic templates reach many users about once each (1 = off).
     #[arg(long, env = "PROMPT_RADAR_CAMPAIGN_PROMPTS_PER_ACCOUNT", default_value_t = DetectorConfig::default().campaign_prompts_per_account)]
     pub campaign_prompts_per_account: f32,
-    /// Account score from which the action is `review` (and the account is flagged).
+    /// Account score from which the action is `review` (and the account is flagged), once the
+    /// account has --min-campaign-prompts prompts in campaigns (before, it is `allow`).
     #[arg(long, env = "PROMPT_RADAR_REVIEW_SCORE", default_value_t = DetectorConfig::default().review_score)]
     pub review_score: f32,
     /// Account score from which the action is `block`.
     #[arg(long, env = "PROMPT_RADAR_BLOCK_SCORE", default_value_t = DetectorConfig::default().block_score)]
     pub block_score: f32,
-    /// Prompts an account must have in campaigns before it is flagged at all.
+    /// Prompts an account must have in campaigns before it is flagged at all: until then its
+    /// action is `allow` whatever its score.
     #[arg(long, env = "PROMPT_RADAR_MIN_CAMPAIGN_PROMPTS", default_value_t = DetectorConfig::default().min_campaign_prompts)]
     pub min_campaign_prompts: u32,
     /// Share of an account's prompts in a campaign that must link directly to other accounts'

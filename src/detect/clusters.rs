@@ -163,9 +163,9 @@ pub struct AccountSummary {
     pub account_id: String,
     /// Score in [0, 1].
     pub score: f32,
-    /// The action for that score.
+    /// The action for that score (`Allow` whatever the score while `too_few_to_judge`).
     pub action: Action,
-    /// Whether the score reaches the review threshold.
+    /// Whether the action is `Review` or `Block`.
     pub flagged: bool,
     /// Prompts sent.
     pub prompts: u64,
