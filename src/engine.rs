@@ -269,6 +269,9 @@ const PARTS_DIR: &str = "parts";
 
 /// Meta key of the allow-list (JSON array of [`AllowEntry`]).
 const ALLOW_META: &str = "allow_list";
+/// Store meta key: the last allow-list id given (u64, little-endian), so that an id removed is
+/// never given again (an admin script's stale id must not remove another entry).
+const ALLOW_LAST_ID_META: &str = "allow_last_id";
 
 /// File of the detector snapshot (see `detect::snapshot`), in the data directory.
 pub const SNAPSHOT_FILE: &str = "detector.snapshot";
@@ -538,7 +541,16 @@ impl Engine {
                 // The same template twice is one entry: the list stays the set an admin reads.
                 Some(e) => (e.clone(), true),
                 None => {
-                    let id = state.allow.0.iter().map(|e| e.id).max().unwrap_or(0) + 1;
+                    let last_given = self
+                        .store
+                        .meta(ALLOW_LAST_ID_META)?
+                        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                        .map_or(0, u64::from_le_bytes);
+                    let listed = state.allow.0.iter().map(|e| e.id).max().unwrap_or(0);
+                    let id = last_given.max(listed) + 1;
+                    // Given before it is listed: a crash between the two skips an id, never
+                    // gives one twice.
+                    self.store.set_meta(ALLOW_LAST_ID_META, &id.to_le_bytes())?;
                     let entry = AllowEntry {
                         id,
                         template: template.to_string(),
@@ -570,6 +582,18 @@ impl Engine {
         now_ms: i64,
     ) -> Result<Allowed, Error> {
         let view = self.campaign(campaign_id)?;
+        if !view.summary.is_campaign {
+            // A typo'd id (1 for 12) would put one user's question on the admin's list.
+            return Err(Error::invalid(
+                "campaign_id",
+                format!(
+                    "{campaign_id} is in cluster {}, which is not a campaign (score {}, {}), or is allow-listed already (`allow list`); an app's template that is not yet a campaign is allow-listed with a template",
+                    view.summary.id,
+                    crate::detect::scoring::score_text(view.summary.score, 3),
+                    crate::detect::scoring::counted(view.summary.accounts, "account")
+                ),
+            ));
+        }
         if let Err(reason) = AllowRule::compile_new(&view.template) {
             // A cluster of several templates shares few words; the admin wants one of them.
             let several = if view.templates.len() > 1 {
@@ -2084,6 +2108,25 @@ mod tests {
         drop(engine);
         let s = open_one_segment(dir.path()).open_stats();
         assert_eq!((s.prompts, s.restored, s.replayed), (1_860, 1_860, 0));
+    }
+
+    #[test]
+    fn allow_list_ids_are_never_given_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |d: &Path| Engine::open(config(d, 100, None), DIM).unwrap();
+        let engine = open(dir.path());
+        let add = |e: &Engine, t: &str| e.allow_template(t, "test", 0).unwrap().entry.id;
+        assert_eq!(add(&engine, "Answer step by step <*>"), 1);
+        assert_eq!(add(&engine, "Summarise this text for a child <*>"), 2);
+        engine.remove_allowed(2).unwrap();
+        assert_eq!(add(&engine, "Translate the following into French <*>"), 3);
+        engine.remove_allowed(3).unwrap();
+        drop(engine);
+        // Nor after a restart.
+        let engine = open(dir.path());
+        assert_eq!(add(&engine, "Write a haiku about the sea <*>"), 4);
+        let ids: Vec<u64> = engine.allowed_templates().iter().map(|e| e.id).collect();
+        assert_eq!(ids, [1, 4]);
     }
 
     #[test]

@@ -338,6 +338,9 @@ impl Radar for RadarService {
                 validate::text("template", &t, &self.limits)?;
                 blocking(move || engine.allow_template(&t, &note, now)).await?
             }
+            Some(Source::CampaignId(0)) => {
+                return Err(Error::invalid("campaign_id", "required").into());
+            }
             Some(Source::CampaignId(id)) => {
                 blocking(move || engine.allow_campaign(id, &note, now)).await?
             }

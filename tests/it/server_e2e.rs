@@ -795,6 +795,14 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .allow_template(allow(Some(Source::CampaignId(0))))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "campaign_id: required")
+    );
 
     // Allow the campaign's own template: it stops scoring and its accounts are cleared.
     let r = c
@@ -825,9 +833,13 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .into_inner();
     assert!(again.already_listed, "{again:?}");
     assert_eq!(again.entry.as_ref(), Some(&entry));
-    // A cluster whose recovered template is too short to allow-list is refused by its id.
+    // One user's question is no campaign: its id (a typo for a campaign's) is refused, and
+    // the question stays off the allow-list.
     let lone = c
-        .check(req("someone", "hello there"))
+        .check(req(
+            "someone",
+            "How do I keep the crust of a sourdough loaf from going soft overnight?",
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -838,8 +850,7 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message()
-            .starts_with("campaign_id: the template recovered from")
-            && err.message().contains("\"hello there\""),
+            .contains("which is not a campaign (score 0.000, 1 account)"),
         "{err:?}"
     );
     assert!(
