@@ -200,6 +200,16 @@ impl<R: BufRead> RawLines<R> {
         if self.line == 1 && buf.starts_with(b"\xEF\xBB\xBF") {
             buf.drain(..3);
         }
+        // UTF-16 (what PowerShell's `>` writes): every line would fail as not UTF-8 or as
+        // malformed JSON; one error says why and ends the reading.
+        if self.line == 1 && (buf.starts_with(b"\xFF\xFE") || buf.starts_with(b"\xFE\xFF")) {
+            self.done = true;
+            let e = std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the file is UTF-16 (it starts with a UTF-16 byte-order mark); traffic files are UTF-8: convert it first (iconv -f UTF-16 -t UTF-8)",
+            );
+            return Some((self.line, Err(e)));
+        }
         let read = match String::from_utf8(buf) {
             Ok(text) => {
                 let blank = text.trim().is_empty();
@@ -551,6 +561,29 @@ not json
         let e = got[1].1.as_ref().unwrap_err();
         assert_eq!(e.line, 2);
         assert!(e.reason.contains("malformed JSON"), "{}", e.reason);
+    }
+
+    #[test]
+    fn a_utf16_file_is_one_error_that_says_so() {
+        let text = "{\"account_id\": \"a\", \"prompt\": \"hi\"}\n{\"account_id\": \"b\", \"prompt\": \"x\"}\n";
+        for bom in [[0xFF, 0xFE], [0xFE, 0xFF]] {
+            let mut bytes = bom.to_vec();
+            for unit in text.encode_utf16() {
+                let b = match bom[0] {
+                    0xFF => unit.to_le_bytes(),
+                    _ => unit.to_be_bytes(),
+                };
+                bytes.extend_from_slice(&b);
+            }
+            let got: Vec<_> = lines(&bytes[..]).collect();
+            assert_eq!(got.len(), 1, "one error, not one a line");
+            let e = got[0].1.as_ref().unwrap_err();
+            assert!(
+                e.reason.contains("the file is UTF-16") && e.reason.contains("iconv"),
+                "{}",
+                e.reason
+            );
+        }
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Progress {
     stopping: bool,
     /// The last line the store has committed.
     committed: CommittedLine,
+    /// The verb, before each bad line's message.
+    verb: String,
 }
 
 impl Progress {
@@ -60,6 +62,7 @@ impl Progress {
             stop: None,
             stopping: false,
             committed: CommittedLine::default(),
+            verb: verb.to_string(),
         }
     }
 
@@ -176,7 +179,7 @@ impl Observer for Progress {
     }
     fn bad_line(&mut self, error: &LineError) -> bool {
         self.display
-            .suspend(|| eprintln!("line {}: {}", error.line, error.reason));
+            .suspend(|| eprintln!("{}: line {}: {}", self.verb, error.line, error.reason));
         self.display.inc(1);
         self.keep_going
     }

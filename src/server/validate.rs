@@ -24,9 +24,12 @@ pub fn prompt(
     timestamp_ms: i64,
     limits: &Limits,
 ) -> Result<ValidPrompt, Error> {
-    let account_id = account_id.trim();
     if account_id.is_empty() {
         return Err(Error::invalid("account_id", "required"));
+    }
+    let account_id = account_id.trim();
+    if account_id.is_empty() {
+        return Err(Error::invalid("account_id", "must not be blank"));
     }
     if account_id.len() > limits.max_account_bytes {
         return Err(Error::invalid(
@@ -122,7 +125,12 @@ fn invisible(c: char) -> bool {
 /// Checks a prompt-like text (a prompt, a search text, a template): not blank, and at most
 /// `limits.max_prompt_bytes`. Errors name `field`.
 pub fn text(field: &'static str, text: &str, limits: &Limits) -> Result<(), Error> {
-    if text.trim().is_empty() {
+    // Blank: nothing that shows (white space, control and invisible characters only, such as a
+    // run of zero-width spaces).
+    if text
+        .chars()
+        .all(|c| c.is_whitespace() || c.is_control() || invisible(c))
+    {
         return Err(Error::invalid(field, "must not be empty or blank"));
     }
     if text.len() > limits.max_prompt_bytes {
@@ -206,6 +214,22 @@ mod tests {
         );
         assert_eq!(field(prompt("a", "", 0, &l).unwrap_err()), "prompt");
         assert_eq!(field(prompt("a", " \n\t ", 0, &l).unwrap_err()), "prompt");
+        // Nothing that shows is blank too; an emoji or a letter of any script is not.
+        for blank in ["\u{200B}\u{200B}", " \u{FEFF}\u{2060} ", "\u{0}\u{1b}"] {
+            let e = prompt("a", blank, 0, &l).unwrap_err().to_string();
+            assert!(
+                e.contains("prompt: must not be empty or blank"),
+                "{blank:?}: {e}"
+            );
+        }
+        for shown in ["🚀", "\u{200B}é", "ㅤ?"] {
+            assert!(prompt("a", shown, 0, &l).is_ok(), "{shown:?}");
+        }
+        // An account id given as spaces is not missing: it is blank.
+        let e = prompt("  ", "hi", 0, &l).unwrap_err().to_string();
+        assert!(e.contains("account_id: must not be blank"), "{e}");
+        let e = prompt("", "hi", 0, &l).unwrap_err().to_string();
+        assert!(e.contains("account_id: required"), "{e}");
         assert_eq!(
             field(prompt("a", &"x".repeat(40_000), 0, &l).unwrap_err()),
             "prompt"

@@ -55,6 +55,14 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(StoreError::Io {
+                path: dir.display().to_string(),
+                error: std::io::Error::other(
+                    "not a directory: --data-dir names the directory the data lives in",
+                ),
+            });
+        }
         std::fs::create_dir_all(dir).map_err(|error| StoreError::Io {
             path: dir.display().to_string(),
             error,
@@ -192,6 +200,16 @@ mod tests {
             id,
             vec![],
         )
+    }
+
+    #[test]
+    fn a_data_dir_that_is_a_file_is_refused_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("traffic.jsonl");
+        std::fs::write(&file, "{}\n").unwrap();
+        let e = Store::open(&file).err().unwrap().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"{}\n");
     }
 
     #[test]

@@ -1426,7 +1426,7 @@ fn eval_refuses_a_file_with_a_line_it_cannot_use_before_running() {
         ),
         (
             serde_json::json!({"account_id": " ", "prompt": "p", "label": "organic"}).to_string(),
-            "line 3: account_id: required",
+            "line 3: account_id: must not be blank",
         ),
         (
             serde_json::json!({"account_id": "a", "prompt": "p", "label": null}).to_string(),
