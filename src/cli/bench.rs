@@ -31,28 +31,28 @@ pub struct BenchEmbedArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Use at most this many texts (the first ones of the file).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, env = "PROMPT_RADAR_TEXTS", default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub texts: usize,
     /// Batch sizes to time, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,32,128,512")]
+    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZES", value_delimiter = ',', default_value = "1,32,128,512", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_sizes: Vec<usize>,
     /// Timed rounds over the texts per batch size (after one warm-up batch); the median round
     /// is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "PROMPT_RADAR_ROUNDS", default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub rounds: usize,
     /// Model only: instead of the texts, time fixed sequences of this many tokens (ids from the
     /// texts' tokens, [CLS] … [SEP]), no tokenisation. 0 = end to end on the texts.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "PROMPT_RADAR_FIXED_TOKENS", default_value_t = 0)]
     pub fixed_tokens: usize,
     /// Stop a batch size's round after this many seconds (rounds of large files on slow devices).
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, env = "PROMPT_RADAR_MAX_ROUND_SECONDS", default_value_t = 60.0)]
     pub max_round_seconds: f64,
     /// On a GPU: first embed this many of the texts on the device and on the CPU (f32) and fail
     /// unless every pair's cosine is at least 0.999. 0 = skip.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, env = "PROMPT_RADAR_VERIFY", default_value_t = 2000)]
     pub verify: usize,
     /// Also write the rows as JSON to this file.
-    #[arg(long)]
+    #[arg(long, env = "PROMPT_RADAR_JSON")]
     pub json: Option<PathBuf>,
 }
 

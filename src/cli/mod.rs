@@ -140,7 +140,7 @@ pub struct EngineArgs {
     #[arg(long, env = "PROMPT_RADAR_HNSW_EF_SEARCH", default_value_t = HnswParams::default().ef_search)]
     pub hnsw_ef_search: usize,
     /// Most vectors in one HNSW segment before it is sealed and dumped.
-    #[arg(long, env = "PROMPT_RADAR_SEGMENT_MAX_POINTS", default_value_t = SegmentsConfig::default().max_points_per_segment)]
+    #[arg(long, env = "PROMPT_RADAR_SEGMENT_MAX_POINTS", default_value_t = SegmentsConfig::default().max_points_per_segment, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub segment_max_points: usize,
     /// Hours of traffic one HNSW segment spans before it is sealed. Default: 24 with
     /// --retention-days (whole segments are what retention drops), else none: segments seal by
@@ -248,7 +248,7 @@ pub struct OfflineArgs {
     /// Prompts per forward pass (their parts go with them). Large batches keep both cores busy:
     /// the pass is split into lanes that are balanced across threads, and a batch's last lane is
     /// a smaller share of it.
-    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 256)]
+    #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_size: usize,
 }
 
@@ -317,6 +317,36 @@ mod tests {
 
     fn span(flags: &[&str]) -> anyhow::Result<Option<i64>> {
         Ok(config(flags)?.segments.segment_span_ms)
+    }
+
+    /// DESIGN's contract: every flag of every verb also reads `PROMPT_RADAR_<FLAG>`.
+    #[test]
+    fn every_flag_reads_its_environment_variable() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || ["help", "version"].contains(&id) {
+                    continue;
+                }
+                let named = arg
+                    .get_env()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| e.starts_with("PROMPT_RADAR_"));
+                if !named {
+                    missing.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "prompt-radar", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without PROMPT_RADAR_*: {missing:?}"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PROMPT_RADAR_MAX_BATCH", default_value_t = BatchConfig::default().max_batch_requests)]
     pub max_batch: usize,
     /// Most padded tokens in one forward pass.
-    #[arg(long, env = "PROMPT_RADAR_MAX_BATCH_TOKENS", default_value_t = BatchConfig::default().max_batch_tokens)]
+    #[arg(long, env = "PROMPT_RADAR_MAX_BATCH_TOKENS", default_value_t = BatchConfig::default().max_batch_tokens, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_batch_tokens: usize,
     /// Largest prompt accepted, in bytes.
     #[arg(long, env = "PROMPT_RADAR_MAX_PROMPT_BYTES", default_value_t = Limits::default().max_prompt_bytes)]
