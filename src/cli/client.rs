@@ -462,7 +462,7 @@ pub struct AccountsArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Only flagged accounts.
-    #[arg(long, env = "PROMPT_RADAR_FLAGGED")]
+    #[arg(long, env = "PROMPT_RADAR_FLAGGED", value_parser = clap::builder::BoolishValueParser::new())]
     pub flagged: bool,
     /// Only this account, in full: verdict, counts, campaigns, first and last seen, reason.
     #[arg(long, env = "PROMPT_RADAR_ACCOUNT_ID", conflicts_with = "flagged")]

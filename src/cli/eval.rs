@@ -33,7 +33,7 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub offline: OfflineArgs,
     /// Keep the data directory the run wrote (default: a temporary one, removed afterwards).
-    #[arg(long, env = "PROMPT_RADAR_KEEP_DATA")]
+    #[arg(long, env = "PROMPT_RADAR_KEEP_DATA", value_parser = clap::builder::BoolishValueParser::new())]
     pub keep_data: bool,
     /// Also write all metrics as one JSON object to this file.
     #[arg(long, env = "PROMPT_RADAR_JSON")]

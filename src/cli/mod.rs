@@ -27,6 +27,75 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// A subcommand's path: `["allow", "add"]`.
+type VerbPath = &'static [&'static str];
+/// A flag's id (its field's name) and its long name.
+type FlagName = (&'static str, &'static str);
+
+/// Flags that exclude each other, per verb: (verb path, flag id, its long name). When one is on
+/// the command line, the others' environment variables are not read: a `PROMPT_RADAR_TEXT` left
+/// set must not make `search --id 7` fail with a conflict about a `--text` nobody typed.
+const EXCLUSIVE: &[(VerbPath, &[FlagName])] = &[
+    (&["search"], &[("text", "--text"), ("id", "--id")]),
+    (
+        &["allow", "add"],
+        &[("template", "--template"), ("campaign", "--campaign")],
+    ),
+    (&["accounts"], &[("id", "--id"), ("flagged", "--flagged")]),
+    (
+        &["campaigns"],
+        &[
+            ("id", "--id"),
+            ("top", "--top"),
+            ("min_score", "--min-score"),
+        ],
+    ),
+];
+
+impl Cli {
+    /// Parses the process's command line (and environment), exiting with clap's message and
+    /// status on an error.
+    pub fn parse_args() -> Self {
+        Self::parse_from_args(std::env::args_os().collect())
+    }
+
+    /// [`Cli::parse_args`] of `args` (the program's name first).
+    pub fn parse_from_args(args: Vec<std::ffi::OsString>) -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let typed = |long: &str| {
+            args.iter().skip(1).any(|a| {
+                a.to_str().is_some_and(|a| {
+                    a == long || a.strip_prefix(long).is_some_and(|r| r.starts_with('='))
+                })
+            })
+        };
+        let mut cmd = Self::command();
+        for (path, flags) in EXCLUSIVE {
+            let on_line: Vec<&str> = flags
+                .iter()
+                .filter(|(_, long)| typed(long))
+                .map(|(id, _)| *id)
+                .collect();
+            if on_line.is_empty() {
+                continue;
+            }
+            for (id, _) in flags.iter().filter(|(id, _)| !on_line.contains(id)) {
+                cmd = without_env(cmd, path, id);
+            }
+        }
+        let matches = cmd.get_matches_from(args);
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// `cmd` with flag `id` of subcommand `path` reading no environment variable.
+fn without_env(cmd: clap::Command, path: &[&str], id: &str) -> clap::Command {
+    match path.split_first() {
+        None => cmd.mut_arg(id, |a| a.env(None)),
+        Some((sub, rest)) => cmd.mut_subcommand(*sub, |s| without_env(s, rest, id)),
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server on its embedded defaults.
@@ -317,6 +386,28 @@ mod tests {
 
     fn span(flags: &[&str]) -> anyhow::Result<Option<i64>> {
         Ok(config(flags)?.segments.segment_span_ms)
+    }
+
+    /// Each exclusive flag names a real flag of its verb (a wrong id would panic in clap), and
+    /// a command line with it parses.
+    #[test]
+    fn exclusive_flags_name_real_flags() {
+        for (path, flags) in super::EXCLUSIVE {
+            for (_, long) in flags.iter() {
+                let value = match *long {
+                    "--flagged" => None,
+                    "--min-score" => Some("0.5"),
+                    "--text" | "--template" => Some("some words <*> here"),
+                    _ => Some("7"),
+                };
+                let mut args: Vec<std::ffi::OsString> = vec!["prompt-radar".into()];
+                args.extend(path.iter().map(Into::into));
+                args.push(long.into());
+                args.extend(value.map(Into::into));
+                let cli = super::Cli::parse_from_args(args.clone());
+                assert!(!format!("{cli:?}").is_empty(), "{args:?}");
+            }
+        }
     }
 
     /// DESIGN's contract: every flag of every verb also reads `PROMPT_RADAR_<FLAG>`.

@@ -1695,3 +1695,58 @@ fn a_server_that_never_answers_is_reported_after_the_timeout() {
     }
     drop(silent);
 }
+
+/// A flag on the command line wins over the environment variable of a flag it excludes: a
+/// `PROMPT_RADAR_TEXT` left set does not make `search --id` a usage error about `--text`, while
+/// two exclusive flags typed together still are one.
+#[test]
+fn a_typed_flag_wins_over_the_environment_of_one_it_excludes() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let run = |env: (&str, &str), args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+            .args(args)
+            .args(["--server", &down])
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    for (env, args) in [
+        (("PROMPT_RADAR_TEXT", "hello"), vec!["search", "--id", "7"]),
+        (("PROMPT_RADAR_TOP", "5"), vec!["campaigns", "--id", "7"]),
+        (
+            ("PROMPT_RADAR_FLAGGED", "true"),
+            vec!["accounts", "--id", "a"],
+        ),
+        (
+            ("PROMPT_RADAR_TEMPLATE", "Rewrite this text please: <*>"),
+            vec!["allow", "add", "--campaign", "7"],
+        ),
+    ] {
+        let (code, said) = run(env, &args);
+        assert_eq!(code, Some(2), "{args:?}: {said}");
+        assert!(said.contains("cannot connect"), "{env:?} {args:?}: {said}");
+    }
+    // Both typed: still refused.
+    let (code, said) = run(
+        ("PROMPT_RADAR_LOG", "warn"),
+        &["search", "--id", "7", "--text", "x"],
+    );
+    assert_eq!(code, Some(2));
+    assert!(said.contains("cannot be used with"), "{said}");
+    // The environment alone still counts, and a switch takes 1/0, yes/no, on/off too.
+    for (env, args) in [
+        (("PROMPT_RADAR_TEXT", "hello"), vec!["search"]),
+        (("PROMPT_RADAR_FLAGGED", "1"), vec!["accounts"]),
+        (("PROMPT_RADAR_FLAGGED", "no"), vec!["accounts"]),
+    ] {
+        let (code, said) = run(env, &args);
+        assert_eq!(code, Some(2));
+        assert!(said.contains("cannot connect"), "{env:?}: {said}");
+    }
+}
