@@ -27,6 +27,20 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What the index no longer holds of the store: the prompts whose segments retention dropped
+/// (`None` when it holds them all). They stay in the store and in their clusters, but no search
+/// finds them; keeping them longer later does not bring them back.
+pub fn past_retention(engine: &prompt_radar::engine::Engine) -> Option<String> {
+    let census = engine.census();
+    let gone = census.prompts.saturating_sub(census.index.1);
+    (gone > 0).then(|| {
+        format!(
+            "{gone} of the {} stored prompts are past --retention-days: stored and counted in their accounts and clusters, but out of the index, where neither `search` nor a new prompt's neighbour lookup finds them",
+            census.prompts
+        )
+    })
+}
+
 /// A subcommand's path: `["allow", "add"]`.
 type VerbPath = &'static [&'static str];
 /// A flag's id (its field's name) and its long name.

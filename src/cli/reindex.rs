@@ -323,6 +323,9 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
             }
         );
     }
+    if let Some(note) = super::past_retention(&engine) {
+        eprintln!("reindex: {note}");
+    }
     // Where to go on is the last line (a batch job's log tail), checkpoint or not.
     if times.interrupted || times.stopped {
         // A stop at a bad line leaves that line to fix; an interrupted run goes on after the

@@ -88,10 +88,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     })
     .await??;
     let stats = prepared.service.engine().open_stats();
+    let past = super::past_retention(prepared.service.engine());
     let (listener, addr) = bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     // One line people and scripts read: where it listens and what it loaded.
+    if let Some(note) = past {
+        eprintln!("prompt-radar: {note}");
+    }
     println!(
         "prompt-radar listening on {addr} (model {}, device {}, data {}, {} prompts: {} reloaded from segments, {} re-indexed, part vectors {} reloaded, {} re-indexed, clusters of {} restored from the snapshot, {} replayed; ready in {:.1}s)",
         config.model_dir.display(),

@@ -1097,7 +1097,7 @@ fn reindex_of_traffic_out_of_time_order_does_not_slice_the_index_by_time() {
         })
         .collect();
     let model = model_dir().display().to_string();
-    let reindex = |name: &str, lines: &[(i64, String)]| {
+    let reindex_kept = |name: &str, lines: &[(i64, String)], days: &str| {
         let input = dir.path().join(format!("{name}.jsonl"));
         let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
         std::fs::write(&input, text.join("\n")).unwrap();
@@ -1113,13 +1113,14 @@ fn reindex_of_traffic_out_of_time_order_does_not_slice_the_index_by_time() {
             "--batch-size",
             "16",
             "--retention-days",
-            "365",
+            days,
         ]);
         let stderr = String::from_utf8_lossy(&o.stderr).to_string();
         assert_eq!(o.status.code(), Some(0), "{stderr}");
         let segments = number_after(&stderr, "`serve` reloads them); ");
         (stderr, segments)
     };
+    let reindex = |name: &str, lines: &[(i64, String)]| reindex_kept(name, lines, "365");
     let (said, segments) = reindex("by-account", &lines);
     assert!(
         said.contains("reindex: the input is not in time order (line 11 is 2.6 days older than a line before it): ")
@@ -1132,6 +1133,22 @@ fn reindex_of_traffic_out_of_time_order_does_not_slice_the_index_by_time() {
     let (said, segments) = reindex("by-time", &lines);
     assert!(!said.contains("not in time order"), "{said}");
     assert!(segments >= 2, "sliced by day: {said}");
+    assert!(!said.contains("past --retention-days"), "{said}");
+    // Kept a day, 2.6 days of traffic: the older days' segments are dropped, and it says so.
+    let (said, _) = reindex_kept("a-day", &lines, "1");
+    let gone = said
+        .lines()
+        .find(|l| l.contains("past --retention-days"))
+        .unwrap_or_else(|| panic!("{said}"));
+    let n = number_after(gone, "reindex: ");
+    assert!(
+        n > 0 && n < 300 && gone.contains(&format!("{n} of the 300 stored prompts")),
+        "{gone}"
+    );
+    assert_eq!(
+        open_data_dir(&dir.path().join("a-day")).census().index.1,
+        300 - n as u64
+    );
 }
 
 /// The engine on a data directory that the binary wrote (384-d: the model's).
