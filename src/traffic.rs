@@ -266,6 +266,15 @@ pub fn rereadable(path: &std::path::Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file())
 }
 
+/// Whether `a` and `b` are one existing file (device and inode), whatever their paths say.
+pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// Refuses an output path that is the input file (the same file by device and inode, whatever
 /// the path says): creating the output would empty the input before it is read, or overwrite it
 /// after. `flag` names the output's flag in the error.

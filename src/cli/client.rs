@@ -100,7 +100,8 @@ pub struct CheckArgs {
     /// a pipe is read as it comes, without a line count for the progress bar).
     #[arg(long, env = "PROMPT_RADAR_INPUT")]
     pub input: PathBuf,
-    /// Where verdicts go, one JSON line per input line (default: stdout; not the input file).
+    /// Where verdicts go, one JSON line per input line (default, or `-`: stdout; not the input
+    /// file).
     #[arg(long, env = "PROMPT_RADAR_OUTPUT")]
     pub output: Option<PathBuf>,
     /// On a malformed or rejected line: report it with its line number and go on, or stop.
@@ -143,8 +144,16 @@ enum Slot {
 pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
     let input = traffic::input_path(&args.input);
-    if let Some(out) = &args.output {
-        traffic::refuse_input_as_output(&input, out, "--output")?;
+    // `--output -` is standard output, as `--input -` is standard input.
+    let output = args.output.as_ref().filter(|p| p.as_os_str() != "-");
+    match output {
+        Some(out) => traffic::refuse_input_as_output(&input, out, "--output")?,
+        // `check --input t.jsonl >> t.jsonl` would append verdicts to the traffic.
+        None => traffic::refuse_input_as_output(
+            &input,
+            std::path::Path::new("/dev/stdout"),
+            "standard output",
+        )?,
     }
     // A pipe is read once: counting its lines first would drain it.
     let total = match traffic::rereadable(&input) {
@@ -174,16 +183,13 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     // Connected before the output is created: a server that is down leaves the output of the
     // last run as it was.
     let mut client = connect(&args.server).await?;
-    let mut out: Box<dyn Write + Send> = match &args.output {
+    let mut out: Box<dyn Write + Send> = match output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
-    let out_name = args
-        .output
-        .as_ref()
-        .map_or("stdout".to_string(), |p| p.display().to_string());
+    let out_name = output.map_or("stdout".to_string(), |p| p.display().to_string());
     let (req_tx, req_rx) = mpsc::channel::<proto::CheckRequest>(256);
     // Lines sent and not yet answered: at most IN_FLIGHT, so that a stop (an error, a signal)
     // takes effect within that many lines, whatever the transport's buffers would take in.

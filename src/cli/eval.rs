@@ -92,13 +92,23 @@ type Labelled = (Vec<(usize, TrafficLine)>, HashMap<String, String>);
 /// Runs the evaluation; prints the report.
 pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     let input = &args.offline.input;
-    for (out, flag) in [
+    let outputs: Vec<(&PathBuf, &str)> = [
         (&args.json, "--json"),
         (&args.accounts_out, "--accounts-out"),
         (&args.embed_cache, "--embed-cache"),
-    ] {
-        if let Some(out) = out {
-            traffic::refuse_input_as_output(input, out, flag)?;
+    ]
+    .into_iter()
+    .filter_map(|(p, flag)| p.as_ref().map(|p| (p, flag)))
+    .collect();
+    for (i, &(out, flag)) in outputs.iter().enumerate() {
+        traffic::refuse_input_as_output(input, out, flag)?;
+        // Two outputs on one file: the last written would be all it holds.
+        for &(other, other_flag) in &outputs[..i] {
+            anyhow::ensure!(
+                !traffic::same_file(out, other) && out != other,
+                "{flag} and {other_flag} name the same file ({}): give each its own",
+                out.display()
+            );
         }
     }
     // Every line is read and checked first: metrics of part of the stream would be wrong, not

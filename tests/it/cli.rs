@@ -1565,6 +1565,36 @@ async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped(
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--accounts-out"));
     assert_eq!(std::fs::read(&input).unwrap(), bytes, "the input is kept");
+    // Two of eval's outputs on one file: the last written would be all it held.
+    let both = dir.path().join("both.out").display().to_string();
+    let o = run(vec![
+        "eval".into(),
+        "--input".into(),
+        input.display().to_string(),
+        "--json".into(),
+        both.clone(),
+        "--accounts-out".into(),
+        both,
+    ])
+    .await;
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{said}");
+    assert!(said.contains("name the same file"), "{said}");
+    // Standard output appended to the input (`check --input t.jsonl >> t.jsonl`).
+    let appended = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(["check", "--server", &url, "--input"])
+        .arg(&input)
+        .stdout(appended)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{said}");
+    assert!(said.contains("standard output"), "{said}");
+    assert_eq!(std::fs::read(&input).unwrap(), bytes, "the input is kept");
 
     // A server that is down: the last run's output stays as it was.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1576,7 +1606,7 @@ async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped(
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(std::fs::read_to_string(&output).unwrap(), "{\"line\": 1}\n");
 
-    // A pipe (`-`, standard input), from line 1496 on.
+    // A pipe (`-`, standard input), from line 1496 on, to `--output -` (standard output).
     let tail = bytes.clone();
     let url2 = url.clone();
     let o = tokio::task::spawn_blocking(move || {
@@ -1589,6 +1619,8 @@ async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped(
                 "-",
                 "--start-line",
                 "1496",
+                "--output",
+                "-",
             ])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
