@@ -285,6 +285,13 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         load.elapsed().as_secs_f64(),
         engine.len()
     );
+    if first == 1 && !engine.is_empty() {
+        // A run killed part way (kill -9, a crash) and started again would store its lines twice.
+        eprintln!(
+            "reindex: note: the data dir already holds {} prompts; if they are this file's lines from a run that was stopped, go on with --start-line instead (its last message, or the count of lines stored, names it): the store does not deduplicate",
+            engine.len()
+        );
+    }
     if first > 1 {
         eprintln!("reindex: starting at line {first}");
         if total == Some(0) {

@@ -1071,6 +1071,23 @@ fn reindex_reads_standard_input() {
         "{stderr}"
     );
     assert_eq!(open_data_dir(&data).len(), 30);
+    // The same file again from line 1 (a run killed part way, started again) is stored twice:
+    // it says so before it starts.
+    let o = bin(&[
+        "reindex",
+        "--input",
+        &input.display().to_string(),
+        "--data-dir",
+        &data.display().to_string(),
+        "--model",
+        &model_dir().display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("reindex: note: the data dir already holds 30 prompts;")
+            && stderr.contains("go on with --start-line instead"),
+        "{stderr}"
+    );
 }
 
 /// With time-sliced segments (`--retention-days`), an input sorted by account instead of by time
