@@ -117,6 +117,37 @@ pub struct CheckArgs {
     pub start_line: u64,
 }
 
+/// A file emptied when first written to (or when [`EmptiedAtFirstWrite::flush`] finds it not
+/// yet written: a run with no verdict leaves an empty output, not the last run's).
+struct EmptiedAtFirstWrite {
+    file: std::fs::File,
+    emptied: bool,
+}
+
+impl EmptiedAtFirstWrite {
+    fn empty(&mut self) -> std::io::Result<()> {
+        if !self.emptied {
+            self.file.set_len(0)?;
+            self.emptied = true;
+        }
+        Ok(())
+    }
+}
+
+impl Write for EmptiedAtFirstWrite {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.empty()?;
+        self.file.write(buf)
+    }
+
+    /// Called at the end of a run (the writer's final flush), not when it fails part way: an
+    /// output never written to is emptied then.
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.empty()?;
+        self.file.flush()
+    }
+}
+
 /// Closes the semaphore when dropped.
 struct ClosedOnDrop(Arc<tokio::sync::Semaphore>);
 
@@ -183,10 +214,25 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     // Connected before the output is created: a server that is down leaves the output of the
     // last run as it was.
     let mut client = connect(&args.server).await?;
-    let mut out: Box<dyn Write + Send> = match output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        )),
+    // Opened (so that a path that cannot be written is refused before anything is sent), but
+    // emptied only at the first verdict: a server that takes the connection and then never
+    // answers leaves the last run's verdicts as they were.
+    let opened = match output {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .with_context(|| format!("cannot create {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut out: Box<dyn Write + Send> = match opened {
+        Some(file) => Box::new(std::io::BufWriter::new(EmptiedAtFirstWrite {
+            file,
+            emptied: false,
+        })),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     let out_name = output.map_or("stdout".to_string(), |p| p.display().to_string());
@@ -439,13 +485,13 @@ fn stop_on_signal(
         flag.store(true, Ordering::Relaxed);
         halt.store(true, Ordering::Relaxed);
         eprintln!(
-            "check: stopping: nothing more is sent; the verdicts of the lines already sent are written first (a second Ctrl-C quits at once)"
+            "check: stopping: nothing more is sent; waiting for the answers to the lines already sent (at most 1,024), to write their verdicts (a second Ctrl-C or SIGTERM quits at once)"
         );
         tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
         let mut err = std::io::stderr().lock();
         let _ = writeln!(
             err,
-            "\ncheck: stopped at once (second signal): lines up to {} were sent and may be stored, and not all their verdicts are written (the store does not deduplicate: count the stored prompts before going on)",
+            "\ncheck: stopped at once (second signal): lines up to {} were sent and may be stored, and not all their verdicts are written; the server goes on storing what it received, so count the stored prompts (`stats`) once its queue is empty before going on (the store does not deduplicate)",
             sent.load(Ordering::Relaxed)
         );
         std::process::exit(130);

@@ -80,6 +80,8 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     let url = format!("http://{}", server.addr);
     let input = traffic_file(dir.path());
     let output = dir.path().join("verdicts.jsonl");
+    // A longer output of an earlier run: replaced whole, not overwritten in part.
+    std::fs::write(&output, "{\"line\": 0}\n".repeat(500)).unwrap();
 
     let o = check_to_file(&url, &input, &output).await;
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -1737,6 +1739,10 @@ fn a_server_that_never_answers_is_reported_after_the_timeout() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", silent.local_addr().unwrap());
     let input = input.display().to_string();
+    // The last run's verdicts: kept, since no answer came.
+    let output = dir.path().join("verdicts.jsonl");
+    std::fs::write(&output, "{\"line\": 1}\n").unwrap();
+    let output = output.display().to_string();
     let limit = std::time::Duration::from_secs(60);
     for args in [
         vec!["stats", "--server", &url, "--timeout", "1"],
@@ -1749,6 +1755,8 @@ fn a_server_that_never_answers_is_reported_after_the_timeout() {
             "1",
             "--input",
             &input,
+            "--output",
+            &output,
         ],
     ] {
         let o = bin_within(&args, limit);
@@ -1759,6 +1767,7 @@ fn a_server_that_never_answers_is_reported_after_the_timeout() {
             "{args:?}: {said}"
         );
     }
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), "{\"line\": 1}\n");
     drop(silent);
 }
 
