@@ -202,11 +202,18 @@ impl<R: BufRead> RawLines<R> {
         }
         // UTF-16 (what PowerShell's `>` writes): every line would fail as not UTF-8 or as
         // malformed JSON; one error says why and ends the reading.
-        if self.line == 1 && (buf.starts_with(b"\xFF\xFE") || buf.starts_with(b"\xFE\xFF")) {
+        let wide = match &buf[..] {
+            [0xFF, 0xFE, 0, 0, ..] | [0, 0, 0xFE, 0xFF, ..] => Some("UTF-32"),
+            [0xFF, 0xFE, ..] | [0xFE, 0xFF, ..] => Some("UTF-16"),
+            _ => None,
+        };
+        if let (1, Some(code)) = (self.line, wide) {
             self.done = true;
             let e = std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                "the file is UTF-16 (it starts with a UTF-16 byte-order mark); traffic files are UTF-8: convert it first (iconv -f UTF-16 -t UTF-8)",
+                format!(
+                    "the file is {code} (it starts with a {code} byte-order mark); traffic files are UTF-8: convert it first (iconv -f {code} -t UTF-8)"
+                ),
             );
             return Some((self.line, Err(e)));
         }
@@ -262,8 +269,13 @@ pub fn input_path(path: &std::path::Path) -> std::path::PathBuf {
 /// Whether `path` can be read twice: a regular file. A pipe (`--input /dev/stdin`, `<(zcat …)`,
 /// a FIFO) can be read once only, so a verb reads it without counting its lines first (a count
 /// would drain it and leave nothing to read).
-pub fn rereadable(path: &std::path::Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+/// A directory (or a path that cannot be read) is an error.
+pub fn rereadable(path: &std::path::Path) -> std::io::Result<bool> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        return Err(std::io::Error::other("is a directory, not a traffic file"));
+    }
+    Ok(meta.is_file())
 }
 
 /// Whether `a` and `b` are one existing file (device and inode), whatever their paths say.
@@ -588,11 +600,34 @@ not json
             assert_eq!(got.len(), 1, "one error, not one a line");
             let e = got[0].1.as_ref().unwrap_err();
             assert!(
-                e.reason.contains("the file is UTF-16") && e.reason.contains("iconv"),
+                e.reason.contains("the file is UTF-16") && e.reason.contains("iconv -f UTF-16"),
                 "{}",
                 e.reason
             );
         }
+        // UTF-32 is named as such (its little-endian mark begins as UTF-16's does).
+        let mut bytes = vec![0xFF, 0xFE, 0, 0];
+        for c in text.chars() {
+            bytes.extend_from_slice(&(c as u32).to_le_bytes());
+        }
+        let got: Vec<_> = lines(&bytes[..]).collect();
+        let e = got[0].1.as_ref().unwrap_err();
+        assert!(e.reason.contains("the file is UTF-32"), "{}", e.reason);
+    }
+
+    #[test]
+    fn a_directory_is_no_input_and_a_pipe_is_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = rereadable(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+        let file = dir.path().join("t.jsonl");
+        std::fs::write(&file, "{}\n").unwrap();
+        assert!(rereadable(&file).unwrap());
+        assert!(rereadable(std::path::Path::new("/nonexistent/t.jsonl")).is_err());
+        assert_eq!(
+            input_path(std::path::Path::new("-")),
+            std::path::Path::new("/dev/stdin")
+        );
     }
 
     #[test]

@@ -117,6 +117,23 @@ pub struct CheckArgs {
     pub start_line: u64,
 }
 
+/// A stop that a task can wait for: set by an error that stops the run, a signal, or an output
+/// that cannot be written.
+#[derive(Default)]
+struct Halt(tokio::sync::watch::Sender<bool>);
+
+impl Halt {
+    fn set(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Returns once the stop is set.
+    async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|&set| set).await;
+    }
+}
+
 /// A file emptied when first written to (or when [`EmptiedAtFirstWrite::flush`] finds it not
 /// yet written: a run with no verdict leaves an empty output, not the last run's).
 struct EmptiedAtFirstWrite {
@@ -187,7 +204,9 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         )?,
     }
     // A pipe is read once: counting its lines first would drain it.
-    let total = match traffic::rereadable(&input) {
+    let rereadable = traffic::rereadable(&input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?;
+    let total = match rereadable {
         true => Some(
             traffic::count_lines(&input, first)
                 .with_context(|| format!("cannot read {}", args.input.display()))?,
@@ -241,7 +260,6 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     // takes effect within that many lines, whatever the transport's buffers would take in.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let permits = in_flight.clone();
-    let runtime = tokio::runtime::Handle::current();
     // However this ends (an error returns early), the reader waiting for a permit is let go.
     let _release = ClosedOnDrop(in_flight.clone());
     let (slot_tx, mut slot_rx) = mpsc::channel::<Slot>(4096);
@@ -249,42 +267,63 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     // Set at a stop (an error the server reported, a signal, an output that cannot be
     // written): the reader sends nothing more. The lines already sent are stored by then, so
     // their answers are still read.
-    let halt = Arc::new(AtomicBool::new(false));
-    let halted = halt.clone();
+    let halt = Arc::new(Halt::default());
     // The last line handed to the stream.
     let sent = Arc::new(AtomicUsize::new(0));
-    let last_sent = sent.clone();
-    let reader = tokio::task::spawn_blocking(move || {
-        for (line, parsed) in traffic::lines_from(std::io::BufReader::new(file), first) {
-            if halted.load(Ordering::Relaxed) {
-                break;
-            }
-            let slot = match parsed {
-                Ok(t) => {
-                    match runtime.block_on(permits.acquire()) {
-                        Ok(permit) => permit.forget(),
-                        Err(_) => break,
-                    }
-                    if halted.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let req = proto::CheckRequest {
-                        account_id: t.account_id,
-                        prompt: t.prompt,
-                        timestamp_ms: t.timestamp_ms,
-                        request_id: line.to_string(),
-                    };
-                    if req_tx.blocking_send(req).is_err() {
-                        break;
-                    }
-                    last_sent.store(line, Ordering::Relaxed);
-                    Slot::Sent(line)
+    // Lines are read on a thread of their own: a read from a quiet pipe (`tail -f … |`) can
+    // block for ever, and a stop must not wait for it. The thread is left behind then.
+    let (line_tx, mut line_rx) = mpsc::channel(1024);
+    std::thread::Builder::new()
+        .name("check-reader".into())
+        .spawn(move || {
+            for item in traffic::lines_from(std::io::BufReader::new(file), first) {
+                if line_tx.blocking_send(item).is_err() {
+                    break;
                 }
-                Err(e) => Slot::Bad(line, e.reason),
-            };
-            let bad = matches!(slot, Slot::Bad(..));
-            if slot_tx.blocking_send(slot).is_err() || (bad && stop_on_error) {
-                break;
+            }
+        })
+        .context("cannot start the reader thread")?;
+    // Sends the lines read, until the input ends or a stop: whatever it sends has a slot, so
+    // the answers of everything sent are awaited below.
+    let sender = tokio::spawn({
+        let (halt, last_sent) = (halt.clone(), sent.clone());
+        async move {
+            loop {
+                let item = tokio::select! {
+                    biased;
+                    () = halt.wait() => break,
+                    item = line_rx.recv() => item,
+                };
+                let Some((line, parsed)) = item else { break };
+                let slot = match parsed {
+                    Ok(t) => {
+                        let permit = tokio::select! {
+                            biased;
+                            () = halt.wait() => break,
+                            permit = permits.acquire() => permit,
+                        };
+                        match permit {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => break,
+                        }
+                        let req = proto::CheckRequest {
+                            account_id: t.account_id,
+                            prompt: t.prompt,
+                            timestamp_ms: t.timestamp_ms,
+                            request_id: line.to_string(),
+                        };
+                        if req_tx.send(req).await.is_err() {
+                            break;
+                        }
+                        last_sent.store(line, Ordering::Relaxed);
+                        Slot::Sent(line)
+                    }
+                    Err(e) => Slot::Bad(line, e.reason),
+                };
+                let bad = matches!(slot, Slot::Bad(..));
+                if slot_tx.send(slot).await.is_err() || (bad && stop_on_error) {
+                    break;
+                }
             }
         }
     });
@@ -374,7 +413,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                 });
                 if stop_on_error && stopped.is_none() {
                     stopped = Some(line);
-                    halt.store(true, Ordering::Relaxed);
+                    halt.set();
                 }
                 v
             }
@@ -383,7 +422,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
             && let Err(e) = writeln!(out, "{v}")
         {
             unwritten = Some((line, e));
-            halt.store(true, Ordering::Relaxed);
+            halt.set();
         }
         last_line = line;
         bar.inc(1);
@@ -396,7 +435,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         unwritten = Some((0, e));
     }
     bar.finish();
-    let _ = reader.await;
+    let _ = sender.await;
     let secs = started.elapsed().as_secs_f64();
     micros.sort_unstable();
     let pct = |p: f64| {
@@ -469,10 +508,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
 /// was sent are still written) and the flag returned; the second exits at once, with status 130,
 /// saying how far the lines were sent (`sent`). The handlers are in place when this returns.
 #[cfg(unix)]
-fn stop_on_signal(
-    halt: Arc<AtomicBool>,
-    sent: Arc<AtomicUsize>,
-) -> anyhow::Result<Arc<AtomicBool>> {
+fn stop_on_signal(halt: Arc<Halt>, sent: Arc<AtomicUsize>) -> anyhow::Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut interrupt, mut terminate) = (
         signal(SignalKind::interrupt())?,
@@ -483,7 +519,7 @@ fn stop_on_signal(
     tokio::spawn(async move {
         tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
         flag.store(true, Ordering::Relaxed);
-        halt.store(true, Ordering::Relaxed);
+        halt.set();
         eprintln!(
             "check: stopping: nothing more is sent; waiting for the answers to the lines already sent (at most 1,024), to write their verdicts (a second Ctrl-C or SIGTERM quits at once)"
         );
@@ -501,10 +537,7 @@ fn stop_on_signal(
 
 /// Elsewhere a signal ends the run as the system does by default.
 #[cfg(not(unix))]
-fn stop_on_signal(
-    _halt: Arc<AtomicBool>,
-    _sent: Arc<AtomicUsize>,
-) -> anyhow::Result<Arc<AtomicBool>> {
+fn stop_on_signal(_halt: Arc<Halt>, _sent: Arc<AtomicUsize>) -> anyhow::Result<Arc<AtomicBool>> {
     Ok(Arc::new(AtomicBool::new(false)))
 }
 

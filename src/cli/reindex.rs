@@ -207,7 +207,8 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let mut config = args.offline.engine.to_config()?;
     let input = &traffic::input_path(&args.offline.input);
     // A pipe is read once: no count and no time-order pass before the run.
-    let once = !traffic::rereadable(input);
+    let once = !traffic::rereadable(input)
+        .with_context(|| format!("cannot read {}", args.offline.input.display()))?;
     if once {
         eprintln!(
             "reindex: {} is not a regular file: it is read once, with no line count beforehand and no check that it is in time order",

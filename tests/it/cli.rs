@@ -1694,6 +1694,61 @@ async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped(
         "every stored prompt has its verdict written: {said}"
     );
 
+    // A quiet pipe (`tail -f … | check --input -`): Ctrl-C stops at once, without waiting for
+    // a line that may never come.
+    let first_line = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    let (url2, head) = (url.clone(), bytes[..first_line].to_vec());
+    let before = stored(&url).await;
+    let (code, said, verdicts) = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+            .args(["check", "--server", &url2, "--input", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&head).unwrap();
+        stdin.flush().unwrap();
+        // Its verdict comes out only at the end (stdout is buffered): wait until it is stored.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while runtime.block_on(stored(&url2)) == before {
+            assert!(
+                std::time::Instant::now() < until,
+                "the line was never stored"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < until,
+                "check still waits on its quiet input"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        drop(stdin);
+        let o = child.wait_with_output().unwrap();
+        let verdicts = o.stdout.lines().count();
+        let said = String::from_utf8_lossy(&o.stderr).to_string();
+        (o.status.code(), said, verdicts)
+    })
+    .await
+    .unwrap();
+    assert_eq!((code, verdicts), (Some(1), 1), "{said}");
+    assert!(
+        said.contains("to go on: the same command with --start-line 2"),
+        "{said}"
+    );
+    assert_eq!(stored(&url).await, before + 1);
+
     // The output closed after one verdict (`check | head -1`): an error naming where to go on,
     // and every line before it is stored.
     let before = stored(&url).await;
