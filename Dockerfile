@@ -37,7 +37,10 @@ COPY --from=build-cuda /cuda/runtime/site/nvidia/cu13/lib /opt/cuda/lib
 COPY --from=build-cuda /src/target/release/prompt-radar /usr/local/bin/prompt-radar
 COPY --from=build-cuda /model /model
 USER radar
+# NVIDIA_REQUIRE_CUDA: the container toolkit refuses to start on a driver older than CUDA 13.0's
+# (580) with a clear message, instead of the binary failing inside.
 ENV LD_LIBRARY_PATH=/opt/cuda/lib NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
     PROMPT_RADAR_DEVICE=cuda PROMPT_RADAR_LISTEN=0.0.0.0:50051 PROMPT_RADAR_DATA_DIR=/data PROMPT_RADAR_MODEL=/model
 EXPOSE 50051
 VOLUME /data

@@ -117,6 +117,8 @@ fn invisible(c: char) -> bool {
             | '\u{3164}'
             | '\u{FE00}'..='\u{FE0F}'
             | '\u{FEFF}'
+            | '\u{2800}'
+            | '\u{E0000}'..='\u{E007F}'
             | '\u{FFA0}'
             | '\u{FFF9}'..='\u{FFFB}'
     )
@@ -215,7 +217,13 @@ mod tests {
         assert_eq!(field(prompt("a", "", 0, &l).unwrap_err()), "prompt");
         assert_eq!(field(prompt("a", " \n\t ", 0, &l).unwrap_err()), "prompt");
         // Nothing that shows is blank too; an emoji or a letter of any script is not.
-        for blank in ["\u{200B}\u{200B}", " \u{FEFF}\u{2060} ", "\u{0}\u{1b}"] {
+        for blank in [
+            "\u{200B}\u{200B}",
+            " \u{FEFF}\u{2060} ",
+            "\u{0}\u{1b}",
+            "\u{E0041}\u{E0042}",
+            "\u{2800}\u{2800}",
+        ] {
             let e = prompt("a", blank, 0, &l).unwrap_err().to_string();
             assert!(
                 e.contains("prompt: must not be empty or blank"),
