@@ -260,12 +260,12 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     // takes effect within that many lines, whatever the transport's buffers would take in.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let permits = in_flight.clone();
-    // However this ends (an error returns early), the reader waiting for a permit is let go.
+    // However this ends (an error returns early), the sender waiting for a permit is let go.
     let _release = ClosedOnDrop(in_flight.clone());
     let (slot_tx, mut slot_rx) = mpsc::channel::<Slot>(4096);
     let stop_on_error = args.on_error == OnError::Stop;
     // Set at a stop (an error the server reported, a signal, an output that cannot be
-    // written): the reader sends nothing more. The lines already sent are stored by then, so
+    // written): the sender sends nothing more. The lines already sent are stored by then, so
     // their answers are still read.
     let halt = Arc::new(Halt::default());
     // The last line handed to the stream.
@@ -504,7 +504,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     Ok(errors == 0 && !interrupted.load(Ordering::Relaxed))
 }
 
-/// The first Ctrl-C or SIGTERM sets `halt` (the reader sends nothing more; the answers to what
+/// The first Ctrl-C or SIGTERM sets `halt` (the sender sends nothing more; the answers to what
 /// was sent are still written) and the flag returned; the second exits at once, with status 130,
 /// saying how far the lines were sent (`sent`). The handlers are in place when this returns.
 #[cfg(unix)]
