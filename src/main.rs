@@ -62,7 +62,7 @@ fn one_line(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = match cause.downcast_ref::<tonic::Status>() {
-            Some(status) => status_line(status),
+            Some(status) => cli::client::status_text(status),
             None => cause.to_string(),
         };
         if text.is_empty() || out.contains(&text) {
@@ -82,11 +82,6 @@ fn one_line(e: &anyhow::Error) -> String {
 fn stdout_closed(e: &anyhow::Error) -> bool {
     e.downcast_ref::<std::io::Error>()
         .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-}
-
-/// A gRPC status as the server's contract names it (see `cli::client::status_text`).
-fn status_line(status: &tonic::Status) -> String {
-    cli::client::status_text(status)
 }
 
 #[cfg(test)]

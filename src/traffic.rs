@@ -295,11 +295,8 @@ pub fn refuse_input_as_output(
     output: &std::path::Path,
     flag: &str,
 ) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let (Ok(i), Ok(o)) = (std::fs::metadata(input), std::fs::metadata(output)) else {
-        return Ok(());
-    };
-    if i.is_file() && (i.dev(), i.ino()) == (o.dev(), o.ino()) {
+    let regular = std::fs::metadata(input).is_ok_and(|m| m.is_file());
+    if regular && same_file(input, output) {
         anyhow::bail!(
             "{flag} {} is the input file: writing it would destroy the input; give another path",
             output.display()

@@ -165,15 +165,6 @@ impl Write for EmptiedAtFirstWrite {
     }
 }
 
-/// Closes the semaphore when dropped.
-struct ClosedOnDrop(Arc<tokio::sync::Semaphore>);
-
-impl Drop for ClosedOnDrop {
-    fn drop(&mut self) {
-        self.0.close();
-    }
-}
-
 /// The most lines `check` has sent and not yet had answered.
 const IN_FLIGHT: usize = 1024;
 
@@ -260,8 +251,6 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     // takes effect within that many lines, whatever the transport's buffers would take in.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let permits = in_flight.clone();
-    // However this ends (an error returns early), the sender waiting for a permit is let go.
-    let _release = ClosedOnDrop(in_flight.clone());
     let (slot_tx, mut slot_rx) = mpsc::channel::<Slot>(4096);
     let stop_on_error = args.on_error == OnError::Stop;
     // Set at a stop (an error the server reported, a signal, an output that cannot be
@@ -297,15 +286,14 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                 let Some((line, parsed)) = item else { break };
                 let slot = match parsed {
                     Ok(t) => {
+                        // (The semaphore is never closed: acquiring fails only at a stop.)
                         let permit = tokio::select! {
                             biased;
                             () = halt.wait() => break,
                             permit = permits.acquire() => permit,
                         };
-                        match permit {
-                            Ok(permit) => permit.forget(),
-                            Err(_) => break,
-                        }
+                        let Ok(permit) = permit else { break };
+                        permit.forget();
                         let req = proto::CheckRequest {
                             account_id: t.account_id,
                             prompt: t.prompt,
@@ -334,10 +322,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         .await
         .context("CheckStream")?
         .into_inner();
-    let mut bar = match total {
-        Some(total) => super::progress::Progress::new("check", total),
-        None => super::progress::Progress::open_ended("check"),
-    };
+    let mut bar = super::progress::Progress::new("check", total);
     let (mut ok, mut errors) = (0u64, 0u64);
     let mut actions = [0u64; 3];
     let mut micros = Vec::with_capacity(total.unwrap_or(0).min(1 << 20) as usize);
@@ -479,6 +464,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         0 => "no line was sent".to_string(),
         n => format!("the lines up to {n} are checked and what the server accepted is stored"),
     };
+    let go_on = last_line.max(first - 1) + 1;
     if let Some((line, e)) = unwritten {
         let lost = match line {
             0 => "some verdicts were not written".to_string(),
@@ -489,13 +475,11 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
         // Not an I/O error to the caller: a closed pipe here is not a reader that has what it
         // wanted (`accounts | head`), it is verdicts lost for prompts now stored.
         anyhow::bail!(
-            "cannot write {out_name}: {e}; {checked}, but {lost} (to go on: the same command with --start-line {} and a new --output)",
-            last_line.max(first - 1) + 1
+            "cannot write {out_name}: {e}; {checked}, but {lost} (to go on: the same command with --start-line {go_on} and a new --output)"
         );
     }
     if interrupted.load(Ordering::Relaxed) && stopped.is_none() && sent.load(Ordering::Relaxed) > 0
     {
-        let go_on = last_line.max(first - 1) + 1;
         eprintln!(
             "check: interrupted: {checked}, their verdicts are in {out_name}; to go on: the same command with --start-line {go_on} and a new --output"
         );

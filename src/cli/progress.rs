@@ -21,15 +21,11 @@ struct Plain {
 }
 
 impl Progress {
-    /// Progress over `total` items labelled `verb`, drawn on standard error.
-    pub fn new(verb: &str, total: u64) -> Self {
-        Self::with_bar(verb, ProgressBar::new(total), PLAIN_EVERY)
-    }
-
-    /// Progress over items whose number is not known beforehand (input read from a pipe): a
-    /// count and a rate, no share or ETA.
-    pub fn open_ended(verb: &str) -> Self {
-        Self::with_bar(verb, ProgressBar::no_length(), PLAIN_EVERY)
+    /// Progress over `total` items labelled `verb`, drawn on standard error. Without a total
+    /// (input read from a pipe, not counted beforehand): a count and a rate, no share or ETA.
+    pub fn new(verb: &str, total: Option<u64>) -> Self {
+        let bar = total.map_or_else(ProgressBar::no_length, ProgressBar::new);
+        Self::with_bar(verb, bar, PLAIN_EVERY)
     }
 
     /// Progress through `bar`, with plain lines every `every` when it is hidden.

@@ -54,10 +54,7 @@ impl Progress {
     /// Progress over `total` lines labelled `verb` (`None`: not known beforehand).
     pub fn new(verb: &str, total: Option<u64>, on_error: OnError) -> Self {
         Self {
-            display: match total {
-                Some(total) => progress::Progress::new(verb, total),
-                None => progress::Progress::open_ended(verb),
-            },
+            display: progress::Progress::new(verb, total),
             keep_going: on_error == OnError::Skip,
             stop: None,
             stopping: false,
