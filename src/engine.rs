@@ -1110,12 +1110,15 @@ impl Engine {
         top: usize,
         min_score: f32,
     ) -> Result<(Vec<CampaignView>, usize), Error> {
+        // Summaries (a walk over each account of the cluster) of the `top` only; the rest are
+        // counted.
         let (summaries, total): (Vec<CampaignSummary>, usize) = {
             let d = self.detector.read();
             let min = min_score.max(d.config().campaign_score);
-            let all = d.campaigns(min);
-            let total = all.len();
-            (all.into_iter().take(top).collect(), total)
+            let roots = d.campaign_roots(min);
+            let total = roots.len();
+            let top = roots.into_iter().take(top);
+            (top.filter_map(|root| d.campaign(root)).collect(), total)
         };
         let views = summaries
             .into_iter()

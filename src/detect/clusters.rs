@@ -415,7 +415,7 @@ impl Detector {
 
     /// The roots of clusters scoring at least `min_score` (and above 0), highest score first
     /// (ties: more accounts, then the lower root).
-    fn campaign_roots(&self, min_score: f32) -> Vec<u64> {
+    pub fn campaign_roots(&self, min_score: f32) -> Vec<u64> {
         let mut roots: Vec<(u64, f32, u32)> = self
             .clusters
             .keys()
