@@ -1616,9 +1616,7 @@ async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped(
     assert_eq!(std::fs::read(&input).unwrap(), bytes, "the input is kept");
 
     // A server that is down: the last run's output stays as it was.
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = format!("http://{}", free.local_addr().unwrap());
-    drop(free);
+    let down = down_url();
     let output = dir.path().join("verdicts.jsonl");
     std::fs::write(&output, "{\"line\": 1}\n").unwrap();
     let o = check_to_file(&down, &input, &output).await;
@@ -1726,14 +1724,8 @@ async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped(
         }
         let pid = child.id().to_string();
         Command::new("kill").args(["-INT", &pid]).status().unwrap();
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while child.try_wait().unwrap().is_none() {
-            assert!(
-                std::time::Instant::now() < until,
-                "check still waits on its quiet input"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let limit = std::time::Duration::from_secs(60);
+        ended_within(&mut child, limit, "check on its quiet input");
         drop(stdin);
         let o = child.wait_with_output().unwrap();
         let verdicts = o.stdout.lines().count();
@@ -1764,6 +1756,25 @@ async fn check_keeps_its_input_reads_pipes_and_says_where_to_go_on_when_stopped(
     assert_eq!(stored(&url).await, before + next as u64 - 1, "{said}");
 }
 
+/// The URL of a port nothing listens on (a server that is down).
+fn down_url() -> String {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", free.local_addr().unwrap())
+}
+
+/// Waits for `child` to end; kills it and fails the test, saying `what`, if it has not ended
+/// after `limit` (it hangs).
+fn ended_within(child: &mut std::process::Child, limit: std::time::Duration, what: &str) {
+    let until = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > until {
+            child.kill().unwrap();
+            panic!("{what}: still waiting after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Runs the binary with `args`; fails the test if it has not ended after `limit` (it hangs).
 fn bin_within(args: &[&str], limit: std::time::Duration) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
@@ -1772,14 +1783,7 @@ fn bin_within(args: &[&str], limit: std::time::Duration) -> Output {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let until = std::time::Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > until {
-            child.kill().unwrap();
-            panic!("{args:?} still waiting after {limit:?}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    ended_within(&mut child, limit, &format!("{args:?}"));
     child.wait_with_output().unwrap()
 }
 
@@ -1831,9 +1835,7 @@ fn a_server_that_never_answers_is_reported_after_the_timeout() {
 /// two exclusive flags typed together still are one.
 #[test]
 fn a_typed_flag_wins_over_the_environment_of_one_it_excludes() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = format!("http://{}", free.local_addr().unwrap());
-    drop(free);
+    let down = down_url();
     let run = |env: (&str, &str), args: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
             .args(args)
