@@ -534,7 +534,12 @@ pub struct AccountsArgs {
     #[arg(long, env = "PROMPT_RADAR_FLAGGED", value_parser = clap::builder::BoolishValueParser::new())]
     pub flagged: bool,
     /// Only this account, in full: verdict, counts, campaigns, first and last seen, reason.
-    #[arg(long, env = "PROMPT_RADAR_ACCOUNT_ID", conflicts_with = "flagged")]
+    #[arg(
+        long,
+        env = "PROMPT_RADAR_ACCOUNT_ID",
+        conflicts_with = "flagged",
+        allow_hyphen_values = true
+    )]
     pub id: Option<String>,
     /// Output format.
     #[arg(long, env = "PROMPT_RADAR_FORMAT", value_enum, default_value_t = Format::Table)]
@@ -837,17 +842,18 @@ fn campaign_in_full(out: &mut impl Write, c: &proto::Campaign) -> std::io::Resul
 pub struct SearchArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Text to search for.
-    #[arg(long, env = "PROMPT_RADAR_TEXT")]
+    /// Text to search for (it may begin with `-`: the word after --text is always the text).
+    #[arg(long, env = "PROMPT_RADAR_TEXT", allow_hyphen_values = true)]
     pub text: Option<String>,
-    /// Search for the neighbours of a stored prompt instead.
+    /// Search for the neighbours of a stored prompt instead (the prompt itself comes first, at
+    /// similarity 1, unless a filter leaves it out).
     #[arg(long, env = "PROMPT_RADAR_ID")]
     pub id: Option<u64>,
     /// Number of results (at most the server's limit, 1000 by default).
     #[arg(short, long, env = "PROMPT_RADAR_K", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub k: u32,
     /// Only prompts of this account.
-    #[arg(long, env = "PROMPT_RADAR_ACCOUNT")]
+    #[arg(long, env = "PROMPT_RADAR_ACCOUNT", allow_hyphen_values = true)]
     pub account: Option<String>,
     /// Only prompts sent at or after this time (ms since the epoch).
     #[arg(long, env = "PROMPT_RADAR_FROM_MS", default_value_t = 0)]
@@ -975,13 +981,18 @@ pub enum AllowAction {
     #[command(group = clap::ArgGroup::new("what").required(true).args(["template", "campaign"]))]
     Add {
         /// The template, e.g. "Rewrite the following text to be more professional: <*>".
-        #[arg(long, env = "PROMPT_RADAR_TEMPLATE")]
+        #[arg(long, env = "PROMPT_RADAR_TEMPLATE", allow_hyphen_values = true)]
         template: Option<String>,
         /// A campaign id from `campaigns`.
         #[arg(long, env = "PROMPT_RADAR_CAMPAIGN")]
         campaign: Option<u64>,
         /// Why it is legitimate.
-        #[arg(long, env = "PROMPT_RADAR_NOTE", default_value = "")]
+        #[arg(
+            long,
+            env = "PROMPT_RADAR_NOTE",
+            default_value = "",
+            allow_hyphen_values = true
+        )]
         note: String,
     },
     /// List the allow-list.

@@ -75,6 +75,11 @@ impl Cli {
 
     /// [`Cli::parse_args`] of `args` (the program's name first).
     pub fn parse_from_args(args: Vec<std::ffi::OsString>) -> Self {
+        Self::try_parse_from_args(args).unwrap_or_else(|e| e.exit())
+    }
+
+    /// [`Cli::parse_from_args`], returning clap's error instead of exiting with it.
+    pub fn try_parse_from_args(args: Vec<std::ffi::OsString>) -> Result<Self, clap::Error> {
         use clap::{CommandFactory, FromArgMatches};
         let typed = |long: &str| {
             args.iter().skip(1).any(|a| {
@@ -83,7 +88,7 @@ impl Cli {
                 })
             })
         };
-        let mut cmd = Self::command();
+        let mut cmd = negative_numbers(Self::command());
         for (path, flags) in EXCLUSIVE {
             let on_line: Vec<&str> = flags
                 .iter()
@@ -97,9 +102,23 @@ impl Cli {
                 cmd = without_env(cmd, path, id);
             }
         }
-        let matches = cmd.get_matches_from(args);
-        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+        let matches = cmd.try_get_matches_from(args)?;
+        Self::from_arg_matches(&matches)
     }
+}
+
+/// `cmd` with every flag that takes a value, in every subcommand, taking a negative number:
+/// `--retention-days -1` then reaches the flag's own check ("must not be negative") instead of
+/// clap's "unexpected argument '-1'", and `--from-ms -5` its range check.
+fn negative_numbers(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        if a.get_action().takes_values() {
+            a.allow_negative_numbers(true)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(negative_numbers)
 }
 
 /// `cmd` with flag `id` of subcommand `path` reading no environment variable.
@@ -422,6 +441,71 @@ mod tests {
                 assert!(!format!("{cli:?}").is_empty(), "{args:?}");
             }
         }
+    }
+
+    /// Words that begin with `-` reach the flag they follow: a prompt searched for, an account
+    /// id, a template; and a negative number reaches the flag's own check.
+    #[test]
+    fn values_that_begin_with_a_hyphen_reach_their_flag() {
+        use super::client::AllowAction;
+        use super::{Cli, Command};
+        let parse = |words: &[&str]| {
+            let args = std::iter::once("prompt-radar").chain(words.iter().copied());
+            Cli::try_parse_from_args(args.map(Into::into).collect())
+        };
+        match parse(&[
+            "search",
+            "--text",
+            "-v means verbose?",
+            "--account",
+            "-acct",
+        ]) {
+            Ok(Cli {
+                command: Command::Search(s),
+            }) => {
+                assert_eq!(s.text.as_deref(), Some("-v means verbose?"));
+                assert_eq!(s.account.as_deref(), Some("-acct"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["accounts", "--id", "-7"]) {
+            Ok(Cli {
+                command: Command::Accounts(a),
+            }) => assert_eq!(a.id.as_deref(), Some("-7")),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["allow", "add", "--template", "- <*>", "--note", "-"]) {
+            Ok(Cli {
+                command: Command::Allow(a),
+            }) => assert!(
+                matches!(a.action, AllowAction::Add { template: Some(t), note, .. } if t == "- <*>" && note == "-")
+            ),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["serve", "--retention-days", "-1"]) {
+            Ok(Cli {
+                command: Command::Serve(s),
+            }) => {
+                let e = s.engine.to_config().unwrap_err().to_string();
+                assert!(e.contains("--retention-days must not be negative"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A negative count is a wrong value of its flag, not an unknown flag.
+        for words in [
+            &["search", "--text", "x", "-k", "-5"][..],
+            &["allow", "remove", "-3"],
+        ] {
+            let e = parse(words).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{words:?}: {e}"
+            );
+        }
+        // Flags are still flags.
+        let e = parse(&["search", "--id", "7", "-x"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 
     /// DESIGN's contract: every flag of every verb also reads `PROMPT_RADAR_<FLAG>`.
