@@ -60,6 +60,13 @@ pub struct Limits {
     pub max_future_ms: i64,
 }
 
+impl Limits {
+    /// The largest `max_prompt_bytes` there may be: a request stays well within gRPC's 4 MiB
+    /// message limit, and a JSONL line with such a prompt within [`crate::traffic::MAX_LINE_BYTES`].
+    pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+}
+const _: () = assert!(Limits::MAX_PROMPT_BYTES + 4096 < 4 << 20);
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

@@ -315,13 +315,15 @@ pub trait Observer {
     }
 }
 
-/// Runs `lines` through `embedder` and `engine` in batches of `batch_size`.
+/// Runs `lines` through `embedder` and `engine` in batches of `batch_size`; a line whose
+/// prompt breaks `limits` is a bad line.
 pub fn run<E, I, O>(
     embedder: &mut E,
     cache: &mut VectorCache,
     engine: &Engine,
     lines: I,
     batch_size: usize,
+    limits: &Limits,
     observer: &mut O,
 ) -> Result<StageTimes, Error>
 where
@@ -331,7 +333,6 @@ where
 {
     let started = Instant::now();
     let phases_before = engine.ingest_times();
-    let limits = Limits::default();
     let batch_size = batch_size.max(1);
     let mut times = StageTimes::default();
     let (tx, rx) = sync_channel::<Vec<(usize, TrafficLine, (Vec<f32>, Vec<Vec<f32>>), bool)>>(4);
@@ -387,7 +388,7 @@ where
             if let Some((line, parsed)) = next {
                 times.last_line = line;
                 let checked = parsed.and_then(|t| {
-                    validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, &limits)
+                    validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, limits)
                         .map(|v| TrafficLine {
                             account_id: v.account_id,
                             prompt: v.prompt,

@@ -57,10 +57,11 @@ pub struct LineError {
     pub reason: String,
 }
 
-/// The longest line read: a prompt is at most 32 KiB (the default `--max-prompt-bytes`), and
-/// JSON's escapes can make it up to six times longer. A longer line is reported and skipped
-/// without being held in memory.
-pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// The longest line read: a prompt is at most 1 MiB (the largest `--max-prompt-bytes`,
+/// [`crate::config::Limits::MAX_PROMPT_BYTES`]), and JSON's escapes can make it up to six times
+/// longer. A longer line is reported and skipped without being held in memory.
+pub const MAX_LINE_BYTES: usize = 8 << 20;
+const _: () = assert!(6 * crate::config::Limits::MAX_PROMPT_BYTES + 4096 < MAX_LINE_BYTES);
 
 /// Iterates the non-blank lines of a traffic file: `(line number, parsed or error)`.
 ///

@@ -12,7 +12,6 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use prompt_radar::config::Limits;
 use prompt_radar::detect::{Action, Verdict};
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 use prompt_radar::engine::Engine;
@@ -115,7 +114,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     // partial.
     let read = |p: &PathBuf| -> anyhow::Result<Labelled> {
         let f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
-        let limits = Limits::default();
+        let limits = args.offline.prompt_limit.limits();
         let mut out = Vec::new();
         // Each account's label and the line that gave it.
         let mut labels: HashMap<String, (String, usize)> = HashMap::new();
@@ -231,6 +230,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         &engine,
         stream,
         args.offline.batch_size,
+        &args.offline.prompt_limit.limits(),
         &mut obs,
     )?;
     obs.progress.display.finish();

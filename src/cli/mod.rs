@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use prompt_radar::config::{DeviceKind, EngineConfig};
+use prompt_radar::config::{DeviceKind, EngineConfig, Limits};
 use prompt_radar::detect::DetectorConfig;
 use prompt_radar::index::{HnswParams, SegmentsConfig};
 
@@ -336,6 +336,25 @@ impl EngineArgs {
     }
 }
 
+/// The largest prompt a verb takes (`serve`, `reindex`, `eval`: the offline verbs keep to the
+/// server's limit so that a file reindexed is a file the server would take).
+#[derive(Debug, Clone, Args)]
+pub struct PromptLimitArgs {
+    /// Largest prompt accepted, in bytes of UTF-8 (at most 1 MiB).
+    #[arg(long, env = "PROMPT_RADAR_MAX_PROMPT_BYTES", default_value_t = Limits::default().max_prompt_bytes, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=Limits::MAX_PROMPT_BYTES as u64))]
+    pub max_prompt_bytes: usize,
+}
+
+impl PromptLimitArgs {
+    /// The request limits with this prompt size.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_prompt_bytes: self.max_prompt_bytes,
+            ..Limits::default()
+        }
+    }
+}
+
 /// Flags shared by the offline verbs (`reindex`, `eval`).
 #[derive(Debug, Clone, Args)]
 pub struct OfflineArgs {
@@ -347,6 +366,8 @@ pub struct OfflineArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub prompt_limit: PromptLimitArgs,
     /// Prompts per forward pass (their parts go with them). Large batches keep both cores busy:
     /// the pass is split into lanes that are balanced across threads, and a batch's last lane is
     /// a smaller share of it.
@@ -506,6 +527,53 @@ mod tests {
         // Flags are still flags.
         let e = parse(&["search", "--id", "7", "-x"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
+    }
+
+    /// --max-prompt-bytes is one limit for the verbs that take prompts, and stays within what
+    /// a gRPC message and a JSONL line can carry.
+    #[test]
+    fn the_prompt_limit_is_shared_and_bounded() {
+        use super::{Cli, Command};
+        let parse = |verb: &str, bytes: &str| {
+            let args = [
+                "prompt-radar",
+                verb,
+                "--input",
+                "x",
+                "--max-prompt-bytes",
+                bytes,
+            ];
+            let args = if verb == "serve" {
+                vec!["prompt-radar", verb, "--max-prompt-bytes", bytes]
+            } else {
+                args.to_vec()
+            };
+            Cli::try_parse_from_args(args.into_iter().map(Into::into).collect())
+        };
+        let most = super::Limits::MAX_PROMPT_BYTES;
+        for verb in ["serve", "reindex", "eval"] {
+            let limit = match parse(verb, &most.to_string()) {
+                Ok(Cli {
+                    command: Command::Serve(a),
+                }) => a.prompt_limit.limits(),
+                Ok(Cli {
+                    command: Command::Reindex(a),
+                }) => a.offline.prompt_limit.limits(),
+                Ok(Cli {
+                    command: Command::Eval(a),
+                }) => a.offline.prompt_limit.limits(),
+                other => panic!("{verb}: {other:?}"),
+            };
+            assert_eq!(limit.max_prompt_bytes, most, "{verb}");
+            for bad in ["0".to_string(), (most + 1).to_string()] {
+                let e = parse(verb, &bad).unwrap_err();
+                assert_eq!(
+                    e.kind(),
+                    clap::error::ErrorKind::ValueValidation,
+                    "{verb} {bad}"
+                );
+            }
+        }
     }
 
     /// DESIGN's contract: every flag of every verb also reads `PROMPT_RADAR_<FLAG>`.

@@ -307,6 +307,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         &engine,
         lines,
         args.offline.batch_size,
+        &args.offline.prompt_limit.limits(),
         &mut progress,
     )?;
     progress.display.finish();

@@ -6,11 +6,11 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 
-use prompt_radar::config::{Config, Limits};
+use prompt_radar::config::Config;
 use prompt_radar::embed::BatchConfig;
 use prompt_radar::server::{Prepared, bind};
 
-use super::{EngineArgs, ModelArgs, default_listen};
+use super::{EngineArgs, ModelArgs, PromptLimitArgs, default_listen};
 
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
@@ -31,9 +31,8 @@ pub struct ServeArgs {
     /// Most padded tokens in one forward pass.
     #[arg(long, env = "PROMPT_RADAR_MAX_BATCH_TOKENS", default_value_t = BatchConfig::default().max_batch_tokens, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_batch_tokens: usize,
-    /// Largest prompt accepted, in bytes.
-    #[arg(long, env = "PROMPT_RADAR_MAX_PROMPT_BYTES", default_value_t = Limits::default().max_prompt_bytes)]
-    pub max_prompt_bytes: usize,
+    #[command(flatten)]
+    pub prompt_limit: PromptLimitArgs,
     /// Require `authorization: Bearer <token>` on every Radar RPC (health stays open).
     #[arg(long, env = "PROMPT_RADAR_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
@@ -46,10 +45,6 @@ impl ServeArgs {
             "--queue-capacity must be at least 1"
         );
         anyhow::ensure!(self.max_batch > 0, "--max-batch must be at least 1");
-        anyhow::ensure!(
-            self.max_prompt_bytes > 0,
-            "--max-prompt-bytes must be at least 1"
-        );
         // An empty token is most often a secret that did not resolve: running without
         // authentication then would be silent and open, so it is refused.
         anyhow::ensure!(
@@ -58,10 +53,7 @@ impl ServeArgs {
                 .is_none_or(|t| !t.trim().is_empty()),
             "--auth-token (PROMPT_RADAR_AUTH_TOKEN) is empty: give the token, or leave both unset to run without authentication"
         );
-        let limits = Limits {
-            max_prompt_bytes: self.max_prompt_bytes,
-            ..Limits::default()
-        };
+        let limits = self.prompt_limit.limits();
         Ok(Config {
             listen: self.listen,
             model_dir: self.model.model.clone(),

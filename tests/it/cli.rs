@@ -1038,6 +1038,18 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
         "reindex: the lines before line 2 are stored and indexed; line 2 is not: fix it and go on with --start-line 2 (the same command)",
         "{stderr}"
     );
+
+    // The server's --max-prompt-bytes holds here too: a prompt over it is a bad line.
+    let o = reindex_into("limited", &["--max-prompt-bytes", "55"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 3: prompt: 63 bytes exceeds the limit of 55")
+            && stderr.contains("reindex: 2 prompts")
+            && stderr.contains("2 bad lines"),
+        "{stderr}"
+    );
+    assert_eq!(open_data_dir(&dir.path().join("limited")).len(), 2);
 }
 
 /// `reindex --input -` reads standard input once, as it comes: counting its lines first would
@@ -1482,6 +1494,17 @@ fn eval_refuses_a_file_with_a_line_it_cannot_use_before_running() {
         assert!(stderr.contains(said), "{said}: {stderr}");
         assert!(o.stdout.is_empty(), "no metrics");
     }
+    // A prompt over --max-prompt-bytes ("prompt 1" has 8).
+    let text = [good(1, "a", "organic"), good(2, "b", "organic")].join("\n");
+    std::fs::write(&input, text).unwrap();
+    let path = input.display().to_string();
+    let o = bin(&["eval", "--input", &path, "--max-prompt-bytes", "7"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("line 1: prompt: 8 bytes exceeds the limit of 7"),
+        "{stderr}"
+    );
 }
 
 /// How many prompts the server at `url` has stored (`stats --format jsonl`).
