@@ -74,6 +74,17 @@ impl ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.to_config()?;
     let started = Instant::now();
+    // A port that is taken is said at once, before minutes of loading and before the data
+    // directory is created. The port is let go again while loading, so that clients are
+    // refused (not left waiting) until the server answers; the bind below says it if another
+    // process took it meanwhile.
+    if config.listen.port() != 0 {
+        drop(
+            bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        );
+    }
     let prepared = tokio::task::spawn_blocking({
         let config = config.clone();
         move || Prepared::load(&config)

@@ -958,6 +958,10 @@ fn serve_refuses_a_busy_port_or_data_dir_with_one_clear_line() {
     );
     let cause = line.rsplit(": ").next().unwrap();
     assert_eq!(line.matches(cause).count(), 1, "{line}");
+    assert!(
+        !dir.path().join("a").exists(),
+        "the data directory is not created for a server that cannot listen"
+    );
 
     let held = dir.path().join("b");
     let _store = prompt_radar::store::Store::open(&held).unwrap();
