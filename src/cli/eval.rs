@@ -31,9 +31,14 @@ use super::{OfflineArgs, OnError};
 pub struct EvalArgs {
     #[command(flatten)]
     pub offline: OfflineArgs,
-    /// Keep the data directory the run wrote (default: a temporary one, removed afterwards).
+    /// Keep the data directory the run wrote, --data-dir (default: a temporary one, removed
+    /// afterwards). A --data-dir typed on the command line is kept without it.
     #[arg(long, env = "PROMPT_RADAR_KEEP_DATA", value_parser = clap::builder::BoolishValueParser::new())]
     pub keep_data: bool,
+    /// Whether --data-dir was typed on the command line (not only set in the environment, as
+    /// for `serve`): the run then writes there and keeps it, as with --keep-data.
+    #[arg(skip)]
+    pub data_dir_typed: bool,
     /// Also write all metrics as one JSON object to this file.
     #[arg(long, env = "PROMPT_RADAR_JSON")]
     pub json: Option<PathBuf>,
@@ -159,7 +164,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     );
 
     let mut engine_args = args.offline.engine.clone();
-    let temp = !args.keep_data;
+    let temp = !(args.keep_data || args.data_dir_typed);
     let mut temp_dir_guard = None;
     if temp {
         let nanos = std::time::SystemTime::now()
@@ -175,7 +180,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
                 .data_dir
                 .join(prompt_radar::store::DB_FILE)
                 .exists(),
-            "--keep-data needs an empty --data-dir"
+            "eval: --data-dir {} already holds a store: a kept run needs an empty or new directory (or none: without --data-dir and --keep-data, eval uses a temporary one)",
+            engine_args.data_dir.display()
         );
     }
     let load = Instant::now();

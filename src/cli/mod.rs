@@ -102,8 +102,20 @@ impl Cli {
                 cmd = without_env(cmd, path, id);
             }
         }
+        let cmd = cmd.mut_subcommand("eval", |eval| {
+            eval.mut_arg("data_dir", |a| {
+                a.help("Directory to write the run's store and index into, and keep (as --keep-data); must hold no store yet. Without it on the command line, eval writes into a temporary directory and removes it")
+            })
+        });
         let matches = cmd.try_get_matches_from(args)?;
-        Self::from_arg_matches(&matches)
+        let mut cli = Self::from_arg_matches(&matches)?;
+        if let Command::Eval(eval) = &mut cli.command {
+            eval.data_dir_typed = matches
+                .subcommand_matches("eval")
+                .and_then(|m| m.value_source("data_dir"))
+                == Some(clap::parser::ValueSource::CommandLine);
+        }
+        Ok(cli)
     }
 }
 

@@ -1398,10 +1398,11 @@ fn eval_stops_on_ctrl_c_and_leaves_no_temporary_data() {
     let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
     assert!(left.is_empty(), "temporary data left behind: {left:?}");
 
-    // With --keep-data the directory stays, checkpointed, and the message says so.
+    // With --data-dir on the command line (as with --keep-data) the directory stays,
+    // checkpointed, and the message says so.
     let data = dir.path().join("kept");
     let mut eval = eval_of_input();
-    eval.arg("--keep-data").arg("--data-dir").arg(&data);
+    eval.arg("--data-dir").arg(&data);
     let (code, seen) = interrupted_when_ready(eval, || {});
     assert_eq!(code, Some(2), "{seen}");
     let kept = number_after(&seen, " keeps the ");
