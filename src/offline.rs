@@ -315,8 +315,61 @@ pub trait Observer {
     }
 }
 
-/// Runs `lines` through `embedder` and `engine` in batches of `batch_size`; a line whose
-/// prompt breaks `limits` is a bad line.
+/// What the input of a run gives next.
+#[derive(Debug)]
+pub enum Feed {
+    /// A line: its number (1-based) and what it holds.
+    Line(usize, Result<TrafficLine, LineError>),
+    /// Nothing came for [`QUIET`] (a pipe with no writer writing): the lines read so far are
+    /// embedded and stored now rather than when a batch is full, and a stop takes effect.
+    Quiet,
+}
+
+/// How long a pipe may be silent before the lines read so far are stored ([`Feed::Quiet`]).
+pub const QUIET: Duration = Duration::from_millis(200);
+
+/// The longest a line read waits for its batch to fill: a pipe that trickles (a few lines a
+/// second, never quiet for [`QUIET`]) has its lines stored within about this.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// The lines of `reader` from line `first` on, read on a thread of their own: a read that
+/// blocks (a pipe with nothing to give) yields [`Feed::Quiet`] every [`QUIET`] instead of
+/// blocking the run. The thread reads at most 1,024 lines ahead, and ends when the input does
+/// or when the iterator is dropped and it next has a line to hand over.
+pub fn read_on_a_thread(
+    reader: impl std::io::BufRead + Send + 'static,
+    first: usize,
+) -> std::io::Result<impl Iterator<Item = Feed>> {
+    let (tx, rx) = sync_channel(1024);
+    std::thread::Builder::new()
+        .name("input".into())
+        .spawn(move || {
+            for item in crate::traffic::lines_from(reader, first) {
+                if tx.send(item).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(std::iter::from_fn(move || {
+        use std::sync::mpsc::RecvTimeoutError;
+        match rx.recv_timeout(QUIET) {
+            Ok((line, parsed)) => Some(Feed::Line(line, parsed)),
+            Err(RecvTimeoutError::Timeout) => Some(Feed::Quiet),
+            Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }))
+}
+
+/// `lines` as a run's input, each a [`Feed::Line`].
+pub fn feed(
+    lines: impl Iterator<Item = (usize, Result<TrafficLine, LineError>)>,
+) -> impl Iterator<Item = Feed> {
+    lines.map(|(line, parsed)| Feed::Line(line, parsed))
+}
+
+/// Runs `lines` through `embedder` and `engine` in batches of `batch_size` (a partial batch
+/// when the input goes quiet, or after [`LINGER`]); a line whose prompt breaks `limits` is a
+/// bad line.
 pub fn run<E, I, O>(
     embedder: &mut E,
     cache: &mut VectorCache,
@@ -328,7 +381,7 @@ pub fn run<E, I, O>(
 ) -> Result<StageTimes, Error>
 where
     E: Embedder,
-    I: Iterator<Item = (usize, Result<TrafficLine, LineError>)>,
+    I: Iterator<Item = Feed>,
     O: Observer,
 {
     let started = Instant::now();
@@ -376,6 +429,8 @@ where
         let mut pending: Vec<(usize, TrafficLine)> = Vec::with_capacity(batch_size);
         let mut lines = lines;
         let mut send_failed = false;
+        // When the first line of `pending` was read.
+        let mut pending_since = Instant::now();
         loop {
             let t = Instant::now();
             times.interrupted = observer.interrupted();
@@ -385,7 +440,8 @@ where
                 lines.next()
             };
             let done = next.is_none();
-            if let Some((line, parsed)) = next {
+            let quiet = matches!(next, Some(Feed::Quiet));
+            if let Some(Feed::Line(line, parsed)) = next {
                 times.last_line = line;
                 let checked = parsed.and_then(|t| {
                     validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, limits)
@@ -401,7 +457,12 @@ where
                         })
                 });
                 match checked {
-                    Ok(t) => pending.push((line, t)),
+                    Ok(t) => {
+                        if pending.is_empty() {
+                            pending_since = Instant::now();
+                        }
+                        pending.push((line, t));
+                    }
                     Err(e) => {
                         times.bad_lines += 1;
                         if !observer.bad_line(&e) {
@@ -411,7 +472,8 @@ where
                 }
             }
             times.parse += t.elapsed();
-            if pending.len() >= batch_size || ((done || times.stopped) && !pending.is_empty()) {
+            let partial = done || times.stopped || quiet || pending_since.elapsed() >= LINGER;
+            if pending.len() >= batch_size || (partial && !pending.is_empty()) {
                 let t = Instant::now();
                 let texts: Vec<&str> = pending.iter().map(|(_, p)| p.prompt.as_str()).collect();
                 let (mut embedded, mut readable) = (0, Vec::new());
@@ -648,6 +710,90 @@ mod tests {
             let _ = done.send(());
         });
         assert!(is_done.recv_timeout(Duration::from_millis(100)).is_err());
+    }
+
+    /// Counts verdicts as they reach the observer.
+    struct Seen(Arc<AtomicUsize>);
+
+    impl Observer for Seen {
+        fn verdict(&mut self, _line: usize, _input: &TrafficLine, _verdict: &Verdict) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn bad_line(&mut self, _error: &LineError) -> bool {
+            true
+        }
+    }
+
+    fn traffic_line(n: usize) -> TrafficLine {
+        TrafficLine {
+            account_id: format!("a{n}"),
+            prompt: format!("prompt number {n}"),
+            timestamp_ms: 1_750_000_000_000 + n as i64,
+            label: None,
+        }
+    }
+
+    /// A quiet input has the lines read so far stored and answered at once, not when a batch
+    /// fills or the input ends: a pipe fed now and then (a log tail) is indexed as it comes.
+    #[test]
+    fn a_quiet_input_has_its_partial_batch_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine =
+            Engine::open(crate::config::EngineConfig::with_data_dir(dir.path()), 2).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let watched = seen.clone();
+        let (mut n, started) = (0, Instant::now());
+        let mut answered_before_the_end = None;
+        let input = std::iter::from_fn(|| {
+            n += 1;
+            if n <= 3 {
+                return Some(Feed::Line(n, Ok(traffic_line(n))));
+            }
+            // Quiet until the three are answered (or long enough to tell they never are).
+            let answered = watched.load(Ordering::SeqCst);
+            if answered < 3 && started.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(5));
+                return Some(Feed::Quiet);
+            }
+            answered_before_the_end = Some(answered);
+            None
+        });
+        let mut cache = VectorCache::new(16, 2, 0);
+        let times = run(
+            &mut Counting::default(),
+            &mut cache,
+            &engine,
+            input,
+            256,
+            &Limits::default(),
+            &mut Seen(seen.clone()),
+        )
+        .unwrap();
+        assert_eq!(answered_before_the_end, Some(3));
+        assert_eq!((times.prompts, engine.len()), (3, 3));
+    }
+
+    /// A blocked read (a pipe with nothing to give) is reported as quiet, not waited on.
+    #[cfg(unix)]
+    #[test]
+    fn a_blocked_read_is_quiet_and_the_end_of_the_input_ends_it() {
+        use std::io::Write as _;
+        let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        writeln!(
+            writer,
+            "{}",
+            r#"{"account_id": "a", "prompt": "hi", "timestamp_ms": 1750000000000}"#
+        )
+        .unwrap();
+        let mut feed = read_on_a_thread(std::io::BufReader::new(reader), 1).unwrap();
+        assert!(matches!(feed.next(), Some(Feed::Line(1, Ok(t))) if t.prompt == "hi"));
+        let t = Instant::now();
+        assert!(matches!(feed.next(), Some(Feed::Quiet)));
+        assert!(t.elapsed() >= QUIET);
+        writeln!(writer, "not json").unwrap();
+        assert!(matches!(feed.next(), Some(Feed::Line(2, Err(_)))));
+        drop(writer);
+        assert!(feed.next().is_none());
     }
 
     #[test]

@@ -224,7 +224,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
             labels.len()
         )
     });
-    let stream = lines.iter().map(|(l, t)| (*l, Ok(t.clone())));
+    let stream = offline::feed(lines.iter().map(|(l, t)| (*l, Ok(t.clone()))));
     let tag = offline::model_tag(&args.offline.model.model);
     let mut cache = match &args.embed_cache {
         Some(p) => offline::VectorCache::load(p, usize::MAX, embedder.dim(), tag)?,

@@ -299,7 +299,14 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
             );
         }
     }
-    let lines = traffic::lines_from(std::io::BufReader::new(file), first);
+    let reader = std::io::BufReader::new(file);
+    // A pipe is read on a thread of its own: while it is quiet, what was read is stored and a
+    // stop (Ctrl-C, SIGTERM) takes effect, instead of both waiting for its next line.
+    let lines: Box<dyn Iterator<Item = offline::Feed>> = if once {
+        Box::new(offline::read_on_a_thread(reader, first)?)
+    } else {
+        Box::new(offline::feed(traffic::lines_from(reader, first)))
+    };
     let mut cache = offline::VectorCache::new(offline::DEDUPE_TEXTS, embedder.dim(), 0);
     let times = offline::run(
         &mut embedder,

@@ -1108,6 +1108,59 @@ fn reindex_reads_standard_input() {
     );
 }
 
+/// `reindex --input -` fed by a writer that goes quiet (a log tail, a queue consumer) stores what
+/// came, and SIGTERM stops it at once, naming where to go on: before, the stop waited for a next
+/// line that might never come.
+#[test]
+fn reindex_of_a_quiet_pipe_stops_at_once_when_told() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    prompts_file(&input, 12);
+    let data = dir.path().join("data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args(["reindex", "--input", "-", "--data-dir"])
+        .arg(&data)
+        .arg("--model")
+        .arg(model_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Twelve lines, and the writer stays, silent.
+    let mut writer = child.stdin.take().unwrap();
+    writer.write_all(&std::fs::read(&input).unwrap()).unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("ready in") {
+        assert!(stderr.read_line(&mut seen).unwrap() > 0, "{seen}");
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    ended_within(
+        &mut child,
+        std::time::Duration::from_secs(30),
+        "reindex of a quiet pipe after SIGTERM",
+    );
+    std::io::Read::read_to_string(&mut stderr, &mut seen).unwrap();
+    drop(writer);
+    assert_eq!(child.wait().unwrap().code(), Some(1), "{seen}");
+    assert!(seen.contains("reindex: stopping:"), "{seen}");
+    let next = number_after(&seen, "the same command with --start-line ");
+    let summary = seen
+        .lines()
+        .find(|l| l.contains(" prompts in "))
+        .unwrap_or_default();
+    assert_eq!(number_after(summary, "reindex: "), next - 1, "{seen}");
+    assert!(next <= 13, "{seen}");
+    assert_eq!(open_data_dir(&data).len(), next as u64 - 1, "{seen}");
+}
+
 /// With time-sliced segments (`--retention-days`), an input sorted by account instead of by time
 /// goes back in time with every account. A rule on each segment's own oldest and newest time
 /// sealed a segment of about a batch each time; the slice clock puts each account's older lines
