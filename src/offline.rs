@@ -779,12 +779,8 @@ mod tests {
     fn a_blocked_read_is_quiet_and_the_end_of_the_input_ends_it() {
         use std::io::Write as _;
         let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
-        writeln!(
-            writer,
-            "{}",
-            r#"{"account_id": "a", "prompt": "hi", "timestamp_ms": 1750000000000}"#
-        )
-        .unwrap();
+        let line = r#"{"account_id": "a", "prompt": "hi", "timestamp_ms": 1750000000000}"#;
+        writeln!(writer, "{line}").unwrap();
         let mut feed = read_on_a_thread(std::io::BufReader::new(reader), 1).unwrap();
         assert!(matches!(feed.next(), Some(Feed::Line(1, Ok(t))) if t.prompt == "hi"));
         let t = Instant::now();
