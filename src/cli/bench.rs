@@ -45,7 +45,7 @@ pub struct BenchEmbedArgs {
     #[arg(long, env = "PROMPT_RADAR_FIXED_TOKENS", default_value_t = 0)]
     pub fixed_tokens: usize,
     /// Stop a batch size's round after this many seconds (rounds of large files on slow devices).
-    #[arg(long, env = "PROMPT_RADAR_MAX_ROUND_SECONDS", default_value_t = 60.0)]
+    #[arg(long, env = "PROMPT_RADAR_MAX_ROUND_SECONDS", default_value_t = 60.0, value_parser = round_seconds)]
     pub max_round_seconds: f64,
     /// On a GPU: first embed this many of the texts on the device and on the CPU (f32) and fail
     /// unless every pair's cosine is at least 0.999. 0 = skip.
@@ -112,6 +112,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// The longest --max-round-seconds: a week.
+const MAX_ROUND_SECONDS: f64 = 7.0 * 86_400.0;
+
+/// A --max-round-seconds: seconds within [0.001, a week] (not NaN, infinite or negative, which
+/// no round could be timed against).
+fn round_seconds(text: &str) -> Result<f64, String> {
+    let s: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if (0.001..=MAX_ROUND_SECONDS).contains(&s) {
+        Ok(s)
+    } else {
+        Err(format!("seconds within [0.001, {MAX_ROUND_SECONDS}]"))
+    }
 }
 
 /// Runs the benchmark; prints the table.
@@ -206,7 +220,7 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
         ProgressStyle::with_template("{spinner} bench-embed [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let budget = Duration::from_secs_f64(args.max_round_seconds.max(0.001));
+    let budget = Duration::from_secs_f64(args.max_round_seconds);
     let mut rows = Vec::new();
     for &batch in &args.batch_sizes {
         bar.set_message(format!("batch {batch}"));
@@ -286,4 +300,32 @@ pub fn run(args: BenchEmbedArgs) -> anyhow::Result<bool> {
     // After the --json file: a closed stdout (`bench-embed … | head`) must not cost it.
     std::io::stdout().lock().write_all(table.as_bytes())?;
     Ok(true)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// A round's time limit is a number of seconds a round can be timed against; anything else
+    /// is refused by name, not turned into 1 ms or a panic.
+    #[test]
+    fn the_round_time_limit_is_checked() {
+        use super::super::{Cli, Command};
+        let parse = |seconds: &str| {
+            let args = ["prompt-radar", "bench-embed", "--input", "x"];
+            let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+            args.extend(["--max-round-seconds".into(), seconds.into()]);
+            Cli::try_parse_from_args(args)
+        };
+        match parse("2.5") {
+            Ok(Cli {
+                command: Command::BenchEmbed(a),
+            }) => assert_eq!(a.max_round_seconds, 2.5),
+            other => panic!("{other:?}"),
+        }
+        for bad in ["inf", "1e300", "NaN", "-1", "0", "ten"] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+            assert!(e.to_string().contains("--max-round-seconds"), "{bad}: {e}");
+        }
+    }
 }

@@ -104,7 +104,8 @@ impl Cli {
         }
         let cmd = cmd.mut_subcommand("eval", |eval| {
             eval.mut_arg("data_dir", |a| {
-                a.help("Directory to write the run's store and index into, and keep (as --keep-data); must hold no store yet. Without it on the command line, eval writes into a temporary directory and removes it")
+                a.help("Directory to write the run's store and index into, and keep (as --keep-data); must hold no store yet. Without it on the command line, eval writes into a temporary directory and removes it (with --keep-data: ./data, or PROMPT_RADAR_DATA_DIR)")
+                    .hide_default_value(true)
             })
         });
         let matches = cmd.try_get_matches_from(args)?;
@@ -281,6 +282,14 @@ impl EngineArgs {
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.part_similarity),
             "--part-similarity must be within [0, 1]"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.review_score),
+            "--review-score must be within [0, 1]"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.block_score),
+            "--block-score must be within [0, 1]"
         );
         anyhow::ensure!(
             self.review_score <= self.block_score,
@@ -692,7 +701,9 @@ mod tests {
     #[test]
     fn detector_settings_out_of_range_are_refused() {
         let refused = |flag: &str, value: &str| {
-            let e = config(&[flag, value]).unwrap_err().to_string();
+            let e = config(&[&format!("{flag}={value}")])
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(flag), "{flag} {value}: {e}");
         };
         refused("--campaign-accounts", "1");
@@ -701,6 +712,10 @@ mod tests {
         refused("--min-cross-account-share", "1.5");
         refused("--min-cross-account-share", "NaN");
         refused("--similarity-threshold", "NaN");
+        refused("--review-score", "-0.1");
+        refused("--review-score", "NaN");
+        refused("--block-score", "-1");
+        refused("--block-score", "1.5");
         let d = config(&[
             "--campaign-accounts",
             "2",
