@@ -212,12 +212,13 @@ impl Radar for RadarService {
     ) -> Result<Response<proto::SearchResponse>, Status> {
         let r = request.into_inner();
         let k = validate::k(r.k, &self.limits)?;
-        if r.from_ms < 0 || r.to_ms < 0 || (r.to_ms > 0 && r.from_ms > r.to_ms) {
-            return Err(Error::invalid(
-                "from_ms",
-                "time range must be non-negative with from_ms <= to_ms",
-            )
-            .into());
+        for (field, ms) in [("from_ms", r.from_ms), ("to_ms", r.to_ms)] {
+            if ms < 0 {
+                return Err(Error::invalid(field, "must not be negative (0 = unbounded)").into());
+            }
+        }
+        if r.to_ms > 0 && r.from_ms > r.to_ms {
+            return Err(Error::invalid("from_ms", "must not be after to_ms").into());
         }
         let account_id = Some(r.account_id.trim().to_string()).filter(|a| !a.is_empty());
         let filter = SearchFilter {

@@ -411,6 +411,24 @@ async fn invalid_input_is_invalid_argument_naming_the_field() {
         (Code::InvalidArgument, true),
         "{e:?}"
     );
+    // A wrong time bound is named: the one that is wrong.
+    for (from_ms, to_ms, said) in [
+        (-5, 0, "from_ms: must not be negative"),
+        (0, -5, "to_ms: must not be negative"),
+        (9, 8, "from_ms: must not be after to_ms"),
+    ] {
+        let e = c
+            .search(proto::SearchRequest {
+                query: Some(Query::Text("x".into())),
+                from_ms,
+                to_ms,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().starts_with(said), "{said}: {e:?}");
+    }
     let e = c
         .get_account(proto::GetAccountRequest {
             account_id: " ".into(),
