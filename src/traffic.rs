@@ -88,7 +88,7 @@ pub fn lines_from(
         match read {
             Err(e) => error(format!("unreadable: {e}")),
             Ok(Raw::TooLong(bytes)) => error(format!(
-                "{bytes} bytes, longer than the {MAX_LINE_BYTES} a line may have (skipped)"
+                "{bytes} bytes, longer than the {MAX_LINE_BYTES} a line may have"
             )),
             Ok(Raw::NotUtf8(at)) => error(format!("not valid UTF-8 (at byte {at} of the line)")),
             Ok(Raw::Text) => Some((line, parse(line, raw.text()))),
@@ -719,7 +719,7 @@ not json
         let reason = |i: usize| got[i].1.as_ref().unwrap_err().reason.clone();
         assert_eq!(reason(1), "not valid UTF-8 (at byte 36 of the line)");
         let skipped = format!(
-            "{} bytes, longer than the {MAX_LINE_BYTES} a line may have (skipped)",
+            "{} bytes, longer than the {MAX_LINE_BYTES} a line may have",
             long.len()
         );
         assert_eq!(reason(2), skipped);

@@ -105,6 +105,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     .filter_map(|(p, flag)| p.as_ref().map(|p| (p, flag)))
     .collect();
     for (i, &(out, flag)) in outputs.iter().enumerate() {
+        // The metrics table is what goes to standard output; `-` would be a file named `-`.
+        anyhow::ensure!(
+            out.as_os_str() != "-",
+            "eval: {flag} takes a file path, not - (the metrics table goes to standard output)"
+        );
         traffic::refuse_input_as_output(input, out, flag)?;
         // Two outputs on one file: the last written would be all it holds.
         for &(other, other_flag) in &outputs[..i] {

@@ -198,6 +198,14 @@ impl Observer for Progress {
     }
 }
 
+/// An input as messages name it: `-` is standard input.
+fn named(input: &std::path::Path) -> String {
+    match input.as_os_str() == "-" {
+        true => "standard input (-)".to_string(),
+        false => input.display().to_string(),
+    }
+}
+
 /// Runs the batch; returns whether every line was used.
 pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
@@ -209,7 +217,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     if once {
         eprintln!(
             "reindex: {} is not a regular file: it is read once, with no line count beforehand and no check that it is in time order",
-            args.offline.input.display()
+            named(&args.offline.input)
         );
     }
     // With time-sliced segments the input's times are read too, in the same pass as the count.
@@ -295,7 +303,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         if total == Some(0) {
             eprintln!(
                 "reindex: {} has nothing from line {first} on: nothing to do",
-                args.offline.input.display()
+                named(&args.offline.input)
             );
         }
     }
@@ -319,6 +327,10 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     )?;
     progress.display.finish();
     eprintln!("{}", times.summary("reindex"));
+    if once && first > 1 && times.last_line == 0 && !times.interrupted {
+        // A file is checked before the run; a pipe only shows it now.
+        eprintln!("reindex: the input ended before line {first} (--start-line): nothing to do");
+    }
     // So that `serve` reloads the index instead of rebuilding what the last segment holds.
     let saved = engine.checkpoint();
     if let Ok(saved) = &saved {
@@ -348,8 +360,16 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         } else {
             (times.last_line + 1).max(first)
         };
+        // The bad lines skipped on the way (a stop at one: that one is named below).
+        let skipped = times.bad_lines - u64::from(times.stopped);
         let stored = if next <= first {
             "nothing was stored".to_string()
+        } else if skipped > 0 {
+            format!(
+                "{} before line {next} are stored and indexed, but for the {} reported above",
+                the_lines(first),
+                prompt_radar::detect::scoring::counted(skipped, "bad line")
+            )
         } else {
             format!(
                 "{} before line {next} are stored and indexed",

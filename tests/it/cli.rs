@@ -1084,7 +1084,7 @@ fn reindex_reads_standard_input() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
-        stderr.contains("- is not a regular file: it is read once")
+        stderr.contains("standard input (-) is not a regular file: it is read once")
             && stderr.contains("reindex: 30 prompts"),
         "{stderr}"
     );
@@ -1104,6 +1104,37 @@ fn reindex_reads_standard_input() {
     assert!(
         stderr.contains("reindex: note: the data dir already holds 30 prompts;")
             && stderr.contains("go on with --start-line instead"),
+        "{stderr}"
+    );
+    // A pipe that ends before --start-line says so when it ends (a file, before it starts).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+        .args([
+            "reindex",
+            "--input",
+            "-",
+            "--start-line",
+            "31",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg("--model")
+        .arg(model_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(&input).unwrap())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reindex: the input ended before line 31 (--start-line): nothing to do"),
         "{stderr}"
     );
 }
@@ -1128,8 +1159,9 @@ fn reindex_of_a_quiet_pipe_stops_at_once_when_told() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Twelve lines, and the writer stays, silent.
+    // A bad line and twelve good ones, and the writer stays, silent.
     let mut writer = child.stdin.take().unwrap();
+    writer.write_all(b"not json\n").unwrap();
     writer.write_all(&std::fs::read(&input).unwrap()).unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
@@ -1156,9 +1188,17 @@ fn reindex_of_a_quiet_pipe_stops_at_once_when_told() {
         .lines()
         .find(|l| l.contains(" prompts in "))
         .unwrap_or_default();
-    assert_eq!(number_after(summary, "reindex: "), next - 1, "{seen}");
-    assert!(next <= 13, "{seen}");
-    assert_eq!(open_data_dir(&data).len(), next as u64 - 1, "{seen}");
+    // (On a busy machine the signal can come before the first line: nothing stored.)
+    let stored = next.saturating_sub(2);
+    assert_eq!(number_after(summary, "reindex: "), stored, "{seen}");
+    assert!(next <= 14, "{seen}");
+    assert_eq!(open_data_dir(&data).len(), stored as u64, "{seen}");
+    if next > 1 {
+        assert!(
+            seen.contains(&format!("the lines before line {next} are stored and indexed, but for the 1 bad line reported above; to go on: the same command with --start-line {next}")),
+            "{seen}"
+        );
+    }
 }
 
 /// With time-sliced segments (`--retention-days`), an input sorted by account instead of by time
@@ -1551,6 +1591,17 @@ fn eval_refuses_a_file_with_a_line_it_cannot_use_before_running() {
         assert_eq!(o.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains(said), "{said}: {stderr}");
         assert!(o.stdout.is_empty(), "no metrics");
+    }
+    // `-` is not standard output for eval's files: the metrics table is.
+    let path = input.display().to_string();
+    for flag in ["--json", "--accounts-out", "--embed-cache"] {
+        let o = bin(&["eval", "--input", &path, flag, "-"]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&format!("eval: {flag} takes a file path, not -")),
+            "{stderr}"
+        );
     }
     // A prompt over --max-prompt-bytes ("prompt 1" has 8).
     let text = [good(1, "a", "organic"), good(2, "b", "organic")].join("\n");
