@@ -118,15 +118,24 @@ impl Prepared {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        // At the shutdown signal: report NOT_SERVING, and end the open CheckStreams (after
-        // the requests each has read) so that the graceful shutdown below can finish.
+        // At the shutdown signal: report NOT_SERVING (for the server, "", which probes and load
+        // balancers ask about, and for the Radar service), and end the open CheckStreams (after
+        // the requests each has read) and health Watches (after they have seen NOT_SERVING), so
+        // that the graceful shutdown below can finish: a load balancer keeps a Watch open for
+        // ever.
         let drainer = self.service.drainer();
+        let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
             shutdown.await;
             drainer.drain();
-            health_reporter
-                .set_not_serving::<RadarServer<RadarService>>()
-                .await;
+            let mut health = health_reporter;
+            for name in ["", RADAR_SERVICE] {
+                health
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+                health.clear_service_status(name).await;
+            }
+            let _ = signalled.send(());
         };
         let token = self.auth_token.map(|t| format!("Bearer {t}"));
         let radar = RadarServer::with_interceptor(self.service, move |req: tonic::Request<()>| {
@@ -142,15 +151,35 @@ impl Prepared {
                 )),
             }
         });
-        tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(reflection)
             .add_service(radar)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await?;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        // A call that still does not end SHUTDOWN_GRACE after the signal (a client that stopped
+        // reading its stream) is dropped: the checkpoint and the exit do not wait on a client.
+        let too_late = async {
+            match on_signal.await {
+                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            served = server => served?,
+            () = too_late => eprintln!(
+                "prompt-radar: calls still open {} s after the shutdown signal are dropped",
+                SHUTDOWN_GRACE.as_secs()
+            ),
+        }
         Ok(())
     }
 }
+
+/// The Radar service's full name, as the health service knows it.
+const RADAR_SERVICE: &str = <RadarServer<RadarService> as tonic::server::NamedService>::NAME;
+
+/// How long the graceful shutdown waits for the calls in flight after the signal.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `a == b` in a time that does not depend on where they differ: a plain comparison stops at the
 /// first differing byte, which lets a client time its way to the bearer token byte by byte.

@@ -731,7 +731,34 @@ async fn health_reflection_and_auth() {
     r.metadata_mut()
         .insert("authorization", "Bearer s3cret".parse().unwrap());
     assert_eq!(c.check(r).await.unwrap().into_inner().prompt_id, 1);
-    server.stop().await;
+
+    // A load balancer watches the health of the server ("") and of the service for as long as
+    // it runs. At shutdown both turn NOT_SERVING, the watches end, and the graceful shutdown
+    // does not wait on them (before, it waited until the watcher went away).
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut watches = Vec::new();
+    for service in ["", "promptradar.v1.Radar"] {
+        let mut w = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = w.message().await.unwrap().unwrap().status();
+        assert_eq!(first, ServingStatus::Serving, "{service:?}");
+        watches.push((service, w));
+    }
+    let stopped =
+        tokio::time::timeout(prompt_radar::server::SHUTDOWN_GRACE / 2, server.stop()).await;
+    assert!(stopped.is_ok(), "shutdown waited for the health watches");
+    for (service, mut w) in watches {
+        let mut seen = Vec::new();
+        while let Ok(Some(m)) = w.message().await {
+            seen.push(m.status());
+        }
+        assert_eq!(seen, [ServingStatus::NotServing], "{service:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
