@@ -582,6 +582,22 @@ impl Engine {
         now_ms: i64,
     ) -> Result<Allowed, Error> {
         let view = self.campaign(campaign_id)?;
+        if !view.summary.is_campaign && self.detector.read().cluster_allowed(view.summary.id) {
+            // Asked again (a retry after a lost answer): its entry, nothing added, as a template
+            // asked again gets.
+            let listed = self
+                .allowed_templates()
+                .into_iter()
+                .find(|e| e.template == view.template);
+            if let Some(entry) = listed {
+                return Ok(Allowed {
+                    entry,
+                    cleared: 0,
+                    not_cleared: Vec::new(),
+                    already_listed: true,
+                });
+            }
+        }
         if !view.summary.is_campaign {
             // A typo'd id (1 for 12) would put one user's question on the admin's list.
             return Err(Error::invalid(

@@ -231,6 +231,11 @@ impl Detector {
         was
     }
 
+    /// Whether the cluster of prompt `id` is allow-listed (see [`Self::allow_cluster`]).
+    pub fn cluster_allowed(&self, id: u64) -> bool {
+        self.allowed.contains(&self.cluster_of(id))
+    }
+
     /// Whether nothing may link to prompt `id`: it matched the allow-list as it came in, or it
     /// is in an allow-listed cluster. A known app's prompts are never linked into campaigns,
     /// whichever way the link would point: a look-alike campaign that linked to them would be

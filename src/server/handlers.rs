@@ -171,7 +171,11 @@ impl Radar for RadarService {
                 read += 1;
                 let item = match validate::prompt(&r.account_id, &r.prompt, r.timestamp_ms, &limits)
                 {
-                    Err(e) => Pending::Rejected(r.request_id, r.account_id, e.into()),
+                    // Echoed as an accepted item's is: trimmed.
+                    Err(e) => {
+                        let account_id = r.account_id.trim().to_string();
+                        Pending::Rejected(r.request_id, account_id, e.into())
+                    }
                     Ok(p) => match pipeline
                         .check(p.prompt, p.account_id.clone(), p.timestamp_ms)
                         .await
@@ -312,10 +316,10 @@ impl Radar for RadarService {
         &self,
         request: Request<proto::GetAccountRequest>,
     ) -> Result<Response<proto::Account>, Status> {
-        let id = request.into_inner().account_id.trim().to_string();
-        if id.is_empty() {
-            return Err(Error::invalid("account_id", "required").into());
-        }
+        let request = request.into_inner();
+        // Checked as Check checks it: an id no account can have is a wrong argument, and an
+        // unbounded one would not fit the NOT_FOUND message's header.
+        let id = validate::account_id(&request.account_id, &self.limits)?.to_string();
         let engine = self.engine.clone();
         Ok(Response::new(convert::account(
             blocking(move || engine.account(&id)).await?,

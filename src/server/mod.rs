@@ -137,16 +137,16 @@ impl Prepared {
             }
             let _ = signalled.send(());
         };
-        let token = self.auth_token.map(|t| format!("Bearer {t}"));
+        let token = self.auth_token;
         let radar = RadarServer::with_interceptor(self.service, move |req: tonic::Request<()>| {
             let Some(want) = &token else { return Ok(req) };
-            match req
+            let got = req
                 .metadata()
                 .get("authorization")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(got) if same_secret(got.as_bytes(), want.as_bytes()) => Ok(req),
-                _ => Err(tonic::Status::unauthenticated(
+                .and_then(|v| v.to_str().ok());
+            match got.is_some_and(|got| bearer_is(got, want)) {
+                true => Ok(req),
+                false => Err(tonic::Status::unauthenticated(
                     "authorization: missing or wrong bearer token",
                 )),
             }
@@ -181,6 +181,16 @@ const RADAR_SERVICE: &str = <RadarServer<RadarService> as tonic::server::NamedSe
 /// How long the graceful shutdown waits for the calls in flight after the signal.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Whether an `authorization` header carries bearer token `want`: the scheme in any case
+/// (RFC 7235: `bearer` from a proxy is `Bearer`), then spaces, then exactly the token.
+fn bearer_is(header: &str, want: &str) -> bool {
+    let Some((scheme, token)) = header.split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer")
+        && same_secret(token.trim_start_matches(' ').as_bytes(), want.as_bytes())
+}
+
 /// `a == b` in a time that does not depend on where they differ: a plain comparison stops at the
 /// first differing byte, which lets a client time its way to the bearer token byte by byte.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
@@ -211,5 +221,23 @@ mod tests {
         assert!(!same_secret(b"Bearer t0kk", b"Bearer t0k"));
         assert!(!same_secret(b"", b"Bearer t0k"));
         assert!(same_secret(b"", b""));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case_and_the_token_exactly() {
+        use super::bearer_is;
+        for ok in ["Bearer t0k", "bearer t0k", "BEARER  t0k"] {
+            assert!(bearer_is(ok, "t0k"), "{ok}");
+        }
+        for wrong in [
+            "Bearer t0k ",
+            "Bearer T0K",
+            "t0k",
+            "Basic t0k",
+            "Bearer",
+            "Bearer ",
+        ] {
+            assert!(!bearer_is(wrong, "t0k"), "{wrong}");
+        }
     }
 }

@@ -24,6 +24,19 @@ pub fn prompt(
     timestamp_ms: i64,
     limits: &Limits,
 ) -> Result<ValidPrompt, Error> {
+    let account_id = self::account_id(account_id, limits)?;
+    text("prompt", prompt, limits)?;
+    let timestamp_ms = timestamp(timestamp_ms, limits)?;
+    Ok(ValidPrompt {
+        account_id: account_id.to_string(),
+        prompt: prompt.to_string(),
+        timestamp_ms,
+    })
+}
+
+/// Checks an account id against `limits`: given, not blank, not too long, without control or
+/// invisible characters. Returns it trimmed.
+pub fn account_id<'a>(account_id: &'a str, limits: &Limits) -> Result<&'a str, Error> {
     if account_id.is_empty() {
         return Err(Error::invalid("account_id", "required"));
     }
@@ -57,7 +70,11 @@ pub fn prompt(
             ),
         ));
     }
-    text("prompt", prompt, limits)?;
+    Ok(account_id)
+}
+
+/// Checks a prompt's timestamp against `limits`: 0 is now; returns the time to store.
+fn timestamp(timestamp_ms: i64, limits: &Limits) -> Result<i64, Error> {
     if timestamp_ms < 0 {
         return Err(Error::invalid(
             "timestamp_ms",
@@ -91,12 +108,7 @@ pub fn prompt(
             ),
         ));
     }
-    let timestamp_ms = if timestamp_ms == 0 { now } else { timestamp_ms };
-    Ok(ValidPrompt {
-        account_id: account_id.to_string(),
-        prompt: prompt.to_string(),
-        timestamp_ms,
-    })
+    Ok(if timestamp_ms == 0 { now } else { timestamp_ms })
 }
 
 /// Characters that show as nothing or as white space in a listing: zero-width spaces and joiners,

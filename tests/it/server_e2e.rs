@@ -436,6 +436,21 @@ async fn invalid_input_is_invalid_argument_naming_the_field() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    // An id longer than any account's is refused as Check refuses it; echoed whole in a
+    // NOT_FOUND, it overflowed the status header into a transport error.
+    let e = c
+        .get_account(proto::GetAccountRequest {
+            account_id: "q".repeat(20_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::InvalidArgument,
+            "account_id: 20000 bytes exceeds the limit of 256"
+        )
+    );
     // Nothing was stored by any of it, and the server still works.
     let ok = c.check(req("a", "hello there")).await.unwrap().into_inner();
     assert_eq!(ok.prompt_id, 1);
@@ -454,6 +469,7 @@ async fn check_stream_answers_in_order_and_reports_bad_items_without_stopping() 
         })
         .collect();
     reqs[17].prompt.clear();
+    reqs[17].account_id = format!("  {}  ", reqs[17].account_id);
     reqs[23].account_id.clear();
     let out = c
         .check_stream(tokio_stream::iter(reqs))
@@ -472,6 +488,11 @@ async fn check_stream_answers_in_order_and_reports_bad_items_without_stopping() 
             let e = r.error.as_ref().expect("bad item carries an error");
             assert_eq!(e.code, "INVALID_ARGUMENT", "the name the proto documents");
             assert_eq!(r.prompt_id, 0);
+            assert_eq!(
+                r.account_id.trim(),
+                r.account_id,
+                "echoed trimmed, as accepted ones"
+            );
         } else {
             assert!(r.error.is_none(), "{r:?}");
         }
@@ -858,7 +879,17 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
     assert_eq!(r.campaigns_cleared, 1, "{r:?}");
     assert!(!r.already_listed);
     let entry = r.entry.unwrap();
-    // Again: the same one entry, nothing added.
+    // Again: the same one entry, nothing added; by campaign id (a retry) as by template.
+    let again = c
+        .allow_template(allow(Some(Source::CampaignId(list[0].campaign_id))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.already_listed, "{again:?}");
+    assert_eq!(
+        (again.entry.as_ref(), again.campaigns_cleared),
+        (Some(&entry), 0)
+    );
     let again = c
         .allow_template(allow(Some(Source::Template(format!(
             " {} ",
