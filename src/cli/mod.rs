@@ -275,22 +275,16 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// The validated engine settings.
     pub fn to_config(&self) -> anyhow::Result<EngineConfig> {
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&self.similarity_threshold),
-            "--similarity-threshold must be within [0, 1]"
-        );
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&self.part_similarity),
-            "--part-similarity must be within [0, 1]"
-        );
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&self.review_score),
-            "--review-score must be within [0, 1]"
-        );
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&self.block_score),
-            "--block-score must be within [0, 1]"
-        );
+        for (flag, value) in [
+            ("--similarity-threshold", self.similarity_threshold),
+            ("--part-similarity", self.part_similarity),
+            ("--review-score", self.review_score),
+            ("--block-score", self.block_score),
+            ("--min-cross-account-share", self.min_cross_account_share),
+        ] {
+            // (NaN is in no range.)
+            anyhow::ensure!((0.0..=1.0).contains(&value), "{flag} must be within [0, 1]");
+        }
         anyhow::ensure!(
             self.review_score <= self.block_score,
             "--review-score must not exceed --block-score"
@@ -304,10 +298,6 @@ impl EngineArgs {
             self.campaign_prompts_per_account >= 1.0
                 && self.campaign_prompts_per_account.is_finite(),
             "--campaign-prompts-per-account must be a number of at least 1 (1 = off)"
-        );
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&self.min_cross_account_share),
-            "--min-cross-account-share must be within [0, 1]"
         );
         anyhow::ensure!(
             (2..=255).contains(&self.hnsw_m),

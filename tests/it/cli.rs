@@ -1056,19 +1056,14 @@ fn reindex_reports_a_line_that_is_not_utf8_and_goes_on() {
     assert_eq!(open_data_dir(&dir.path().join("limited")).len(), 2);
 }
 
-/// `reindex --input -` reads standard input once, as it comes: counting its lines first would
-/// drain the pipe and leave nothing to store.
-#[test]
-fn reindex_reads_standard_input() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("prompts.jsonl");
-    prompts_file(&input, 30);
-    let data = dir.path().join("data");
+/// `reindex --input - --data-dir data` with `more` flags, fed `input` through a pipe.
+fn reindex_piped(input: &std::path::Path, data: &std::path::Path, more: &[&str]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
         .args(["reindex", "--input", "-", "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .arg("--model")
         .arg(model_dir())
+        .args(more)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -1078,9 +1073,20 @@ fn reindex_reads_standard_input() {
         .stdin
         .take()
         .unwrap()
-        .write_all(&std::fs::read(&input).unwrap())
+        .write_all(&std::fs::read(input).unwrap())
         .unwrap();
-    let o = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `reindex --input -` reads standard input once, as it comes: counting its lines first would
+/// drain the pipe and leave nothing to store.
+#[test]
+fn reindex_reads_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("prompts.jsonl");
+    prompts_file(&input, 30);
+    let data = dir.path().join("data");
+    let o = reindex_piped(&input, &data, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
@@ -1107,30 +1113,7 @@ fn reindex_reads_standard_input() {
         "{stderr}"
     );
     // A pipe that ends before --start-line says so when it ends (a file, before it starts).
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
-        .args([
-            "reindex",
-            "--input",
-            "-",
-            "--start-line",
-            "31",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .arg("--model")
-        .arg(model_dir())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&std::fs::read(&input).unwrap())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = reindex_piped(&input, &data, &["--start-line", "31"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(
