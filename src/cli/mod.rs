@@ -108,7 +108,7 @@ impl Cli {
                     .hide_default_value(true)
             })
         });
-        let matches = cmd.try_get_matches_from(args)?;
+        let matches = cmd.try_get_matches_from(args).map_err(negative_count)?;
         let mut cli = Self::from_arg_matches(&matches)?;
         if let Command::Eval(eval) = &mut cli.command {
             eval.data_dir_typed = matches
@@ -118,6 +118,29 @@ impl Cli {
         }
         Ok(cli)
     }
+}
+
+/// A negative number given to a flag that counts (`--timeout -1`) is said as such, not as the
+/// integer parser's "invalid digit found in string"; other errors are as clap made them.
+fn negative_count(e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return e;
+    };
+    let negative = value.starts_with('-') && value[1..].parse::<f64>().is_ok();
+    if e.kind() != ErrorKind::ValueValidation
+        || !negative
+        || !e.to_string().contains("invalid digit")
+    {
+        return e;
+    }
+    clap::Error::raw(
+        ErrorKind::ValueValidation,
+        format!("invalid value '{value}' for '{arg}': must not be negative\n"),
+    )
 }
 
 /// `cmd` with every flag that takes a value, in every subcommand, taking a negative number:
@@ -524,9 +547,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A negative count is a wrong value of its flag, not an unknown flag.
-        for words in [
-            &["search", "--text", "x", "-k", "-5"][..],
-            &["allow", "remove", "-3"],
+        for (words, said) in [
+            (
+                &["search", "--text", "x", "-k", "-5"][..],
+                "-5 is not in 1..",
+            ),
+            (
+                &["allow", "remove", "-3"],
+                "'-3' for '<ID>': must not be negative",
+            ),
+            (
+                &["stats", "--watch", "-1"],
+                "'-1' for '--watch <WATCH>': must not be negative",
+            ),
+            (
+                &["search", "--id", "7", "--timeout", "-2"],
+                "must not be negative",
+            ),
         ] {
             let e = parse(words).unwrap_err();
             assert_eq!(
@@ -534,6 +571,7 @@ mod tests {
                 clap::error::ErrorKind::ValueValidation,
                 "{words:?}: {e}"
             );
+            assert!(e.to_string().contains(said), "{words:?}: {e}");
         }
         // Flags are still flags.
         let e = parse(&["search", "--id", "7", "-x"]).unwrap_err();
