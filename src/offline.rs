@@ -341,15 +341,7 @@ pub fn read_on_a_thread(
     first: usize,
 ) -> std::io::Result<impl Iterator<Item = Feed>> {
     let (tx, rx) = sync_channel(1024);
-    std::thread::Builder::new()
-        .name("input".into())
-        .spawn(move || {
-            for item in crate::traffic::lines_from(reader, first) {
-                if tx.send(item).is_err() {
-                    break;
-                }
-            }
-        })?;
+    crate::traffic::lines_on_a_thread(reader, first, "input", move |item| tx.send(item).is_ok())?;
     Ok(std::iter::from_fn(move || {
         use std::sync::mpsc::RecvTimeoutError;
         match rx.recv_timeout(QUIET) {

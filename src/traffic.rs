@@ -96,6 +96,28 @@ pub fn lines_from(
     })
 }
 
+/// [`lines_from`] read on a thread of its own, named `name`: each line is handed to `hand`
+/// until the input ends or `hand` returns `false` (its receiver is gone). A read that blocks (a
+/// quiet pipe, `tail -f … |`) blocks that thread only, so the run can stop without waiting for
+/// it; the thread is then left behind until its next line.
+pub fn lines_on_a_thread(
+    reader: impl BufRead + Send + 'static,
+    first: usize,
+    name: &str,
+    mut hand: impl FnMut((usize, Result<TrafficLine, LineError>)) -> bool + Send + 'static,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            for item in lines_from(reader, first) {
+                if !hand(item) {
+                    break;
+                }
+            }
+        })?;
+    Ok(())
+}
+
 /// A non-blank line that [`RawLines`] read.
 enum Raw {
     /// UTF-8 text of at most [`MAX_LINE_BYTES`], now in [`RawLines::text`].

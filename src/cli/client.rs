@@ -259,19 +259,14 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
     let halt = Arc::new(Halt::default());
     // The last line handed to the stream.
     let sent = Arc::new(AtomicUsize::new(0));
-    // Lines are read on a thread of their own: a read from a quiet pipe (`tail -f … |`) can
-    // block for ever, and a stop must not wait for it. The thread is left behind then.
+    // Lines are read on a thread of their own: a read from a quiet pipe can block for ever,
+    // and a stop must not wait for it.
     let (line_tx, mut line_rx) = mpsc::channel(1024);
-    std::thread::Builder::new()
-        .name("check-reader".into())
-        .spawn(move || {
-            for item in traffic::lines_from(std::io::BufReader::new(file), first) {
-                if line_tx.blocking_send(item).is_err() {
-                    break;
-                }
-            }
-        })
-        .context("cannot start the reader thread")?;
+    let reader = std::io::BufReader::new(file);
+    traffic::lines_on_a_thread(reader, first, "check-reader", move |item| {
+        line_tx.blocking_send(item).is_ok()
+    })
+    .context("cannot start the reader thread")?;
     // Sends the lines read, until the input ends or a stop: whatever it sends has a slot, so
     // the answers of everything sent are awaited below.
     let sender = tokio::spawn({
