@@ -582,13 +582,14 @@ impl Engine {
         now_ms: i64,
     ) -> Result<Allowed, Error> {
         let view = self.campaign(campaign_id)?;
-        if !view.summary.is_campaign && self.detector.read().cluster_allowed(view.summary.id) {
+        if !view.summary.is_campaign {
             // Asked again (a retry after a lost answer): its entry, nothing added, as a template
             // asked again gets.
-            let listed = self
-                .allowed_templates()
-                .into_iter()
-                .find(|e| e.template == view.template);
+            // (The detector's lock is let go before the allow-list's is taken.)
+            let allowed = self.detector.read().cluster_allowed(view.summary.id);
+            let listed = allowed
+                .then(|| self.allowed_templates())
+                .and_then(|list| list.into_iter().find(|e| e.template == view.template));
             if let Some(entry) = listed {
                 return Ok(Allowed {
                     entry,
@@ -597,8 +598,6 @@ impl Engine {
                     already_listed: true,
                 });
             }
-        }
-        if !view.summary.is_campaign {
             // A typo'd id (1 for 12) would put one user's question on the admin's list.
             return Err(Error::invalid(
                 "campaign_id",
