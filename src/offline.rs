@@ -28,8 +28,9 @@ pub struct StageTimes {
     pub prompts: u64,
     /// Lines rejected (malformed or invalid).
     pub bad_lines: u64,
-    /// Reading, parsing and validating.
-    pub parse: Duration,
+    /// Reading, parsing and validating the input; on a pipe, also the time spent waiting for
+    /// its writer.
+    pub input: Duration,
     /// Tokenising and the forward pass.
     pub embed: Duration,
     /// Search, clustering, store commit and index insert.
@@ -463,7 +464,7 @@ where
                     }
                 }
             }
-            times.parse += t.elapsed();
+            times.input += t.elapsed();
             let partial = done || times.stopped || quiet || pending_since.elapsed() >= LINGER;
             if pending.len() >= batch_size || (partial && !pending.is_empty()) {
                 let t = Instant::now();
@@ -522,13 +523,13 @@ impl StageTimes {
     pub fn bound(&self) -> (&'static str, f64) {
         let wall = self.wall.as_secs_f64().max(1e-9);
         [
-            ("parse", self.parse),
+            ("input", self.input),
             ("embed", self.embed),
             ("ingest", self.ingest),
         ]
         .into_iter()
         .max_by_key(|&(_, busy)| busy)
-        .map_or(("parse", 0.0), |(name, busy)| {
+        .map_or(("input", 0.0), |(name, busy)| {
             (name, busy.as_secs_f64() / wall)
         })
     }
@@ -557,11 +558,14 @@ impl StageTimes {
                     format!(", most of it in {name} ({:.0}% of ingest)", of * 100.0)
                 })
                 .unwrap_or_default()
+        } else if bound == "input" {
+            // A pipe's writer that is slower than the run shows here: the run waited for it.
+            ", reading the input or waiting for more of it".to_string()
         } else {
             String::new()
         };
         format!(
-            "{verb}: {} prompts in {:.1}s ({:.0} prompts/s end to end), {} bad lines{}; stages: parse {:.0}/s, embed {:.0}/s ({:.1}s busy, {} distinct texts through the model), ingest {:.0}/s ({:.1}s busy: {phases}); bound by {bound} (busy {:.0}% of the run{ingest_bound})",
+            "{verb}: {} prompts in {:.1}s ({:.0} prompts/s end to end), {} bad lines{}; stages: input {:.0}/s (read and parse), embed {:.0}/s ({:.1}s busy, {} distinct texts through the model), ingest {:.0}/s ({:.1}s busy: {phases}); bound by {bound} (busy {:.0}% of the run{ingest_bound})",
             self.prompts,
             self.wall.as_secs_f64(),
             rate(self.wall),
@@ -571,7 +575,7 @@ impl StageTimes {
             } else {
                 ""
             },
-            rate(self.parse),
+            rate(self.input),
             rate(self.embed),
             self.embed.as_secs_f64(),
             self.embedded,
@@ -789,7 +793,7 @@ mod tests {
         let times = StageTimes {
             prompts: 1000,
             wall: Duration::from_secs(10),
-            parse: Duration::from_millis(200),
+            input: Duration::from_millis(200),
             embed: Duration::from_secs(4),
             ingest: Duration::from_secs(9),
             ingest_phases: IngestTimes {
@@ -816,5 +820,28 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("100 prompts/s end to end"), "{line}");
+    }
+
+    #[test]
+    fn a_run_that_waited_for_its_input_is_bound_by_input() {
+        let times = StageTimes {
+            prompts: 100,
+            wall: Duration::from_secs(10),
+            input: Duration::from_secs(9),
+            embed: Duration::from_secs(1),
+            ingest: Duration::from_millis(500),
+            ..StageTimes::default()
+        };
+        let line = times.summary("reindex");
+        assert!(
+            line.contains(
+                "bound by input (busy 90% of the run, reading the input or waiting for more of it)"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("stages: input 11/s (read and parse)"),
+            "{line}"
+        );
     }
 }

@@ -139,12 +139,21 @@ fn stop_on_signal(
 fn go_on_after_abrupt_stop(committed: Result<usize, usize>, first: usize) -> String {
     let lines = the_lines(first);
     match committed {
+        Ok(last) if last < first => {
+            let again = if first > 1 {
+                format!("the same command (--start-line {first})")
+            } else {
+                "the same command".to_string()
+            };
+            format!("; nothing was stored: to go on, {again}")
+        }
         Ok(last) => {
-            let next = (last + 1).max(first);
+            let next = last + 1;
             format!(
                 "; {lines} before line {next} are stored (the next start indexes them); to go on: the same command with --start-line {next}"
             )
         }
+        Err(last) if last < first => "; nothing was stored but perhaps the first batch, which was still being stored (the store does not deduplicate: count the stored prompts before going on)".to_string(),
         Err(last) => format!(
             "; {lines} up to line {last} are stored, and perhaps the batch after it, which was still being stored (the store does not deduplicate: count the stored prompts before going on)"
         ),
@@ -386,4 +395,39 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     }
     saved?;
     Ok(times.bad_lines == 0 && !times.interrupted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abrupt_stop_says_where_to_go_on() {
+        assert_eq!(
+            go_on_after_abrupt_stop(Ok(256), 1),
+            "; the lines before line 257 are stored (the next start indexes them); to go on: the same command with --start-line 257"
+        );
+        assert!(
+            go_on_after_abrupt_stop(Ok(300), 100)
+                .starts_with("; the lines from 100 before line 301 are stored")
+        );
+        // Stopped before the first batch was stored: nothing to count, and no line 1 to name.
+        assert_eq!(
+            go_on_after_abrupt_stop(Ok(0), 1),
+            "; nothing was stored: to go on, the same command"
+        );
+        assert_eq!(
+            go_on_after_abrupt_stop(Ok(0), 40),
+            "; nothing was stored: to go on, the same command (--start-line 40)"
+        );
+        assert!(
+            go_on_after_abrupt_stop(Err(0), 1)
+                .starts_with("; nothing was stored but perhaps the first batch")
+        );
+        assert!(
+            go_on_after_abrupt_stop(Err(512), 1).starts_with(
+                "; the lines up to line 512 are stored, and perhaps the batch after it"
+            )
+        );
+    }
 }
