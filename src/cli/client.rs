@@ -40,15 +40,33 @@ pub type Client = RadarClient<InterceptedService<Channel, Auth>>;
 /// is refused: this build has no TLS, and tonic would otherwise dial such a URL in plain text,
 /// bearer token included, while the user believes it encrypted.
 fn server_url(server: &str) -> anyhow::Result<String> {
-    match server.split_once("://") {
-        None => Ok(format!("http://{server}")),
-        Some(("http", _)) => Ok(server.to_string()),
+    let url = match server.split_once("://") {
+        None => format!("http://{server}"),
+        Some(("http", _)) => server.to_string(),
         Some(("https", _)) => anyhow::bail!(
             "--server {server}: this build speaks plain-text gRPC only (no TLS); use http:// on a trusted network or through a tunnel (ssh -L, stunnel)"
         ),
         Some((scheme, _)) => {
             anyhow::bail!("--server {server}: unknown scheme {scheme:?}; use http://HOST:PORT")
         }
+    };
+    let uri: tonic::codegen::http::Uri =
+        url.parse()
+            .map_err(|e: tonic::codegen::http::uri::InvalidUri| {
+                anyhow::anyhow!("--server {server:?} is not a valid HOST:PORT or URL ({e})")
+            })?;
+    // `Uri::port_u16` is None for a port that is not a u16 as well as for none at all.
+    let typed_port = uri
+        .authority()
+        .and_then(|a| a.as_str().rsplit_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    match (uri.port_u16(), typed_port) {
+        (Some(p), _) if p > 0 => Ok(url),
+        (_, Some(p)) => anyhow::bail!("--server {server}: {p} is not a port (1 to 65535)"),
+        (_, None) => anyhow::bail!(
+            "--server {server}: give the port, HOST:PORT (the server listens on 50051 by default)"
+        ),
     }
 }
 
@@ -635,8 +653,8 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
             Format::Jsonl => writeln!(out, "{}", account_json(&a))?,
             Format::Table => writeln!(
                 out,
-                "{:<28} {:>7} {:>6} {:>7} {:>9}  {}",
-                shown(&a.account_id, usize::MAX),
+                "{} {:>7} {:>6} {:>7} {:>9}  {}",
+                padded(&shown(&a.account_id, usize::MAX), 28),
                 action_name(a.action()),
                 score_text(a.score, 3),
                 a.prompts,
@@ -888,10 +906,10 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
             )?,
             Format::Table => writeln!(
                 out,
-                "{:.4}  #{:<8} {:<20} {:>20}  {}",
+                "{:.4}  #{:<8} {} {:>20}  {}",
                 h.similarity,
                 h.prompt_id,
-                shown(&h.account_id, 64),
+                padded(&shown(&h.account_id, 64), 20),
                 utc(h.timestamp_ms),
                 shown(&h.prompt, 100)
             )?,
@@ -908,11 +926,17 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
 /// Prompts and the templates recovered from them are written by whoever sends the traffic,
 /// attackers included. Printed raw, an escape sequence in a prompt could recolour, hide or
 /// overwrite what an analyst sees, or set the clipboard; a bidirectional override could reorder
-/// the words of a template. So whitespace controls (newline, tab, …) become spaces, and every
-/// other control character and bidirectional formatting character is shown escaped, as `\u{1b}`.
-/// `--format jsonl` keeps the exact text (JSON escapes control characters).
+/// the words of a template; zero-width and tag characters can hide text from the analyst
+/// (and make two templates that look alike differ). So whitespace controls (newline, tab, …)
+/// become spaces, and every other control character, bidirectional formatting character and
+/// invisible character (those the server refuses in account ids) is shown escaped, as
+/// `\u{1b}`. A joiner or variation selector after a character beyond ASCII is kept: it is part
+/// of an emoji sequence or of a script's spelling. `--format jsonl` keeps the exact text (JSON
+/// escapes control characters).
 pub(crate) fn shown(s: &str, max: usize) -> String {
+    use prompt_radar::server::validate::invisible;
     let mut out = String::with_capacity(s.len());
+    let mut before = ' ';
     for (i, c) in s.chars().enumerate() {
         if i == max {
             out.push('…');
@@ -922,13 +946,26 @@ pub(crate) fn shown(s: &str, max: usize) -> String {
             '\t' | '\n' | '\u{b}' | '\u{c}' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}' => {
                 out.push(' ')
             }
-            c if c.is_control() || is_bidi_control(c) => {
+            '\u{200c}' | '\u{200d}' | '\u{fe00}'..='\u{fe0f}'
+                if !before.is_ascii() && !invisible(before) =>
+            {
+                out.push(c)
+            }
+            c if c.is_control() || is_bidi_control(c) || invisible(c) => {
                 out.extend(c.escape_unicode());
             }
             c => out.push(c),
         }
+        before = c;
     }
     out
+}
+
+/// `s` padded with spaces to `width` columns of a terminal (a CJK character or an emoji takes
+/// two, a combining mark none), for the columns of a table; longer text is left as it is.
+pub(crate) fn padded(s: &str, width: usize) -> String {
+    let used = unicode_width::UnicodeWidthStr::width(s);
+    format!("{s}{}", " ".repeat(width.saturating_sub(used)))
 }
 
 /// A time in milliseconds since the Unix epoch as UTC to the second, `2024-06-10 06:13:20Z`, for
@@ -1407,6 +1444,17 @@ mod tests {
         assert_eq!(url("127.0.0.1:50051").unwrap(), "http://127.0.0.1:50051");
         assert_eq!(url("http://radar:50051").unwrap(), "http://radar:50051");
         assert!(url("https://radar:50051").unwrap_err().contains("no TLS"));
+        assert!(url("127.0.0.1").unwrap_err().contains("give the port"));
+        assert!(url("http://radar").unwrap_err().contains("give the port"));
+        assert!(
+            url("http://127.0.0.1:99999")
+                .unwrap_err()
+                .contains("99999 is not a port (1 to 65535)")
+        );
+        assert!(url("127.0.0.1:0").unwrap_err().contains("0 is not a port"));
+        assert!(url("radar:50051 x").unwrap_err().contains("not a valid"));
+        assert_eq!(url("[::1]:50051").unwrap(), "http://[::1]:50051");
+        assert!(url("[::1]").unwrap_err().contains("give the port"));
         assert!(
             url("grpc://radar:50051")
                 .unwrap_err()
@@ -1431,6 +1479,46 @@ mod tests {
         assert_eq!(
             shown("one\ntwo\r\n\tthree \u{2028}é 🌍", 100),
             "one two   three  é 🌍"
+        );
+    }
+
+    #[test]
+    fn table_text_shows_hidden_characters() {
+        // Zero-width space and joiner, soft hyphen, byte-order mark, Hangul filler, and "hi"
+        // in tag characters (hidden text that some models read).
+        assert_eq!(
+            shown(
+                "a\u{200b}b\u{200d}c\u{ad}d\u{feff}e\u{3164}f \u{e0068}\u{e0069}",
+                100
+            ),
+            "a\\u{200b}b\\u{200d}c\\u{ad}d\\u{feff}e\\u{3164}f \\u{e0068}\\u{e0069}"
+        );
+        // Joiners and variation selectors that are part of an emoji or a script are kept.
+        let kept = "family 👨\u{200d}👩\u{200d}👧, heart ❤\u{fe0f}, क्\u{200d}ष";
+        assert_eq!(shown(kept, 100), kept);
+        // ... but not after ASCII, nor chained after a hidden one.
+        assert_eq!(shown("x\u{fe0f}", 100), "x\\u{fe0f}");
+        assert_eq!(shown("é\u{200b}\u{200d}", 100), "é\\u{200b}\\u{200d}");
+    }
+
+    #[test]
+    fn table_columns_are_padded_to_their_display_width() {
+        use super::padded;
+        use unicode_width::UnicodeWidthStr;
+        for id in [
+            "acct-1",
+            "账户-0",
+            "アカウント0",
+            "acct-😀0",
+            "acct-z\u{337}0",
+        ] {
+            let cell = padded(id, 12);
+            assert_eq!(cell.width(), 12, "{id:?} -> {cell:?}");
+        }
+        // Longer text is not cut (an id is something an analyst copies).
+        assert_eq!(
+            padded("a-very-long-account-id", 4),
+            "a-very-long-account-id"
         );
     }
 

@@ -121,7 +121,9 @@ impl Cli {
 }
 
 /// A negative number given to a flag that counts (`--timeout -1`) is said as such, not as the
-/// integer parser's "invalid digit found in string"; other errors are as clap made them.
+/// integer parser's "invalid digit found in string", and a 0 given to one that counts from 1
+/// (`--top 0`) as "must be at least 1", not "0 is not in 1..=4294967295"; other errors are as
+/// clap made them.
 fn negative_count(e: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
@@ -130,11 +132,20 @@ fn negative_count(e: clap::Error) -> clap::Error {
     ) else {
         return e;
     };
+    let text = e.to_string();
+    // clap writes an open range as `1..=4294967295` (u32) or `1..18446744073709551615` (u64).
+    let unbounded = [u32::MAX as u64, u64::MAX].iter().any(|max| {
+        text.contains(&format!(" is not in 1..={max}"))
+            || text.contains(&format!(" is not in 1..{max}"))
+    });
+    if e.kind() == ErrorKind::ValueValidation && unbounded {
+        return clap::Error::raw(
+            ErrorKind::ValueValidation,
+            format!("invalid value '{value}' for '{arg}': must be at least 1\n"),
+        );
+    }
     let negative = value.starts_with('-') && value[1..].parse::<f64>().is_ok();
-    if e.kind() != ErrorKind::ValueValidation
-        || !negative
-        || !e.to_string().contains("invalid digit")
-    {
+    if e.kind() != ErrorKind::ValueValidation || !negative || !text.contains("invalid digit") {
         return e;
     }
     clap::Error::raw(
@@ -550,7 +561,15 @@ mod tests {
         for (words, said) in [
             (
                 &["search", "--text", "x", "-k", "-5"][..],
-                "-5 is not in 1..",
+                "'-5' for '--k <K>': must be at least 1",
+            ),
+            (
+                &["campaigns", "--top", "0"],
+                "'0' for '--top <TOP>': must be at least 1",
+            ),
+            (
+                &["reindex", "--input", "x", "--batch-size", "0"],
+                "'0' for '--batch-size <BATCH_SIZE>': must be at least 1",
             ),
             (
                 &["allow", "remove", "-3"],

@@ -59,7 +59,8 @@ pub fn hit(h: Hit) -> proto::SearchHit {
         prompt_id: h.record.id,
         account_id: h.record.account_id,
         timestamp_ms: h.record.timestamp_ms,
-        similarity: h.similarity,
+        // A cosine; f32 rounding can take a prompt's similarity to itself just past 1.
+        similarity: h.similarity.clamp(-1.0, 1.0),
         prompt: h.record.text,
         cluster_id: h.cluster_id,
     }

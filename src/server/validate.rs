@@ -113,8 +113,9 @@ fn timestamp(timestamp_ms: i64, limits: &Limits) -> Result<i64, Error> {
 
 /// Characters that show as nothing or as white space in a listing: zero-width spaces and joiners,
 /// direction marks and overrides, line and paragraph separators, word joiners, the byte-order
-/// mark, the soft hyphen and other format characters.
-fn invisible(c: char) -> bool {
+/// mark, the soft hyphen and other format characters. (Refused in account ids; escaped in the
+/// CLI's tables.)
+pub fn invisible(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'

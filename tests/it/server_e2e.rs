@@ -550,6 +550,11 @@ async fn search_by_text_and_id_with_account_and_time_filters() {
     };
     let hits = c.search(by_id).await.unwrap().into_inner().hits;
     assert_eq!((hits[0].prompt_id, hits[0].similarity > 0.999), (2, true));
+    assert!(
+        hits[0].similarity <= 1.0,
+        "a cosine: {}",
+        hits[0].similarity
+    );
     let hits = text_hits(&mut c, "banana bread", 10, "odd", 0, 0).await;
     assert_eq!(hits.len(), 4);
     assert!(hits.iter().all(|h| h.account_id == "odd"));
