@@ -362,6 +362,39 @@ fn judge_snapshot(
     }
 }
 
+/// Why an index loaded from disk is not `store`'s (`None`: it is): it covers prompts the store
+/// lacks, or the first or last prompt of one of its segments is, in the store, from outside that
+/// segment's time span. `per_prompt` index ids make one prompt id (the part index's
+/// [`PART_SLOTS`]).
+fn index_mismatch(
+    index: &SegmentedHnsw,
+    per_prompt: u64,
+    store: &Store,
+) -> Result<Option<String>, Error> {
+    let last = store.last_id()?;
+    let covered = index.covered_up_to() / per_prompt;
+    if covered > last {
+        return Ok(Some(format!(
+            "it holds prompts up to {covered}, and the store only up to {last}"
+        )));
+    }
+    for (id, min_ts, max_ts) in index.loaded_ends() {
+        let id = id / per_prompt;
+        match store.get(id)? {
+            Some(r) if (min_ts..=max_ts).contains(&r.timestamp_ms) => {}
+            Some(r) => {
+                return Ok(Some(format!(
+                    "its prompt {id} was sent between {min_ts} and {max_ts} (ms), the store's at {}",
+                    r.timestamp_ms
+                )));
+            }
+            // Retention drops whole segments, never a prompt from the store.
+            None => return Ok(Some(format!("it holds prompt {id}, which the store lacks"))),
+        }
+    }
+    Ok(None)
+}
+
 /// Store, index and detector, consistent with each other.
 pub struct Engine {
     config: EngineConfig,
@@ -397,6 +430,26 @@ impl Engine {
             (index, parts)
         });
         let (mut index, mut parts) = (index?, parts?);
+        // An index on disk that is not this store's (a store restored from a backup, or copied
+        // in from elsewhere, beside the index it replaced) would link new prompts to vectors of
+        // prompts the store does not hold: it is rebuilt from the store instead.
+        let mismatch = match index_mismatch(&index, 1, &store)? {
+            Some(reason) => Some(reason),
+            None => index_mismatch(&parts, PART_SLOTS, &store)?,
+        };
+        if let Some(reason) = mismatch {
+            tracing::warn!(
+                dir = %index_dir.display(),
+                %reason,
+                "index on disk not used: rebuilding it from the store"
+            );
+            drop((index, parts));
+            std::fs::remove_dir_all(&index_dir).map_err(|e| {
+                Error::Unavailable(format!("cannot remove {}: {e}", index_dir.display()))
+            })?;
+            parts = SegmentedHnsw::open(part_segments(&config), dim)?;
+            index = SegmentedHnsw::open(index_segments(&config), dim)?;
+        }
         let reloaded = index.len();
         let (index_from, needs_index) = not_on_disk(index.covered_up_to(), index.missing_ranges());
         let parts_reloaded = parts.len();
@@ -2257,6 +2310,56 @@ mod tests {
             engine.account("organic-102").is_ok() && engine.account("organic-0").is_err(),
             "the state is this store's"
         );
+    }
+
+    #[test]
+    fn an_index_that_is_not_the_stores_is_rebuilt_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("prompts.redb");
+        let backup = dir.path().join("backup.redb");
+        // Segments of 8 vectors: 2 sealed and a checkpointed active one for 20 prompts.
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        engine
+            .ingest((0..10).map(|i| prompt(i, 1_000, &pair(i as u64))).collect())
+            .unwrap();
+        drop(engine);
+        std::fs::copy(&store, &backup).unwrap();
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        engine
+            .ingest((10..20).map(|i| prompt(i, 2_000, &pair(i as u64))).collect())
+            .unwrap();
+        engine.checkpoint().unwrap();
+        drop(engine);
+
+        // The store restored from its backup (10 prompts) beside the index of 20.
+        std::fs::copy(&backup, &store).unwrap();
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        let opened = engine.open_stats();
+        assert_eq!((opened.prompts, opened.reloaded, opened.rebuilt), (10, 0, 10));
+        assert_eq!(engine.index.read().len(), 10);
+        // Prompt 15 of the lost history is not linked to: the new prompt 11 repeats it.
+        let verdicts = engine.ingest(vec![prompt(15, 3_000, &pair(15))]).unwrap();
+        assert_eq!(verdicts[0].prompt_id, 11);
+        assert!(links(&engine, 11).is_empty(), "{:?}", links(&engine, 11));
+        engine.checkpoint().unwrap();
+        drop(engine);
+        // Rebuilt, it is the store's again: the next start reloads it.
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        let opened = engine.open_stats();
+        assert_eq!((opened.reloaded, opened.rebuilt), (11, 0));
+        drop(engine);
+
+        // Another store of as many prompts, sent at other times, beside this index.
+        let other = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(other.path(), 8, None), DIM).unwrap();
+        engine
+            .ingest((30..41).map(|i| prompt(i, 9_000, &pair(i as u64))).collect())
+            .unwrap();
+        drop(engine);
+        std::fs::copy(other.path().join("prompts.redb"), &store).unwrap();
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        let opened = engine.open_stats();
+        assert_eq!((opened.prompts, opened.reloaded, opened.rebuilt), (11, 0, 11));
     }
 
     #[test]

@@ -403,6 +403,21 @@ impl SegmentedHnsw {
         loaded.fold(self.sealed_up_to, u64::max)
     }
 
+    /// The first and last id of every segment loaded from disk (the sealed ones and the active
+    /// segment's checkpoint), each with its segment's time span `(id, min_ts, max_ts)`: for the
+    /// caller to check that the index on disk is its store's.
+    pub fn loaded_ends(&self) -> Vec<(u64, i64, i64)> {
+        let entries = self.sealed.iter().map(|s| &s.entry);
+        entries
+            .chain(self.checkpointed.iter())
+            .filter(|e| e.info.count > 0)
+            .flat_map(|e| {
+                let i = &e.info;
+                [(i.first_id, i.min_ts, i.max_ts), (i.last_id, i.min_ts, i.max_ts)]
+            })
+            .collect()
+    }
+
     /// Inclusive id ranges of sealed segments that failed to load. Re-insert their prompts
     /// before the next seal, which forgets the ranges it overlaps.
     pub fn missing_ranges(&self) -> Vec<(u64, u64)> {
