@@ -19,7 +19,6 @@
 //! dumps (sealed segments, and the checkpoint's) plus the store's newer records.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
@@ -406,7 +405,8 @@ pub struct Engine {
     detector: RwLock<Detector>,
     /// Serialises ingest; holds the next id and the template keys.
     ingest: Mutex<IngestState>,
-    poisoned: AtomicBool,
+    /// Set by a failed store commit (see [`Engine::failure`]).
+    poisoned: std::sync::OnceLock<String>,
     open_stats: OpenStats,
 }
 
@@ -562,7 +562,7 @@ impl Engine {
                 allow: (allow_entries, allow_list),
                 times: IngestTimes::default(),
             }),
-            poisoned: AtomicBool::new(false),
+            poisoned: std::sync::OnceLock::new(),
             open_stats,
         };
         // Cluster marks are not stored: re-derive them from the allow-list.
@@ -825,10 +825,8 @@ impl Engine {
 
     /// Ingests a batch in order and returns one verdict per prompt, after the batch is durable.
     pub fn ingest(&self, batch: Vec<NewPrompt>) -> Result<Vec<Verdict>, Error> {
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::Unavailable(
-                "an earlier store commit failed; restart the server".into(),
-            ));
+        if let Some(failure) = self.failure() {
+            return Err(Error::Unavailable(failure));
         }
         let mut state = self.ingest.lock();
         let mut clock = Instant::now();
@@ -953,8 +951,22 @@ impl Engine {
         inserted?;
         // A late prompt last in the batch must not turn retention's clock back.
         let now = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
-        seal_and_merge(&mut self.parts.write(), now, "part index")?;
-        let sealed = seal_and_merge(&mut self.index.write(), now, "index")?;
+        // The batch is stored: a seal that fails (an unwritable or full index directory) must
+        // not fail it, or a client's retry would store it twice. The active segment stays in
+        // memory, searched as before, and the seal is tried again later.
+        let seal = |index: &RwLock<SegmentedHnsw>, name: &str| {
+            seal_and_merge(&mut index.write(), now, name).unwrap_or_else(|e| {
+                tracing::warn!(
+                    index = name,
+                    error = %e,
+                    retry_seconds = crate::index::SEAL_RETRY.as_secs(),
+                    "segment not sealed (the prompts are stored; the next start re-indexes them if it never is)"
+                );
+                false
+            })
+        };
+        seal(&self.parts, "part index");
+        let sealed = seal(&self.index, "index");
         times.index += lap();
         // Once a segment is sealed, the index on disk holds every prompt so far; a snapshot
         // now means a start after a crash reads only the active segment's prompts back from
@@ -983,8 +995,21 @@ impl Engine {
     /// what the store really has: the detector (and the active index segments) already hold the
     /// batch. Returns `e`.
     fn poison(&self, e: Error) -> Error {
-        self.poisoned.store(true, Ordering::Release);
+        let cause = match &e {
+            Error::Unavailable(m) => m.clone(),
+            e => e.to_string(),
+        };
+        let _ = self.poisoned.set(format!(
+            "a store commit failed ({cause}): restart the server; the store holds every prompt answered before, and until a restart this process's counts would include prompts it did not store"
+        ));
         e
+    }
+
+    /// Why the engine refuses all work since a store commit failed (`None`: it has not). Its
+    /// memory then holds a batch the store lacks, so counts and verdicts would be wrong until a
+    /// restart rebuilds it from the store.
+    pub fn failure(&self) -> Option<String> {
+        self.poisoned.get().cloned()
     }
 
     /// Inserts the batch's vectors into the active segments of the index and the part index.
@@ -1007,26 +1032,39 @@ impl Engine {
     pub fn checkpoint(&self) -> Result<CheckpointStats, Error> {
         let started = Instant::now();
         let mut ingest = self.ingest.lock();
-        if self.poisoned.load(Ordering::Acquire) {
+        if self.poisoned.get().is_some() {
             return Err(Error::Unavailable(
                 "index checkpoint not written: an earlier store commit failed".into(),
             ));
         }
-        let mut index = self.index.write();
-        let active_vectors = index.checkpoint()?;
-        let (segments, mut merging) = (index.segments().len(), index.is_merging());
-        drop(index);
-        let mut parts = self.parts.write();
-        let part_vectors = parts.checkpoint()?;
-        merging |= parts.is_merging();
-        drop(parts);
-        // The index is on disk; a snapshot that cannot be written (a full disk) costs only the
-        // next start's replay, so it is reported, not an error.
+        let index_on_disk = (|| -> Result<_, Error> {
+            let mut index = self.index.write();
+            let active_vectors = index.checkpoint()?;
+            let (segments, mut merging) = (index.segments().len(), index.is_merging());
+            drop(index);
+            let mut parts = self.parts.write();
+            let part_vectors = parts.checkpoint()?;
+            merging |= parts.is_merging();
+            Ok((active_vectors, part_vectors, segments, merging))
+        })();
+        // The snapshot is judged against the store alone, so it is written whether or not the
+        // index could be. One that cannot be written (a full disk) costs only the next start's
+        // replay, so it is reported, not an error.
         let (detector_prompts, detector_bytes, detector_error) =
             match self.save_snapshot(&mut ingest) {
                 Ok((prompts, bytes)) => (prompts, bytes, None),
                 Err(e) => (0, 0, Some(e)),
             };
+        let (active_vectors, part_vectors, segments, merging) = index_on_disk.map_err(|e| {
+            let snapshot = if detector_error.is_none() {
+                "the detector snapshot was written"
+            } else {
+                "nor the detector snapshot"
+            };
+            Error::Unavailable(format!(
+                "index checkpoint not written ({e}); {snapshot}; the store holds every prompt and the next start re-indexes what the index on disk lacks"
+            ))
+        })?;
         Ok(CheckpointStats {
             active_vectors,
             part_vectors,
@@ -2326,7 +2364,11 @@ mod tests {
         std::fs::copy(&store, &backup).unwrap();
         let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
         engine
-            .ingest((10..20).map(|i| prompt(i, 2_000, &pair(i as u64))).collect())
+            .ingest(
+                (10..20)
+                    .map(|i| prompt(i, 2_000, &pair(i as u64)))
+                    .collect(),
+            )
             .unwrap();
         engine.checkpoint().unwrap();
         drop(engine);
@@ -2335,7 +2377,10 @@ mod tests {
         std::fs::copy(&backup, &store).unwrap();
         let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
         let opened = engine.open_stats();
-        assert_eq!((opened.prompts, opened.reloaded, opened.rebuilt), (10, 0, 10));
+        assert_eq!(
+            (opened.prompts, opened.reloaded, opened.rebuilt),
+            (10, 0, 10)
+        );
         assert_eq!(engine.index.read().len(), 10);
         // Prompt 15 of the lost history is not linked to: the new prompt 11 repeats it.
         let verdicts = engine.ingest(vec![prompt(15, 3_000, &pair(15))]).unwrap();
@@ -2353,13 +2398,52 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let engine = Engine::open(config(other.path(), 8, None), DIM).unwrap();
         engine
-            .ingest((30..41).map(|i| prompt(i, 9_000, &pair(i as u64))).collect())
+            .ingest(
+                (30..41)
+                    .map(|i| prompt(i, 9_000, &pair(i as u64)))
+                    .collect(),
+            )
             .unwrap();
         drop(engine);
         std::fs::copy(other.path().join("prompts.redb"), &store).unwrap();
         let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
         let opened = engine.open_stats();
-        assert_eq!((opened.prompts, opened.reloaded, opened.rebuilt), (11, 0, 11));
+        assert_eq!(
+            (opened.prompts, opened.reloaded, opened.rebuilt),
+            (11, 0, 11)
+        );
+    }
+
+    #[test]
+    fn a_seal_that_fails_does_not_fail_the_stored_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(dir.path(), 4, None), DIM).unwrap();
+        // Where the first segment's dump goes, a directory: the seal cannot write it.
+        let blocker = dir.path().join(INDEX_DIR).join("seg-000001.hnsw.graph");
+        std::fs::create_dir_all(blocker.join("x")).unwrap();
+        let verdicts = engine
+            .ingest((0..5).map(|i| prompt(i, 1_000, &[])).collect())
+            .unwrap();
+        assert_eq!(verdicts.len(), 5, "stored, so answered");
+        assert_eq!(engine.len(), 5);
+        assert_eq!(engine.index.read().segments().len(), 1, "not sealed");
+        // The unsealed segment is searched as before.
+        let hits = engine
+            .search(&prompt(3, 0, &[]).embedding, 1, &SearchFilter::default())
+            .unwrap();
+        assert_eq!(hits[0].record.id, 4);
+        // The next batch does not try again at once (one warning a minute, not one a batch).
+        std::fs::remove_dir_all(&blocker).unwrap();
+        engine
+            .ingest((5..7).map(|i| prompt(i, 1_000, &[])).collect())
+            .unwrap();
+        assert_eq!(engine.index.read().segments().len(), 1);
+        // A checkpoint writes the active segment (the blocker is gone); a restart reloads it.
+        engine.checkpoint().unwrap();
+        drop(engine);
+        let engine = Engine::open(config(dir.path(), 4, None), DIM).unwrap();
+        let opened = engine.open_stats();
+        assert_eq!((opened.prompts, opened.reloaded, opened.rebuilt), (7, 7, 0));
     }
 
     #[test]

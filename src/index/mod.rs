@@ -17,7 +17,7 @@ pub(crate) use distance::testdata;
 pub use brute::BruteForceIndex;
 pub use distance::DistDotClamped;
 pub use hnsw::{HnswIndex, HnswParams};
-pub use segmented::{SegmentInfo, SegmentedHnsw, SegmentsConfig, SliceClock};
+pub use segmented::{SEAL_RETRY, SegmentInfo, SegmentedHnsw, SegmentsConfig, SliceClock};
 
 /// A neighbour found by a search: the prompt id and its cosine similarity to the query.
 #[derive(Debug, Clone, Copy, PartialEq)]

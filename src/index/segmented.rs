@@ -19,6 +19,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -271,7 +272,14 @@ pub struct SegmentedHnsw {
     merging: Option<Merge>,
     /// When the active segment is due for its time span (`None`: sealed by size alone).
     clock: Option<SliceClock>,
+    /// After a seal failed (an unwritable or full disk), when the next may be tried.
+    seal_retry_at: Option<Instant>,
 }
+
+/// How long after a failed seal the next is tried: the active segment meanwhile grows past its
+/// size (searches stay right), and a disk that stays unwritable costs one attempt, and one
+/// warning, a minute rather than one a batch.
+pub const SEAL_RETRY: Duration = Duration::from_secs(60);
 
 impl SegmentedHnsw {
     /// Opens the index: with `config.dir` holding a manifest, reloads every sealed segment in it.
@@ -291,6 +299,7 @@ impl SegmentedHnsw {
             checkpointed: None,
             merging: None,
             clock,
+            seal_retry_at: None,
         };
         let Some(dir) = me.config.dir.clone() else {
             return Ok(me);
@@ -413,7 +422,10 @@ impl SegmentedHnsw {
             .filter(|e| e.info.count > 0)
             .flat_map(|e| {
                 let i = &e.info;
-                [(i.first_id, i.min_ts, i.max_ts), (i.last_id, i.min_ts, i.max_ts)]
+                [
+                    (i.first_id, i.min_ts, i.max_ts),
+                    (i.last_id, i.min_ts, i.max_ts),
+                ]
             })
             .collect()
     }
@@ -460,7 +472,8 @@ impl SegmentedHnsw {
 
     /// Seals the active segment when it is full or spans more than `segment_span_ms`: dumps it
     /// (with `dir` set), rewrites the manifest, then starts an empty active segment. Call only
-    /// after the store has committed the inserted prompts. On error nothing changes.
+    /// after the store has committed the inserted prompts. On error nothing changes but that
+    /// the next seal waits [`SEAL_RETRY`].
     pub fn seal_if_due(&mut self) -> Result<bool, IndexError> {
         let info = self.active.entry.info;
         let full = info.count >= self.config.max_points_per_segment.max(1);
@@ -468,6 +481,16 @@ impl SegmentedHnsw {
         if info.count == 0 || !(full || long) {
             return Ok(false);
         }
+        if self.seal_retry_at.is_some_and(|at| Instant::now() < at) {
+            return Ok(false);
+        }
+        let sealed = self.seal();
+        self.seal_retry_at = sealed.is_err().then(|| Instant::now() + SEAL_RETRY);
+        sealed.map(|()| true)
+    }
+
+    /// [`seal_if_due`](Self::seal_if_due)'s seal.
+    fn seal(&mut self) -> Result<(), IndexError> {
         let mut clock = self.clock;
         if let Some(clock) = &mut clock {
             clock.sealed();
@@ -508,7 +531,7 @@ impl SegmentedHnsw {
             index: old.index,
             entry,
         });
-        Ok(true)
+        Ok(())
     }
 
     /// Background merging of sealed segments, one merge at a time: installs a finished merge

@@ -145,6 +145,7 @@ impl Radar for RadarService {
         let (out_tx, out_rx) = mpsc::channel(in_flight);
         let (pipeline, limits) = (self.pipeline.clone(), self.limits.clone());
         let stats = self.stats.clone();
+        let engine = self.engine.clone();
         let mut draining = self.draining.subscribe();
         tokio::spawn(async move {
             let mut read = 0u64;
@@ -175,6 +176,10 @@ impl Radar for RadarService {
                     Err(e) => {
                         let account_id = r.account_id.trim().to_string();
                         Pending::Rejected(r.request_id, account_id, e.into())
+                    }
+                    // Refused before the model runs: nothing is stored after a failed commit.
+                    Ok(p) if let Some(failure) = engine.failure() => {
+                        Pending::Rejected(r.request_id, p.account_id, Status::unavailable(failure))
                     }
                     Ok(p) => match pipeline
                         .check(p.prompt, p.account_id.clone(), p.timestamp_ms)

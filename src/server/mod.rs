@@ -123,6 +123,7 @@ impl Prepared {
         // the requests each has read) and health Watches (after they have seen NOT_SERVING), so
         // that the graceful shutdown below can finish: a load balancer keeps a Watch open for
         // ever.
+        let watcher = health_reporter.clone();
         let drainer = self.service.drainer();
         let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
@@ -137,8 +138,27 @@ impl Prepared {
             }
             let _ = signalled.send(());
         };
+        // After a failed store commit the engine's memory holds prompts the store lacks: every
+        // call is refused (its answer would count them), and health says NOT_SERVING, so that
+        // load balancers send traffic elsewhere until the server is restarted.
+        let engine = self.service.engine().clone();
+        let failed = engine.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
+            while failed.failure().is_none() {
+                every.tick().await;
+            }
+            for name in ["", RADAR_SERVICE] {
+                watcher
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        });
         let token = self.auth_token;
         let radar = RadarServer::with_interceptor(self.service, move |req: tonic::Request<()>| {
+            if let Some(failure) = engine.failure() {
+                return Err(tonic::Status::unavailable(failure));
+            }
             let Some(want) = &token else { return Ok(req) };
             let got = req
                 .metadata()

@@ -232,7 +232,11 @@ fn ingest_loop(engine: &Engine, rx: &Receiver<Vec<IngestItem>>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, "ingest failed");
-                let msg = e.to_string();
+                // Said once: "engine unavailable: " is the variant's own prefix.
+                let msg = match &e {
+                    Error::Unavailable(m) => m.clone(),
+                    e => e.to_string(),
+                };
                 for (reply, _) in rest {
                     let _ = reply.send(Err(Error::Unavailable(msg.clone())));
                 }

@@ -46,7 +46,14 @@ fn spawn_server_with(
     data_dir: &std::path::Path,
     stderr: Stdio,
 ) -> (Server, String, String, BufReader<ChildStdout>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prompt-radar"))
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
+    serve_args(&mut serve, data_dir);
+    start(serve.stderr(stderr))
+}
+
+/// `serve`'s arguments: any port, segments of 25, `data_dir` and the model.
+fn serve_args(command: &mut Command, data_dir: &std::path::Path) {
+    command
         .args([
             "serve",
             "--listen",
@@ -57,9 +64,13 @@ fn spawn_server_with(
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--model")
-        .arg(model_dir())
+        .arg(model_dir());
+}
+
+/// Runs `command` (a `serve`) as [`spawn_server`] does.
+fn start(command: &mut Command) -> (Server, String, String, BufReader<ChildStdout>) {
+    let mut child = command
         .stdout(Stdio::piped())
-        .stderr(stderr)
         .spawn()
         .expect("spawn prompt-radar serve");
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -169,6 +180,112 @@ async fn sigkill_mid_stream_loses_no_acknowledged_prompt() {
         "stored {stored} < acknowledged {}",
         acked.len()
     );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A store whose commits start failing (here: a file-size limit, as a full disk would) stops the
+/// server from answering at all until it is restarted: its memory holds the failed batch, which
+/// the store lacks. Every prompt answered before is in the store after the restart, and no
+/// other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_store_commit_nothing_is_answered_until_a_restart() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let dir = tempfile::tempdir().unwrap();
+    // Writes past 1 MB fail with EFBIG (SIGXFSZ ignored): about 60 prompts fit.
+    let mut limited = Command::new("sh");
+    limited
+        .args([
+            "-c",
+            "trap '' XFSZ; exec prlimit --fsize=1000000 \"$@\"",
+            "sh",
+        ])
+        .arg(env!("CARGO_BIN_EXE_prompt-radar"));
+    serve_args(&mut limited, dir.path());
+    let (mut child, url, _, _out) = start(limited.stderr(Stdio::null()));
+    let mut c = RadarClient::connect(url.clone()).await.unwrap();
+    let mut answered: Vec<(u64, String)> = Vec::new();
+    let mut failure = None;
+    for i in 0..2_000 {
+        let r = c
+            .check(proto::CheckRequest {
+                account_id: format!("acct-{}", i % 9),
+                prompt: prompt(i),
+                timestamp_ms: 1_750_000_000_000 + i as i64,
+                request_id: i.to_string(),
+            })
+            .await;
+        match r {
+            Ok(r) => answered.push((r.into_inner().prompt_id, prompt(i))),
+            Err(status) => {
+                failure = Some(status);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("the store's file limit is reached");
+    assert_eq!(failure.code(), tonic::Code::Unavailable, "{failure:?}");
+    assert!(!answered.is_empty());
+    // Every call is refused now, with what to do, reads included: their counts would include
+    // the batch the store lacks.
+    let refused = c
+        .get_stats(proto::GetStatsRequest {})
+        .await
+        .expect_err("stats refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused.message().contains("a store commit failed (")
+            && refused.message().contains("restart the server"),
+        "{refused:?}"
+    );
+    let again = c
+        .check(proto::CheckRequest {
+            account_id: "late".into(),
+            prompt: "One more question about glaciers.".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("check refused");
+    assert_eq!(again.code(), tonic::Code::Unavailable);
+    // And load balancers are told.
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut status = ServingStatus::Serving;
+    for _ in 0..50 {
+        let r = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        status = r.status();
+        if status == ServingStatus::NotServing {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, ServingStatus::NotServing);
+    drop(c);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Restarted without the limit: exactly the answered prompts are stored.
+    let (mut child, url, line, _out) = spawn_server(dir.path());
+    assert!(
+        line.contains(&format!(" {} prompts: ", answered.len())),
+        "{} answered: {line}",
+        answered.len()
+    );
+    let mut c = RadarClient::connect(url).await.unwrap();
+    for (id, text) in answered.iter().rev().take(5) {
+        let hit = nearest(&mut c, Query::PromptId(*id)).await.unwrap();
+        assert_eq!((&hit.prompt_id, &hit.prompt), (id, text));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
 }
