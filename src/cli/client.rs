@@ -355,21 +355,17 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<bool> {
                 }
                 // The verdicts so far are written (the writer flushes as it drops).
                 ended => {
+                    // A server that shuts down cleanly answers every request it has read,
+                    // then ends the stream so; one that crashed or lost the connection may
+                    // have stored requests it never answered.
+                    let clean = matches!(&ended, Err(status) if status.code() == tonic::Code::Unavailable
+                        && status.message().starts_with("server shutting down"));
                     let why = match ended {
                         Err(status) => anyhow::Error::new(status),
                         _ => anyhow::anyhow!("the server closed the stream"),
                     };
                     let ahead = sent.load(Ordering::Relaxed);
-                    let ahead = match ahead > line {
-                        true => format!(
-                            "; lines {}-{ahead} were sent too, and those the server received before it stopped are stored",
-                            line + 1
-                        ),
-                        false => String::new(),
-                    };
-                    return Err(why.context(format!(
-                        "no verdict for line {line}; the lines before it are checked{ahead} (to go on: the same command with --start-line {line} and a new --output)"
-                    )));
+                    return Err(why.context(no_verdict(line, ahead, clean)));
                 }
             },
         };
@@ -536,6 +532,27 @@ fn stop_on_signal(halt: Arc<Halt>, sent: Arc<AtomicUsize>) -> anyhow::Result<Arc
 #[cfg(not(unix))]
 fn stop_on_signal(_halt: Arc<Halt>, _sent: Arc<AtomicUsize>) -> anyhow::Result<Arc<AtomicBool>> {
     Ok(Arc::new(AtomicBool::new(false)))
+}
+
+/// What `check` says when the stream ended without a verdict for `line`, with lines up to
+/// `ahead` sent: where to go on. After a `clean` shutdown (the server answered every request it
+/// read) that is `line`; otherwise the server may have stored some sent lines unanswered.
+fn no_verdict(line: usize, ahead: usize, clean: bool) -> String {
+    let go_on = if clean {
+        format!(
+            "the lines before it are checked, and no later line is stored (to go on: the same command with --start-line {line} and a new --output)"
+        )
+    } else {
+        let lines = if ahead > line {
+            format!("lines {line}-{ahead} were sent")
+        } else {
+            format!("line {line} was sent")
+        };
+        format!(
+            "the lines before it are checked; {lines}, and the server may have stored some of them without answering (a crash after its commit, a lost connection): the store does not deduplicate, so before going on with --start-line {line} and a new --output, find the last of them it stored (`search --text` with a line's prompt) and start after it"
+        )
+    };
+    format!("no verdict for line {line}; {go_on}")
 }
 
 /// Flags of `accounts`.
@@ -1520,6 +1537,25 @@ mod tests {
             padded("a-very-long-account-id", 4),
             "a-very-long-account-id"
         );
+    }
+
+    #[test]
+    fn a_stream_ended_without_a_verdict_says_where_to_go_on() {
+        use super::no_verdict;
+        let clean = no_verdict(650, 700, true);
+        assert!(
+            clean.starts_with("no verdict for line 650; the lines before it are checked, and no later line is stored (to go on: the same command with --start-line 650"),
+            "{clean}"
+        );
+        // A crash may have stored lines it never answered: going on at 650 could store them twice.
+        let crashed = no_verdict(650, 700, false);
+        assert!(
+            crashed.contains("lines 650-700 were sent, and the server may have stored some of them without answering")
+                && crashed.contains("the store does not deduplicate")
+                && !crashed.contains("to go on: the same command with --start-line"),
+            "{crashed}"
+        );
+        assert!(no_verdict(3, 3, false).contains("; line 3 was sent, "));
     }
 
     #[test]
