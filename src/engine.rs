@@ -413,7 +413,25 @@ pub struct Engine {
 impl Engine {
     /// Opens the data directory: the store, the index (reloaded, then caught up from the
     /// store) and the detector (replayed from the store).
+    ///
+    /// A panic while reading (redb's, on a damaged store file) is an error naming the store.
     pub fn open(config: EngineConfig, dim: usize) -> Result<Self, Error> {
+        let store = config.data_dir.join(crate::store::DB_FILE);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::open_unguarded(config, dim)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(Error::Unavailable(format!(
+                    "reading {} failed ({what}): the store file looks damaged; restore it from a backup (the index and snapshot beside it are rebuilt from it)",
+                    store.display()
+                )))
+            })
+    }
+
+    fn open_unguarded(config: EngineConfig, dim: usize) -> Result<Self, Error> {
         let started = Instant::now();
         let store = Store::open(&config.data_dir)?;
         let index_dir = config.data_dir.join(INDEX_DIR);
@@ -2412,6 +2430,34 @@ mod tests {
             (opened.prompts, opened.reloaded, opened.rebuilt),
             (11, 0, 11)
         );
+    }
+
+    #[test]
+    fn a_damaged_store_file_is_an_error_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(dir.path(), 1_000, None), DIM).unwrap();
+        engine
+            .ingest((0..200).map(|i| prompt(i, 1_000, &[])).collect())
+            .unwrap();
+        drop(engine);
+        // 2,000 noise bytes over the start of the file's pages (QA's damage).
+        let path = dir.path().join(crate::store::DB_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in &mut bytes[4096..6096] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        std::fs::write(&path, bytes).unwrap();
+        match Engine::open(config(dir.path(), 1_000, None), DIM) {
+            Ok(_) => panic!("a damaged store opened"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains(&path.display().to_string()), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -67,9 +67,15 @@ impl Store {
             path: dir.display().to_string(),
             error,
         })?;
-        let db = Database::create(dir.join(DB_FILE)).map_err(|e| match e {
+        let file = dir.join(DB_FILE);
+        let db = Database::create(&file).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
                 path: dir.display().to_string(),
+            },
+            // "Permission denied" or "Is a directory" alone would not say of what.
+            redb::DatabaseError::Storage(redb::StorageError::Io(error)) => StoreError::Io {
+                path: file.display().to_string(),
+                error,
             },
             e => db_err(e),
         })?;
@@ -210,6 +216,15 @@ mod tests {
         let e = Store::open(&file).err().unwrap().to_string();
         assert!(e.contains("not a directory"), "{e}");
         assert_eq!(std::fs::read(&file).unwrap(), b"{}\n");
+    }
+
+    #[test]
+    fn a_store_file_that_cannot_be_opened_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(DB_FILE);
+        std::fs::create_dir(&file).unwrap();
+        let e = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(e.starts_with(&format!("store: {}: ", file.display())), "{e}");
     }
 
     #[test]
