@@ -554,6 +554,12 @@ impl Engine {
         }
         flush(&mut index, &mut pending)?;
         flush_parts(&mut parts, &mut pending_parts)?;
+        // Retention expires sealed segments as the data's clock passes them, at seals; a start
+        // (with a shorter --retention-days than before, say) applies it at once.
+        if let Some(now) = index.newest_ms() {
+            index.drop_expired(now);
+            parts.drop_expired(now);
+        }
         index.merge_step();
         parts.merge_step();
         let open_stats = OpenStats {
@@ -944,6 +950,29 @@ impl Engine {
             }
         }
         times.cluster += lap();
+        // A batch after a gap in traffic (days later) starts a time slice of its own: sealed
+        // with the prompts from before the gap, it would keep them from retention for as long
+        // as its own. (Those prompts are committed; this batch's are not yet in the index.)
+        let times_of = || records.iter().map(|r| r.timestamp_ms);
+        if let (Some(oldest), Some(newest)) = (times_of().min(), times_of().max()) {
+            for (index, name) in [(&self.parts, "part index"), (&self.index, "index")] {
+                let mut index = index.write();
+                match index.seal_before(oldest) {
+                    Ok(true) => {
+                        let dropped = index.drop_expired(newest);
+                        tracing::info!(
+                            index = name,
+                            dropped,
+                            "sealed a segment before a gap in traffic"
+                        );
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(index = name, error = %e, "segment not sealed before a gap in traffic");
+                    }
+                }
+            }
+        }
         // The store commits the batch on a thread of its own while the vectors go into the
         // index and the part index: only sealing, which puts a segment on disk, waits for the
         // commit, so a sealed segment never holds a prompt the store lacks. If the commit
@@ -1057,6 +1086,11 @@ impl Engine {
         }
         let index_on_disk = (|| -> Result<_, Error> {
             let mut index = self.index.write();
+            // What the last seal left past retention (the data's clock went on since).
+            if let Some(now) = index.newest_ms() {
+                index.drop_expired(now);
+                self.parts.write().drop_expired(now);
+            }
             let active_vectors = index.checkpoint()?;
             let (segments, mut merging) = (index.segments().len(), index.is_merging());
             drop(index);
@@ -1328,6 +1362,11 @@ impl Engine {
             index: sizes(&self.index),
             part_index: sizes(&self.parts),
         }
+    }
+
+    /// How long prompts stay in the index (`--retention-days`; `None`: for ever).
+    pub fn retention_ms(&self) -> Option<i64> {
+        self.config.segments.retention_ms
     }
 
     /// Prompts stored.
@@ -2490,6 +2529,56 @@ mod tests {
         let engine = Engine::open(config(dir.path(), 4, None), DIM).unwrap();
         let opened = engine.open_stats();
         assert_eq!((opened.prompts, opened.reloaded, opened.rebuilt), (7, 7, 0));
+    }
+
+    #[test]
+    fn retention_is_applied_at_a_checkpoint_and_at_a_start() {
+        let day = 86_400_000;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(dir.path(), 2, Some(day)), DIM).unwrap();
+        engine
+            .ingest(vec![prompt(0, 0, &[]), prompt(1, 0, &[])])
+            .unwrap();
+        // Day 2's one prompt does not fill a segment, so no seal expires day 0's.
+        engine.ingest(vec![prompt(2, 2 * day, &[])]).unwrap();
+        assert_eq!(engine.index.read().len(), 3);
+        // The checkpoint at the end of a run does.
+        engine.checkpoint().unwrap();
+        assert_eq!(engine.index.read().len(), 1);
+        drop(engine);
+
+        // Without retention, then started with it.
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(dir.path(), 2, None), DIM).unwrap();
+        for (i, t) in [(0, 0), (1, 0), (2, day), (3, day), (4, 3 * day)] {
+            engine.ingest(vec![prompt(i, t, &[])]).unwrap();
+        }
+        drop(engine);
+        let engine = Engine::open(config(dir.path(), 2, Some(day)), DIM).unwrap();
+        assert_eq!(engine.index.read().len(), 1, "days 0 and 1 expired");
+        assert_eq!(engine.len(), 5, "still stored");
+    }
+
+    #[test]
+    fn traffic_after_a_gap_starts_a_segment_and_the_one_before_expires() {
+        let day = 86_400_000;
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of up to 100 prompts, sliced by day (--retention-days' default).
+        let mut sliced = config(dir.path(), 100, Some(day));
+        sliced.segments.segment_span_ms = Some(day);
+        let engine = Engine::open(sliced, DIM).unwrap();
+        engine
+            .ingest((0..3).map(|i| prompt(i, 0, &[])).collect())
+            .unwrap();
+        // A year later: day 0's prompts are sealed on their own, then expire at once.
+        let later = 365 * day;
+        engine
+            .ingest((3..5).map(|i| prompt(i, later, &[])).collect())
+            .unwrap();
+        let index = engine.index.read();
+        let segments = index.segments();
+        assert_eq!(segments.len(), 1, "{segments:?}");
+        assert_eq!((segments[0].min_ts, segments[0].count), (later, 2));
     }
 
     #[test]

@@ -33,9 +33,14 @@ pub struct Cli {
 pub fn past_retention(engine: &prompt_radar::engine::Engine) -> Option<String> {
     let census = engine.census();
     let gone = census.prompts.saturating_sub(census.index.1);
+    let why = match engine.retention_ms() {
+        Some(_) => "are past --retention-days",
+        // Dropped under an earlier setting: a longer one (or none) does not bring them back.
+        None => "were dropped from the index by an earlier --retention-days",
+    };
     (gone > 0).then(|| {
         format!(
-            "{gone} of the {} stored prompts are past --retention-days: stored and counted in their accounts and clusters, but out of the index, where neither `search` nor a new prompt's neighbour lookup finds them",
+            "{gone} of the {} stored prompts {why}: stored and counted in their accounts and clusters, but out of the index, where neither `search` nor a new prompt's neighbour lookup finds them",
             census.prompts
         )
     })

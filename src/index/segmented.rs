@@ -169,6 +169,16 @@ impl SliceClock {
         aged || self.went_back()
     }
 
+    /// Whether a prompt sent at `ts` would take the slice being filled past its span: a batch
+    /// that comes after a gap in traffic then starts a slice of its own, rather than sealing
+    /// with (and keeping from retention) the prompts from before the gap.
+    pub fn due_before(&self, ts: i64) -> bool {
+        self.newest.is_some()
+            && self
+                .start
+                .is_some_and(|start| ts.saturating_sub(start) > self.span_ms)
+    }
+
     fn went_back(&self) -> bool {
         self.run >= self.went_back
     }
@@ -412,6 +422,17 @@ impl SegmentedHnsw {
         loaded.fold(self.sealed_up_to, u64::max)
     }
 
+    /// The newest prompt time in the index (any segment's; `None` when empty): the data's
+    /// clock, by which retention expires segments.
+    pub fn newest_ms(&self) -> Option<i64> {
+        let entries = self.sealed.iter().map(|s| &s.entry);
+        entries
+            .chain(std::iter::once(&self.active.entry))
+            .filter(|e| e.info.count > 0)
+            .map(|e| e.info.max_ts)
+            .max()
+    }
+
     /// The first and last id of every segment loaded from disk (the sealed ones and the active
     /// segment's checkpoint), each with its segment's time span `(id, min_ts, max_ts)`: for the
     /// caller to check that the index on disk is its store's.
@@ -481,6 +502,22 @@ impl SegmentedHnsw {
         if info.count == 0 || !(full || long) {
             return Ok(false);
         }
+        self.seal_now()
+    }
+
+    /// Seals the active segment before prompts sent at `oldest_ms` and after go in, when its time
+    /// slice would not hold them (see [`SliceClock::due_before`]). Same terms as
+    /// [`seal_if_due`](Self::seal_if_due).
+    pub fn seal_before(&mut self, oldest_ms: i64) -> Result<bool, IndexError> {
+        let due = self.clock.is_some_and(|c| c.due_before(oldest_ms));
+        if self.active.entry.info.count == 0 || !due {
+            return Ok(false);
+        }
+        self.seal_now()
+    }
+
+    /// Seals the active segment unless a failed seal is waiting to be retried.
+    fn seal_now(&mut self) -> Result<bool, IndexError> {
         if self.seal_retry_at.is_some_and(|at| Instant::now() < at) {
             return Ok(false);
         }

@@ -224,7 +224,10 @@ mod tests {
         let file = dir.path().join(DB_FILE);
         std::fs::create_dir(&file).unwrap();
         let e = Store::open(dir.path()).err().unwrap().to_string();
-        assert!(e.starts_with(&format!("store: {}: ", file.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("store: {}: ", file.display())),
+            "{e}"
+        );
     }
 
     #[test]
