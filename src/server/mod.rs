@@ -142,11 +142,17 @@ impl Prepared {
         // call is refused (its answer would count them), and health says NOT_SERVING, so that
         // load balancers send traffic elsewhere until the server is restarted.
         let engine = self.service.engine().clone();
-        let failed = engine.clone();
+        // Weak: the watch ends with the server, which must let the engine (and its store) go.
+        let failed = std::sync::Arc::downgrade(&engine);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
-            while failed.failure().is_none() {
+            loop {
                 every.tick().await;
+                match failed.upgrade() {
+                    None => return,
+                    Some(engine) if engine.failure().is_some() => break,
+                    Some(_) => {}
+                }
             }
             for name in ["", RADAR_SERVICE] {
                 watcher
