@@ -161,10 +161,11 @@ struct EmptiedAtFirstWrite {
 
 impl EmptiedAtFirstWrite {
     fn empty(&mut self) -> std::io::Result<()> {
-        if !self.emptied {
+        // Only a regular file has a length to cut: `/dev/null` or a named pipe has none.
+        if !self.emptied && self.file.metadata()?.is_file() {
             self.file.set_len(0)?;
-            self.emptied = true;
         }
+        self.emptied = true;
         Ok(())
     }
 }
@@ -1556,6 +1557,33 @@ mod tests {
             "{crashed}"
         );
         assert!(no_verdict(3, 3, false).contains("; line 3 was sent, "));
+    }
+
+    #[test]
+    fn an_output_that_is_not_a_regular_file_is_written_without_emptying_it() {
+        use std::io::Write;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let mut out = super::EmptiedAtFirstWrite {
+            file,
+            emptied: false,
+        };
+        out.write_all(b"{}\n").unwrap();
+        out.flush().unwrap();
+        // A regular file is emptied at the first write, not before.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.jsonl");
+        std::fs::write(&path, "old verdicts\n").unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut out = super::EmptiedAtFirstWrite {
+            file,
+            emptied: false,
+        };
+        assert_eq!(std::fs::read(&path).unwrap(), b"old verdicts\n");
+        out.write_all(b"new\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new\n");
     }
 
     #[test]
