@@ -159,6 +159,10 @@ pub struct CampaignView {
     pub sampled_alone: u32,
     /// A few member prompts (a uniform sample, in id order).
     pub examples: Vec<String>,
+    /// Whether an analyst's allow-list entry cleared the cluster (it then scores 0).
+    pub allow_listed: bool,
+    /// The entry that matches most of its sampled prompts, when it is allow-listed.
+    pub allowed_by: Option<u64>,
 }
 
 /// Counts shown at start-up.
@@ -1312,6 +1316,24 @@ impl Engine {
             .filter(|(id, _)| shown.binary_search(id).is_ok())
             .map(|(_, t)| t.clone())
             .collect();
+        // (The detector's lock is let go before the allow-list's is taken.)
+        let allow_listed = self.detector.read().cluster_allowed(summary.id);
+        let allowed_by = if allow_listed {
+            let list = self.ingest.lock().allow.1.clone();
+            let mut votes: std::collections::HashMap<u64, usize> = Default::default();
+            for text in &refs {
+                if let Some(entry) = list.matching(text) {
+                    *votes.entry(entry).or_default() += 1;
+                }
+            }
+            // Most matches, then the oldest entry.
+            votes
+                .into_iter()
+                .max_by_key(|&(entry, n)| (n, std::cmp::Reverse(entry)))
+                .map(|(entry, _)| entry)
+        } else {
+            None
+        };
         Ok(CampaignView {
             summary,
             template,
@@ -1319,6 +1341,8 @@ impl Engine {
             sampled: refs.len() as u32,
             sampled_alone,
             examples,
+            allow_listed,
+            allowed_by,
         })
     }
 

@@ -746,16 +746,19 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                        "top_accounts": c.top_accounts.iter().map(|a| json!({"account_id": a.account_id, "prompts": a.prompts, "campaign_prompts": a.campaign_prompts})).collect::<Vec<_>>(),
                        "templates": c.templates.iter().map(|t| json!({"template": t.template, "samples": t.samples})).collect::<Vec<_>>(),
                        "sampled": c.sampled, "sampled_alone": c.sampled_alone,
+                       "allow_listed": c.allow_listed, "allowed_by": (c.allowed_by > 0).then_some(c.allowed_by),
                        "examples": c.examples})
             )?,
             Format::Table => {
                 writeln!(
                     out,
                     "{}  score {}  {} ({} flagged)  {} ({} distinct)  seen {} .. {}",
-                    if c.is_campaign {
-                        format!("campaign {}", c.campaign_id)
-                    } else {
-                        format!("cluster {} (not a campaign)", c.campaign_id)
+                    match (c.is_campaign, c.allow_listed, c.allowed_by) {
+                        (true, ..) => format!("campaign {}", c.campaign_id),
+                        (false, true, 0) => format!("cluster {} (allow-listed)", c.campaign_id),
+                        (false, true, entry) =>
+                            format!("cluster {} (allow-listed: entry {entry})", c.campaign_id),
+                        (false, false, _) => format!("cluster {} (not a campaign)", c.campaign_id),
                     },
                     score_text(c.score, 3),
                     counted(c.accounts, "account"),

@@ -179,6 +179,9 @@ pub struct AccountSummary {
     pub cross_account_prompts: u64,
     /// The campaigns it takes part in, most prompts first.
     pub campaigns: Vec<u64>,
+    /// Its prompts in clusters an analyst allow-listed (they score 0 and are not campaign
+    /// traffic): why an account of a cleared campaign is no longer flagged.
+    pub allow_listed_prompts: u64,
     /// First send time.
     pub first_seen_ms: i64,
     /// Last send time.
@@ -588,7 +591,11 @@ impl Detector {
         let mut campaign_prompts = 0;
         let mut cross_account_prompts = 0;
         let mut weighted = Vec::with_capacity(by_root.len());
+        let mut allow_listed_prompts = 0;
         for (&root, &(n, m)) in &by_root {
+            if self.allowed.contains(&root) {
+                allow_listed_prompts += n;
+            }
             let s = self.cluster_score(root).0;
             let credited = self.credit(n, m);
             weighted.push((credited, s));
@@ -619,6 +626,7 @@ impl Detector {
                 .then_some(self.config.min_campaign_prompts),
             cross_account_prompts,
             campaigns: campaigns.into_iter().map(|(r, _)| r).collect(),
+            allow_listed_prompts,
             first_seen_ms: a.first_seen_ms,
             last_seen_ms: a.last_seen_ms,
         }
@@ -974,9 +982,16 @@ mod tests {
         assert!(n.score >= 0.5, "{n:?}");
 
         // An analyst allow-lists it: the cluster stops scoring and nobody stays flagged.
+        assert!(
+            d.accounts().iter().all(|a| a.allow_listed_prompts == 0),
+            "nothing allow-listed yet"
+        );
         assert!(d.allow_cluster(5));
         assert!(d.campaigns(0.5).is_empty());
         assert!(d.accounts().iter().all(|a| !a.flagged));
+        // Each says where its prompts went: 3 each, the newcomer's 1.
+        let cleared: u64 = d.accounts().iter().map(|a| a.allow_listed_prompts).sum();
+        assert_eq!(cleared, 37);
     }
 
     #[test]

@@ -100,6 +100,17 @@ pub fn campaign(c: CampaignView) -> proto::Campaign {
         sampled: c.sampled,
         sampled_alone: c.sampled_alone,
         is_campaign: s.is_campaign,
+        allow_listed: c.allow_listed,
+        allowed_by: c.allowed_by.unwrap_or(0),
+    }
+}
+
+/// What an account's reason adds for its prompts in allow-listed clusters (none: nothing).
+fn allow_listed(a: &AccountSummary) -> String {
+    match a.allow_listed_prompts {
+        0 => String::new(),
+        1 => "; 1 prompt is in a cluster the allow-list cleared (`allow list`)".to_string(),
+        n => format!("; {n} prompts are in clusters the allow-list cleared (`allow list`)"),
     }
 }
 
@@ -120,7 +131,7 @@ pub fn account(a: AccountSummary) -> proto::Account {
             } else {
                 String::new()
             }
-        )
+        ) + &allow_listed(&a)
     } else {
         format!(
             "{} of its {} ({:.0}%) {} campaign traffic in {} shared with other accounts ({} linked directly to other accounts' prompts); score {}",
@@ -137,6 +148,7 @@ pub fn account(a: AccountSummary) -> proto::Account {
                 format!("; not judged yet: an account needs at least {min} campaign prompts")
             })
             .unwrap_or_default()
+            + &allow_listed(&a)
     };
     proto::Account {
         account_id: a.account_id,
@@ -218,6 +230,7 @@ mod tests {
             too_few_to_judge: Some(2),
             cross_account_prompts: 1,
             campaigns: vec![7],
+            allow_listed_prompts: 0,
             first_seen_ms: 0,
             last_seen_ms: 0,
         };
@@ -267,11 +280,20 @@ mod tests {
         );
         let one = AccountSummary {
             prompts: 1,
-            ..clean
+            ..clean.clone()
         };
         assert_eq!(
             account(one).reason,
             "its one prompt is not in a multi-account campaign"
+        );
+        // A cleared campaign's member says why it is no longer flagged.
+        let cleared = AccountSummary {
+            allow_listed_prompts: 3,
+            ..clean
+        };
+        assert_eq!(
+            account(cleared).reason,
+            "none of its 3 prompts is in a multi-account campaign; 3 prompts are in clusters the allow-list cleared (`allow list`)"
         );
     }
 }

@@ -949,6 +949,32 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .unwrap()
         .into_inner();
     assert!(flagged.accounts.is_empty(), "{flagged:?}");
+    // The cleared cluster, and its accounts, say what cleared them.
+    let cleared = c
+        .get_campaign(proto::GetCampaignRequest {
+            campaign_id: list[0].campaign_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (cleared.is_campaign, cleared.allow_listed, cleared.allowed_by),
+        (false, true, entry.id),
+        "{cleared:?}"
+    );
+    let member = &list[0].top_accounts[0].account_id;
+    let member = c
+        .get_account(proto::GetAccountRequest {
+            account_id: member.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        member.reason.contains("in clusters the allow-list cleared")
+            || member.reason.contains("in a cluster the allow-list cleared"),
+        "{member:?}"
+    );
 
     // New prompts of the template are stored but never linked.
     for i in 24..30 {
