@@ -1265,6 +1265,34 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(format!("prompt_id: no prompt {id}")))
     }
 
+    /// The first stored prompt of `account_id` with exactly this text (and this time, when
+    /// given), if any. A scan of the detector's one small entry per prompt (~1 ms per 100k), then
+    /// the store for the account's prompts with the same words.
+    pub fn find_stored(
+        &self,
+        account_id: &str,
+        text: &str,
+        timestamp_ms: Option<i64>,
+    ) -> Result<Option<u64>, Error> {
+        let hash = crate::store::text_hash(text);
+        let candidates: Vec<u64> = {
+            let d = self.detector.read();
+            let Some(ids) = d.prompts_of(account_id) else {
+                return Ok(None);
+            };
+            ids.into_iter()
+                .filter(|&id| d.text_hash(id) == Some(hash))
+                .collect()
+        };
+        for id in candidates {
+            let r = self.record(id)?;
+            if r.text == text && timestamp_ms.is_none_or(|t| t == r.timestamp_ms) {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+
     /// Campaigns scoring at least `min_score`, highest first, at most `top`; and how many there
     /// are in all.
     pub fn campaigns(

@@ -115,6 +115,13 @@ impl Cli {
         });
         let matches = cmd.try_get_matches_from(args).map_err(negative_count)?;
         let mut cli = Self::from_arg_matches(&matches)?;
+        if let Command::Reindex(reindex) = &mut cli.command {
+            // Given at all (the environment included): the user chose where to start.
+            reindex.start_line_given = matches
+                .subcommand_matches("reindex")
+                .and_then(|m| m.value_source("start_line"))
+                .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
+        }
         if let Command::Eval(eval) = &mut cli.command {
             eval.data_dir_typed = matches
                 .subcommand_matches("eval")
@@ -600,6 +607,25 @@ mod tests {
         // Flags are still flags.
         let e = parse(&["search", "--id", "7", "-x"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
+    }
+
+    /// reindex knows whether --start-line was given (a rerun of a stored file is refused only
+    /// when it was not).
+    #[test]
+    fn reindex_knows_whether_its_start_line_was_given() {
+        use super::{Cli, Command};
+        let given = |more: &[&str]| {
+            let args = [&["prompt-radar", "reindex", "--input", "x.jsonl"][..], more].concat();
+            match Cli::try_parse_from_args(args.iter().map(Into::into).collect()) {
+                Ok(Cli {
+                    command: Command::Reindex(r),
+                }) => (r.start_line, r.start_line_given),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(given(&[]), (1, false));
+        assert_eq!(given(&["--start-line", "1"]), (1, true));
+        assert_eq!(given(&["--start-line", "40"]), (40, true));
     }
 
     /// --max-prompt-bytes is one limit for the verbs that take prompts, and stays within what

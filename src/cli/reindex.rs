@@ -32,6 +32,10 @@ pub struct ReindexArgs {
     /// The store does not deduplicate: reading a line again stores its prompt twice.
     #[arg(long, env = "PROMPT_RADAR_START_LINE", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub start_line: u64,
+    /// Whether --start-line was given (on the command line or in the environment): then a
+    /// file whose first lines are stored already is reindexed as told, not refused.
+    #[arg(skip)]
+    pub start_line_given: bool,
 }
 
 /// A progress display fed by the offline run; prints bad lines above it.
@@ -207,6 +211,66 @@ impl Observer for Progress {
     }
 }
 
+/// The lines of an input that an earlier run of it stored: from line 1 (skipping bad lines,
+/// which are never stored) to the line before `next`, as prompts `first_id..=last_id`.
+#[derive(Debug, PartialEq, Eq)]
+struct Rerun {
+    next: usize,
+    first_id: u64,
+    last_id: u64,
+}
+
+/// Whether `input`'s first lines are stored already, as a run of it stored them: its first
+/// usable line is a stored prompt (the same account, text and time, where the line gives one),
+/// and so is each next usable line, at the next id. `None` when the first usable line is not.
+fn rerun_of(
+    engine: &Engine,
+    input: &std::path::Path,
+    limits: &prompt_radar::config::Limits,
+) -> anyhow::Result<Option<Rerun>> {
+    use prompt_radar::server::validate;
+    let reader = std::io::BufReader::new(std::fs::File::open(input)?);
+    let mut found: Option<Rerun> = None;
+    let mut last_line = 0;
+    for (line, parsed) in traffic::lines(reader) {
+        last_line = line;
+        let Ok(t) = parsed else { continue };
+        let Ok(v) = validate::prompt(&t.account_id, &t.prompt, t.timestamp_ms, limits) else {
+            continue;
+        };
+        // A line without a time was stored at the time of its run.
+        let time = (t.timestamp_ms != 0).then_some(v.timestamp_ms);
+        let same = |r: &prompt_radar::store::PromptRecord| {
+            r.account_id == v.account_id
+                && r.text == v.prompt
+                && time.is_none_or(|t| t == r.timestamp_ms)
+        };
+        match &mut found {
+            None => match engine.find_stored(&v.account_id, &v.prompt, time)? {
+                Some(id) => {
+                    found = Some(Rerun {
+                        next: line + 1,
+                        first_id: id,
+                        last_id: id,
+                    });
+                }
+                None => return Ok(None),
+            },
+            Some(run) => match engine.record(run.last_id + 1) {
+                Ok(r) if same(&r) => (run.next, run.last_id) = (line + 1, run.last_id + 1),
+                _ => {
+                    run.next = line;
+                    return Ok(found);
+                }
+            },
+        }
+    }
+    if let Some(run) = &mut found {
+        run.next = last_line + 1;
+    }
+    Ok(found)
+}
+
 /// An input as messages name it: `-` is standard input.
 fn named(input: &std::path::Path) -> String {
     match input.as_os_str() == "-" {
@@ -301,11 +365,38 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         engine.len()
     );
     if first == 1 && !engine.is_empty() {
-        // A run killed part way (kill -9, a crash) and started again would store its lines twice.
-        eprintln!(
-            "reindex: note: the data dir already holds {} prompts; if they are this file's lines from a run that was stopped, go on with --start-line instead (its last message, or the count of lines stored, names it): the store does not deduplicate",
-            engine.len()
-        );
+        // A run killed part way (kill -9, a crash) and started again would store its lines
+        // twice: a file whose first lines are stored already is refused, naming where to go on.
+        let rerun = match (once, args.start_line_given) {
+            (false, false) => {
+                let limits = args.offline.prompt_limit.limits();
+                rerun_of(&engine, input, &limits)
+                    .with_context(|| format!("cannot read {}", input.display()))?
+            }
+            _ => None,
+        };
+        if let Some(rerun) = rerun {
+            anyhow::bail!(
+                "{} (prompts {}-{} of the data dir, with the same account, time and text): going on from line 1 would store them twice; to go on: the same command with --start-line {}; to store them again: --start-line 1",
+                match rerun.next {
+                    2 => format!("line 1 of {} is stored already", named(&args.offline.input)),
+                    n => format!(
+                        "lines 1-{} of {} are stored already",
+                        n - 1,
+                        named(&args.offline.input)
+                    ),
+                },
+                rerun.first_id,
+                rerun.last_id,
+                rerun.next
+            );
+        }
+        if once {
+            eprintln!(
+                "reindex: note: the data dir already holds {} prompts; if they are this input's lines from a run that was stopped, go on with --start-line instead (its last message, or the count of lines stored, names it): the store does not deduplicate",
+                engine.len()
+            );
+        }
     }
     if first > 1 {
         eprintln!("reindex: starting at line {first}");

@@ -9,7 +9,7 @@
 
 mod record;
 
-pub use record::PromptRecord;
+pub use record::{PromptRecord, text_hash};
 
 use std::path::Path;
 

@@ -1095,8 +1095,8 @@ fn reindex_reads_standard_input() {
         "{stderr}"
     );
     assert_eq!(open_data_dir(&data).len(), 30);
-    // The same file again from line 1 (a run killed part way, started again) is stored twice:
-    // it says so before it starts.
+    // The same file again from line 1 (a run killed part way, started again) would be stored
+    // twice: refused, naming where to go on. (Its lines have no times: matched without.)
     let o = bin(&[
         "reindex",
         "--input",
@@ -1106,6 +1106,18 @@ fn reindex_reads_standard_input() {
         "--model",
         &model_dir().display().to_string(),
     ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "lines 1-30 of {} are stored already (prompts 1-30 of the data dir",
+            input.display()
+        )) && stderr.contains("to go on: the same command with --start-line 31"),
+        "{stderr}"
+    );
+    assert_eq!(open_data_dir(&data).len(), 30);
+    // A pipe cannot be read twice to check it: a note says what to look out for.
+    let o = reindex_piped(&input, &data, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         stderr.contains("reindex: note: the data dir already holds 30 prompts;")
@@ -1120,6 +1132,62 @@ fn reindex_reads_standard_input() {
         stderr.contains("reindex: the input ended before line 31 (--start-line): nothing to do"),
         "{stderr}"
     );
+}
+
+/// A file reindexed again after a run that was killed part way (here: its first 150 lines went
+/// in) is refused, with the line to go on from; going on from there, or another file, stores
+/// every line once.
+#[test]
+fn reindex_of_a_file_whose_first_lines_are_stored_names_where_to_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = reindex_of_a_dump(dir.path(), 200, 32);
+    let input = dir.path().join("dump.jsonl");
+    let all = std::fs::read_to_string(&input).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    // The killed run stored lines 1-150: a file of them (and a bad line, never stored).
+    let head = dir.path().join("head.jsonl");
+    let mut text = lines[..150].join("\n") + "\n";
+    text.insert_str(0, "{not json\n");
+    std::fs::write(&head, &text).unwrap();
+    let with_input = |path: &std::path::Path, more: &[&str]| {
+        let mut a: Vec<String> = args.clone();
+        a[2] = path.display().to_string();
+        a.extend(more.iter().map(|s| s.to_string()));
+        bin(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = with_input(&head, &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The whole file with a bad first line too: line numbers are the file's.
+    let mut full = String::from("{not json\n");
+    full.push_str(&all);
+    std::fs::write(&input, &full).unwrap();
+    let o = with_input(&input, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("lines 1-151 of ")
+            && stderr.contains("(prompts 1-150 of the data dir")
+            && stderr.contains("to go on: the same command with --start-line 152;"),
+        "{stderr}"
+    );
+    assert_eq!(open_data_dir(&data).len(), 150, "nothing stored twice");
+    let o = with_input(&input, &["--start-line", "152"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let engine = open_data_dir(&data);
+    assert_eq!(engine.len(), 200);
+    drop(engine);
+    // Another file into the same data dir is added to it, as before.
+    let other = dir.path().join("other.jsonl");
+    prompts_file(&other, 10);
+    let o = with_input(&other, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(open_data_dir(&data).len(), 210);
 }
 
 /// `reindex --input -` fed by a writer that goes quiet (a log tail, a queue consumer) stores what

@@ -958,7 +958,11 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (cleared.is_campaign, cleared.allow_listed, cleared.allowed_by),
+        (
+            cleared.is_campaign,
+            cleared.allow_listed,
+            cleared.allowed_by
+        ),
         (false, true, entry.id),
         "{cleared:?}"
     );
@@ -972,7 +976,9 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .into_inner();
     assert!(
         member.reason.contains("in clusters the allow-list cleared")
-            || member.reason.contains("in a cluster the allow-list cleared"),
+            || member
+                .reason
+                .contains("in a cluster the allow-list cleared"),
         "{member:?}"
     );
 
