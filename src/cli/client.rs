@@ -815,6 +815,14 @@ fn templates(
     if c.templates.len() < 2 && c.sampled_alone == 0 || c.sampled < 2 {
         return Ok(());
     }
+    if c.templates.is_empty() && c.distinct_prompts < c.prompts {
+        // A question many people ask, in a few spellings: repeats, not a template's slots.
+        return writeln!(
+            out,
+            "  templates: none (its {} prompts are {} distinct texts, case and spacing aside, sent again and again rather than filled into a template's slots)",
+            c.prompts, c.distinct_prompts
+        );
+    }
     if c.templates.is_empty() {
         return writeln!(
             out,
@@ -1387,6 +1395,18 @@ mod tests {
             shown_for(&c, 5),
             "  templates: none (no two of its 32 sampled prompts share a template's wording)\n",
             "a paraphrasing campaign: no template"
+        );
+        // A popular question in a few spellings: said as such.
+        let (mut asked, sampled) = (c.clone(), 16);
+        (
+            asked.sampled,
+            asked.sampled_alone,
+            asked.prompts,
+            asked.distinct_prompts,
+        ) = (sampled, sampled, 16, 5);
+        assert_eq!(
+            shown_for(&asked, 5),
+            "  templates: none (its 16 prompts are 5 distinct texts, case and spacing aside, sent again and again rather than filled into a template's slots)\n"
         );
         c.sampled = 1;
         c.sampled_alone = 1;
