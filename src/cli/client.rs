@@ -925,6 +925,16 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
     };
     let hits = client.search(req).await?.into_inner().hits;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if args.format == Format::Table && !hits.is_empty() {
+        writeln!(
+            out,
+            "{:<6}  {:<9} {} {:>20}  prompt",
+            "cosine",
+            "id",
+            padded("account", 20),
+            "sent (UTC)"
+        )?;
+    }
     for h in &hits {
         match args.format {
             Format::Jsonl => writeln!(

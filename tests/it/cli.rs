@@ -565,7 +565,8 @@ async fn tables_show_escape_sequences_in_prompts_escaped_and_jsonl_keeps_them() 
     ];
     let o = run([search.clone(), server_args()].concat()).await;
     let table = assert_terminal_safe("search", &o.stdout);
-    assert_eq!(table.lines().count(), 3, "one line per hit: {table}");
+    assert_eq!(table.lines().count(), 4, "a header, a line per hit: {table}");
+    assert!(table.starts_with("cosine  id        account "), "{table}");
     let o = run([
         search,
         server_args(),
