@@ -367,8 +367,8 @@ fn judge_snapshot(
 
 /// Why an index loaded from disk is not `store`'s (`None`: it is): it covers prompts the store
 /// lacks, or the first or last prompt of one of its segments is, in the store, from outside that
-/// segment's time span. `per_prompt` index ids make one prompt id (the part index's
-/// [`PART_SLOTS`]).
+/// segment's time span, or its vector is not in the index under its id. `per_prompt` index ids
+/// make one prompt id (the part index's [`PART_SLOTS`]: the vector is then the record's part).
 fn index_mismatch(
     index: &SegmentedHnsw,
     per_prompt: u64,
@@ -381,18 +381,36 @@ fn index_mismatch(
             "it holds prompts up to {covered}, and the store only up to {last}"
         )));
     }
-    for (id, min_ts, max_ts) in index.loaded_ends() {
-        let id = id / per_prompt;
-        match store.get(id)? {
-            Some(r) if (min_ts..=max_ts).contains(&r.timestamp_ms) => {}
-            Some(r) => {
-                return Ok(Some(format!(
-                    "its prompt {id} was sent between {min_ts} and {max_ts} (ms), the store's at {}",
-                    r.timestamp_ms
-                )));
-            }
+    for (index_id, min_ts, max_ts) in index.loaded_ends() {
+        let id = index_id / per_prompt;
+        let Some(r) = store.get(id)? else {
             // Retention drops whole segments, never a prompt from the store.
-            None => return Ok(Some(format!("it holds prompt {id}, which the store lacks"))),
+            return Ok(Some(format!("it holds prompt {id}, which the store lacks")));
+        };
+        if !(min_ts..=max_ts).contains(&r.timestamp_ms) {
+            return Ok(Some(format!(
+                "its prompt {id} was sent between {min_ts} and {max_ts} (ms), the store's at {}",
+                r.timestamp_ms
+            )));
+        }
+        // Another store of as many prompts, sent at the same times, differs in its vectors:
+        // the record's own is found under its id (or, a repeated text, at a cosine of 1).
+        let vector = match per_prompt {
+            1 => Some(&r.embedding),
+            n => r.parts.get((index_id % n) as usize),
+        };
+        let Some(vector) = vector else {
+            return Ok(Some(format!(
+                "it holds a part of prompt {id} the store lacks"
+            )));
+        };
+        let hits = index.search(vector, 10);
+        let found = hits.iter().any(|h| h.id == index_id && h.similarity > 0.99)
+            || hits.first().is_some_and(|h| h.similarity > 0.9999);
+        if !found {
+            return Ok(Some(format!(
+                "prompt {id}'s vector in the store is not the index's"
+            )));
         }
     }
     Ok(None)
@@ -2515,6 +2533,27 @@ mod tests {
             .unwrap();
         drop(engine);
         std::fs::copy(other.path().join("prompts.redb"), &store).unwrap();
+        let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
+        let opened = engine.open_stats();
+        assert_eq!(
+            (opened.prompts, opened.reloaded, opened.rebuilt),
+            (11, 0, 11)
+        );
+        engine.checkpoint().unwrap();
+        drop(engine);
+
+        // And one sent at the same times, but other prompts: told by their vectors.
+        let same_times = tempfile::tempdir().unwrap();
+        let engine = Engine::open(config(same_times.path(), 8, None), DIM).unwrap();
+        let batch = |range: std::ops::Range<usize>, t| {
+            range
+                .map(move |i| prompt(i, t, &pair(i as u64)))
+                .collect::<Vec<_>>()
+        };
+        engine.ingest(batch(50..60, 9_000)).unwrap();
+        engine.ingest(batch(60..61, 9_000)).unwrap();
+        drop(engine);
+        std::fs::copy(same_times.path().join("prompts.redb"), &store).unwrap();
         let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
         let opened = engine.open_stats();
         assert_eq!(

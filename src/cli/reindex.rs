@@ -218,12 +218,26 @@ struct Rerun {
     next: usize,
     first_id: u64,
     last_id: u64,
+    /// Whether every matched line gave its time (and the time matched too).
+    timed: bool,
 }
 
 /// Whether `input`'s first lines are stored already, as a run of it stored them: its first
 /// usable line is a stored prompt (the same account, text and time, where the line gives one),
-/// and so is each next usable line, at the next id. `None` when the first usable line is not.
+/// and so is each next usable line, at the next id. `None` when the first usable line is not,
+/// or when it has no time and the next usable line does not follow it: one account's "Hi!",
+/// stored before, is no evidence that this file was run.
 fn rerun_of(
+    engine: &Engine,
+    input: &std::path::Path,
+    limits: &prompt_radar::config::Limits,
+) -> anyhow::Result<Option<Rerun>> {
+    let found = stored_run(engine, input, limits)?;
+    Ok(found.filter(|run| run.timed || run.last_id > run.first_id))
+}
+
+/// [`rerun_of`]'s walk: the run of stored lines from the first usable one.
+fn stored_run(
     engine: &Engine,
     input: &std::path::Path,
     limits: &prompt_radar::config::Limits,
@@ -252,12 +266,16 @@ fn rerun_of(
                         next: line + 1,
                         first_id: id,
                         last_id: id,
+                        timed: time.is_some(),
                     });
                 }
                 None => return Ok(None),
             },
             Some(run) => match engine.record(run.last_id + 1) {
-                Ok(r) if same(&r) => (run.next, run.last_id) = (line + 1, run.last_id + 1),
+                Ok(r) if same(&r) => {
+                    (run.next, run.last_id) = (line + 1, run.last_id + 1);
+                    run.timed &= time.is_some();
+                }
                 _ => {
                     run.next = line;
                     return Ok(found);
@@ -377,7 +395,7 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
         };
         if let Some(rerun) = rerun {
             anyhow::bail!(
-                "{} (prompts {}-{} of the data dir, with the same account, time and text): going on from line 1 would store them twice; to go on: the same command with --start-line {}; to store them again: --start-line 1",
+                "{} (prompts {}-{} of the data dir, {}): going on from line 1 would store them twice; to go on: the same command with --start-line {}; to store them again: --start-line 1",
                 match rerun.next {
                     2 => format!("line 1 of {} is stored already", named(&args.offline.input)),
                     n => format!(
@@ -388,6 +406,11 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
                 },
                 rerun.first_id,
                 rerun.last_id,
+                if rerun.timed {
+                    "with the same account, time and text"
+                } else {
+                    "with the same accounts and texts, in the same order"
+                },
                 rerun.next
             );
         }

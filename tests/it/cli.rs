@@ -565,7 +565,11 @@ async fn tables_show_escape_sequences_in_prompts_escaped_and_jsonl_keeps_them() 
     ];
     let o = run([search.clone(), server_args()].concat()).await;
     let table = assert_terminal_safe("search", &o.stdout);
-    assert_eq!(table.lines().count(), 4, "a header, a line per hit: {table}");
+    assert_eq!(
+        table.lines().count(),
+        4,
+        "a header, a line per hit: {table}"
+    );
     assert!(table.starts_with("cosine  id        account "), "{table}");
     let o = run([
         search,
@@ -1117,11 +1121,35 @@ fn reindex_reads_standard_input() {
         "{stderr}"
     );
     assert_eq!(open_data_dir(&data).len(), 30);
+    // A new file whose first line repeats a stored prompt of its account ("Hi!" sent again),
+    // without times, is no rerun: one line proves nothing.
+    let again = dir.path().join("again.jsonl");
+    let first = std::fs::read_to_string(&input).unwrap();
+    let first = first.lines().next().unwrap();
+    std::fs::write(
+        &again,
+        format!(
+            "{first}\n{}\n",
+            serde_json::json!({"account_id": "someone-new", "prompt": "What is the boiling point of water on Everest?"})
+        ),
+    )
+    .unwrap();
+    let o = bin(&[
+        "reindex",
+        "--input",
+        &again.display().to_string(),
+        "--data-dir",
+        &data.display().to_string(),
+        "--model",
+        &model_dir().display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(open_data_dir(&data).len(), 32);
     // A pipe cannot be read twice to check it: a note says what to look out for.
     let o = reindex_piped(&input, &data, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        stderr.contains("reindex: note: the data dir already holds 30 prompts;")
+        stderr.contains("reindex: note: the data dir already holds 32 prompts;")
             && stderr.contains("go on with --start-line instead"),
         "{stderr}"
     );
