@@ -113,6 +113,10 @@ impl Cli {
                     .hide_default_value(true)
             })
         });
+        // Before clap's own errors: `--text --account x` would be "unexpected argument 'x'".
+        if let Some(e) = flag_taken_as_value(&cmd, &args) {
+            return Err(e);
+        }
         let matches = cmd.try_get_matches_from(args).map_err(negative_count)?;
         let mut cli = Self::from_arg_matches(&matches)?;
         if let Command::Reindex(reindex) = &mut cli.command {
@@ -130,6 +134,54 @@ impl Cli {
         }
         Ok(cli)
     }
+}
+
+/// A free-text flag (they take values that begin with `-`: `--text "-v means verbose?"`) whose
+/// value, given as a word of its own, is another flag of its verb: `search --text --account x`
+/// forgot the text, and would search for "--account". Refused, saying how to mean it
+/// (`--text=--account`).
+fn flag_taken_as_value(cmd: &clap::Command, args: &[std::ffi::OsString]) -> Option<clap::Error> {
+    let words: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+    // The verb's command: `search`, or `allow add` (a verb has no subcommand named like a
+    // value it takes, so a value does not lead astray).
+    let (mut leaf, mut verb) = (cmd, Vec::new());
+    for w in words.iter().skip(1) {
+        if let Some(sub) = leaf.find_subcommand(w) {
+            leaf = sub;
+            verb.push(sub.get_name());
+        }
+    }
+    let flags: Vec<String> = leaf
+        .get_arguments()
+        .flat_map(|a| {
+            let long = a.get_long().map(|l| format!("--{l}"));
+            let short = a.get_short().map(|c| format!("-{c}"));
+            long.into_iter().chain(short)
+        })
+        .chain(["--help".to_string(), "-h".to_string()])
+        .collect();
+    for a in leaf
+        .get_arguments()
+        .filter(|a| a.is_allow_hyphen_values_set())
+    {
+        let Some(long) = a.get_long().map(|l| format!("--{l}")) else {
+            continue;
+        };
+        for pair in words.windows(2) {
+            if pair[0] == long && flags.iter().any(|f| f == pair[1]) {
+                return Some(clap::Error::raw(
+                    clap::error::ErrorKind::InvalidValue,
+                    format!(
+                        "{long} needs a value, and '{}' is a flag of `{}`: give the value after {long} (to mean that very text, write {long}={})\n",
+                        pair[1],
+                        verb.join(" "),
+                        pair[1]
+                    ),
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// A negative number given to a flag that counts (`--timeout -1`) is said as such, not as the
@@ -607,6 +659,25 @@ mod tests {
         // Flags are still flags.
         let e = parse(&["search", "--id", "7", "-x"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
+        // A free-text flag followed by another flag forgot its value: said, not searched for.
+        for words in [
+            &["search", "--text", "--account", "x"][..],
+            &["search", "--account", "--text", "x"],
+            &["search", "--text", "-k", "5"],
+            &["allow", "add", "--template", "--note", "x"],
+        ] {
+            let e = parse(words).unwrap_err().to_string();
+            assert!(e.contains("needs a value, and '"), "{words:?}: {e}");
+        }
+        match parse(&["search", "--text=--account", "--account", "-v"]) {
+            Ok(Cli {
+                command: Command::Search(s),
+            }) => assert_eq!(
+                (s.text.as_deref(), s.account.as_deref()),
+                (Some("--account"), Some("-v"))
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// reindex knows whether --start-line was given (a rerun of a stored file is refused only
