@@ -1064,10 +1064,7 @@ impl Engine {
     /// what the store really has: the detector (and the active index segments) already hold the
     /// batch. Returns `e`.
     fn poison(&self, e: Error) -> Error {
-        let cause = match &e {
-            Error::Unavailable(m) => m.clone(),
-            e => e.to_string(),
-        };
+        let cause = e.cause();
         let _ = self.poisoned.set(format!(
             "a store commit failed ({cause}): restart the server; the store holds every prompt answered before, and until a restart this process's counts would include prompts it did not store"
         ));

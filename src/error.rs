@@ -50,6 +50,15 @@ impl Error {
         }
     }
 
+    /// What went wrong, without the `engine unavailable: ` that an `Unavailable` error's own
+    /// text begins with: for wrapping it in another `Unavailable` without saying that twice.
+    pub fn cause(&self) -> String {
+        match self {
+            Self::Unavailable(m) => m.clone(),
+            e => e.to_string(),
+        }
+    }
+
     /// The gRPC status code for this error.
     pub fn code(&self) -> tonic::Code {
         match self {

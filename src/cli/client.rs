@@ -990,7 +990,8 @@ pub(crate) fn shown(s: &str, max: usize) -> String {
             {
                 out.push(c)
             }
-            c if c.is_control() || is_bidi_control(c) || invisible(c) => {
+            // `invisible` includes the bidirectional formatting characters.
+            c if c.is_control() || invisible(c) => {
                 out.extend(c.escape_unicode());
             }
             c => out.push(c),
@@ -1028,11 +1029,6 @@ pub(crate) fn utc(ms: i64) -> String {
         rest % 3600 / 60,
         rest % 60
     )
-}
-
-/// Unicode's bidirectional formatting characters (marks, embeddings, overrides, isolates).
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Flags of `allow`.

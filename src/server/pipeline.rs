@@ -232,11 +232,7 @@ fn ingest_loop(engine: &Engine, rx: &Receiver<Vec<IngestItem>>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, "ingest failed");
-                // Said once: "engine unavailable: " is the variant's own prefix.
-                let msg = match &e {
-                    Error::Unavailable(m) => m.clone(),
-                    e => e.to_string(),
-                };
+                let msg = e.cause();
                 for (reply, _) in rest {
                     let _ = reply.send(Err(Error::Unavailable(msg.clone())));
                 }

@@ -1100,17 +1100,20 @@ fn reindex_reads_standard_input() {
         "{stderr}"
     );
     assert_eq!(open_data_dir(&data).len(), 30);
+    let reindex_file = |path: &std::path::Path| {
+        bin(&[
+            "reindex",
+            "--input",
+            &path.display().to_string(),
+            "--data-dir",
+            &data.display().to_string(),
+            "--model",
+            &model_dir().display().to_string(),
+        ])
+    };
     // The same file again from line 1 (a run killed part way, started again) would be stored
     // twice: refused, naming where to go on. (Its lines have no times: matched without.)
-    let o = bin(&[
-        "reindex",
-        "--input",
-        &input.display().to_string(),
-        "--data-dir",
-        &data.display().to_string(),
-        "--model",
-        &model_dir().display().to_string(),
-    ]);
+    let o = reindex_file(&input);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{stderr}");
     assert!(
@@ -1134,15 +1137,7 @@ fn reindex_reads_standard_input() {
         ),
     )
     .unwrap();
-    let o = bin(&[
-        "reindex",
-        "--input",
-        &again.display().to_string(),
-        "--data-dir",
-        &data.display().to_string(),
-        "--model",
-        &model_dir().display().to_string(),
-    ]);
+    let o = reindex_file(&again);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(open_data_dir(&data).len(), 32);
     // A pipe cannot be read twice to check it: a note says what to look out for.
