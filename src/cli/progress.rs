@@ -96,6 +96,11 @@ impl Progress {
         self.bar.suspend(f)
     }
 
+    /// The bar, for another thread to print through (`ProgressBar::suspend`).
+    pub fn bar(&self) -> ProgressBar {
+        self.bar.clone()
+    }
+
     /// Removes the bar (the caller prints its summary line next).
     pub fn finish(&self) {
         self.bar.finish_and_clear();

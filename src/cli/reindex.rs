@@ -44,10 +44,8 @@ pub struct Progress {
     pub display: progress::Progress,
     /// Whether to go on after a bad line.
     pub keep_going: bool,
-    /// Set (by [`stop_on_signal`]) when the run should stop, and what to say then.
-    stop: Option<(Arc<AtomicBool>, &'static str)>,
-    /// Whether the stop was announced.
-    stopping: bool,
+    /// Set (by [`stop_on_signal`]) when the run should stop.
+    stop: Option<Arc<AtomicBool>>,
     /// The last line the store has committed.
     committed: CommittedLine,
     /// The verb, before each bad line's message.
@@ -61,16 +59,15 @@ impl Progress {
             display: progress::Progress::new(verb, total),
             keep_going: on_error == OnError::Skip,
             stop: None,
-            stopping: false,
             committed: CommittedLine::default(),
             verb: verb.to_string(),
         }
     }
 
     /// From now on the first Ctrl-C or SIGTERM stops the run before its next line (saying
-    /// `message`), and a second exits at once, after removing `remove_on_exit` if given. With
-    /// `stored`, that exit also says what it returns given the last committed line (`Err`: a
-    /// commit was still running).
+    /// `message` at once, even while a batch is being embedded), and a second exits at once,
+    /// after removing `remove_on_exit` if given. With `stored`, that exit also says what it
+    /// returns given the last committed line (`Err`: a commit was still running).
     pub fn stop_on_signal(
         &mut self,
         verb: &'static str,
@@ -79,7 +76,8 @@ impl Progress {
         stored: Option<AbruptStopNote>,
     ) -> anyhow::Result<()> {
         let note = stored.map(|f| (self.committed.clone(), f));
-        self.stop = Some((stop_on_signal(verb, remove_on_exit, note)?, message));
+        let bar = self.display.bar();
+        self.stop = Some(stop_on_signal(verb, message, bar, remove_on_exit, note)?);
         Ok(())
     }
 }
@@ -88,8 +86,8 @@ impl Progress {
 /// running when it gave up waiting).
 pub type AbruptStopNote = Box<dyn FnOnce(Result<usize, usize>) -> String + Send>;
 
-/// A flag that the first Ctrl-C (SIGINT) or SIGTERM sets; the second exits at once with status
-/// 130. Stopping between batches keeps the store and the index in step either way (each batch is
+/// A flag that the first Ctrl-C (SIGINT) or SIGTERM sets, saying `message` above `bar`; the
+/// second exits at once with status 130. Stopping between batches keeps the store and the index in step either way (each batch is
 /// one commit, and a start re-indexes what the last checkpoint lacks), but the first signal also
 /// ends with the summary and a checkpoint. The second says what is stored when given `note` (it
 /// waits for the batch being committed, if any, to know it). The handlers are in place when this
@@ -97,6 +95,8 @@ pub type AbruptStopNote = Box<dyn FnOnce(Result<usize, usize>) -> String + Send>
 #[cfg(unix)]
 fn stop_on_signal(
     verb: &'static str,
+    message: &'static str,
+    bar: indicatif::ProgressBar,
     remove_on_exit: Option<PathBuf>,
     note: Option<(CommittedLine, AbruptStopNote)>,
 ) -> anyhow::Result<Arc<AtomicBool>> {
@@ -117,10 +117,12 @@ fn stop_on_signal(
         .name("signals".into())
         .spawn(move || {
             runtime.block_on(async {
-                for _ in 0..2 {
-                    tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
-                    flag.fetch_or(true, Ordering::Relaxed);
-                }
+                tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
+                flag.fetch_or(true, Ordering::Relaxed);
+                // Said now, not when the run next looks at the flag: that is after the batch
+                // being embedded, which can take seconds.
+                bar.suspend(|| eprintln!("{message}"));
+                tokio::select! { _ = interrupt.recv() => {}, _ = terminate.recv() => {} }
             });
             if let Some(dir) = remove_on_exit {
                 let _ = std::fs::remove_dir_all(dir);
@@ -128,12 +130,14 @@ fn stop_on_signal(
             let go_on = note.map_or(String::new(), |(committed, note)| {
                 note(committed.stop_commits(Duration::from_secs(10)))
             });
-            // Written, and the process ended, holding stderr: no other thread's line (a summary
-            // being printed) can come after it, so it is the last line, where a log's reader
-            // looks for where to go on.
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "\n{verb}: stopped at once (second signal){go_on}");
-            std::process::exit(130);
+            // Written, and the process ended, holding stderr (and the bar, which is cleared
+            // first): no other thread's line (a summary being printed) can come after it, so
+            // it is the last line, where a log's reader looks for where to go on.
+            bar.suspend(|| {
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "{verb}: stopped at once (second signal){go_on}");
+                std::process::exit(130)
+            })
         })?;
     Ok(stop)
 }
@@ -177,6 +181,8 @@ fn the_lines(first: usize) -> String {
 #[cfg(not(unix))]
 fn stop_on_signal(
     _verb: &'static str,
+    _message: &'static str,
+    _bar: indicatif::ProgressBar,
     _remove_on_exit: Option<PathBuf>,
     _note: Option<(CommittedLine, AbruptStopNote)>,
 ) -> anyhow::Result<Arc<AtomicBool>> {
@@ -194,17 +200,9 @@ impl Observer for Progress {
         self.keep_going
     }
     fn interrupted(&mut self) -> bool {
-        let Some((stop, message)) = &self.stop else {
-            return false;
-        };
-        if !stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        if !self.stopping {
-            self.stopping = true;
-            self.display.suspend(|| eprintln!("{message}"));
-        }
-        true
+        self.stop
+            .as_ref()
+            .is_some_and(|stop| stop.load(Ordering::Relaxed))
     }
     fn committed_line(&self) -> Option<CommittedLine> {
         Some(self.committed.clone())

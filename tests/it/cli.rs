@@ -1528,6 +1528,30 @@ fn reindex_stopped_at_once_by_a_second_ctrl_c_names_the_line_to_go_on_from() {
     assert_eq!(engine.len(), LINES as u64, "each line stored once");
 }
 
+/// The first Ctrl-C is answered at once, not after the batch being embedded: a run in one large
+/// batch says it is stopping while that batch is still embedded, so a second Ctrl-C then finds
+/// nothing stored, and its line follows the first's (no blank line where the first was missing).
+#[test]
+fn reindex_says_it_is_stopping_while_its_first_batch_is_embedded() {
+    const LINES: usize = 4000;
+    let dir = tempfile::tempdir().unwrap();
+    let args = reindex_of_a_dump(dir.path(), LINES, LINES);
+    let mut reindex = Command::new(env!("CARGO_BIN_EXE_prompt-radar"));
+    reindex.args(&args);
+    let (code, seen) = interrupted_at(reindex, &["ready in", "reindex: stopping:"], || {});
+    assert_eq!(code, Some(130), "{seen}");
+    let lines: Vec<&str> = seen.lines().collect();
+    assert!(lines.iter().all(|l| !l.trim().is_empty()), "{seen}");
+    let at = lines.len() - 1;
+    assert!(lines[at - 1].starts_with("reindex: stopping:"), "{seen}");
+    assert_eq!(
+        lines[at],
+        "reindex: stopped at once (second signal); nothing was stored: to go on, the same command",
+        "{seen}"
+    );
+    assert_eq!(open_data_dir(&dir.path().join("data")).len(), 0, "{seen}");
+}
+
 /// Ctrl-C stops an `eval` (its metrics need the whole stream) and removes its temporary data
 /// directory, which a large evaluation fills with ~100 MB.
 #[test]
