@@ -126,6 +126,8 @@ pub struct Hit {
     pub similarity: f32,
     /// Its cluster's current root.
     pub cluster_id: u64,
+    /// That root when the cluster scores as a campaign now.
+    pub campaign_id: Option<u64>,
 }
 
 /// What allow-listing a template did.
@@ -1226,6 +1228,7 @@ impl Engine {
                     // Exact, from the stored vector, independent of the index's distance.
                     similarity: dot(query, &record.embedding),
                     cluster_id: detector.cluster_of(record.id),
+                    campaign_id: detector.campaign_of(record.id),
                     record,
                 })
                 .collect();
@@ -1253,7 +1256,9 @@ impl Engine {
                 if filter.admits(&record) {
                     hits.push(Hit {
                         similarity: dot(query, &record.embedding),
-                        cluster_id: 0, // set below, for the k kept
+                        // Set below, for the k kept.
+                        cluster_id: 0,
+                        campaign_id: None,
                         record,
                     });
                 }
@@ -1269,6 +1274,7 @@ impl Engine {
         let detector = self.detector.read();
         for h in &mut hits {
             h.cluster_id = detector.cluster_of(h.record.id);
+            h.campaign_id = detector.campaign_of(h.record.id);
         }
         Ok(hits)
     }

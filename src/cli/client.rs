@@ -928,11 +928,12 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
     if args.format == Format::Table && !hits.is_empty() {
         writeln!(
             out,
-            "{:<6}  {:<9} {} {:>20}  prompt",
+            "{:<6}  {:<9} {} {:>20}  {:>9}  prompt",
             "cosine",
             "id",
             padded("account", 20),
-            "sent (UTC)"
+            "sent (UTC)",
+            "campaign"
         )?;
     }
     for h in &hits {
@@ -941,15 +942,17 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
                 out,
                 "{}",
                 json!({"prompt_id": h.prompt_id, "account_id": h.account_id, "timestamp_ms": h.timestamp_ms,
-                       "similarity": h.similarity, "cluster_id": h.cluster_id, "prompt": h.prompt})
+                       "similarity": h.similarity, "cluster_id": h.cluster_id,
+                       "campaign_id": h.campaign_id.map(|c| c.to_string()), "prompt": h.prompt})
             )?,
             Format::Table => writeln!(
                 out,
-                "{:.4}  #{:<8} {} {:>20}  {}",
+                "{:.4}  #{:<8} {} {:>20}  {:>9}  {}",
                 h.similarity,
                 h.prompt_id,
                 padded(&shown(&h.account_id, 64), 20),
                 utc(h.timestamp_ms),
+                h.campaign_id.map_or("-".to_string(), |c| c.to_string()),
                 shown(&h.prompt, 100)
             )?,
         }

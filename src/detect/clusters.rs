@@ -404,6 +404,14 @@ impl Detector {
         x
     }
 
+    /// The root of prompt `id`'s cluster when that cluster scores as a campaign (as a verdict's
+    /// `campaign_id` says), else `None`.
+    pub fn campaign_of(&self, id: u64) -> Option<u64> {
+        let root = self.cluster_of(id);
+        let score = self.cluster_score(root).0;
+        (score >= self.config.campaign_score && score > 0.0).then_some(root)
+    }
+
     /// Clusters scoring at least `min_score` as campaigns, highest score first (ties: more accounts).
     pub fn campaigns(&self, min_score: f32) -> Vec<CampaignSummary> {
         self.campaign_roots(min_score)

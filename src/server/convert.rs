@@ -63,6 +63,7 @@ pub fn hit(h: Hit) -> proto::SearchHit {
         similarity: h.similarity.clamp(-1.0, 1.0),
         prompt: h.record.text,
         cluster_id: h.cluster_id,
+        campaign_id: h.campaign_id,
     }
 }
 

@@ -377,6 +377,28 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     let hits = jsonl(&o.stdout);
     assert_eq!(hits.len(), 3);
     assert_eq!(hits[0]["prompt"], ORGANIC[0]);
+    assert!(hits[0]["campaign_id"].is_null(), "{:?}", hits[0]);
+    // A bot's prompt: the hit names its campaign, as `campaigns` and `check` write it.
+    let o = run(vec![
+        "search".into(),
+        "--server".into(),
+        url.clone(),
+        "--id".into(),
+        last_bot["prompt_id"].to_string(),
+        "-k".into(),
+        "1".into(),
+        "--format".into(),
+        "jsonl".into(),
+    ])
+    .await;
+    let hits = jsonl(&o.stdout);
+    assert_eq!(hits[0]["prompt_id"], last_bot["prompt_id"]);
+    assert_eq!(
+        hits[0]["campaign_id"],
+        campaign_id.as_str(),
+        "{:?}",
+        hits[0]
+    );
 
     // --start-line: the lines before it are skipped; verdicts keep the file's line numbers.
     let check = |flag: &str, value: &str| {
@@ -571,6 +593,10 @@ async fn tables_show_escape_sequences_in_prompts_escaped_and_jsonl_keeps_them() 
         "a header, a line per hit: {table}"
     );
     assert!(table.starts_with("cosine  id        account "), "{table}");
+    assert!(
+        table.lines().next().unwrap().ends_with(" campaign  prompt"),
+        "{table}"
+    );
     let o = run([
         search,
         server_args(),

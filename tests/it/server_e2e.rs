@@ -282,6 +282,19 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
     assert_eq!((camp.accounts, camp.prompts), (9, 33), "{camp:?}");
     assert!(camp.is_campaign, "{camp:?}");
     assert_eq!(camp.templates.len(), 2, "{:?}", camp.templates);
+    // A search hit in it names the campaign, as ListCampaigns does.
+    let by_id = |k| proto::SearchRequest {
+        query: Some(Query::PromptId(bridge.prompt_id)),
+        k,
+        ..Default::default()
+    };
+    let hits = c.search(by_id(5)).await.unwrap().into_inner().hits;
+    assert_eq!(hits.len(), 5);
+    assert!(
+        hits.iter()
+            .all(|h| h.cluster_id == camp.campaign_id && h.campaign_id == Some(camp.campaign_id)),
+        "{hits:?}"
+    );
     assert!(
         camp.templates
             .iter()
@@ -330,6 +343,13 @@ async fn a_cluster_of_two_templates_is_not_allow_listed_by_its_id_and_says_why()
         "{r:?}"
     );
     assert!(every_campaign(&mut c).await.is_empty());
+    // Cleared, its prompts are still a cluster, but no campaign.
+    let hits = c.search(by_id(5)).await.unwrap().into_inner().hits;
+    assert!(
+        hits.iter()
+            .all(|h| h.cluster_id == camp.campaign_id && h.campaign_id.is_none()),
+        "{hits:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
