@@ -1223,6 +1223,7 @@ fn stats_json(s: &proto::Stats) -> serde_json::Value {
         "refused_invalid": s.refused_invalid,
         "refused_overload": s.refused_overload,
         "failed": s.failed,
+        "cancelled": s.cancelled,
         "latency": latency_json(s.latency.as_ref()),
         "latency_last_minute": latency_json(s.latency_last_minute.as_ref()),
         "queued": s.queued,
@@ -1292,7 +1293,7 @@ fn stats_table(s: &proto::Stats) -> String {
     let answered = s.allowed + s.reviewed + s.blocked;
     format!(
         "uptime        {}
-checks        {} answered: {} allow, {} review, {} block; refused: {} invalid, {} overload (queue full); {} failed
+checks        {} answered: {} allow, {} review, {} block; refused: {} invalid, {} overload (queue full); {} failed; {} cancelled by their callers
 answer time   last minute: {}
               since start: {}
 queue         {} of {} waiting for the model
@@ -1307,6 +1308,7 @@ index         {} vectors in {}; part index {} vectors in {}
         grouped(s.refused_invalid),
         grouped(s.refused_overload),
         grouped(s.failed),
+        grouped(s.cancelled),
         latency_text(s.latency_last_minute.as_ref()),
         latency_text(s.latency.as_ref()),
         s.queued,
@@ -1337,6 +1339,10 @@ fn stats_line(before: &proto::Stats, s: &proto::Stats) -> String {
         s.refused_invalid + s.refused_overload + s.failed,
         before.refused_invalid + before.refused_overload + before.failed,
     );
+    let cancelled = match d(s.cancelled, before.cancelled) {
+        0 => String::new(),
+        n => format!(", {n} cancelled"),
+    };
     let minute = s.latency_last_minute.unwrap_or_default();
     let times = if minute.count > 0 {
         format!(
@@ -1348,7 +1354,7 @@ fn stats_line(before: &proto::Stats, s: &proto::Stats) -> String {
         "no answers in the last minute".into()
     };
     format!(
-        "up {}{}: {:.1} checks/s ({allow} allow, {review} review, {block} block), {refused} refused, {times}, queue {}/{}, {} prompts",
+        "up {}{}: {:.1} checks/s ({allow} allow, {review} review, {block} block), {refused} refused{cancelled}, {times}, queue {}/{}, {} prompts",
         uptime(s.uptime_ms),
         if restarted { " (restarted)" } else { "" },
         (allow + review + block) as f64 / seconds,

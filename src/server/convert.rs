@@ -201,6 +201,7 @@ pub fn stats(
         refused_invalid: r.invalid,
         refused_overload: r.overloaded,
         failed: r.failed,
+        cancelled: r.cancelled,
         latency: Some(latency(&r.latency)),
         latency_last_minute: Some(latency(&r.latency_last_minute)),
         queued: n32(queued),

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use super::pipeline::{CheckPipeline, Timed};
-use super::stats::{Outcome, ServerStats, refusal};
+use super::stats::{ServerStats, refusal};
 use super::validate;
 use crate::config::Limits;
 use crate::detect::{AccountSummary, Verdict};
@@ -42,14 +42,19 @@ impl Drainer {
 }
 
 impl RadarService {
-    /// A service over a running engine and pipeline.
-    pub fn new(engine: Arc<Engine>, pipeline: Arc<CheckPipeline>, limits: Limits) -> Self {
+    /// A service over a running engine and pipeline; `stats` are those the pipeline counts in.
+    pub fn new(
+        engine: Arc<Engine>,
+        pipeline: Arc<CheckPipeline>,
+        limits: Limits,
+        stats: Arc<ServerStats>,
+    ) -> Self {
         Self {
             engine,
             pipeline,
             limits,
             draining: Arc::new(watch::channel(false).0),
-            stats: Arc::new(ServerStats::new()),
+            stats,
         }
     }
 
@@ -74,22 +79,20 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// A verdict and its server-side time in microseconds, counted in `stats` (as is a failure).
+/// A verdict and its server-side time in microseconds. The pipeline counted it in `stats` (or
+/// its failure), whether or not this caller is still waiting; only a pipeline that stopped
+/// without an answer is counted here.
 async fn await_verdict(
     rx: tokio::sync::oneshot::Receiver<Timed<Verdict>>,
     stats: &ServerStats,
 ) -> Result<(Verdict, u64), Status> {
-    let got = match rx.await {
-        Ok(Ok((v, t))) => Ok((v, t)),
+    match rx.await {
+        Ok(Ok((v, t))) => Ok((v, t.as_micros() as u64)),
         Ok(Err(e)) => Err(Status::from(e)),
-        Err(_) => Err(Status::unavailable("check pipeline stopped")),
-    };
-    match got {
-        Ok((v, t)) => {
-            stats.record(Outcome::Answered(v.action, t));
-            Ok((v, t.as_micros() as u64))
-        }
-        Err(status) => Err(counted(status, stats)),
+        Err(_) => Err(counted(
+            Status::unavailable("check pipeline stopped"),
+            stats,
+        )),
     }
 }
 

@@ -91,12 +91,14 @@ impl Prepared {
     ) -> Result<Self, ServeError> {
         let engine = Arc::new(Engine::open(config.engine.clone(), embedder.dim())?);
         engine.check_model(&mut embedder, &config.model_dir.display().to_string())?;
+        let stats = Arc::new(stats::ServerStats::new());
         let pipeline = Arc::new(CheckPipeline::start(
             embedder,
             engine.clone(),
             config.batch.clone(),
+            stats.clone(),
         )?);
-        let service = RadarService::new(engine, pipeline, config.limits.clone());
+        let service = RadarService::new(engine, pipeline, config.limits.clone(), stats);
         Ok(Self {
             service,
             auth_token: config.auth_token.clone(),

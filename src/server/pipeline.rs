@@ -3,6 +3,10 @@
 //! committing the last one; both stages are FIFO, so prompts are ingested in the order they were
 //! submitted. The ingest thread coalesces whatever batches are waiting into one engine call (one
 //! store commit).
+//!
+//! Checks are counted in [`ServerStats`] here, where their outcome is known, not by the handler
+//! that waits for it: a caller that goes away (a cancel, a deadline) after the model ran still
+//! has its prompt stored and counted; one that goes away before is dropped, counted as such.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -10,6 +14,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use super::stats::{Outcome, ServerStats};
 use crate::detect::Verdict;
 use crate::embed::{BatchConfig, Batcher, BatcherHandle, Embedded, Embedder, Tokenize};
 use crate::engine::{Engine, NewPrompt};
@@ -47,22 +52,33 @@ pub struct CheckPipeline {
 }
 
 impl CheckPipeline {
-    /// Starts the batcher thread (owning `embedder`) and the ingest thread (calling `engine`).
+    /// Starts the batcher thread (owning `embedder`) and the ingest thread (calling `engine`),
+    /// counting each check's outcome in `stats`.
     pub fn start<E: Embedder + 'static>(
         embedder: E,
         engine: Arc<Engine>,
         batch: BatchConfig,
+        stats: Arc<ServerStats>,
     ) -> std::io::Result<Self> {
         let (ingest_tx, ingest_rx) = sync_channel::<Vec<IngestItem>>(4);
         let (dim, tokenizer, parts) = (embedder.dim(), embedder.tokenizer(), engine.uses_parts());
+        let ingest_stats = stats.clone();
         std::thread::Builder::new()
             .name("ingest".into())
-            .spawn(move || ingest_loop(&engine, &ingest_rx))?;
-        let is_cancelled = |w: &Work| match w {
-            Work::Check { reply, .. } => reply.is_closed(),
+            .spawn(move || ingest_loop(&engine, &ingest_rx, &ingest_stats))?;
+        // Asked once of each job, as its batch is formed: a dropped check is counted here.
+        let cancel_stats = stats.clone();
+        let is_cancelled = move |w: &Work| match w {
+            Work::Check { reply, .. } => {
+                let gone = reply.is_closed();
+                if gone {
+                    cancel_stats.record(Outcome::Cancelled);
+                }
+                gone
+            }
             Work::Embed { reply } => reply.is_closed(),
         };
-        let sink = move |out: Vec<Embedded<Work>>| route(out, dim, &ingest_tx);
+        let sink = move |out: Vec<Embedded<Work>>| route(out, dim, &ingest_tx, &stats);
         let (batcher, handle) = Batcher::spawn(embedder, batch, is_cancelled, sink)?;
         Ok(Self {
             handle,
@@ -164,7 +180,12 @@ impl CheckPipeline {
 }
 
 /// Runs on the batcher thread: answers embed-only work, forwards checks to the ingest thread.
-fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<IngestItem>>) {
+fn route(
+    out: Vec<Embedded<Work>>,
+    dim: usize,
+    ingest_tx: &SyncSender<Vec<IngestItem>>,
+    stats: &ServerStats,
+) {
     let mut checks = Vec::with_capacity(out.len());
     for (vector, job) in out {
         match (job.payload, vector) {
@@ -176,6 +197,7 @@ fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<Ingest
                 let _ = reply.send(v.map_err(|e| Error::Embed(clone_embed_error(&e))));
             }
             (Work::Check { reply, .. }, Err(e)) => {
+                stats.record(Outcome::Failed);
                 let _ = reply.send(Err(Error::Embed(clone_embed_error(&e))));
             }
             (
@@ -211,13 +233,14 @@ fn route(out: Vec<Embedded<Work>>, dim: usize, ingest_tx: &SyncSender<Vec<Ingest
         // Blocking send: a slow store pushes back on the batcher, which pushes back on callers.
         if let Err(e) = ingest_tx.send(checks) {
             for (_, reply, _) in e.0 {
+                stats.record(Outcome::Failed);
                 let _ = reply.send(Err(Error::Unavailable("ingest worker stopped".into())));
             }
         }
     }
 }
 
-fn ingest_loop(engine: &Engine, rx: &Receiver<Vec<IngestItem>>) {
+fn ingest_loop(engine: &Engine, rx: &Receiver<Vec<IngestItem>>, stats: &ServerStats) {
     while let Ok(mut items) = rx.recv() {
         while let Ok(more) = rx.try_recv() {
             items.extend(more);
@@ -227,13 +250,16 @@ fn ingest_loop(engine: &Engine, rx: &Receiver<Vec<IngestItem>>) {
         match engine.ingest(prompts) {
             Ok(verdicts) => {
                 for (v, (reply, t)) in verdicts.into_iter().zip(rest) {
-                    let _ = reply.send(Ok((v, t.elapsed())));
+                    let took = t.elapsed();
+                    stats.record(Outcome::Answered(v.action, took));
+                    let _ = reply.send(Ok((v, took)));
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "ingest failed");
                 let msg = e.cause();
                 for (reply, _) in rest {
+                    stats.record(Outcome::Failed);
                     let _ = reply.send(Err(Error::Unavailable(msg.clone())));
                 }
             }

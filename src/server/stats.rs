@@ -121,6 +121,8 @@ pub enum Outcome {
     Overloaded,
     /// Failed otherwise (the store, the model, shutting down).
     Failed,
+    /// Dropped before the model ran: its caller had gone (a cancel, a deadline).
+    Cancelled,
 }
 
 /// The answer times of the last minute, in slots of [`SLOT_SECS`].
@@ -141,6 +143,7 @@ pub struct ServerStats {
     invalid: AtomicU64,
     overloaded: AtomicU64,
     failed: AtomicU64,
+    cancelled: AtomicU64,
     times: Mutex<Times>,
 }
 
@@ -161,6 +164,8 @@ pub struct StatsReading {
     pub overloaded: u64,
     /// Requests that failed otherwise.
     pub failed: u64,
+    /// Requests dropped before the model ran, their callers gone.
+    pub cancelled: u64,
     /// Answer times since the start.
     pub latency: Latency,
     /// Answer times over the last minute.
@@ -184,6 +189,7 @@ impl ServerStats {
             invalid: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             times: Mutex::new(Times {
                 since_start: Histogram::default(),
                 slots: vec![(u64::MAX, Histogram::default()); SLOTS],
@@ -205,6 +211,7 @@ impl ServerStats {
             Outcome::Invalid => &self.invalid,
             Outcome::Overloaded => &self.overloaded,
             Outcome::Failed => &self.failed,
+            Outcome::Cancelled => &self.cancelled,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if let Outcome::Answered(_, took) = outcome {
@@ -246,6 +253,7 @@ impl ServerStats {
             invalid: n(&self.invalid),
             overloaded: n(&self.overloaded),
             failed: n(&self.failed),
+            cancelled: n(&self.cancelled),
             latency,
             latency_last_minute,
         }

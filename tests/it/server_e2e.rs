@@ -723,6 +723,105 @@ async fn stats_count_answers_refusals_and_what_the_server_holds() {
     server.stop().await;
 }
 
+/// A caller that leaves (its deadline passed, it cancelled) does not unbalance GetStats: a
+/// prompt the model ran on is stored and counted by its verdict whether or not anyone waits for
+/// it, and one dropped before is counted as cancelled. So the verdicts counted equal the prompts
+/// stored, once the server has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_leave_are_counted_as_answered_or_cancelled() {
+    const CALLS: u64 = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let c = server.client().await;
+    // Long prompts of many sentences (each one also embedded as a part): tens of ms of model
+    // time each, so that deadlines from 5 ms to 120 ms pass while calls wait and while the
+    // model runs on them.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..CALLS {
+        let mut c = c.clone();
+        let text = (0..30)
+            .map(|j| {
+                format!("Sentence {j} of request {i} says something about tides and the moon.")
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        calls.spawn(async move {
+            let mut r = tonic::Request::new(req(&format!("leaver-{i}"), &text));
+            r.set_timeout(std::time::Duration::from_millis(5 * (i + 1)));
+            c.check(r).await.map(|_| ()).map_err(|e| e.code())
+        });
+    }
+    let mut gave_up = 0;
+    while let Some(r) = calls.join_next().await {
+        if let Err(code) = r.unwrap() {
+            assert!(
+                [Code::DeadlineExceeded, Code::Cancelled].contains(&code),
+                "{code:?}"
+            );
+            gave_up += 1;
+        }
+    }
+    assert!(
+        gave_up > 0,
+        "no deadline passed: the test needs slower calls"
+    );
+    // A stream cancelled after its first answer, with requests still waiting.
+    let mut sc = c.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(32);
+    for i in 0..20 {
+        tx.send(req(
+            "stream-leaver",
+            &format!("Question {i}: why is the sky blue at noon?"),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut answers = sc
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    answers.message().await.unwrap().unwrap();
+    drop(answers);
+    // Once the server has caught up, every stored prompt was counted by its verdict.
+    let mut s = proto::Stats::default();
+    for _ in 0..600 {
+        s = c
+            .clone()
+            .get_stats(proto::GetStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.queued == 0 && s.allowed + s.reviewed + s.blocked == s.prompts && s.prompts > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let again = c
+                .clone()
+                .get_stats(proto::GetStatsRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if again.prompts == s.prompts {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(tx);
+    let answered = s.allowed + s.reviewed + s.blocked;
+    assert_eq!(answered, s.prompts, "every stored prompt counted: {s:?}");
+    assert_eq!(
+        (s.refused_invalid, s.refused_overload, s.failed),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    assert!(
+        answered + s.cancelled <= CALLS + 20 && answered > 1,
+        "{s:?}"
+    );
+    assert_eq!(s.latency.unwrap().count, answered, "{s:?}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reflection_and_auth() {
     let dir = tempfile::tempdir().unwrap();
