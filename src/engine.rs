@@ -1184,6 +1184,33 @@ impl Engine {
         self.ingest.lock().times
     }
 
+    /// Stored prompts nearest to stored prompt `id`, filtered: that prompt first, at similarity
+    /// 1 (unless the filter leaves it out), then the others, most similar first. Prompts with the
+    /// very same vector (a text sent again) tie with it; the index need not return it among
+    /// them at all, so it is put first here.
+    pub fn search_like(&self, id: u64, k: usize, filter: &SearchFilter) -> Result<Vec<Hit>, Error> {
+        let record = self.record(id)?;
+        let mut hits = self.search(&record.embedding, k, filter)?;
+        if filter.admits(&record) {
+            hits.retain(|h| h.record.id != id);
+            let (cluster_id, campaign_id) = {
+                let detector = self.detector.read();
+                (detector.cluster_of(id), detector.campaign_of(id))
+            };
+            hits.insert(
+                0,
+                Hit {
+                    record,
+                    similarity: 1.0,
+                    cluster_id,
+                    campaign_id,
+                },
+            );
+            hits.truncate(k);
+        }
+        Ok(hits)
+    }
+
     /// Nearest stored prompts to `query`, filtered; most similar first.
     pub fn search(
         &self,

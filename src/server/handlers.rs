@@ -238,23 +238,22 @@ impl Radar for RadarService {
             from_ms: (r.from_ms > 0).then_some(r.from_ms),
             to_ms: (r.to_ms > 0).then_some(r.to_ms),
         };
-        let query = match r.query {
+        let engine = self.engine.clone();
+        let hits = match r.query {
             Some(proto::search_request::Query::Text(t)) => {
                 validate::text("text", &t, &self.limits)?;
-                self.pipeline.embed(t).await?
+                let query = self.pipeline.embed(t).await?;
+                blocking(move || engine.search(&query, k, &filter)).await?
             }
             Some(proto::search_request::Query::PromptId(0)) => {
                 // As GetCampaign's: 0 is proto3's unset number, and ids start at 1.
                 return Err(Error::invalid("prompt_id", "required (ids start at 1)").into());
             }
             Some(proto::search_request::Query::PromptId(id)) => {
-                let engine = self.engine.clone();
-                blocking(move || engine.record(id)).await?.embedding
+                blocking(move || engine.search_like(id, k, &filter)).await?
             }
             None => return Err(Error::invalid("query", "set either text or prompt_id").into()),
         };
-        let engine = self.engine.clone();
-        let hits = blocking(move || engine.search(&query, k, &filter)).await?;
         Ok(Response::new(proto::SearchResponse {
             hits: hits.into_iter().map(convert::hit).collect(),
         }))

@@ -575,6 +575,39 @@ async fn search_by_text_and_id_with_account_and_time_filters() {
         "a cosine: {}",
         hits[0].similarity
     );
+    // A text sent again and again: every copy has the very same vector. Each copy, searched
+    // by its id, still comes first, at 1, whatever k is (the index returned other copies,
+    // or put it after them).
+    let mut copies = Vec::new();
+    for i in 0..8 {
+        let r = proto::CheckRequest {
+            timestamp_ms: T0 + 2_000 + i,
+            ..req(&format!("greeter-{i}"), "hi!!")
+        };
+        copies.push(c.check(r).await.unwrap().into_inner().prompt_id);
+    }
+    for &id in &copies {
+        for k in [1, 2, 5] {
+            let r = proto::SearchRequest {
+                query: Some(Query::PromptId(id)),
+                k,
+                ..Default::default()
+            };
+            let hits = c.search(r).await.unwrap().into_inner().hits;
+            assert_eq!(hits.len(), k as usize);
+            assert_eq!(
+                (hits[0].prompt_id, hits[0].similarity),
+                (id, 1.0),
+                "{hits:?}"
+            );
+            assert!(
+                hits[1..]
+                    .iter()
+                    .all(|h| h.prompt_id != id && copies.contains(&h.prompt_id)),
+                "{hits:?}"
+            );
+        }
+    }
     let hits = text_hits(&mut c, "banana bread", 10, "odd", 0, 0).await;
     assert_eq!(hits.len(), 4);
     assert!(hits.iter().all(|h| h.account_id == "odd"));
