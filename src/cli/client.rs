@@ -606,7 +606,7 @@ async fn one_account(client: &mut Client, id: &str, format: Format) -> anyhow::R
         Format::Jsonl => writeln!(out, "{}", account_json(&a))?,
         Format::Table => {
             let campaigns: Vec<String> = a.campaigns.iter().map(u64::to_string).collect();
-            writeln!(out, "account    {}", shown(&a.account_id, usize::MAX))?;
+            writeln!(out, "account    {}", shown_id(&a.account_id, usize::MAX))?;
             writeln!(
                 out,
                 "verdict    {}, score {}{}",
@@ -672,7 +672,7 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
             Format::Table => writeln!(
                 out,
                 "{} {:>7} {:>6} {:>7} {:>9}  {}",
-                padded(&shown(&a.account_id, usize::MAX), 28),
+                padded(&shown_id(&a.account_id, usize::MAX), 28),
                 action_name(a.action()),
                 score_text(a.score, 3),
                 a.prompts,
@@ -781,7 +781,7 @@ pub async fn campaigns(args: CampaignsArgs) -> anyhow::Result<()> {
                     .map(|a| {
                         format!(
                             "{} ({}/{})",
-                            shown(&a.account_id, 64),
+                            shown_id(&a.account_id, 64),
                             a.campaign_prompts,
                             a.prompts
                         )
@@ -868,7 +868,7 @@ fn campaign_in_full(out: &mut impl Write, c: &proto::Campaign) -> std::io::Resul
             "    {:>7}  {:>7}  {}",
             a.campaign_prompts,
             a.prompts,
-            shown(&a.account_id, usize::MAX)
+            shown_id(&a.account_id, usize::MAX)
         )?;
     }
     writeln!(out, "  examples ({}):", c.examples.len())?;
@@ -950,7 +950,7 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
                 "{:.4}  #{:<8} {} {:>20}  {:>9}  {}",
                 h.similarity,
                 h.prompt_id,
-                padded(&shown(&h.account_id, 64), 20),
+                padded(&shown_id(&h.account_id, 64), 20),
                 utc(h.timestamp_ms),
                 h.campaign_id.map_or("-".to_string(), |c| c.to_string()),
                 shown(&h.prompt, 100)
@@ -1000,6 +1000,26 @@ pub(crate) fn shown(s: &str, max: usize) -> String {
             c => out.push(c),
         }
         before = c;
+    }
+    out
+}
+
+/// An account id made safe to print, as [`shown`] makes a text, and unmistakable: white space
+/// other than a plain space (a no-break, an ideographic or an en space) is shown escaped too, so
+/// that `team 7` and `team\u{a0}7`, two accounts, do not look like one in a listing.
+pub(crate) fn shown_id(s: &str, max: usize) -> String {
+    use prompt_radar::server::validate::invisible;
+    let mut out = String::with_capacity(s.len());
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c != ' ' && (c.is_whitespace() || c.is_control() || invisible(c)) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
     }
     out
 }
@@ -1366,7 +1386,7 @@ fn stats_line(before: &proto::Stats, s: &proto::Stats) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::shown;
+    use super::{shown, shown_id};
     use prompt_radar::proto;
 
     #[test]
@@ -1640,6 +1660,16 @@ mod tests {
             "2100 is no leap year"
         );
         assert_eq!(utc(-1), "1969-12-31 23:59:59Z");
+    }
+
+    #[test]
+    fn account_ids_show_lookalike_spaces_escaped() {
+        assert_eq!(
+            shown_id("team 7|team\u{a0}7|team\u{3000}7|team\u{2007}7", 100),
+            "team 7|team\\u{a0}7|team\\u{3000}7|team\\u{2007}7"
+        );
+        assert_eq!(shown_id("é\u{200b}\u{1b}x", 100), "é\\u{200b}\\u{1b}x");
+        assert_eq!(shown_id("abcdef", 4), "abcd…");
     }
 
     #[test]
