@@ -659,8 +659,8 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
     if args.format == Format::Table {
         writeln!(
             out,
-            "{:<28} {:>7} {:>6} {:>7} {:>9}  campaigns / reason",
-            "account", "action", "score", "prompts", "in-camp."
+            "{:<28} {:>7} {:>6} {:>7} {:>9}  {:<17} reason",
+            "account", "action", "score", "prompts", "in-camp.", "campaigns"
         )?;
     }
     let (mut listed, mut flagged) = (0usize, 0usize);
@@ -671,12 +671,13 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
             Format::Jsonl => writeln!(out, "{}", account_json(&a))?,
             Format::Table => writeln!(
                 out,
-                "{} {:>7} {:>6} {:>7} {:>9}  {}",
+                "{} {:>7} {:>6} {:>7} {:>9}  {:<17} {}",
                 padded(&shown_id(&a.account_id, usize::MAX), 28),
                 action_name(a.action()),
                 score_text(a.score, 3),
                 a.prompts,
                 a.campaign_prompts,
+                campaign_ids(&a.campaigns, 3),
                 shown(&a.reason, usize::MAX)
             )?,
         }
@@ -684,6 +685,19 @@ pub async fn accounts(args: AccountsArgs) -> anyhow::Result<()> {
     out.flush()?;
     eprintln!("accounts: {listed} listed ({flagged} flagged)");
     Ok(())
+}
+
+/// An account's campaigns for a table's column: the first `max` ids, then how many more
+/// (`4711,88,913,+2`), or `-`. `accounts --id` and `--format jsonl` list them all.
+fn campaign_ids(ids: &[u64], max: usize) -> String {
+    if ids.is_empty() {
+        return "-".into();
+    }
+    let mut text: Vec<String> = ids.iter().take(max).map(u64::to_string).collect();
+    if ids.len() > max {
+        text.push(format!("+{}", ids.len() - max));
+    }
+    text.join(",")
 }
 
 /// Flags of `campaigns`.
@@ -884,7 +898,8 @@ fn campaign_in_full(out: &mut impl Write, c: &proto::Campaign) -> std::io::Resul
 pub struct SearchArgs {
     #[command(flatten)]
     pub server: ServerArgs,
-    /// Text to search for (it may begin with `-`: the word after --text is always the text).
+    /// Text to search for. It may begin with `-`; a flag of this verb right after --text is
+    /// taken as a forgotten value and refused (--text=--account searches for that text).
     #[arg(long, env = "PROMPT_RADAR_TEXT", allow_hyphen_values = true)]
     pub text: Option<String>,
     /// Search for the neighbours of a stored prompt instead (the prompt itself comes first, at
@@ -1660,6 +1675,15 @@ mod tests {
             "2100 is no leap year"
         );
         assert_eq!(utc(-1), "1969-12-31 23:59:59Z");
+    }
+
+    #[test]
+    fn an_accounts_campaigns_column_names_the_first_few() {
+        use super::campaign_ids;
+        assert_eq!(campaign_ids(&[], 3), "-");
+        assert_eq!(campaign_ids(&[4711], 3), "4711");
+        assert_eq!(campaign_ids(&[4711, 88, 913], 3), "4711,88,913");
+        assert_eq!(campaign_ids(&[4711, 88, 913, 5, 6], 3), "4711,88,913,+2");
     }
 
     #[test]

@@ -206,6 +206,17 @@ async fn check_accounts_campaigns_search_through_the_binary() {
     assert!(campaigns[0]["template"].as_str().unwrap().contains("<*>"));
     assert_eq!(campaigns[0]["flagged_accounts"], 8, "{:?}", campaigns[0]);
     let campaign_id = campaigns[0]["campaign_id"].as_str().unwrap().to_string();
+    // The accounts table names each account's campaigns, as the JSONL does.
+    let o = run(vec!["accounts".into(), "--server".into(), url.clone()]).await;
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.lines().next().unwrap().contains(" campaigns ")
+            && table
+                .lines()
+                .filter(|l| l.starts_with("bot-"))
+                .all(|l| l.contains(&format!(" {campaign_id} "))),
+        "{table}"
+    );
     assert_eq!(last_bot["campaign_id"], campaign_id.as_str());
     assert_eq!(accounts[0]["campaigns"][0], campaign_id.as_str());
 
