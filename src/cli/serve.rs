@@ -23,6 +23,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Requests that may wait for the model; beyond that unary Check answers RESOURCE_EXHAUSTED.
+    /// CheckStreams wait for room instead, and together hold at most three quarters of it.
     #[arg(long, env = "PROMPT_RADAR_QUEUE_CAPACITY", default_value_t = BatchConfig::default().queue_capacity)]
     pub queue_capacity: usize,
     /// Most prompts in one forward pass.

@@ -3,6 +3,9 @@
 //! forward pass, capped by padded tokens and by request count, so concurrent requests share
 //! forward passes. A full queue is an immediate [`SubmitError::Full`] (→ `RESOURCE_EXHAUSTED`),
 //! never an unbounded wait. Requests whose caller has gone away are dropped before embedding.
+//! Requests that wait for room (streams, [`BatcherHandle::submit`]) may fill only
+//! [`waiting_share`] of the queue: the rest stays free for those that cannot wait (unary calls),
+//! which a few busy streams would otherwise refuse for as long as they run.
 //!
 //! Requests arrive tokenised (by the submitter, on its own thread, with
 //! [`Embedder::tokenizer`]), so this thread, the one that drives the GPU when there is one, does
@@ -12,10 +15,11 @@
 //! Generic over the payload `T` carried beside each request, handed with its vector to a sink that
 //! runs on the batcher thread: the server forwards it to the ingest stage, keeping FIFO order.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{EmbedError, Embedder};
 
@@ -59,6 +63,14 @@ pub struct Job<T> {
     pub payload: T,
     /// When it was queued (for queue-time metrics).
     pub queued_at: Instant,
+    /// A waiting submitter's share of the queue, given back as the batcher takes the job.
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+/// How many of a queue's `capacity` places requests that wait for room may hold: three
+/// quarters (all of a queue of one).
+pub fn waiting_share(capacity: usize) -> usize {
+    (capacity - capacity / 4).max(1)
 }
 
 /// What the sink receives for each request of a batch: its sequences' vectors one after the
@@ -69,6 +81,8 @@ pub type Embedded<T> = (Result<Vec<f32>, std::sync::Arc<EmbedError>>, Job<T>);
 pub struct BatcherHandle<T> {
     tx: mpsc::Sender<Job<T>>,
     capacity: usize,
+    /// The places of the queue that waiting submitters may hold ([`waiting_share`]).
+    waiting: Arc<Semaphore>,
 }
 
 impl<T> Clone for BatcherHandle<T> {
@@ -76,6 +90,7 @@ impl<T> Clone for BatcherHandle<T> {
         Self {
             tx: self.tx.clone(),
             capacity: self.capacity,
+            waiting: self.waiting.clone(),
         }
     }
 }
@@ -99,6 +114,7 @@ impl<T: Send + 'static> BatcherHandle<T> {
             seqs,
             payload,
             queued_at: Instant::now(),
+            slot: None,
         };
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SubmitError::Full(self.capacity),
@@ -107,12 +123,19 @@ impl<T: Send + 'static> BatcherHandle<T> {
     }
 
     /// Queues a request, waiting for room (back-pressure for streams, whose in-flight count is
-    /// bounded).
+    /// bounded), within the waiting submitters' share of the queue.
     pub async fn submit(&self, seqs: Vec<Vec<u32>>, payload: T) -> Result<(), SubmitError> {
+        let slot = self
+            .waiting
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SubmitError::Closed)?;
         let job = Job {
             seqs,
             payload,
             queued_at: Instant::now(),
+            slot: Some(slot),
         };
         self.tx.send(job).await.map_err(|_| SubmitError::Closed)
     }
@@ -158,7 +181,7 @@ impl Batcher {
                     let first = match carry.take() {
                         Some(j) => j,
                         None => match rx.blocking_recv() {
-                            Some(j) => j,
+                            Some(j) => taken(j),
                             None => return, // every handle dropped: shut down
                         },
                     };
@@ -166,7 +189,9 @@ impl Batcher {
                     let (mut rows, mut longest) = shape(&first);
                     batch.push(first);
                     while batch.len() < config.max_batch_requests.max(1) {
-                        let Ok(job) = rx.try_recv() else { break };
+                        let Ok(job) = rx.try_recv().map(taken) else {
+                            break;
+                        };
                         let (job_rows, job_longest) = shape(&job);
                         let padded = longest.max(job_longest) * (rows + job_rows);
                         if padded > config.max_batch_tokens {
@@ -187,9 +212,20 @@ impl Batcher {
             Self {
                 thread: Some(thread),
             },
-            BatcherHandle { tx, capacity },
+            BatcherHandle {
+                tx,
+                capacity,
+                waiting: Arc::new(Semaphore::new(waiting_share(capacity))),
+            },
         ))
     }
+}
+
+/// A job the batcher took from the queue: its place there is free again, for waiting
+/// submitters too.
+fn taken<T>(mut job: Job<T>) -> Job<T> {
+    job.slot = None;
+    job
 }
 
 /// Sequences and longest sequence of a request.
@@ -341,6 +377,56 @@ mod tests {
         let got: Vec<usize> = (0..5).map(|_| out.recv().unwrap().1).collect();
         assert_eq!(got, vec![0, 1, 2, 3, 4], "FIFO and complete");
         assert_eq!(*batches.lock().unwrap(), vec![1, 4]);
+    }
+
+    #[test]
+    fn waiting_submitters_leave_a_quarter_of_the_queue_to_those_that_cannot_wait() {
+        let cfg = BatchConfig {
+            queue_capacity: 8,
+            max_batch_requests: 64,
+            max_batch_tokens: 10_000,
+        };
+        let (entered, gate, _batches, h, out, _b) = setup(cfg);
+        h.try_submit(one(3), 0).unwrap();
+        entered.recv().unwrap(); // the thread is inside the forward pass of batch [0]
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        // Ten streams' requests wait for room: six of them are queued, four wait.
+        for i in 1..=10 {
+            let h = h.clone();
+            rt.spawn(async move { h.submit(one(3), i).await.unwrap() });
+        }
+        let started = Instant::now();
+        while h.queued() < waiting_share(8) {
+            assert!(started.elapsed().as_secs() < 30, "{} queued", h.queued());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(h.queued(), 6, "no more than their share");
+        // A unary call still finds room, twice; then the queue is full.
+        assert_eq!(h.has_room(), Ok(()));
+        h.try_submit(one(3), 100).unwrap();
+        h.try_submit(one(3), 101).unwrap();
+        assert_eq!(h.try_submit(one(3), 102), Err(SubmitError::Full(8)));
+        // Passes run from now on; each frees places: every request gets through, none lost.
+        std::thread::spawn(move || {
+            loop {
+                gate.wait();
+            }
+        });
+        let mut got: Vec<usize> = (0..13)
+            .map(|_| {
+                out.recv_timeout(std::time::Duration::from_secs(30))
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        got.sort_unstable();
+        let mut want: Vec<usize> = (0..=10).collect();
+        want.extend([100, 101]);
+        assert_eq!(got, want);
     }
 
     #[test]
