@@ -197,13 +197,31 @@ impl Radar for RadarService {
                 }
             }
         });
+        // Answers in request order. When the client goes away (a cancel), the pending requests
+        // are dropped at once: those still waiting for the model are then dropped by the
+        // batcher (counted as cancelled), as a cancelled unary Check is.
         tokio::spawn(async move {
-            while let Some(item) = pending_rx.recv().await {
+            loop {
+                let item = tokio::select! {
+                    biased;
+                    () = out_tx.closed() => break,
+                    item = pending_rx.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
+                };
                 let out = match item {
-                    Pending::Queued(id, account, rx) => Ok(match await_verdict(rx, &stats).await {
-                        Ok((v, micros)) => convert::check_response(id, account, &v, micros),
-                        Err(status) => convert::check_error(id, account, &status),
-                    }),
+                    Pending::Queued(id, account, rx) => {
+                        let answer = tokio::select! {
+                            biased;
+                            () = out_tx.closed() => break,
+                            answer = await_verdict(rx, &stats) => answer,
+                        };
+                        Ok(match answer {
+                            Ok((v, micros)) => convert::check_response(id, account, &v, micros),
+                            Err(status) => convert::check_error(id, account, &status),
+                        })
+                    }
                     Pending::Rejected(id, account, status) => {
                         let status = counted(status, &stats);
                         Ok(convert::check_error(id, account, &status))

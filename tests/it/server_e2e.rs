@@ -855,6 +855,85 @@ async fn callers_that_leave_are_counted_as_answered_or_cancelled() {
     server.stop().await;
 }
 
+/// A cancelled CheckStream's requests that still wait for the model are dropped, not stored,
+/// and counted as cancelled, as a cancelled unary Check's are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_drops_what_waits_for_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(config(dir.path())).await;
+    let c = server.client().await;
+    let stats = |mut c: RadarClient<Channel>| async move {
+        c.get_stats(proto::GetStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    // Another client keeps the model busy with 60 long prompts.
+    let long: Vec<proto::CheckRequest> = (0..60)
+        .map(|i| {
+            let text = (0..12)
+                .map(|j| {
+                    format!("Part {j} of long request {i} is about rivers, tides and the moon.")
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            req(&format!("busy-{i}"), &text)
+        })
+        .collect();
+    let mut busy = c.clone();
+    let background = tokio::spawn(async move {
+        let mut answers = busy
+            .check_stream(tokio_stream::iter(long))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut n = 0;
+        while answers.message().await.unwrap().is_some() {
+            n += 1;
+        }
+        n
+    });
+    while stats(c.clone()).await.queued < 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Twenty short ones queue behind them; the client cancels before any is answered.
+    let (tx, rx) = tokio::sync::mpsc::channel(32);
+    for i in 0..20 {
+        tx.send(req(
+            "canceller",
+            &format!("Short question {i}: what is a tide?"),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut sc = c.clone();
+    let answers = sc
+        .check_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Still busy with the long prompts (a machine fast enough to be done cannot tell).
+    let busy = stats(c.clone()).await.prompts < 40;
+    drop(answers);
+    drop(tx);
+    assert_eq!(background.await.unwrap(), 60);
+    let mut s = stats(c.clone()).await;
+    for _ in 0..300 {
+        if s.queued == 0 && s.prompts + s.cancelled == 80 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        s = stats(c.clone()).await;
+    }
+    assert_eq!(s.prompts + s.cancelled, 80, "{s:?}");
+    assert_eq!(s.allowed + s.reviewed + s.blocked, s.prompts, "{s:?}");
+    if busy {
+        assert!(s.cancelled > 0, "the waiting requests are dropped: {s:?}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reflection_and_auth() {
     let dir = tempfile::tempdir().unwrap();
