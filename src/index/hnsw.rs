@@ -136,6 +136,17 @@ pub(super) fn dump_paths(dir: &Path, basename: &str) -> Vec<PathBuf> {
 }
 
 impl HnswIndex {
+    /// The vector held under `id`, looked up among all points (not searched for: a graph
+    /// search can miss a point). Linear in the index's size.
+    pub fn vector_of(&self, id: u64) -> Option<Vec<f32>> {
+        let id = usize::try_from(id).ok()?;
+        self.hnsw
+            .get_point_indexation()
+            .into_iter()
+            .find(|p| p.get_origin_id() == id)
+            .map(|p| p.get_v().to_vec())
+    }
+
     /// An empty index for vectors of dimension `dim`. `params.m` is capped at 255.
     pub fn new(params: HnswParams, dim: usize) -> Self {
         let params = HnswParams {

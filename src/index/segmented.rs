@@ -452,6 +452,15 @@ impl SegmentedHnsw {
             .collect()
     }
 
+    /// The vector held under `id`, from the segment whose id range holds it (looked up, not
+    /// searched for; linear in that segment's size).
+    pub fn vector_of(&self, id: u64) -> Option<Vec<f32>> {
+        std::iter::once(&self.active)
+            .chain(&self.sealed)
+            .filter(|s| (s.entry.info.first_id..=s.entry.info.last_id).contains(&id))
+            .find_map(|s| s.index.vector_of(id))
+    }
+
     /// Inclusive id ranges of sealed segments that failed to load. Re-insert their prompts
     /// before the next seal, which forgets the ranges it overlaps.
     pub fn missing_ranges(&self) -> Vec<(u64, u64)> {
@@ -1237,6 +1246,16 @@ mod tests {
         assert_eq!(idx.segments().len(), 3);
         let after: Vec<_> = queries.iter().map(|q| idx.search(q, 10)).collect();
         assert_eq!(before, after);
+        // Every reloaded vector is found under its id, looked up, not searched for.
+        for (id, v) in [
+            (1u64, &vs[0]),
+            (300, &vs[299]),
+            (301, &vs[300]),
+            (900, &vs[899]),
+        ] {
+            assert_eq!(idx.vector_of(id).as_ref(), Some(v), "{id}");
+        }
+        assert_eq!(idx.vector_of(901), None);
         // New inserts land in a fresh active segment; the next seal gets a new name.
         let more = unit_vectors(34, 300, DIM);
         let items: Vec<(u64, i64, Vec<f32>)> = more
