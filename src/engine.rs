@@ -2102,7 +2102,7 @@ mod tests {
         std::fs::write(&legacy, b"old").unwrap();
         let parts_dir = dir.path().join(INDEX_DIR).join(PARTS_DIR);
         assert!(parts_dir.join("manifest.json").exists());
-        assert!(parts_dir.join("seg-000003.hnsw.meta.json").exists());
+        assert!(parts_dir.join("seg-000003.hnsw.data").exists());
         let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
         let opened = engine.open_stats();
         assert_eq!((opened.parts_reloaded, opened.parts_rebuilt), (24, 0));
@@ -2626,7 +2626,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::open(config(dir.path(), 4, None), DIM).unwrap();
         // Where the first segment's dump goes, a directory: the seal cannot write it.
-        let blocker = dir.path().join(INDEX_DIR).join("seg-000001.d1.hnsw.graph");
+        let blocker = dir.path().join(INDEX_DIR).join("seg-000001.hnsw.graph");
         std::fs::create_dir_all(blocker.join("x")).unwrap();
         let verdicts = engine
             .ingest((0..5).map(|i| prompt(i, 1_000, &[])).collect())

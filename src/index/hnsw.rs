@@ -1,14 +1,9 @@
 //! One HNSW graph (`hnsw_rs`) over L2-normalised vectors with [`DistDotClamped`], plus a
 //! crash-safe dump and a reload that never panics on a damaged file.
 //!
-//! A dump is three files in `dir`: `{basename}.dN.hnsw.graph` and `{basename}.dN.hnsw.data`
-//! (hnsw_rs's own format, written under a temporary name and then renamed; N counts the dumps of
-//! that name) and `{basename}.hnsw.meta.json` (written last, atomically), which names them and
-//! records the parameters and each file's size and xxh3 hash. The metadata is the commit point: a
-//! crash before it leaves the previous dump whole (its files are removed only after), so a
-//! checkpoint of the active segment that a `kill -9` interrupts costs nothing at the next start
-//! but what the checkpoint would have added. (Dumps of earlier versions, `{basename}.hnsw.graph`
-//! and `.data` without a name in the metadata, still load.)
+//! A dump is three files in `dir`: `{basename}.hnsw.graph` and `{basename}.hnsw.data` (hnsw_rs's
+//! own format, written under a temporary name and then renamed) and `{basename}.hnsw.meta.json`
+//! (written last, atomically), which records the parameters and each file's size and xxh3 hash.
 //! hnsw_rs's loader `assert!`s, `unwrap()`s and even calls `process::exit` on malformed input, so
 //! [`HnswIndex::load`] only hands it files whose size and hash match the metadata.
 
@@ -88,51 +83,6 @@ struct DumpMeta {
     params: HnswParams,
     graph: FileSum,
     data: FileSum,
-    /// hnsw_rs's basename of the graph and data files, `{basename}.dN` (absent: `{basename}`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    files: Option<String>,
-}
-
-impl DumpMeta {
-    /// The basename of the graph and data files this metadata commits: `{basename}` itself or
-    /// `{basename}.dN`; anything else (a path) is refused.
-    fn files(&self, basename: &str) -> Option<String> {
-        match &self.files {
-            None => Some(basename.to_string()),
-            Some(f) => {
-                let n = f.strip_prefix(basename)?.strip_prefix(".d")?;
-                (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| f.clone())
-            }
-        }
-    }
-}
-
-/// The metadata of dump `basename` in `dir`.
-fn read_meta(dir: &Path, basename: &str) -> Result<DumpMeta, IndexError> {
-    let meta_file = meta_path(dir, basename);
-    let raw = fs::read(&meta_file).map_err(|e| io_err(&meta_file, e))?;
-    serde_json::from_slice(&raw)
-        .map_err(|e| IndexError::Io(format!("{}: {e}", meta_file.display())))
-}
-
-/// The basename of the graph and data files that dump `basename` in `dir` commits, if its
-/// metadata reads.
-pub(super) fn dump_files(dir: &Path, basename: &str) -> Option<String> {
-    read_meta(dir, basename).ok()?.files(basename)
-}
-
-/// Every file of dump `basename` in `dir` that may exist: its metadata, the graph and data
-/// files it names, and those of the name earlier versions used.
-pub(super) fn dump_paths(dir: &Path, basename: &str) -> Vec<PathBuf> {
-    let mut names = vec![basename.to_string()];
-    names.extend(dump_files(dir, basename).filter(|f| f != basename));
-    let mut paths = vec![meta_path(dir, basename)];
-    for name in names {
-        for ext in ["graph", "data"] {
-            paths.push(dir.join(format!("{name}.hnsw.{ext}")));
-        }
-    }
-    paths
 }
 
 impl HnswIndex {
@@ -210,16 +160,6 @@ impl HnswIndex {
             )));
         }
         fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        // The files are new ones, beside the previous dump's, which stays whole until the
-        // metadata names the new ones.
-        let previous = dump_files(dir, basename);
-        let number = previous
-            .as_deref()
-            .and_then(|f| f.rsplit_once(".d"))
-            .and_then(|(_, n)| n.parse::<u64>().ok())
-            .unwrap_or(0)
-            + 1;
-        let files = format!("{basename}.d{number}");
         let tmp = format!("{basename}.tmp");
         // hnsw_rs panics when it cannot create its files; it may also pick another name.
         let written = catch_unwind(AssertUnwindSafe(|| self.hnsw.file_dump(dir, &tmp)))
@@ -228,7 +168,7 @@ impl HnswIndex {
         let mut sums = Vec::with_capacity(2);
         for ext in ["graph", "data"] {
             let from = dir.join(format!("{written}.hnsw.{ext}"));
-            let to = dir.join(format!("{files}.hnsw.{ext}"));
+            let to = dir.join(format!("{basename}.hnsw.{ext}"));
             File::open(&from)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io_err(&from, e))?;
@@ -242,20 +182,10 @@ impl HnswIndex {
             params: self.params,
             graph: sums[0],
             data: sums[1],
-            files: Some(files.clone()),
         };
         let json = serde_json::to_vec_pretty(&meta)
             .map_err(|e| IndexError::Io(format!("{basename}: metadata: {e}")))?;
-        write_atomic(&meta_path(dir, basename), &json)?;
-        // Committed: the previous dump's files (or an earlier version's) are no longer read.
-        for old in [previous, Some(basename.to_string())].into_iter().flatten() {
-            if old != files {
-                for ext in ["graph", "data"] {
-                    let _ = fs::remove_file(dir.join(format!("{old}.hnsw.{ext}")));
-                }
-            }
-        }
-        Ok(())
+        write_atomic(&meta_path(dir, basename), &json)
     }
 
     /// Reloads a dump written by [`HnswIndex::dump`]. Returns an error, never panics, when a
@@ -268,16 +198,18 @@ impl HnswIndex {
     /// mapping and no open file: the leak is about a hundred bytes (a path, a name, options)
     /// per reload, and segments are reloaded once per process start.
     pub fn load(dir: &Path, basename: &str) -> Result<Self, IndexError> {
-        let meta = read_meta(dir, basename)?;
-        let files = meta.files(basename);
-        let Some(files) = files.filter(|_| meta.format == META_FORMAT && meta.count > 0) else {
+        let meta_file = meta_path(dir, basename);
+        let raw = fs::read(&meta_file).map_err(|e| io_err(&meta_file, e))?;
+        let meta: DumpMeta = serde_json::from_slice(&raw)
+            .map_err(|e| IndexError::Io(format!("{}: {e}", meta_file.display())))?;
+        if meta.format != META_FORMAT || meta.count == 0 {
             return Err(IndexError::Io(format!(
                 "{}: unsupported",
-                meta_path(dir, basename).display()
+                meta_file.display()
             )));
-        };
+        }
         for (ext, want) in [("graph", meta.graph), ("data", meta.data)] {
-            let path = dir.join(format!("{files}.hnsw.{ext}"));
+            let path = dir.join(format!("{basename}.hnsw.{ext}"));
             let got = file_sum(&path)?;
             if got != want {
                 return Err(IndexError::Io(format!(
@@ -287,7 +219,7 @@ impl HnswIndex {
             }
         }
         let hnsw: Hnsw<'static, f32, DistDotClamped> =
-            catch_unwind(AssertUnwindSafe(|| load_leaked(dir, &files)))
+            catch_unwind(AssertUnwindSafe(|| load_leaked(dir, basename)))
                 .map_err(|_| IndexError::Io(format!("{basename}: hnsw_rs panicked on reload")))?
                 .map_err(|e| IndexError::Io(format!("{basename}: reload: {e:#}")))?;
         let got_dim = hnsw.get_point_indexation().get_data_dimension();
@@ -497,81 +429,6 @@ mod tests {
         assert_eq!(HnswIndex::load(dir.path(), "seg").unwrap().len(), 1_501);
     }
 
-    /// A dump that stops before its metadata is written (a crash, a full disk) leaves the
-    /// previous dump of the name whole: it still loads, and the next dump replaces it.
-    #[test]
-    fn an_interrupted_dump_leaves_the_previous_one_loadable() {
-        let dir = tempfile::tempdir().unwrap();
-        let vs = unit_vectors(26, 300, 16);
-        let mut idx = HnswIndex::new(small(), 16);
-        for (i, v) in vs[..200].iter().enumerate() {
-            idx.insert(i as u64, v).unwrap();
-        }
-        idx.dump(dir.path(), "active").unwrap();
-        for (i, v) in vs[200..].iter().enumerate() {
-            idx.insert(200 + i as u64, v).unwrap();
-        }
-        // The metadata cannot be written: its temporary file's place is a directory.
-        let blocker = dir.path().join("active.hnsw.meta.json.tmp");
-        fs::create_dir(&blocker).unwrap();
-        assert!(idx.dump(dir.path(), "active").is_err());
-        assert_eq!(HnswIndex::load(dir.path(), "active").unwrap().len(), 200);
-        fs::remove_dir(&blocker).unwrap();
-        idx.dump(dir.path(), "active").unwrap();
-        assert_eq!(HnswIndex::load(dir.path(), "active").unwrap().len(), 300);
-        // Only the committed dump's files are left.
-        let mut names: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(
-            names,
-            [
-                "active.d2.hnsw.data",
-                "active.d2.hnsw.graph",
-                "active.hnsw.meta.json"
-            ]
-        );
-    }
-
-    /// Dumps of earlier versions (`{basename}.hnsw.graph`, no file name in the metadata) load,
-    /// and a dump over one removes its files.
-    #[test]
-    fn a_dump_of_the_earlier_layout_loads_and_is_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut idx = HnswIndex::new(small(), 16);
-        for (i, v) in unit_vectors(27, 100, 16).iter().enumerate() {
-            idx.insert(i as u64, v).unwrap();
-        }
-        idx.dump(dir.path(), "old").unwrap();
-        // Rewrite it as an earlier version did.
-        for ext in ["graph", "data"] {
-            let from = dir.path().join(format!("old.d1.hnsw.{ext}"));
-            fs::rename(from, dir.path().join(format!("old.hnsw.{ext}"))).unwrap();
-        }
-        let mut meta = read_meta(dir.path(), "old").unwrap();
-        meta.files = None;
-        fs::write(
-            meta_path(dir.path(), "old"),
-            serde_json::to_vec(&meta).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(HnswIndex::load(dir.path(), "old").unwrap().len(), 100);
-        idx.dump(dir.path(), "old").unwrap();
-        assert!(!dir.path().join("old.hnsw.graph").exists());
-        assert_eq!(HnswIndex::load(dir.path(), "old").unwrap().len(), 100);
-        // A metadata file naming files elsewhere is refused, not followed.
-        meta.files = Some("../old.d1".into());
-        fs::write(
-            meta_path(dir.path(), "old"),
-            serde_json::to_vec(&meta).unwrap(),
-        )
-        .unwrap();
-        assert!(HnswIndex::load(dir.path(), "old").is_err());
-        assert_eq!(dump_files(dir.path(), "old"), None);
-    }
-
     #[test]
     fn damaged_dumps_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
@@ -582,13 +439,7 @@ mod tests {
         for name in ["a", "b", "c", "d"] {
             idx.dump(dir.path(), name).unwrap();
         }
-        let p = |n: &str, ext: &str| match ext {
-            "meta.json" => meta_path(dir.path(), n),
-            _ => {
-                let files = dump_files(dir.path(), n).unwrap();
-                dir.path().join(format!("{files}.hnsw.{ext}"))
-            }
-        };
+        let p = |n: &str, ext: &str| dir.path().join(format!("{n}.hnsw.{ext}"));
         let graph = fs::read(p("a", "graph")).unwrap();
         fs::write(p("a", "graph"), &graph[..graph.len() / 2]).unwrap();
         let mut data = fs::read(p("b", "data")).unwrap();

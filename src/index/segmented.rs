@@ -6,8 +6,7 @@
 //! graph built from both on a thread of its own, then swapped in through the manifest), by
 //! tiers, up to [`SegmentsConfig::merge_max_points`] vectors.
 //!
-//! On disk (`dir`): each sealed segment's dump (`seg-NNNNNN.hnsw.meta.json` and the
-//! `seg-NNNNNN.dK.hnsw.*` files it names, see [`HnswIndex::dump`]) and
+//! On disk (`dir`): each sealed segment's dump (`seg-NNNNNN.hnsw.*`, see [`HnswIndex::dump`]) and
 //! `manifest.json`, rewritten atomically after every seal, drop or checkpoint: the list of sealed
 //! segments with their id and time ranges, and the active segment's checkpoint if there is one.
 //! The active segment is written only by [`SegmentedHnsw::checkpoint`] (a clean shutdown, the end
@@ -26,7 +25,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::brute::by_similarity;
-use super::hnsw::{dump_files, dump_paths, io_err, sync_dir, write_atomic};
+use super::hnsw::{io_err, sync_dir, write_atomic};
 use super::{HnswIndex, HnswParams, IndexError, Neighbour, VectorInsert, VectorSearch};
 
 const MANIFEST: &str = "manifest.json";
@@ -739,11 +738,8 @@ impl SegmentedHnsw {
         if info.count == 0 || self.checkpointed.as_ref().map(|e| e.info) == Some(info) {
             return Ok(0);
         }
-        // A crash while dumping leaves the previous dump whole (`HnswIndex::dump` commits by its
-        // metadata), which the manifest still lists: the next start reloads it and re-inserts
-        // from the store only what came after. A crash in the moment between the dump's
-        // metadata and the manifest leaves the old entry with a dump of another size, which
-        // `open` refuses: the store then re-inserts the segment's prompts.
+        // A crash between the dump and the manifest leaves the old checkpoint's entry with a
+        // dump of another size, which `open` refuses: the store then re-inserts the prompts.
         self.active.index.dump(dir, &self.active.entry.basename)?;
         let entry = self.active.entry.clone();
         self.rewrite_manifest(dir, self.listed_entries(&self.lost), Some(entry.clone()))?;
@@ -1013,7 +1009,8 @@ fn write_manifest(
 /// Best-effort removal of the dump files of the segments named `basenames`.
 fn remove_segment_files<'a>(dir: &Path, basenames: impl IntoIterator<Item = &'a str>) {
     for basename in basenames {
-        for path in dump_paths(dir, basename) {
+        for ext in ["meta.json", "graph", "data"] {
+            let path = dir.join(format!("{basename}.hnsw.{ext}"));
             if let Err(err) = fs::remove_file(&path)
                 && err.kind() != std::io::ErrorKind::NotFound
             {
@@ -1031,17 +1028,9 @@ fn remove_orphans(dir: &Path, listed: &HashSet<String>) {
     for entry in read.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let ours = name.starts_with("seg-") || name.starts_with(MANIFEST);
-        // `seg-N.hnsw.meta.json` and the graph and data files it names, `seg-N.dK.hnsw.*`:
-        // files of a listed segment that its metadata does not name are an interrupted dump's,
-        // or a replaced one's.
         let orphan = match name.split_once(".hnsw.") {
             _ if name.ends_with(".tmp") => true,
-            Some((base, ext)) => {
-                let segment = base.split_once('.').map_or(base, |(s, _)| s);
-                !listed.contains(segment)
-                    || (ext != "meta.json"
-                        && dump_files(dir, segment).is_some_and(|files| files != base))
-            }
+            Some((base, _)) => !listed.contains(base),
             None => false,
         };
         if ours && orphan {
@@ -1378,7 +1367,7 @@ mod tests {
         let idx = SegmentedHnsw::open(config(Some(dir.path()), 200), DIM).unwrap();
         assert_eq!((idx.len(), idx.covered_up_to()), (0, 0), "nothing trusted");
         assert!(
-            !dir.path().join("seg-000001.hnsw.meta.json").exists(),
+            !dir.path().join("seg-000001.hnsw.graph").exists(),
             "leftover removed"
         );
     }
@@ -1441,7 +1430,7 @@ mod tests {
         // Retention drops the first input (newest prompt at 19 s) before the merge is installed.
         assert_eq!(idx.drop_expired(19_001 + 200_000), 1);
         idx.merge_all();
-        assert!(!dir.path().join("seg-000001-1.hnsw.meta.json").exists());
+        assert!(!dir.path().join("seg-000001-1.hnsw.graph").exists());
         assert_eq!(idx.len(), 80);
         assert!(
             idx.search(&vs[5], 10).iter().all(|n| n.id > 20),
@@ -1496,8 +1485,8 @@ mod tests {
         // Cutoff 50_000: segments with max_ts 19_000 and 39_000 go.
         assert_eq!(idx.drop_expired(100_000), 2);
         assert_eq!(idx.len(), 60);
-        assert!(!dir.path().join("seg-000001.hnsw.meta.json").exists());
-        assert!(dir.path().join("seg-000003.hnsw.meta.json").exists());
+        assert!(!dir.path().join("seg-000001.hnsw.graph").exists());
+        assert!(dir.path().join("seg-000003.hnsw.graph").exists());
         drop(idx);
         let idx = SegmentedHnsw::open(cfg, DIM).unwrap();
         assert_eq!((idx.len(), idx.covered_up_to()), (60, 100));
@@ -1512,10 +1501,7 @@ mod tests {
         let mut idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
         assert_eq!(feed(&mut idx, &vs, 1, 0), 3);
         drop(idx);
-        let path = |n: u32, ext: &str| {
-            let files = dump_files(dir.path(), &format!("seg-{n:06}")).unwrap();
-            dir.path().join(format!("{files}.hnsw.{ext}"))
-        };
+        let path = |n: u32, ext: &str| dir.path().join(format!("seg-{n:06}.hnsw.{ext}"));
         let mut data = fs::read(path(2, "data")).unwrap();
         data.truncate(data.len() - 7);
         fs::write(path(2, "data"), data).unwrap();
@@ -1538,14 +1524,7 @@ mod tests {
         let idx = SegmentedHnsw::open(cfg.clone(), DIM).unwrap();
         assert_eq!((idx.len(), idx.missing_ranges()), (90, vec![]));
         assert_eq!(top1(&idx, &vs[50]), 51);
-        assert!(
-            fs::read_dir(dir.path()).unwrap().all(|e| !e
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("seg-000002.")),
-            "the damaged segment's files are removed"
-        );
+        assert!(!path(2, "data").exists());
         // A garbled manifest means an empty index (rebuilt from the store), not a panic.
         let evil = r#"{"format":1,"dim":24,"next_segment":2,"sealed_up_to":5,"segments":[
             {"basename":"../x","first_id":1,"last_id":5,"min_ts":0,"max_ts":0,"count":5,"sealed":true}]}"#;
