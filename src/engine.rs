@@ -2102,7 +2102,8 @@ mod tests {
         std::fs::write(&legacy, b"old").unwrap();
         let parts_dir = dir.path().join(INDEX_DIR).join(PARTS_DIR);
         assert!(parts_dir.join("manifest.json").exists());
-        assert!(parts_dir.join("seg-000003.hnsw.data").exists());
+        // The active part segment's checkpoint, under its checkpoint's name.
+        assert!(parts_dir.join("seg-000003.c1.hnsw.data").exists());
         let engine = Engine::open(config(dir.path(), 8, None), DIM).unwrap();
         let opened = engine.open_stats();
         assert_eq!((opened.parts_reloaded, opened.parts_rebuilt), (24, 0));

@@ -230,6 +230,18 @@ struct SegmentEntry {
     basename: String,
     #[serde(flatten)]
     info: SegmentInfo,
+    /// The active segment's checkpoint: the name of its dump, `{basename}.cN`, a new one at each
+    /// checkpoint, so that the manifest, written after it, is the one commit point (absent:
+    /// the dump is under `basename`, as earlier versions wrote it, and as a sealed one is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dump: Option<String>,
+}
+
+impl SegmentEntry {
+    /// The basename of its dump's files.
+    fn dump_name(&self) -> &str {
+        self.dump.as_deref().unwrap_or(&self.basename)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -354,7 +366,7 @@ impl SegmentedHnsw {
             }
             me.active = Segment::empty(&me.config, dim, me.next_segment);
             if let Some(entry) = m.active {
-                match HnswIndex::load(&dir, &entry.basename) {
+                match HnswIndex::load(&dir, entry.dump_name()) {
                     Ok(mut index)
                         if index.dim() == dim
                             && index.len() == entry.info.count
@@ -370,8 +382,9 @@ impl SegmentedHnsw {
                         };
                         me.checkpointed = Some(entry);
                     }
-                    // A seal that crashed between its dump and the manifest leaves a dump
-                    // larger than the checkpoint: the store re-inserts those prompts instead.
+                    // A dump that is not the one the manifest counted (a checkpoint of an
+                    // earlier version, under the segment's own name, that a seal overwrote
+                    // before crashing): the store re-inserts those prompts instead.
                     Ok(_) => {
                         tracing::warn!(segment = %entry.basename, "active checkpoint does not match the manifest; to be rebuilt");
                     }
@@ -543,6 +556,7 @@ impl SegmentedHnsw {
         }
         let mut entry = self.active.entry.clone();
         entry.info.sealed = true;
+        entry.dump = None;
         let sealed_up_to = self.sealed_up_to.max(entry.info.last_id);
         let (forgotten, kept): (Vec<SegmentEntry>, Vec<SegmentEntry>) =
             self.lost.iter().cloned().partition(|l| {
@@ -564,8 +578,12 @@ impl SegmentedHnsw {
                 slice_start,
             )?;
             remove_segment_files(dir, forgotten.iter().map(|e| e.basename.as_str()));
+            // The last checkpoint's dump is no longer listed (one of an earlier version was
+            // under the segment's own name: the sealed dump replaced it).
+            if let Some(dump) = self.checkpointed.as_ref().and_then(|e| e.dump.as_deref()) {
+                remove_segment_files(dir, [dump]);
+            }
         }
-        // The dump under the checkpoint's name is now the sealed segment's.
         self.checkpointed = None;
         self.clock = clock;
         self.lost = kept;
@@ -700,6 +718,7 @@ impl SegmentedHnsw {
         let entry = SegmentEntry {
             basename: merged_name(&a.entry.basename, &b.entry.basename),
             info,
+            dump: None,
         };
         let inputs = [a.entry.basename.clone(), b.entry.basename.clone()];
         let graphs = [a.index.clone(), b.index.clone()];
@@ -738,11 +757,25 @@ impl SegmentedHnsw {
         if info.count == 0 || self.checkpointed.as_ref().map(|e| e.info) == Some(info) {
             return Ok(0);
         }
-        // A crash between the dump and the manifest leaves the old checkpoint's entry with a
-        // dump of another size, which `open` refuses: the store then re-inserts the prompts.
-        self.active.index.dump(dir, &self.active.entry.basename)?;
-        let entry = self.active.entry.clone();
+        // Under a new name: a crash before the manifest names it leaves the last checkpoint
+        // listed and whole, and the next start re-inserts from the store only what came after.
+        let previous = self
+            .checkpointed
+            .as_ref()
+            .map(|e| e.dump_name().to_string());
+        let number = previous
+            .as_deref()
+            .and_then(|d| d.rsplit_once(".c"))
+            .and_then(|(_, n)| n.parse::<u64>().ok())
+            .unwrap_or(0)
+            + 1;
+        let mut entry = self.active.entry.clone();
+        entry.dump = Some(format!("{}.c{number}", entry.basename));
+        self.active.index.dump(dir, entry.dump_name())?;
         self.rewrite_manifest(dir, self.listed_entries(&self.lost), Some(entry.clone()))?;
+        if let Some(previous) = previous {
+            remove_segment_files(dir, [previous.as_str()]);
+        }
         self.checkpointed = Some(entry);
         Ok(info.count)
     }
@@ -854,7 +887,7 @@ impl SegmentedHnsw {
     /// Basenames the manifest references.
     fn listed(&self) -> HashSet<String> {
         let entries = self.listed_entries(&self.lost);
-        let active = self.checkpointed.iter().map(|e| e.basename.clone());
+        let active = self.checkpointed.iter().map(|e| e.dump_name().to_string());
         entries
             .into_iter()
             .map(|e| e.basename)
@@ -894,7 +927,11 @@ impl Segment {
         let basename = format!("seg-{number:06}");
         Segment {
             index: Arc::new(HnswIndex::new(params, dim)),
-            entry: SegmentEntry { basename, info },
+            entry: SegmentEntry {
+                basename,
+                info,
+                dump: None,
+            },
         }
     }
 }
@@ -972,11 +1009,19 @@ fn read_manifest(dir: &Path, dim: usize) -> Result<Option<Manifest>, IndexError>
                 && parts.next().is_none()
         })
     };
+    // A checkpoint's dump is `{basename}.cN`.
+    let valid_dump = |e: &SegmentEntry| {
+        e.dump.as_deref().is_none_or(|d| {
+            d.strip_prefix(e.basename.as_str())
+                .and_then(|n| n.strip_prefix(".c"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+        })
+    };
     if let Some(bad) = m
         .segments
         .iter()
         .chain(&m.active)
-        .find(|e| !valid(&e.basename))
+        .find(|e| !valid(&e.basename) || !valid_dump(e))
     {
         let why = format!("bad segment name {:?}", bad.basename);
         return Err(IndexError::Io(format!("{}: {why}", path.display())));
@@ -1350,6 +1395,74 @@ mod tests {
         );
     }
 
+    /// A checkpoint that stops before its manifest is written (a kill -9 during a clean stop's
+    /// checkpoint, a full disk) leaves the last one listed and whole: it is reloaded, and only
+    /// what came after it is missing (the store re-inserts it).
+    #[test]
+    fn an_interrupted_checkpoint_leaves_the_last_one_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = unit_vectors(40, 190, DIM);
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 200), DIM).unwrap();
+        feed(&mut idx, &vs[..150], 1, 0);
+        assert_eq!(idx.checkpoint().unwrap(), 150);
+        feed(&mut idx, &vs[150..170], 151, 150_000);
+        assert_eq!(idx.checkpoint().unwrap(), 170);
+        feed(&mut idx, &vs[170..], 171, 170_000);
+        // The manifest cannot be written: its temporary file's place is a directory.
+        let blocker = dir.path().join(format!("{MANIFEST}.tmp"));
+        fs::create_dir(&blocker).unwrap();
+        assert!(idx.checkpoint().is_err());
+        drop(idx);
+        fs::remove_dir(&blocker).unwrap();
+        let idx = SegmentedHnsw::open(config(Some(dir.path()), 200), DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (170, 170));
+        assert_eq!(top1(&idx, &vs[160]), 161);
+        // Only the listed checkpoint's files are left: the first one's and the unlisted third
+        // one's are gone.
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("seg-"))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "seg-000001.c2.hnsw.data",
+                "seg-000001.c2.hnsw.graph",
+                "seg-000001.c2.hnsw.meta.json"
+            ]
+        );
+    }
+
+    /// A checkpoint of an earlier version (under the segment's own name) reloads, and the next
+    /// checkpoint replaces it.
+    #[test]
+    fn a_checkpoint_of_the_earlier_layout_reloads_and_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = unit_vectors(41, 180, DIM);
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 200), DIM).unwrap();
+        feed(&mut idx, &vs[..150], 1, 0);
+        assert_eq!(idx.checkpoint().unwrap(), 150);
+        drop(idx);
+        for ext in ["graph", "data", "meta.json"] {
+            let from = dir.path().join(format!("seg-000001.c1.hnsw.{ext}"));
+            fs::rename(from, dir.path().join(format!("seg-000001.hnsw.{ext}"))).unwrap();
+        }
+        let path = dir.path().join(MANIFEST);
+        let mut m: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        m["active"].as_object_mut().unwrap().remove("dump").unwrap();
+        fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        let mut idx = SegmentedHnsw::open(config(Some(dir.path()), 200), DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (150, 150));
+        feed(&mut idx, &vs[150..], 151, 150_000);
+        assert_eq!(idx.checkpoint().unwrap(), 180);
+        assert!(!dir.path().join("seg-000001.hnsw.graph").exists());
+        drop(idx);
+        let idx = SegmentedHnsw::open(config(Some(dir.path()), 200), DIM).unwrap();
+        assert_eq!((idx.len(), idx.covered_up_to()), (180, 180));
+    }
+
     #[test]
     fn a_checkpoint_of_another_size_is_rebuilt_not_trusted() {
         // A seal that crashed after dumping but before rewriting the manifest.
@@ -1465,9 +1578,26 @@ mod tests {
                     count: 1,
                     sealed: true,
                 },
+                dump: None,
             };
-            write_manifest(dir.path(), DIM, 2, 1, vec![entry], None, None).unwrap();
+            write_manifest(dir.path(), DIM, 2, 1, vec![entry.clone()], None, None).unwrap();
             assert_eq!(read_manifest(dir.path(), DIM).is_ok(), ok, "{name}");
+            // A checkpoint's dump name is the segment's and `.cN`, nothing else (no path).
+            let dump = |d: &str| SegmentEntry {
+                dump: Some(d.into()),
+                ..entry.clone()
+            };
+            let good = dump(&format!("{name}.c12"));
+            write_manifest(dir.path(), DIM, 2, 1, vec![], Some(good), None).unwrap();
+            assert_eq!(read_manifest(dir.path(), DIM).is_ok(), ok, "{name}");
+            for bad in [
+                format!("{name}.c"),
+                format!("{name}.c1/../x"),
+                "../x.c1".into(),
+            ] {
+                write_manifest(dir.path(), DIM, 2, 1, vec![], Some(dump(&bad)), None).unwrap();
+                assert!(read_manifest(dir.path(), DIM).is_err(), "{bad}");
+            }
         }
     }
 
