@@ -144,6 +144,16 @@ pub struct Allowed {
     pub already_listed: bool,
 }
 
+/// What removing an allow-list entry did.
+#[derive(Debug, Clone)]
+pub struct Removed {
+    /// The entry removed.
+    pub entry: AllowEntry,
+    /// Campaigns the entry kept cleared that score again, ascending (see
+    /// [`Engine::remove_allowed`]).
+    pub scoring_again: Vec<u64>,
+}
+
 /// A campaign with what analysts read: the recovered template and examples.
 #[derive(Debug, Clone)]
 pub struct CampaignView {
@@ -747,7 +757,7 @@ impl Engine {
     /// Removes allow-list entry `id`: later prompts of that template are judged again, and the
     /// campaigns it cleared score again. The clusters' marks are derived afresh from the entries
     /// left, as a start derives them, so the live state is what a restart would give.
-    pub fn remove_allowed(&self, id: u64) -> Result<AllowEntry, Error> {
+    pub fn remove_allowed(&self, id: u64) -> Result<Removed, Error> {
         // Ingest waits meanwhile, so no prompt is judged between clearing and re-marking.
         let mut state = self.ingest.lock();
         let Some(pos) = state.allow.0.iter().position(|e| e.id == id) else {
@@ -756,9 +766,24 @@ impl Engine {
         let mut entries = state.allow.0.clone();
         let gone = entries.remove(pos);
         self.set_allow(&mut state, entries)?;
-        self.detector.write().clear_allowed();
+        let cleared = {
+            let mut d = self.detector.write();
+            let cleared = d.allowed_roots();
+            d.clear_allowed();
+            cleared
+        };
         self.allow_matching_clusters(&state.allow.1, None)?;
-        Ok(gone)
+        let d = self.detector.read();
+        let mut scoring_again: Vec<u64> = cleared
+            .into_iter()
+            .filter_map(|root| d.campaign_of(root))
+            .collect();
+        scoring_again.sort_unstable();
+        scoring_again.dedup();
+        Ok(Removed {
+            entry: gone,
+            scoring_again,
+        })
     }
 
     /// Makes `entries` the allow-list: durable, then in force. The detector snapshot on disk

@@ -1117,15 +1117,16 @@ pub enum AllowAction {
 pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
     use proto::allow_template_request::Source;
     let mut client = connect(&args.server).await?;
-    let line = |e: &proto::AllowedTemplate| {
+    // "entry N" as the campaigns table names the entry that cleared a cluster.
+    let line = |id: u64, template: &str, note: &str, created_ms: i64| {
         format!(
-            "{}  {}  (note: \"{}\", added {})",
-            e.id,
-            shown(&e.template, usize::MAX),
-            shown(&e.note, usize::MAX),
-            utc(e.created_ms)
+            "entry {id}  {}  (note: \"{}\", added {})",
+            shown(template, usize::MAX),
+            shown(note, usize::MAX),
+            utc(created_ms)
         )
     };
+    let entry = |e: &proto::AllowedTemplate| line(e.id, &e.template, &e.note, e.created_ms);
     match args.action {
         AllowAction::Add {
             template,
@@ -1149,7 +1150,7 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                     true => "already allowed",
                     false => "allowed",
                 };
-                writeln!(std::io::stdout(), "{verb} {}", line(e))?;
+                writeln!(std::io::stdout(), "{verb} {}", entry(e))?;
             }
             eprintln!(
                 "allow: {} cleared",
@@ -1176,7 +1177,7 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                         "{}",
                         json!({"id": e.id, "template": e.template, "note": e.note, "created_ms": e.created_ms})
                     )?,
-                    Format::Table => writeln!(out, "{}", line(e))?,
+                    Format::Table => writeln!(out, "{}", entry(e))?,
                 }
             }
             out.flush()?;
@@ -1187,7 +1188,24 @@ pub async fn allow(args: AllowArgs) -> anyhow::Result<()> {
                 .remove_allowed_template(proto::RemoveAllowedTemplateRequest { id })
                 .await?
                 .into_inner();
-            writeln!(std::io::stdout(), "removed {}", line(&e))?;
+            writeln!(
+                std::io::stdout(),
+                "removed {}",
+                line(e.id, &e.template, &e.note, e.created_ms)
+            )?;
+            let again = &e.campaigns_scoring_again;
+            let ids: Vec<String> = again.iter().map(u64::to_string).collect();
+            match again.len() {
+                0 => eprintln!("allow: no campaign scores again"),
+                n => eprintln!(
+                    "allow: {} again: {} (`campaigns --id N`)",
+                    match n {
+                        1 => "1 campaign scores".to_string(),
+                        n => format!("{n} campaigns score"),
+                    },
+                    ids.join(", ")
+                ),
+            }
         }
     }
     Ok(())

@@ -224,6 +224,11 @@ impl Detector {
         self.allowed.clear();
     }
 
+    /// The roots of the clusters allow-listed now.
+    pub fn allowed_roots(&self) -> Vec<u64> {
+        self.allowed.iter().copied().collect()
+    }
+
     /// Marks the cluster holding prompt `id` as allow-listed; returns whether it was a campaign.
     pub fn allow_cluster(&mut self, id: u64) -> bool {
         let root = self.cluster_of(id);

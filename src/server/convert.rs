@@ -175,6 +175,17 @@ pub fn allowed(e: crate::detect::allow::AllowEntry) -> proto::AllowedTemplate {
     }
 }
 
+/// A removed allow-list entry, with the campaigns that score again.
+pub fn removed(r: crate::engine::Removed) -> proto::RemoveAllowedTemplateResponse {
+    proto::RemoveAllowedTemplateResponse {
+        id: r.entry.id,
+        template: r.entry.template,
+        note: r.entry.note,
+        created_ms: r.entry.created_ms,
+        campaigns_scoring_again: r.scoring_again,
+    }
+}
+
 fn latency(l: &super::stats::Latency) -> proto::Latency {
     proto::Latency {
         count: l.count,

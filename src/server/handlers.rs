@@ -403,10 +403,10 @@ impl Radar for RadarService {
     async fn remove_allowed_template(
         &self,
         request: Request<proto::RemoveAllowedTemplateRequest>,
-    ) -> Result<Response<proto::AllowedTemplate>, Status> {
+    ) -> Result<Response<proto::RemoveAllowedTemplateResponse>, Status> {
         let id = request.into_inner().id;
         let engine = self.engine.clone();
-        Ok(Response::new(convert::allowed(
+        Ok(Response::new(convert::removed(
             blocking(move || engine.remove_allowed(id)).await?,
         )))
     }

@@ -514,6 +514,58 @@ async fn check_accounts_campaigns_search_through_the_binary() {
         })
         .count();
     assert_eq!(stored, answered.len(), "{said}");
+
+    // The allow-list through the binary: a campaign cleared by its id, listed, then removed,
+    // and the removal names the campaign that scores again.
+    let allow = |args: &[&str]| {
+        run([
+            vec!["allow".to_string()],
+            args.iter().map(|a| a.to_string()).collect(),
+            server_args(),
+        ]
+        .concat())
+    };
+    let o = allow(&["add", "--campaign", &campaign_id, "--note", "a known app"]).await;
+    let (out, said) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success() && out.starts_with("allowed entry 1  ") && out.contains("<*>"),
+        "{out}{said}"
+    );
+    assert_eq!(said, "allow: 1 campaign cleared\n");
+    let o = allow(&["list"]).await;
+    let listed = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        listed.starts_with("entry 1  ") && listed.contains("(note: \"a known app\", added "),
+        "{listed}"
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "allow: 1 template(s)\n");
+    let o = run([vec!["campaigns".into()], server_args(), jsonl_args()].concat()).await;
+    assert!(
+        jsonl(&o.stdout)
+            .iter()
+            .all(|c| c["campaign_id"] != campaign_id.as_str())
+    );
+    let o = allow(&["remove", "1"]).await;
+    let (out, said) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(out.starts_with("removed entry 1  "), "{out}");
+    assert_eq!(
+        said,
+        format!("allow: 1 campaign scores again: {campaign_id} (`campaigns --id N`)\n")
+    );
+    let o = allow(&["remove", "1"]).await;
+    assert_eq!(
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).contains("NOT_FOUND")
+        ),
+        (Some(2), true)
+    );
     server.stop().await;
 
     // A bad flag value is a clear error, not a panic.

@@ -1278,15 +1278,24 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(gone, entry);
-    // The campaign it cleared scores again, as a restart would have it.
-    let list = every_campaign(&mut c).await;
-    assert!(
-        list.iter().any(|c| c
-            .template
-            .starts_with("You are an expert competitive programmer.")),
-        "{list:?}"
+    // The response is AllowedTemplate on the wire, and more: what the call returned before.
+    use prost::Message;
+    assert_eq!(
+        proto::AllowedTemplate::decode(gone.encode_to_vec().as_slice()).unwrap(),
+        entry
     );
+    // The campaign it cleared scores again, as a restart would have it, and is named.
+    let list = every_campaign(&mut c).await;
+    let back: Vec<u64> = list
+        .iter()
+        .filter(|c| {
+            c.template
+                .starts_with("You are an expert competitive programmer.")
+        })
+        .map(|c| c.campaign_id)
+        .collect();
+    assert_eq!(back.len(), 1, "{list:?}");
+    assert_eq!(gone.campaigns_scoring_again, back, "{list:?}");
     let err = c
         .remove_allowed_template(proto::RemoveAllowedTemplateRequest { id: entry.id })
         .await
