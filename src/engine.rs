@@ -442,6 +442,8 @@ pub struct Engine {
     ingest: Mutex<IngestState>,
     /// Set by a failed store commit (see [`Engine::failure`]).
     poisoned: std::sync::OnceLock<String>,
+    /// Turns true when `poisoned` is set (see [`Engine::failure_watch`]).
+    poisoned_tx: tokio::sync::watch::Sender<bool>,
     open_stats: OpenStats,
 }
 
@@ -622,6 +624,7 @@ impl Engine {
                 times: IngestTimes::default(),
             }),
             poisoned: std::sync::OnceLock::new(),
+            poisoned_tx: tokio::sync::watch::Sender::new(false),
             open_stats,
         };
         // Cluster marks are not stored: re-derive them from the allow-list.
@@ -1096,7 +1099,14 @@ impl Engine {
         let _ = self.poisoned.set(format!(
             "a store commit failed ({cause}): restart the server; the store holds every prompt answered before, and until a restart this process's counts would include prompts it did not store"
         ));
+        self.poisoned_tx.send_replace(true);
         e
+    }
+
+    /// Turns true when a store commit fails (see [`Self::failure`]), for a server to stop
+    /// reporting itself healthy at once; it ends (the sender gone) with the engine.
+    pub fn failure_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.poisoned_tx.subscribe()
     }
 
     /// Why the engine refuses all work since a store commit failed (`None`: it has not). Its

@@ -144,17 +144,11 @@ impl Prepared {
         // call is refused (its answer would count them), and health says NOT_SERVING, so that
         // load balancers send traffic elsewhere until the server is restarted.
         let engine = self.service.engine().clone();
-        // Weak: the watch ends with the server, which must let the engine (and its store) go.
-        let failed = std::sync::Arc::downgrade(&engine);
+        let mut failed = engine.failure_watch();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
-            loop {
-                every.tick().await;
-                match failed.upgrade() {
-                    None => return,
-                    Some(engine) if engine.failure().is_some() => break,
-                    Some(_) => {}
-                }
+            // An error: the engine is gone (with the server), never having failed.
+            if failed.wait_for(|&failed| failed).await.is_err() {
+                return;
             }
             for name in ["", RADAR_SERVICE] {
                 watcher
