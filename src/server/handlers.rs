@@ -148,6 +148,7 @@ impl Radar for RadarService {
         let (out_tx, out_rx) = mpsc::channel(in_flight);
         let (pipeline, limits) = (self.pipeline.clone(), self.limits.clone());
         let stats = self.stats.clone();
+        let reader_stats = self.stats.clone();
         let engine = self.engine.clone();
         let mut draining = self.draining.subscribe();
         tokio::spawn(async move {
@@ -192,6 +193,11 @@ impl Radar for RadarService {
                         Err(e) => Pending::Rejected(r.request_id, p.account_id, e.into()),
                     },
                 };
+                // A refusal is counted as it is made, as a unary Check's is: a client that goes
+                // away before reading its answer still had the request read and refused.
+                if let Pending::Rejected(_, _, status) = &item {
+                    reader_stats.record(refusal(status.code()));
+                }
                 if pending_tx.send(item).await.is_err() {
                     break; // the client went away
                 }
@@ -223,7 +229,6 @@ impl Radar for RadarService {
                         })
                     }
                     Pending::Rejected(id, account, status) => {
-                        let status = counted(status, &stats);
                         Ok(convert::check_error(id, account, &status))
                     }
                     Pending::Failed(status) => Err(status),

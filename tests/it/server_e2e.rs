@@ -896,15 +896,13 @@ async fn a_cancelled_stream_drops_what_waits_for_the_model() {
     while stats(c.clone()).await.queued < 10 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // Twenty short ones queue behind them; the client cancels before any is answered.
-    let (tx, rx) = tokio::sync::mpsc::channel(32);
+    // Twenty short ones queue behind them, each after one without an account; the client
+    // cancels before any is answered.
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
     for i in 0..20 {
-        tx.send(req(
-            "canceller",
-            &format!("Short question {i}: what is a tide?"),
-        ))
-        .await
-        .unwrap();
+        let question = format!("Short question {i}: what is a tide?");
+        tx.send(req("", &question)).await.unwrap();
+        tx.send(req("canceller", &question)).await.unwrap();
     }
     let mut sc = c.clone();
     let answers = sc
@@ -928,6 +926,9 @@ async fn a_cancelled_stream_drops_what_waits_for_the_model() {
     }
     assert_eq!(s.prompts + s.cancelled, 80, "{s:?}");
     assert_eq!(s.allowed + s.reviewed + s.blocked, s.prompts, "{s:?}");
+    // The server read every one (it took all 20 valid ones in), so it refused the 20 invalid ones
+    // before them: counted, though the client never read the refusals.
+    assert_eq!(s.refused_invalid, 20, "{s:?}");
     if busy {
         assert!(s.cancelled > 0, "the waiting requests are dropped: {s:?}");
     }
