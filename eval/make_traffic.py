@@ -595,7 +595,7 @@ def summary(rows: list[dict], pools: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--out", required=True, help="output JSONL path")
+    ap.add_argument("--out", required=True, help="output JSONL path (- for stdout)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies account counts and batch sizes")
     a = ap.parse_args()
     if a.scale <= 0:
@@ -604,14 +604,26 @@ def main():
     gen = Generator(a.seed, a.scale)
     rows = gen.run()
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+
+    def write(f):
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+
+    if a.out == "-":
+        write(sys.stdout)
+    elif out.is_symlink() or (out.exists() and not out.is_file()):
+        # A link (/dev/stdout, say) or a pipe is written through, never replaced by a file.
+        with open(out, "w", encoding="utf-8", newline="\n") as f:
+            write(f)
+    else:
+        # A regular file: whole or not at all, through a temporary file and a rename.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            write(f)
+        tmp.replace(out)
     print(summary(rows, gen.pools), file=sys.stderr)
-    print(f"wrote {out} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    print(f"wrote {a.out} in {time.monotonic() - started:.1f}s", file=sys.stderr)
 
 
 if __name__ == "__main__":
