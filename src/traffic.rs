@@ -367,6 +367,12 @@ pub struct TimeOrder {
     /// retention keeps them that much past their time. (In time order a segment spans a little
     /// more than the span: it seals after the batch that took it past.)
     pub late: u64,
+    /// Of `late`, the lines that came in time order (none before them, in the file or in the
+    /// index, more than the span newer): a batch spanning more than the span took them into a
+    /// segment with newer ones. Sparse traffic in large batches, not disorder.
+    pub late_in_order: u64,
+    /// The most time the lines of one batch span (ms), in time order or not.
+    pub widest_batch_ms: i64,
     /// The first line more than the span older than the newest before it, and by how much (ms).
     pub first_late: Option<(usize, i64)>,
     /// Newest time minus oldest, in ms.
@@ -381,32 +387,46 @@ impl TimeOrder {
         self.seals > 2 * slices
     }
 
-    /// Whether more than 1% of the timed lines would be late: kept well past their retention.
+    /// Whether more than 1% of the timed lines would be late for being out of time order: kept
+    /// well past their retention.
     pub fn many_late(&self) -> bool {
-        self.late * 100 > self.timed
+        (self.late - self.late_in_order) * 100 > self.timed
+    }
+
+    /// Whether more than 1% of the timed lines would be late though they came in time order,
+    /// and batches span more than a segment's `span_ms` (see [`Self::late_in_order`]).
+    pub fn many_late_in_order(&self, span_ms: i64) -> bool {
+        self.late_in_order * 100 > self.timed && self.widest_batch_ms > span_ms
     }
 }
 
 /// The segment being filled, as [`time_order`] follows it.
 #[derive(Debug)]
 struct Filling {
-    /// Times of the lines in it.
-    times: Vec<i64>,
+    /// Times of the lines in it, and whether each came behind a newer line (by over the span).
+    times: Vec<(i64, bool)>,
     /// Vectors it held before (the data directory's active segment), and their newest time.
     before: (usize, Option<i64>),
 }
 
 impl Filling {
-    /// Counts the lines more than twice `span` older than the segment's newest; empties it.
-    fn seal(&mut self, span: i64) -> u64 {
-        let newest = self.times.iter().copied().max().max(self.before.1);
-        let late = newest.map_or(0, |n| {
+    /// Counts the lines more than twice `span` older than the segment's newest, and those of
+    /// them that came in time order; empties it.
+    fn seal(&mut self, span: i64) -> (u64, u64) {
+        let newest = self.times.iter().map(|&(t, _)| t).max().max(self.before.1);
+        let (mut late, mut in_order) = (0, 0);
+        if let Some(n) = newest {
             let cutoff = n.saturating_sub(span.saturating_mul(2));
-            self.times.iter().filter(|&&t| t < cutoff).count()
-        });
+            for &(t, behind) in &self.times {
+                if t < cutoff {
+                    late += 1;
+                    in_order += u64::from(!behind);
+                }
+            }
+        }
         self.times.clear();
         self.before = (0, None);
-        late as u64
+        (late, in_order)
     }
 }
 
@@ -434,6 +454,15 @@ pub fn time_order(
         times: Vec::new(),
         before: (before, clock.newest()),
     };
+    // The newest time before each line, in the index or the file; the oldest and newest of the
+    // batch being read.
+    let mut ahead = clock.newest().or(clock.start()).unwrap_or(i64::MIN);
+    let mut in_batch = (i64::MAX, i64::MIN);
+    let seal = |filling: &mut Filling, order: &mut TimeOrder| {
+        let (late, in_order) = filling.seal(span);
+        order.late += late;
+        order.late_in_order += in_order;
+    };
     order.lines = scan(path, first, |line, text| {
         let Ok(Timed { timestamp_ms: t }) = serde_json::from_str::<Timed>(text) else {
             return;
@@ -449,19 +478,26 @@ pub fn time_order(
         newest = newest.max(t);
         oldest = oldest.min(t);
         clock.note(t);
-        filling.times.push(t);
+        filling.times.push((t, t < ahead.saturating_sub(span)));
+        ahead = ahead.max(t);
+        in_batch = (in_batch.0.min(t), in_batch.1.max(t));
         order.timed += 1;
         // A segment seals after the batch that made it due, or full.
         if order.timed % batch == 0 {
+            order.widest_batch_ms = order.widest_batch_ms.max(in_batch.1 - in_batch.0);
+            in_batch = (i64::MAX, i64::MIN);
             let due = clock.due();
             if due || filling.times.len() + filling.before.0 >= max_points {
                 order.seals += u64::from(due);
-                order.late += filling.seal(span);
+                seal(&mut filling, &mut order);
                 clock.sealed();
             }
         }
     })?;
-    order.late += filling.seal(span);
+    if in_batch.1 >= in_batch.0 {
+        order.widest_batch_ms = order.widest_batch_ms.max(in_batch.1 - in_batch.0);
+    }
+    seal(&mut filling, &mut order);
     order.covered_ms = if order.timed > 0 { newest - oldest } else { 0 };
     Ok(order)
 }
@@ -525,6 +561,14 @@ not json
         assert_eq!(o.first_late, None);
         assert!((20..=30).contains(&o.seals), "{o:?}");
         assert!(!o.too_disordered(DAY) && !o.many_late());
+        assert_eq!(o.widest_batch_ms, 3 * DAY / 10);
+        // The same in batches of 40 lines, four days each: segments hold lines over two days
+        // apart, though the file is in time order; they are told apart from disorder.
+        let o = time_order(&path, 1, 40, short_run).unwrap();
+        assert_eq!(o.widest_batch_ms, 39 * DAY / 10);
+        assert!(o.late > 100 && o.late_in_order == o.late, "{o:?}");
+        assert!(!o.many_late() && o.many_late_in_order(DAY), "{o:?}");
+        assert_eq!(o.first_late, None);
         // Two shards one after the other: the second goes back and is sliced on its own; only
         // the run that told it went back is late.
         let shards: Vec<i64> = in_order.iter().chain(&in_order).copied().collect();
@@ -590,6 +634,7 @@ not json
         let on_disk = SliceClock::for_config(&config, Some(now)).unwrap();
         let o = time_order(&path, 1, 16, (on_disk, 1_000, 200_000)).unwrap();
         assert!(o.late > 350 && o.many_late(), "{o:?}");
+        assert_eq!((o.first_late, o.late_in_order), (None, 0), "{o:?}");
     }
 
     #[test]

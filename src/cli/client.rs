@@ -973,7 +973,7 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
-    eprintln!("search: {} hits", hits.len());
+    eprintln!("search: {}", counted(hits.len() as u64, "hit"));
     Ok(())
 }
 

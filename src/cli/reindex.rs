@@ -350,11 +350,27 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
                 order.covered_ms as f64 / 86_400_000.0,
             );
         } else if order.many_late() {
+            let late = order.late - order.late_in_order;
+            // No line of the file came behind another: it is older than the index's newest.
+            let what = match order.first_late {
+                Some(_) => format!("the input is not in time order{example}"),
+                None => "the input is older than the index's segment being filled".to_string(),
+            };
             eprintln!(
-                "reindex: the input is not in time order{example}: {} of {} lines ({:.1}%) would go into an index segment with prompts over {} h newer, and retention keeps them until those expire; sort the file by timestamp_ms to slice it exactly",
-                order.late,
+                "reindex: {what}: {late} of {} lines ({:.1}%) would go into an index segment with prompts over {} h newer, and retention keeps them until those expire; sort the file by timestamp_ms to slice it exactly",
                 order.timed,
-                100.0 * order.late as f64 / order.timed.max(1) as f64,
+                100.0 * late as f64 / order.timed.max(1) as f64,
+                2 * span / 3_600_000,
+            );
+        } else if order.many_late_in_order(span) {
+            eprintln!(
+                "reindex: batches of {} lines span up to {:.1} h of this input's traffic, more than the index segments' {} h: {} of {} lines ({:.1}%) would go into a segment with prompts over {} h newer, and retention keeps them until those expire; a smaller --batch-size slices closer",
+                args.offline.batch_size,
+                order.widest_batch_ms as f64 / 3_600_000.0,
+                span / 3_600_000,
+                order.late_in_order,
+                order.timed,
+                100.0 * order.late_in_order as f64 / order.timed.max(1) as f64,
                 2 * span / 3_600_000,
             );
         }
@@ -456,12 +472,12 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let saved = engine.checkpoint();
     if let Ok(saved) = &saved {
         eprintln!(
-            "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} of the part index's, {}; `serve` reloads them); {} index segments{}",
+            "reindex: index checkpoint written in {:.1}s ({} active-segment vectors, {} of the part index's, {}; `serve` reloads them); {}{}",
             saved.seconds,
             saved.active_vectors,
             saved.part_vectors,
             super::snapshot_note(saved),
-            saved.segments,
+            prompt_radar::detect::scoring::counted(saved.segments as u64, "index segment"),
             if saved.merging {
                 " (a merge was running: `serve` starts it again)"
             } else {

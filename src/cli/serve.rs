@@ -119,12 +119,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // What the next start would otherwise rebuild from the store.
     let saved = tokio::task::spawn_blocking(move || engine.checkpoint()).await??;
     println!(
-        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} of the part index's, {}, {:.1}s; {} index segments{})",
+        "prompt-radar: shut down (index checkpoint: {} active-segment vectors, {} of the part index's, {}, {:.1}s; {}{})",
         saved.active_vectors,
         saved.part_vectors,
         super::snapshot_note(&saved),
         saved.seconds,
-        saved.segments,
+        prompt_radar::detect::scoring::counted(saved.segments as u64, "index segment"),
         if saved.merging {
             ", a merge left for the next start"
         } else {
