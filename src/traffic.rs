@@ -13,8 +13,10 @@ use crate::index::SliceClock;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct TrafficLine {
     /// Sending account (required).
+    #[serde(deserialize_with = "account_id_text")]
     pub account_id: String,
     /// The prompt (required).
+    #[serde(deserialize_with = "prompt_text")]
     pub prompt: String,
     /// Send time; absent, null or 0 means "now" to the server.
     #[serde(default, deserialize_with = "null_is_now")]
@@ -22,6 +24,32 @@ pub struct TrafficLine {
     /// `"organic"` or a campaign name (evaluation only).
     #[serde(default)]
     pub label: Option<String>,
+}
+
+fn account_id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    text_field(d, "account_id")
+}
+
+fn prompt_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    text_field(d, "prompt")
+}
+
+/// A string field; anything else is refused naming the field (serde alone would say
+/// "invalid type: integer `12`, expected a string", and not of which field).
+fn text_field<'de, D: serde::Deserializer<'de>>(d: D, field: &str) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        v => {
+            let shown: String = v.to_string().chars().take(40).collect();
+            let hint = match v {
+                serde_json::Value::Number(_) => format!(" (write it as \"{shown}\")"),
+                _ => String::new(),
+            };
+            Err(serde::de::Error::custom(format!(
+                "`{field}` must be a string, not {shown}{hint}"
+            )))
+        }
+    }
 }
 
 /// `"timestamp_ms": null` (how many exporters write a missing value) reads as absent: 0, "now".
@@ -635,6 +663,29 @@ not json
         let o = time_order(&path, 1, 16, (on_disk, 1_000, 200_000)).unwrap();
         assert!(o.late > 350 && o.many_late(), "{o:?}");
         assert_eq!((o.first_late, o.late_in_order), (None, 0), "{o:?}");
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_named() {
+        let reason = |s: &str| parse(7, s).unwrap_err().reason;
+        let r = reason(r#"{"account_id": 12, "prompt": "hi"}"#);
+        assert!(
+            r.starts_with(r#"`account_id` must be a string, not 12 (write it as "12")"#),
+            "{r}"
+        );
+        let r = reason(r#"{"account_id": "a", "prompt": null}"#);
+        assert!(r.starts_with("`prompt` must be a string, not null"), "{r}");
+        let r = reason(r#"{"account_id": "a", "prompt": ["x"]}"#);
+        assert!(
+            r.starts_with(r#"`prompt` must be a string, not ["x"]"#),
+            "{r}"
+        );
+        // Escapes are read as JSON strings are.
+        let ok = parse(1, r#"{"account_id": "a\u00e9", "prompt": "line\nbreak"}"#).unwrap();
+        assert_eq!(
+            (ok.account_id.as_str(), ok.prompt.as_str()),
+            ("aé", "line\nbreak")
+        );
     }
 
     #[test]
