@@ -550,7 +550,7 @@ fn no_verdict(line: usize, ahead: usize, clean: bool) -> String {
             format!("line {line} was sent")
         };
         format!(
-            "the lines before it are checked; {lines}, and the server may have stored some of them without answering (a crash after its commit, a lost connection): the store does not deduplicate, so before going on with --start-line {line} and a new --output, find the last of them it stored (`search --text` with a line's prompt) and start after it"
+            "the lines before it are checked; {lines}, and the server may have stored some of them without answering (a crash after its commit, a lost connection, a server that stopped answering the connection's pings for twice --timeout): the store does not deduplicate, so before going on with --start-line {line} and a new --output, find the last of them it stored (`stats`' prompt count against the count before this run, or `search --text` with a line's prompt) and start after it"
         )
     };
     format!("no verdict for line {line}; {go_on}")
@@ -943,7 +943,7 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
     if args.format == Format::Table && !hits.is_empty() {
         writeln!(
             out,
-            "{:<6}  {:<9} {} {:>20}  {:>9}  prompt",
+            "{:<6}  {:<9} {} {:<20}  {:>9}  prompt",
             "cosine",
             "id",
             padded("account", 20),

@@ -305,7 +305,7 @@ impl Radar for RadarService {
     ) -> Result<Response<proto::Campaign>, Status> {
         let id = request.into_inner().campaign_id;
         if id == 0 {
-            return Err(Error::invalid("campaign_id", "required").into());
+            return Err(Error::invalid("campaign_id", "required (ids start at 1)").into());
         }
         let engine = self.engine.clone();
         Ok(Response::new(convert::campaign(
@@ -374,7 +374,7 @@ impl Radar for RadarService {
                 blocking(move || engine.allow_template(&t, &note, now)).await?
             }
             Some(Source::CampaignId(0)) => {
-                return Err(Error::invalid("campaign_id", "required").into());
+                return Err(Error::invalid("campaign_id", "required (ids start at 1)").into());
             }
             Some(Source::CampaignId(id)) => {
                 blocking(move || engine.allow_campaign(id, &note, now)).await?

@@ -1104,7 +1104,10 @@ async fn allow_list_clears_a_known_app_and_survives_a_restart() {
         .unwrap_err();
     assert_eq!(
         (err.code(), err.message()),
-        (Code::InvalidArgument, "campaign_id: required")
+        (
+            Code::InvalidArgument,
+            "campaign_id: required (ids start at 1)"
+        )
     );
 
     // Allow the campaign's own template: it stops scoring and its accounts are cleared.
