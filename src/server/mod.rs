@@ -115,10 +115,17 @@ impl Prepared {
         health_reporter
             .set_serving::<RadarServer<RadarService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Both versions: grpcurl before 1.8.8, Postman, Kreya and evans ask v1alpha only.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
             .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         // At the shutdown signal: report NOT_SERVING (for the server, "", which probes and load
         // balancers ask about, and for the Radar service), and end the open CheckStreams (after
@@ -175,7 +182,8 @@ impl Prepared {
         });
         let server = tonic::transport::Server::builder()
             .add_service(health)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(radar)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
         // A call that still does not end SHUTDOWN_GRACE after the signal (a client that stopped

@@ -957,29 +957,42 @@ async fn health_reflection_and_auth() {
         );
     }
 
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut refl = ServerReflectionClient::new(channel.clone());
-    let ask = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = refl
-        .server_reflection_info(tokio_stream::iter([ask]))
-        .await
-        .unwrap()
-        .into_inner();
-    let msg = resp.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
-        panic!("{msg:?}")
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"promptradar.v1.Radar".to_string()),
-        "{names:?}"
-    );
+    // Reflection, in both versions (older tools ask v1alpha only), lists the service.
+    macro_rules! listed_services {
+        ($v:ident) => {{
+            use tonic_reflection::pb::$v::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let ask = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let msg = ServerReflectionClient::new(channel.clone())
+                .server_reflection_info(tokio_stream::iter([ask]))
+                .await
+                .unwrap()
+                .into_inner()
+                .message()
+                .await
+                .unwrap()
+                .unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+                panic!("{msg:?}")
+            };
+            list.service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>()
+        }};
+    }
+    for names in [listed_services!(v1), listed_services!(v1alpha)] {
+        assert!(
+            names.contains(&"promptradar.v1.Radar".to_string()),
+            "{names:?}"
+        );
+    }
 
     // Radar RPCs need the token.
     let mut c = server.client().await;
