@@ -468,7 +468,8 @@ impl PromptLimitArgs {
 #[derive(Debug, Clone, Args)]
 pub struct OfflineArgs {
     /// Traffic JSONL: {"account_id", "prompt", "timestamp_ms"} per line (`eval` also needs "label";
-    /// `-`: standard input, which `reindex` reads as it comes, with no line count beforehand).
+    /// `-`: standard input, read once as it comes: `reindex` then has no line count beforehand
+    /// and no time-order check).
     #[arg(long, env = "PROMPT_RADAR_INPUT")]
     pub input: PathBuf,
     #[command(flatten)]
