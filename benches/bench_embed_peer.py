@@ -65,7 +65,7 @@ def main():
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.fixed_tokens:
-        model = BertModel.from_pretrained(args.model, torch_dtype=torch_dtype).to(device).eval()
+        model = BertModel.from_pretrained(args.model, dtype=torch_dtype).to(device).eval()
         pool = [t for ids in tokenizer(texts, truncation=True, max_length=256)["input_ids"] for t in ids[1:-1]]
         body = args.fixed_tokens - 2
         seqs = [[tokenizer.cls_token_id] + [pool[(i * body + j) % len(pool)] for j in range(body)]

@@ -9,11 +9,15 @@
 # Prompts are sampled there from eval/data (tracked, so they travel with the tree).
 #
 # usage: benches/gpu_session.sh STEP...     steps: verify test e2e model reindex (or all)
-# Writes its tables and JSON under $OUT (the device tool brings that folder back).
+# Writes its tables and JSON under $OUT (the device tool brings that folder back). Stops at the
+# first step that fails, so a wrong GPU result costs no more device time. SESSION_S (seconds, if
+# set) is the whole command's budget: `reindex` is cut off 20 s before it ends, so that the log of
+# the steps before it still comes back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
+T0=$(date +%s)
 BIN=/tmp/prompt-radar-cuda
 MODEL=${MODEL:-dist/model-f16}
 [ -x "$BIN" ] || xz -dc dist/prompt-radar-cuda-sm90.xz > "$BIN" && chmod +x "$BIN"
@@ -22,8 +26,17 @@ prompts() { # N FILE [--traffic]
   [ -f "$2" ] || python3 benches/sample_prompts.py --n "$1" ${3:-} --out "$2"
 }
 steps=("$@"); [ "${steps[*]:-all}" = all ] && steps=(verify test e2e model reindex)
-for step in "${steps[@]}"; do
-  case $step in
+# The 1M prompts of `reindex` are sampled in the background while the first steps check results.
+SAMPLER=
+case " ${steps[*]} " in *" reindex "*)
+  if [ ! -f /tmp/p1m.jsonl ]; then
+    (python3 benches/sample_prompts.py --n 1000000 --traffic --out /tmp/p1m.part >"$OUT/sample.txt" 2>&1 \
+      && mv /tmp/p1m.part /tmp/p1m.jsonl) &
+    SAMPLER=$!
+  fi ;;
+esac
+run_step() {
+  case $1 in
     verify) # cosine vs CPU f32 on 2,000 real prompts; the command fails below 0.999
       prompts 20000 /tmp/p20k.jsonl
       "$BIN" bench-embed --device cuda --model "$MODEL" --input /tmp/p20k.jsonl --texts 2000 \
@@ -55,12 +68,36 @@ for step in "${steps[@]}"; do
       # Without a terminal, reindex prints a progress line every 10 s: if the device's command
       # limit cuts the run short, the log that comes back still has the rate so far.
       # REINDEX_FLAGS adds flags, e.g. "--hnsw-ef-construction 64" (BENCHMARKS.md, "Ingest").
+      [ -z "$SAMPLER" ] || wait "$SAMPLER" || true
       prompts 1000000 /tmp/p1m.jsonl --traffic
       rm -rf /tmp/reindex-data
+      limit=${REINDEX_LIMIT_S:-540}
+      if [ -n "${SESSION_S:-}" ]; then
+        left=$(( SESSION_S - ($(date +%s) - T0) - 20 ))
+        [ "$left" -lt "$limit" ] && limit=$left
+      fi
+      echo "reindex: limit ${limit} s" | tee -a "$OUT/steps.txt"
       # shellcheck disable=SC2086 # REINDEX_FLAGS is a list of flags
-      timeout "${REINDEX_LIMIT_S:-540}" /usr/bin/time -v "$BIN" reindex --device cuda \
+      timev=(); [ -x /usr/bin/time ] && timev=(/usr/bin/time -v) # peak memory, where it is installed
+      timeout "$limit" "${timev[@]}" "$BIN" reindex --device cuda \
         --model "$MODEL" --input /tmp/p1m.jsonl --data-dir /tmp/reindex-data --batch-size 4096 \
         ${REINDEX_FLAGS:-} 2>&1 | tee "$OUT/reindex.txt" ;;
-    *) echo "unknown step $step (verify test e2e model reindex all)" >&2; exit 2 ;;
+    *) echo "unknown step $1 (verify test e2e model reindex all)" >&2; exit 2 ;;
   esac
+}
+# A failed check (verify, test) stops the session: timings of wrong vectors mean nothing. A failed
+# measurement is reported and the next one still runs.
+status=0
+for step in "${steps[@]}"; do
+  echo "== $step ($(( $(date +%s) - T0 )) s in)" | tee -a "$OUT/steps.txt"
+  set +e
+  (set -e; run_step "$step")
+  rc=$?
+  set -e
+  [ $rc -eq 0 ] && continue
+  echo "== $step FAILED (exit $rc)" | tee -a "$OUT/steps.txt"
+  status=$rc
+  case $step in verify|test) exit $rc ;; esac
 done
+echo "== done ($(( $(date +%s) - T0 )) s in)" | tee -a "$OUT/steps.txt"
+exit $status
