@@ -465,6 +465,21 @@ pub(super) fn chunks<'a, 'b>(seqs: &'a [&'b [u32]], tokens: usize) -> Vec<&'a [&
     out
 }
 
+/// Rows of the CUDA forward's matmuls for a pass of `tokens` tokens: `tokens` rounded up to a
+/// multiple of a sixteenth of the largest power of two not above it, and of 128. A pass pads by
+/// at most 127 rows, or 1/16 of its tokens past 2,048, and token counts up to the pass limit
+/// (32,768) fall into 80 shapes, whose cuBLASLt heuristics are cached after first use (see
+/// `cuda_bert`'s module docs).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) fn matmul_rows(tokens: usize) -> usize {
+    if tokens == 0 {
+        return 0;
+    }
+    let floor_pow2 = 1usize << (usize::BITS - 1 - tokens.leading_zeros());
+    let step = (floor_pow2 / 16).max(128);
+    tokens.div_ceil(step) * step
+}
+
 /// Runs `f` on blocks of [`ROWS_PER_TASK`] rows of `width`, in parallel when `par`.
 fn par_rows(buf: &mut [f32], width: usize, par: bool, f: impl Fn(&mut [f32]) + Sync + Send) {
     if par {
@@ -599,6 +614,30 @@ fn attention(
 
 #[cfg(test)]
 mod tests {
+    /// The CUDA forward's matmul rows cover the tokens, pad little, and take few values.
+    #[test]
+    fn matmul_rows_round_up_into_few_shapes() {
+        use super::matmul_rows;
+        assert_eq!(matmul_rows(0), 0);
+        assert_eq!(matmul_rows(1), 128);
+        assert_eq!(matmul_rows(128), 128);
+        assert_eq!(matmul_rows(129), 256);
+        assert_eq!(matmul_rows(2048), 2048);
+        assert_eq!(matmul_rows(2049), 2176);
+        assert_eq!(matmul_rows(32 * 1024), 32 * 1024);
+        let mut shapes = std::collections::BTreeSet::new();
+        for tokens in 1..=32 * 1024 {
+            let rows = matmul_rows(tokens);
+            assert!(
+                rows >= tokens && rows - tokens < 128.max(tokens / 16 + 1),
+                "{tokens}: {rows}"
+            );
+            assert!(rows <= 32 * 1024, "{tokens}: {rows}");
+            shapes.insert(rows);
+        }
+        assert_eq!(shapes.len(), 80);
+    }
+
     use std::collections::HashMap;
 
     use candle_core::Tensor;
