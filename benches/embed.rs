@@ -8,7 +8,9 @@
 //!
 //! `tokenize/request/N` tokenises N prompts one after the other on one thread, as the server does
 //! per request on the thread it arrived on; `tokenize/pooled/N` tokenises them as one batch on the
-//! thread pool, as `embed` and `reindex` do.
+//! thread pool, as `embed` and `reindex` do; `tokenize/full-tokenizer/N` tokenises them one after
+//! the other with the `tokenizers` crate alone (what every text went through before the
+//! project's WordPiece, and what non-ASCII texts still go through).
 
 #![allow(clippy::unwrap_used)] // benches and tests may panic on setup failures
 
@@ -137,6 +139,24 @@ fn bench_tokenize(c: &mut Criterion) {
             b.iter(|| {
                 for t in texts {
                     std::hint::black_box(tokenizer.ids(t).expect("tokenize"));
+                }
+            });
+        },
+    );
+    let mut full = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    full.with_padding(None);
+    full.with_truncation(Some(tokenizers::TruncationParams {
+        max_length: 256, // the embedder's truncation
+        ..Default::default()
+    }))
+    .unwrap();
+    group.bench_with_input(
+        BenchmarkId::new("full-tokenizer", texts.len()),
+        &texts,
+        |b, texts| {
+            b.iter(|| {
+                for t in texts {
+                    std::hint::black_box(full.encode(*t, true).unwrap());
                 }
             });
         },

@@ -16,11 +16,13 @@ use std::sync::mpsc::sync_channel;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use tokenizers::{Encoding, Tokenizer, TruncationParams};
+use rayon::prelude::*;
+use tokenizers::{Tokenizer, TruncationParams};
 
 #[cfg(feature = "cuda")]
 use super::cuda_bert::CudaBert;
 use super::fast_bert::FastBert;
+use super::wordpiece::FastWordPiece;
 use super::{EmbedError, Embedder, Embeddings, Tokenize};
 use crate::config::DeviceKind;
 
@@ -104,7 +106,7 @@ impl Forward {
 /// A BERT sentence embedder (all-MiniLM-L6-v2) on the CPU (f32) or a CUDA GPU (f16).
 pub struct CandleEmbedder {
     forward: Forward,
-    tokenizer: Arc<Tokenizer>,
+    tokenizer: Arc<BertTokenizer>,
     kind: DeviceKind,
     dim: usize,
     pass: PassLimits,
@@ -160,6 +162,7 @@ impl CandleEmbedder {
         tokenizer
             .with_truncation(Some(truncation))
             .map_err(|e| bad(&tokenizer_path, &e))?;
+        let tokenizer = BertTokenizer::new(tokenizer);
 
         let own = forward == BertForward::Own && FastBert::supports(&config);
         let candle = |dev: Device| -> Result<Forward, EmbedError> {
@@ -209,7 +212,7 @@ impl CandleEmbedder {
     }
 
     /// Tokenises `texts` (see [`encode`]).
-    fn encode(&self, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
+    fn encode(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EmbedError> {
         encode(&self.tokenizer, texts)
     }
 
@@ -227,7 +230,7 @@ impl CandleEmbedder {
         let (tokenizer, forward, pass) = (&*self.tokenizer, &mut self.forward, self.pass);
         std::thread::scope(|scope| {
             // Two batches ahead at most: bounded memory, and the model always has one waiting.
-            let (tx, rx) = sync_channel::<Result<(Range<usize>, Vec<Encoding>), EmbedError>>(2);
+            let (tx, rx) = sync_channel::<Result<(Range<usize>, Vec<Vec<u32>>), EmbedError>>(2);
             scope.spawn(move || {
                 for lo in (0..texts.len()).step_by(batch) {
                     let range = lo..(lo + batch).min(texts.len());
@@ -239,7 +242,7 @@ impl CandleEmbedder {
             });
             for encoded in rx {
                 let (range, encodings) = encoded?;
-                let ids: Vec<&[u32]> = encodings.iter().map(Encoding::get_ids).collect();
+                let ids: Vec<&[u32]> = encodings.iter().map(Vec::as_slice).collect();
                 let vectors = forward.run(&ids, pass)?;
                 if sink(range, vectors).is_break() {
                     break;
@@ -251,11 +254,7 @@ impl CandleEmbedder {
 
     /// Tokenises `texts` as [`Embedder::embed`] does: the ids the model sees.
     pub fn token_ids(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EmbedError> {
-        Ok(self
-            .encode(texts)?
-            .iter()
-            .map(|e| e.get_ids().to_vec())
-            .collect())
+        self.encode(texts)
     }
 }
 
@@ -289,7 +288,7 @@ fn candle_forward(
 impl Embedder for CandleEmbedder {
     fn embed(&mut self, texts: &[&str]) -> Result<Embeddings, EmbedError> {
         let encodings = self.encode(texts)?;
-        let ids: Vec<&[u32]> = encodings.iter().map(Encoding::get_ids).collect();
+        let ids: Vec<&[u32]> = encodings.iter().map(Vec::as_slice).collect();
         self.embed_ids(&ids)
     }
 
@@ -312,51 +311,65 @@ impl Embedder for CandleEmbedder {
     }
 }
 
-/// Tokenises `texts` in parallel, truncated at [`MAX_TOKENS`], unpadded. A long text is first
-/// tokenised by a prefix cut at whitespace; when that prefix fills [`MAX_TOKENS`] its tokens
-/// are exactly the truncated tokens of the whole text, otherwise the whole text is tokenised.
-fn encode(tokenizer: &Tokenizer, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
-    let prefixes: Vec<&str> = texts.iter().map(|t| word_prefix(t, PREFIX_BYTES)).collect();
-    let mut encodings = tokenizer
-        .encode_batch(prefixes.clone(), true)
-        .map_err(tok_err)?;
-    let redo: Vec<usize> = (0..texts.len())
-        .filter(|&i| needs_whole(prefixes[i], texts[i], &encodings[i]))
-        .collect();
-    if !redo.is_empty() {
-        let whole = redo.iter().map(|&i| texts[i]).collect();
-        let again = tokenizer.encode_batch(whole, true).map_err(tok_err)?;
-        for (i, encoding) in redo.into_iter().zip(again) {
-            encodings[i] = encoding;
-        }
-    }
-    Ok(encodings)
+/// Tokenises `texts` in parallel (see [`BertTokenizer`]), truncated at [`MAX_TOKENS`], unpadded.
+fn encode(tokenizer: &BertTokenizer, texts: &[&str]) -> Result<Vec<Vec<u32>>, EmbedError> {
+    texts
+        .par_iter()
+        .with_min_len(16)
+        .map(|t| tokenizer.ids(t))
+        .collect()
 }
 
-/// Whether `text`, tokenised by its `prefix` into `encoding`, must be tokenised whole: the
-/// prefix is shorter than the text and its tokens do not fill [`MAX_TOKENS`].
-fn needs_whole(prefix: &str, text: &str, encoding: &Encoding) -> bool {
-    prefix.len() < text.len() && encoding.len() < MAX_TOKENS
+/// The model's tokenizer: [`FastWordPiece`] for the texts it takes (ASCII, the bulk of
+/// prompts), the `tokenizers` crate's full tokenizer for the rest. Both give the same ids.
+pub struct BertTokenizer {
+    full: Tokenizer,
+    fast: Option<FastWordPiece>,
+}
+
+impl BertTokenizer {
+    /// Wraps `full` (padding off, truncation at [`MAX_TOKENS`] set), with the fast path when
+    /// `full` is a BERT WordPiece tokenizer it reproduces.
+    fn new(full: Tokenizer) -> Self {
+        let fast = match FastWordPiece::from_tokenizer(&full, MAX_TOKENS) {
+            Ok(fast) => Some(fast),
+            Err(why) => {
+                tracing::warn!("tokenizer: every text goes through the full tokenizer ({why})");
+                None
+            }
+        };
+        Self { full, fast }
+    }
+
+    /// The full tokenizer's ids of `text`. A long text is first tokenised by a prefix cut at
+    /// whitespace; when that prefix fills [`MAX_TOKENS`] its tokens are exactly the truncated
+    /// tokens of the whole text, otherwise the whole text is tokenised.
+    fn full_ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
+        let prefix = word_prefix(text, PREFIX_BYTES);
+        let mut encoding = self.full.encode(prefix, true).map_err(tok_err)?;
+        if prefix.len() < text.len() && encoding.len() < MAX_TOKENS {
+            encoding = self.full.encode(text, true).map_err(tok_err)?;
+        }
+        Ok(encoding.get_ids().to_vec())
+    }
 }
 
 fn tok_err(e: tokenizers::Error) -> EmbedError {
     EmbedError::Tokenizer(e.to_string())
 }
 
-impl Tokenize for Tokenizer {
-    /// [`encode`] for one text, without the thread pool that batches use: a request is tokenised
-    /// on the thread it arrived on, while the pool runs the model.
+impl Tokenize for BertTokenizer {
+    /// One text, on the calling thread: a request is tokenised on the thread it arrived on,
+    /// while the pool runs the model.
     fn ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
-        let prefix = word_prefix(text, PREFIX_BYTES);
-        let mut encoding = self.encode(prefix, true).map_err(tok_err)?;
-        if needs_whole(prefix, text, &encoding) {
-            encoding = self.encode(text, true).map_err(tok_err)?;
+        match self.fast.as_ref().and_then(|fast| fast.ids(text)) {
+            Some(ids) => Ok(ids),
+            None => self.full_ids(text),
         }
-        Ok(encoding.get_ids().to_vec())
     }
 
     fn unknown_id(&self) -> Option<u32> {
-        self.token_to_id("[UNK]")
+        self.full.token_to_id("[UNK]")
     }
 }
 

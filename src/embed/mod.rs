@@ -9,6 +9,7 @@ mod cuda_bert;
 mod fast_bert;
 mod fast_kernels;
 mod packed_gemm;
+mod wordpiece;
 
 pub use batcher::{BatchConfig, Batcher, BatcherHandle, Embedded, Job, SubmitError};
 pub use candle_bert::{BertForward, CandleEmbedder};
