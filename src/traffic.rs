@@ -22,8 +22,18 @@ pub struct TrafficLine {
     #[serde(default, deserialize_with = "null_is_now")]
     pub timestamp_ms: i64,
     /// `"organic"` or a campaign name (evaluation only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "label_text")]
     pub label: Option<String>,
+}
+
+/// `label`: a string, or absent or null; anything else is refused naming the field.
+fn label_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => text_field(v, "label")
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 fn account_id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -680,6 +690,13 @@ not json
             r.starts_with(r#"`prompt` must be a string, not ["x"]"#),
             "{r}"
         );
+        let r = reason(r#"{"account_id": "a", "prompt": "hi", "label": 5}"#);
+        assert!(
+            r.starts_with(r#"`label` must be a string, not 5 (write it as "5")"#),
+            "{r}"
+        );
+        let null = parse(1, r#"{"account_id": "a", "prompt": "hi", "label": null}"#).unwrap();
+        assert_eq!(null.label, None);
         // Escapes are read as JSON strings are.
         let ok = parse(1, r#"{"account_id": "a\u00e9", "prompt": "line\nbreak"}"#).unwrap();
         assert_eq!(
