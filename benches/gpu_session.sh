@@ -9,8 +9,9 @@
 # Prompts are sampled there from eval/data (tracked, so they travel with the tree).
 #
 # usage: benches/gpu_session.sh STEP...     steps: verify test e2e model reindex (or all)
-# Writes its tables and JSON under $OUT (the device tool brings that folder back). Stops at the
-# first step that fails, so a wrong GPU result costs no more device time. SESSION_S (seconds, if
+# Writes its tables and JSON under $OUT (the device tool brings that folder back). Stops at a
+# failed check (verify, test), so a wrong GPU result costs no more device time; a failed
+# measurement is reported and the next step still runs. SESSION_S (seconds, if
 # set) is the whole command's budget: `reindex` is cut off 20 s before it ends, so that the log of
 # the steps before it still comes back.
 set -euo pipefail
@@ -68,7 +69,6 @@ run_step() {
       # Without a terminal, reindex prints a progress line every 10 s: if the device's command
       # limit cuts the run short, the log that comes back still has the rate so far.
       # REINDEX_FLAGS adds flags, e.g. "--hnsw-ef-construction 64" (BENCHMARKS.md, "Ingest").
-      [ -z "$SAMPLER" ] || wait "$SAMPLER" || true
       prompts 1000000 /tmp/p1m.jsonl --traffic
       rm -rf /tmp/reindex-data
       limit=${REINDEX_LIMIT_S:-540}
@@ -90,6 +90,8 @@ run_step() {
 status=0
 for step in "${steps[@]}"; do
   echo "== $step ($(( $(date +%s) - T0 )) s in)" | tee -a "$OUT/steps.txt"
+  # The sampler is this shell's child: a step's subshell cannot wait for it.
+  if [ "$step" = reindex ] && [ -n "$SAMPLER" ]; then wait "$SAMPLER" || true; fi
   set +e
   (set -e; run_step "$step")
   rc=$?

@@ -152,16 +152,7 @@ impl CandleEmbedder {
         let text = std::fs::read_to_string(&config_path).map_err(|e| bad(&config_path, &e))?;
         let config: Config = serde_json::from_str(&text).map_err(|e| bad(&config_path, &e))?;
 
-        let mut tokenizer =
-            Tokenizer::from_file(&tokenizer_path).map_err(|e| bad(&tokenizer_path, &e))?;
-        tokenizer.with_padding(None);
-        let truncation = TruncationParams {
-            max_length: MAX_TOKENS,
-            ..Default::default()
-        };
-        tokenizer
-            .with_truncation(Some(truncation))
-            .map_err(|e| bad(&tokenizer_path, &e))?;
+        let tokenizer = full_tokenizer(&tokenizer_path).map_err(|e| bad(&tokenizer_path, &e))?;
         let tokenizer = BertTokenizer::new(tokenizer);
 
         let own = forward == BertForward::Own && FastBert::supports(&config);
@@ -211,11 +202,6 @@ impl CandleEmbedder {
         })
     }
 
-    /// Tokenises `texts` (see [`encode`]).
-    fn encode(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EmbedError> {
-        encode(&self.tokenizer, texts)
-    }
-
     /// Embeds `texts` in batches of `batch`, tokenising the next batch on another thread while
     /// the model runs the current one (what a re-indexing job wants: the GPU never waits for
     /// the tokeniser). `sink` gets each batch's range of `texts` and its vectors, in order, and
@@ -254,7 +240,7 @@ impl CandleEmbedder {
 
     /// Tokenises `texts` as [`Embedder::embed`] does: the ids the model sees.
     pub fn token_ids(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EmbedError> {
-        self.encode(texts)
+        encode(&self.tokenizer, texts)
     }
 }
 
@@ -287,7 +273,7 @@ fn candle_forward(
 
 impl Embedder for CandleEmbedder {
     fn embed(&mut self, texts: &[&str]) -> Result<Embeddings, EmbedError> {
-        let encodings = self.encode(texts)?;
+        let encodings = self.token_ids(texts)?;
         let ids: Vec<&[u32]> = encodings.iter().map(Vec::as_slice).collect();
         self.embed_ids(&ids)
     }
@@ -309,6 +295,18 @@ impl Embedder for CandleEmbedder {
     fn device_name(&self) -> String {
         self.kind.to_string()
     }
+}
+
+/// The `tokenizers` crate's tokenizer of `tokenizer.json` as the embedder uses it: no padding (the
+/// shipped file pads to 128), truncation at [`MAX_TOKENS`] (it ships 128).
+pub(super) fn full_tokenizer(path: &Path) -> Result<Tokenizer, tokenizers::Error> {
+    let mut tokenizer = Tokenizer::from_file(path)?;
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(Some(TruncationParams {
+        max_length: MAX_TOKENS,
+        ..Default::default()
+    }))?;
+    Ok(tokenizer)
 }
 
 /// Tokenises `texts` in parallel (see [`BertTokenizer`]), truncated at [`MAX_TOKENS`], unpadded.

@@ -233,14 +233,8 @@ mod tests {
             .unwrap_or_else(|| {
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
             });
-        let mut t = Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer.json");
-        t.with_padding(None);
-        t.with_truncation(Some(tokenizers::TruncationParams {
-            max_length: 256,
-            ..Default::default()
-        }))
-        .expect("truncation");
-        t
+        super::super::candle_bert::full_tokenizer(&dir.join("tokenizer.json"))
+            .expect("tokenizer.json")
     }
 
     /// Every ASCII text of the project's corpora (and variants of each with control characters,
@@ -249,7 +243,8 @@ mod tests {
     #[test]
     fn ascii_texts_get_the_full_tokenizers_ids() {
         let full = tokenizer();
-        let fast = FastWordPiece::from_tokenizer(&full, 256).expect("a BERT tokenizer");
+        let fast = FastWordPiece::from_tokenizer(&full, super::super::candle_bert::MAX_TOKENS)
+            .expect("a BERT tokenizer");
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let body = std::fs::read_to_string(root.join("tests/data/recall_prompts.txt"))
             .expect("tests/data/recall_prompts.txt");
@@ -328,6 +323,6 @@ mod tests {
         let mut t = tokenizer();
         t.with_normalizer(None::<tokenizers::NormalizerWrapper>)
             .expect("no normalizer");
-        assert!(FastWordPiece::from_tokenizer(&t, 256).is_err());
+        assert!(FastWordPiece::from_tokenizer(&t, super::super::candle_bert::MAX_TOKENS).is_err());
     }
 }
