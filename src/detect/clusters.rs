@@ -76,6 +76,10 @@ struct ClusterStats {
     last_seen_ms: i64,
     /// A uniform sample of the members, up to `SAMPLES` (see [`merge_samples`]), in id order.
     samples: Vec<u64>,
+    /// While one account alone has prompts here: the keys of its [`AccountStats::clusters`]
+    /// that resolve to this cluster. A merge that brings in another account, or an allow-list
+    /// mark, moves them to the account's [`AccountStats::live`] (and empties this).
+    solo_keys: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -91,6 +95,13 @@ struct AccountStats {
     shared: HashMap<u64, u64>,
     /// Prompts of other accounts this account's prompts have linked to.
     targets: HashSet<u64>,
+    /// The keys of `clusters` whose cluster has held another account's prompts too, or has been
+    /// allow-listed; every other key is in its cluster's [`ClusterStats::solo_keys`]. A cluster
+    /// of one account scores 0 and is never a campaign, so these are the only clusters an
+    /// account's score comes from: scoring it (every verdict does) costs the clusters it shares
+    /// with others, not every cluster it ever started. (An account of 100k prompts, most of
+    /// them unlike any other account's, would otherwise cost 100k lookups a verdict.)
+    live: HashSet<u64>,
 }
 
 /// One observed prompt, as cross-account evidence needs it.
@@ -233,10 +244,78 @@ impl Detector {
     pub fn allow_cluster(&mut self, id: u64) -> bool {
         let root = self.cluster_of(id);
         let was = self.cluster_score(root).0 >= self.config.campaign_score;
-        if self.clusters.contains_key(&root) {
+        if let Some(c) = self.clusters.get_mut(&root) {
             self.allowed.insert(root);
+            // Its prompts now count as allow-listed in its account's summary.
+            Self::make_live(&mut self.accounts, c);
         }
         was
+    }
+
+    /// Moves the keys of a cluster of one account ([`ClusterStats::solo_keys`]) to that account's
+    /// [`AccountStats::live`].
+    fn make_live(accounts: &mut HashMap<u32, AccountStats>, c: &mut ClusterStats) {
+        if c.solo_keys.is_empty() {
+            return;
+        }
+        if let Some(&acct) = c.accounts.keys().next() {
+            let live = &mut accounts.entry(acct).or_default().live;
+            live.extend(c.solo_keys.drain(..));
+        }
+    }
+
+    /// Two clusters as one; keys of a cluster of one account go live when the other side
+    /// brings another account.
+    fn merge_clusters(&mut self, mut keep: ClusterStats, mut gone: ClusterStats) -> ClusterStats {
+        fn alone(c: &ClusterStats) -> Option<u32> {
+            (c.accounts.len() == 1).then(|| c.accounts.keys().next().copied())?
+        }
+        let one_account = match (alone(&keep), alone(&gone)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        if !one_account {
+            Self::make_live(&mut self.accounts, &mut keep);
+            Self::make_live(&mut self.accounts, &mut gone);
+        }
+        merge(keep, gone)
+    }
+
+    /// The account's summary scored from all its cluster keys, live or not (what scoring was
+    /// before [`AccountStats::live`]): what tests check the live keys against.
+    #[cfg(test)]
+    fn summary_from_all_keys(&mut self, account_id: &str) -> AccountSummary {
+        let acct = self.account_ids[account_id];
+        let a = self.accounts.get_mut(&acct).expect("an observed account");
+        let all = a.clusters.keys().copied().collect();
+        let live = std::mem::replace(&mut a.live, all);
+        let summary = self.account_summary(acct);
+        self.accounts.get_mut(&acct).expect("still there").live = live;
+        summary
+    }
+
+    /// Sorts every account's cluster keys into live ones and clusters' solo keys (see
+    /// [`AccountStats::live`]), for a state read from a snapshot.
+    fn sort_keys(&mut self) {
+        for (&acct, a) in self.accounts.iter_mut() {
+            for &key in a.clusters.keys() {
+                let mut root = key;
+                while let Some(&p) = self.parent.get(root as usize) {
+                    if p == root {
+                        break;
+                    }
+                    root = p;
+                }
+                match self.clusters.get_mut(&root) {
+                    Some(c) if c.accounts.len() == 1 && c.accounts.contains_key(&acct) => {
+                        c.solo_keys.push(key);
+                    }
+                    _ => {
+                        a.live.insert(key);
+                    }
+                }
+            }
+        }
     }
 
     /// Whether the cluster of prompt `id` is allow-listed (see [`Self::allow_cluster`]).
@@ -297,6 +376,7 @@ impl Detector {
             first_seen_ms: obs.timestamp_ms,
             last_seen_ms: obs.timestamp_ms,
             samples: vec![obs.id],
+            solo_keys: Vec::new(),
         };
         for &link in obs.links {
             if link >= obs.id {
@@ -318,7 +398,7 @@ impl Detector {
             self.parent[gone as usize] = keep;
             self.allowed.remove(&gone);
             root = keep;
-            stats = merge(keep_stats, gone_stats);
+            stats = self.merge_clusters(keep_stats, gone_stats);
         }
         self.parent[obs.id as usize] = root;
         self.clusters.insert(root, stats);
@@ -389,7 +469,19 @@ impl Detector {
         a.prompts += 1;
         a.first_seen_ms = a.first_seen_ms.min(obs.timestamp_ms);
         a.last_seen_ms = a.last_seen_ms.max(obs.timestamp_ms);
-        *a.clusters.entry(root).or_default() += 1;
+        let joined = a.clusters.entry(root).or_default();
+        *joined += 1;
+        if *joined == 1 {
+            // A new key: live, or kept by its cluster of one account until that changes.
+            match self.clusters.get_mut(&root) {
+                Some(c) if c.accounts.len() == 1 && !self.allowed.contains(&root) => {
+                    c.solo_keys.push(root);
+                }
+                _ => {
+                    a.live.insert(root);
+                }
+            }
+        }
         if shared {
             *a.shared.entry(root).or_default() += 1;
         }
@@ -593,9 +685,13 @@ impl Detector {
         // are linked across accounts (a campaign member, whose own bursts may link to itself);
         // otherwise only the cross-account ones count (a one-account batch job that a few
         // look-alikes chained into a big cluster).
+        // Only live keys: the others' clusters hold this account alone, score 0 and are not
+        // allow-listed, so they would add nothing below.
         let mut by_root: HashMap<u64, (u64, u64)> = HashMap::new();
-        for (&c, &n) in &a.clusters {
-            by_root.entry(self.cluster_of(c)).or_default().0 += n;
+        for c in &a.live {
+            if let Some(&n) = a.clusters.get(c) {
+                by_root.entry(self.cluster_of(*c)).or_default().0 += n;
+            }
         }
         for (&c, &m) in &a.shared {
             by_root.entry(self.cluster_of(c)).or_default().1 += m;
@@ -800,7 +896,7 @@ impl Detector {
             }
             accounts.insert(acct, a);
         }
-        Ok(Self {
+        let mut detector = Self {
             config,
             parent,
             clusters,
@@ -809,7 +905,9 @@ impl Detector {
             account_names,
             prompts_seen,
             allowed: HashSet::new(),
-        })
+        };
+        detector.sort_keys();
+        Ok(detector)
     }
 
     /// The normalised-text hash of prompt `id`, if it was observed.
@@ -859,6 +957,7 @@ fn merge(mut keep: ClusterStats, gone: ClusterStats) -> ClusterStats {
     keep.first_seen_ms = keep.first_seen_ms.min(gone.first_seen_ms);
     keep.last_seen_ms = keep.last_seen_ms.max(gone.last_seen_ms);
     keep.samples = merge_samples(std::mem::take(&mut keep.samples), gone.samples);
+    keep.solo_keys.extend(gone.solo_keys);
     keep
 }
 
@@ -1005,6 +1104,72 @@ mod tests {
         // Each says where its prompts went: 3 each, the newcomer's 1.
         let cleared: u64 = d.accounts().iter().map(|a| a.allow_listed_prompts).sum();
         assert_eq!(cleared, 37);
+    }
+
+    #[test]
+    fn an_account_scores_from_its_live_clusters_as_from_all_of_them() {
+        // Random traffic: 10 campaign accounts whose prompts link to recent ones of the
+        // campaign, 30 organic accounts whose prompts mostly stand alone, texts that repeat,
+        // links across the whole history (merges of clusters of one account and of several),
+        // clusters allow-listed on the way; then the state through a snapshot, and more traffic
+        // on top of it.
+        let mut rng = crate::index::testdata::Rng::new(11);
+        let mut d = Detector::new(DetectorConfig::default());
+        let (mut campaign, mut organic): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
+        let mut step = |d: &mut Detector, id: u64, rng: &mut crate::index::testdata::Rng| {
+            let n = rng.next_u64() % 40;
+            let account = format!("a{n}");
+            let mut links: Vec<u64> = Vec::new();
+            let hash = if n < 10 {
+                for _ in 0..1 + rng.next_u64() % 2 {
+                    if !campaign.is_empty() {
+                        let back = (rng.next_u64() % 20) as usize;
+                        links.push(campaign[campaign.len().saturating_sub(1 + back)]);
+                    }
+                }
+                campaign.push(id);
+                1_000_000 + id
+            } else {
+                if !organic.is_empty() && rng.next_u64() % 5 == 0 {
+                    links.push(organic[(rng.next_u64() % organic.len() as u64) as usize]);
+                }
+                organic.push(id);
+                rng.next_u64() % 400
+            };
+            let verdict = d.observe(obs(id, &account, hash, &links));
+            let all = d.summary_from_all_keys(&account);
+            assert_eq!((verdict.score, verdict.action), (all.score, all.action), "prompt {id}");
+            assert_eq!(d.account(&account).as_ref(), Some(&all), "prompt {id}");
+            if id % 250 == 0 {
+                d.allow_cluster(organic[(rng.next_u64() % organic.len() as u64) as usize]);
+            }
+        };
+        for id in 1..=3000 {
+            step(&mut d, id, &mut rng);
+        }
+        let flagged = d.accounts().iter().filter(|a| a.flagged).count();
+        assert!(flagged > 0 && flagged < 40, "{flagged} accounts flagged");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let header = super::super::snapshot::SnapshotHeader {
+            last_id: 3000,
+            last_text_hash: 0,
+            prompts: d.prompts(),
+            allow: 0,
+        };
+        let keys = super::super::keys::KeyIndex::default();
+        super::super::snapshot::save(&path, &header, &d, &keys).unwrap();
+        let (_, mut back, _) = super::super::snapshot::load(&path, DetectorConfig::default(), |_| Ok(()))
+            .unwrap()
+            .unwrap();
+        // Allow-list marks are not in a snapshot: a start marks the same clusters again.
+        for root in d.allowed_roots() {
+            back.allow_cluster(root);
+        }
+        assert_eq!(back.accounts(), d.accounts());
+        for id in 3001..=4000 {
+            step(&mut back, id, &mut rng);
+        }
     }
 
     #[test]
