@@ -35,7 +35,7 @@ use crate::error::Error;
 use crate::index::{
     HnswParams, Neighbour, SegmentedHnsw, SegmentsConfig, VectorSearch, by_similarity, dot, pairs,
 };
-use crate::store::{PromptRecord, Store};
+use crate::store::{PromptRecord, RecordRef, Store, text_hash};
 
 /// A prompt accepted for ingest, already validated and embedded.
 #[derive(Debug, Clone)]
@@ -211,12 +211,14 @@ pub struct IngestTimes {
     /// earlier prompts, template keys.
     pub lookup: std::time::Duration,
     /// In order, on one thread: the key index's links, the detector's clustering and scoring.
+    /// It runs while the index inserts do.
     pub cluster: std::time::Duration,
-    /// The store transaction (one commit per batch), on a thread of its own while the index
-    /// inserts run: it is within `index`'s time unless it is the longer of the two.
+    /// The store transaction (one commit per batch), after `cluster` on the same thread, while
+    /// the index inserts run.
     pub store: std::time::Duration,
-    /// Index and part-index inserts (on all cores for large batches) alongside the store
-    /// commit, until both are done; then sealing full segments.
+    /// Index and part-index inserts (on a thread of their own, and on all cores for large
+    /// batches) alongside `cluster` and `store`; then sealing full segments. A batch takes the
+    /// longer of `index` and `cluster` + `store`, not their sum.
     pub index: std::time::Duration,
 }
 
@@ -917,9 +919,9 @@ impl Engine {
         times.batches += 1;
         let cfg = &self.config.detector;
         let first_id = state.next_id;
-        let mut records: Vec<PromptRecord> = Vec::with_capacity(batch.len());
-        let mut verdicts = Vec::with_capacity(batch.len());
-        {
+        let n = batch.len();
+        // Links, per prompt, and its text hash; `None`: an allow-listed template matched it.
+        let found: Vec<(u64, Option<Found>)> = {
             let index = self.index.read();
             let part_index = self.parts.read();
             // Everything a prompt's links need but the key index, which changes as the batch goes
@@ -930,13 +932,16 @@ impl Engine {
             let allow = &state.allow.1;
             // A small batch (a gateway's few requests) stays on this thread: handing it to the
             // pool would queue it behind the embedder's work there.
-            let parallel = batch.len() >= PARALLEL_LOOKUPS;
+            let parallel = n >= PARALLEL_LOOKUPS;
             let within = in_batch(&batch, first_id, index.dim(), cfg, parallel);
             let lookup = |(i, p): (usize, &NewPrompt)| {
-                let keys = template_keys(allow, &p.account_id, &p.text)?;
+                let hash = text_hash(&p.text);
+                let Some(keys) = template_keys(allow, &p.account_id, &p.text) else {
+                    return (hash, None);
+                };
                 if !p.readable {
                     let (near, parts) = (Vec::new(), Vec::new());
-                    return Some(Found { near, parts, keys });
+                    return (hash, Some(Found { near, parts, keys }));
                 }
                 let mut near: Vec<Neighbour> = index.search(&p.embedding, cfg.neighbours_k);
                 near.retain(|n| n.similarity >= cfg.similarity_threshold);
@@ -947,66 +952,19 @@ impl Engine {
                 near.truncate(cfg.neighbours_k);
                 let near = near.iter().map(|n| n.id).collect();
                 let parts = part_links(&part_index, &p.parts, &within.parts[i], cfg);
-                Some(Found { near, parts, keys })
+                (hash, Some(Found { near, parts, keys }))
             };
-            let found: Vec<Option<Found>> = if parallel {
+            if parallel {
                 batch.par_iter().enumerate().map(lookup).collect()
             } else {
                 batch.iter().enumerate().map(lookup).collect()
-            };
-            times.lookup += lap();
-            let mut detector = self.detector.write();
-            for (p, found) in batch.into_iter().zip(found) {
-                let id = state.next_id;
-                state.next_id += 1;
-                let mut links: Vec<u64> = Vec::new();
-                let allowed = found.is_none();
-                if let Some(Found { near, parts, keys }) = found {
-                    links = near;
-                    let more = parts
-                        .into_iter()
-                        .chain(state.keys.link(id, keys.0, &keys.1));
-                    for l in more {
-                        if !links.contains(&l) {
-                            links.push(l);
-                        }
-                    }
-                    // Never to a known app's prompt (see `Detector::closed`). Dropped before the
-                    // links are stored, so a start's replay unions the same clusters.
-                    links.retain(|&l| !detector.closed(l));
-                }
-                let record = PromptRecord {
-                    parts: p.parts,
-                    ..PromptRecord::new(
-                        id,
-                        p.account_id,
-                        p.timestamp_ms,
-                        p.text,
-                        p.embedding,
-                        0,
-                        links,
-                    )
-                };
-                let verdict = detector.observe(Observation {
-                    id,
-                    account_id: &record.account_id,
-                    timestamp_ms: record.timestamp_ms,
-                    text_hash: record.text_hash,
-                    links: &record.links,
-                    allowed,
-                });
-                records.push(PromptRecord {
-                    cluster_id: verdict.cluster_id,
-                    ..record
-                });
-                verdicts.push(verdict);
             }
-        }
-        times.cluster += lap();
+        };
+        times.lookup += lap();
         // A batch after a gap in traffic (days later) starts a time slice of its own: sealed
         // with the prompts from before the gap, it would keep them from retention for as long
         // as its own. (Those prompts are committed; this batch's are not yet in the index.)
-        let times_of = || records.iter().map(|r| r.timestamp_ms);
+        let times_of = || batch.iter().map(|p| p.timestamp_ms);
         if let (Some(oldest), Some(newest)) = (times_of().min(), times_of().max()) {
             for (index, name) in [(&self.parts, "part index"), (&self.index, "index")] {
                 let mut index = index.write();
@@ -1026,31 +984,82 @@ impl Engine {
                 }
             }
         }
-        // The store commits the batch on a thread of its own while the vectors go into the
-        // index and the part index: only sealing, which puts a segment on disk, waits for the
-        // commit, so a sealed segment never holds a prompt the store lacks. If the commit
-        // fails, the engine is poisoned and writes no checkpoint: what the active segments hold
-        // beyond the store never reaches disk.
-        let (committed, inserted) = std::thread::scope(|s| {
-            let store = s.spawn(|| {
-                let started = Instant::now();
-                (self.store.append(&records), started.elapsed())
-            });
-            let inserted = self.insert_vectors(&records);
-            (store.join(), inserted)
-        });
         times.index += lap();
-        match committed {
-            Ok((Ok(()), took)) => times.store += took,
-            Ok((Err(e), _)) => return Err(self.poison(e.into())),
-            Err(_) => {
-                let e = Error::Unavailable("the store commit panicked".into());
-                return Err(self.poison(e));
+        // The vectors go into the index and the part index on a thread of their own (on all
+        // cores for a large batch), as they need nothing from the detector: meanwhile this
+        // thread clusters the batch in order and then commits it to the store. Only sealing,
+        // which puts a segment on disk, waits for both, so a sealed segment never holds a
+        // prompt the store lacks. If the commit fails, the engine is poisoned and writes no
+        // checkpoint: what the active segments hold beyond the store never reaches disk.
+        let mut links_of: Vec<Vec<u64>> = Vec::with_capacity(n);
+        let mut verdicts: Vec<Verdict> = Vec::with_capacity(n);
+        let mut hashes: Vec<u64> = Vec::with_capacity(n);
+        let (committed, inserted) = std::thread::scope(|s| {
+            let inserter = s.spawn(|| {
+                let started = Instant::now();
+                (self.insert_vectors(first_id, &batch), started.elapsed())
+            });
+            let mut detector = self.detector.write();
+            for (i, (p, (hash, found))) in batch.iter().zip(found).enumerate() {
+                let id = first_id + i as u64;
+                let mut links: Vec<u64> = Vec::new();
+                let allowed = found.is_none();
+                if let Some(Found { near, parts, keys }) = found {
+                    links = near;
+                    let more = parts
+                        .into_iter()
+                        .chain(state.keys.link(id, keys.0, &keys.1));
+                    for l in more {
+                        if !links.contains(&l) {
+                            links.push(l);
+                        }
+                    }
+                    // Never to a known app's prompt (see `Detector::closed`). Dropped before the
+                    // links are stored, so a start's replay unions the same clusters.
+                    links.retain(|&l| !detector.closed(l));
+                }
+                verdicts.push(detector.observe(Observation {
+                    id,
+                    account_id: &p.account_id,
+                    timestamp_ms: p.timestamp_ms,
+                    text_hash: hash,
+                    links: &links,
+                    allowed,
+                }));
+                links_of.push(links);
+                hashes.push(hash);
             }
+            drop(detector);
+            state.next_id += n as u64;
+            times.cluster += lap();
+            let records = batch.iter().enumerate().map(|(i, p)| RecordRef {
+                id: first_id + i as u64,
+                account_id: &p.account_id,
+                timestamp_ms: p.timestamp_ms,
+                text: &p.text,
+                text_hash: hashes[i],
+                embedding: &p.embedding,
+                cluster_id: verdicts[i].cluster_id,
+                links: &links_of[i],
+                parts: &p.parts,
+            });
+            let committed = self.store.append_refs(records);
+            times.store += lap();
+            match inserter.join() {
+                Ok((inserted, took)) => {
+                    times.index += took;
+                    (committed, inserted)
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        });
+        let _ = lap();
+        if let Err(e) = committed {
+            return Err(self.poison(e.into()));
         }
         inserted?;
         // A late prompt last in the batch must not turn retention's clock back.
-        let now = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
+        let now = batch.iter().map(|p| p.timestamp_ms).max().unwrap_or(0);
         // The batch is stored: a seal that fails (an unwritable or full index directory) must
         // not fail it, or a client's retry would store it twice. The active segment stays in
         // memory, searched as before, and the seal is tried again later.
@@ -1116,13 +1125,16 @@ impl Engine {
         self.poisoned.get().cloned()
     }
 
-    /// Inserts the batch's vectors into the active segments of the index and the part index.
-    fn insert_vectors(&self, records: &[PromptRecord]) -> Result<(), Error> {
-        let parts = part_items(records.iter().map(|r| (r.id, r.timestamp_ms, &r.parts[..])));
+    /// Inserts the vectors of `batch`, whose ids start at `first_id`, into the active segments
+    /// of the index and the part index.
+    fn insert_vectors(&self, first_id: u64, batch: &[NewPrompt]) -> Result<(), Error> {
+        let id = |i: usize| first_id + i as u64;
+        let parts = part_items(
+            (batch.iter().enumerate()).map(|(i, p)| (id(i), p.timestamp_ms, &p.parts[..])),
+        );
         insert_batch(&mut self.parts.write(), &parts)?;
-        let items: Vec<(u64, i64, &[f32])> = records
-            .iter()
-            .map(|r| (r.id, r.timestamp_ms, &r.embedding[..]))
+        let items: Vec<(u64, i64, &[f32])> = (batch.iter().enumerate())
+            .map(|(i, p)| (id(i), p.timestamp_ms, &p.embedding[..]))
             .collect();
         insert_batch(&mut self.index.write(), &items)?;
         Ok(())

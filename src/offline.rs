@@ -547,7 +547,7 @@ impl StageTimes {
             .collect::<Vec<_>>()
             .join(", ");
         // Within ingest, the phase that took longest: lookup and index run on all cores,
-        // cluster and store on one.
+        // cluster and store on one, alongside index.
         let ingest_bound = if bound == "ingest" {
             self.ingest_phases
                 .phases()

@@ -9,7 +9,7 @@
 
 mod record;
 
-pub use record::{PromptRecord, text_hash};
+pub use record::{PromptRecord, RecordRef, text_hash};
 
 use std::path::Path;
 
@@ -91,7 +91,16 @@ impl Store {
 
     /// Writes `records` in one transaction and returns once it is durable on disk.
     pub fn append(&self, records: &[PromptRecord]) -> Result<(), StoreError> {
-        if records.is_empty() {
+        self.append_refs(records.iter().map(PromptRecord::borrowed))
+    }
+
+    /// [`Self::append`] of borrowed records, in one transaction.
+    pub fn append_refs<'a>(
+        &self,
+        records: impl IntoIterator<Item = RecordRef<'a>>,
+    ) -> Result<(), StoreError> {
+        let mut records = records.into_iter().peekable();
+        if records.peek().is_none() {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(db_err)?;

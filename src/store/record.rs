@@ -30,6 +30,53 @@ pub struct PromptRecord {
     pub parts: Vec<Vec<f32>>,
 }
 
+/// What a [`PromptRecord`] holds, borrowed: ingest stores a batch's prompts while their vectors,
+/// which it does not copy, go into the index on another thread.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    /// See [`PromptRecord`]'s fields.
+    pub id: u64,
+    pub account_id: &'a str,
+    pub timestamp_ms: i64,
+    pub text: &'a str,
+    pub text_hash: u64,
+    pub embedding: &'a [f32],
+    pub cluster_id: u64,
+    pub links: &'a [u64],
+    pub parts: &'a [Vec<f32>],
+}
+
+impl RecordRef<'_> {
+    /// Appends the record's encoding to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.push(VERSION);
+        out.extend_from_slice(&self.timestamp_ms.to_le_bytes());
+        out.extend_from_slice(&self.text_hash.to_le_bytes());
+        out.extend_from_slice(&self.cluster_id.to_le_bytes());
+        put_bytes(out, self.account_id.as_bytes());
+        put_bytes(out, self.text.as_bytes());
+        out.extend_from_slice(&(self.links.len() as u32).to_le_bytes());
+        for l in self.links {
+            out.extend_from_slice(&l.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.embedding.len() as u32).to_le_bytes());
+        for x in self.embedding {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        let parts: Vec<&Vec<f32>> = self
+            .parts
+            .iter()
+            .filter(|p| p.len() == self.embedding.len())
+            .collect();
+        out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+        for p in parts {
+            for x in p {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+}
+
 impl PromptRecord {
     /// A record; computes the text hash.
     pub fn new(
@@ -57,30 +104,21 @@ impl PromptRecord {
 
     /// Appends the encoding of `self` to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.push(VERSION);
-        out.extend_from_slice(&self.timestamp_ms.to_le_bytes());
-        out.extend_from_slice(&self.text_hash.to_le_bytes());
-        out.extend_from_slice(&self.cluster_id.to_le_bytes());
-        put_bytes(out, self.account_id.as_bytes());
-        put_bytes(out, self.text.as_bytes());
-        out.extend_from_slice(&(self.links.len() as u32).to_le_bytes());
-        for l in &self.links {
-            out.extend_from_slice(&l.to_le_bytes());
-        }
-        out.extend_from_slice(&(self.embedding.len() as u32).to_le_bytes());
-        for x in &self.embedding {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        let parts: Vec<&Vec<f32>> = self
-            .parts
-            .iter()
-            .filter(|p| p.len() == self.embedding.len())
-            .collect();
-        out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
-        for p in parts {
-            for x in p {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
+        self.borrowed().encode_into(out);
+    }
+
+    /// The record as a [`RecordRef`].
+    pub fn borrowed(&self) -> RecordRef<'_> {
+        RecordRef {
+            id: self.id,
+            account_id: &self.account_id,
+            timestamp_ms: self.timestamp_ms,
+            text: &self.text,
+            text_hash: self.text_hash,
+            embedding: &self.embedding,
+            cluster_id: self.cluster_id,
+            links: &self.links,
+            parts: &self.parts,
         }
     }
 
