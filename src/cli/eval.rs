@@ -214,7 +214,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         }),
     )?;
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
-    let engine = Engine::open(engine_args.to_config()?, embedder.dim())?;
+    let engine = Engine::open(engine_args.to_offline_config()?, embedder.dim())?;
     engine.check_model(
         &mut embedder,
         &args.offline.model.model.display().to_string(),

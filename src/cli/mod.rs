@@ -352,9 +352,12 @@ pub struct EngineArgs {
     /// neighbours, more slowly. Applies to every segment, reloaded ones too.
     #[arg(long, env = "PROMPT_RADAR_HNSW_EF_SEARCH", default_value_t = HnswParams::default().ef_search)]
     pub hnsw_ef_search: usize,
-    /// Most vectors in one HNSW segment before it is sealed and dumped.
-    #[arg(long, env = "PROMPT_RADAR_SEGMENT_MAX_POINTS", default_value_t = SegmentsConfig::default().max_points_per_segment, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    pub segment_max_points: usize,
+    /// Most vectors in one HNSW segment before it is sealed and dumped. Default: 200000 for
+    /// `serve` (a start after a crash re-inserts the active segment's prompts); `reindex` and
+    /// `eval` build their segments at --segment-merge-points at once (1000000), as searching
+    /// many small segments and merging them costs an offline run more than twice the time.
+    #[arg(long, env = "PROMPT_RADAR_SEGMENT_MAX_POINTS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub segment_max_points: Option<usize>,
     /// Hours of traffic one HNSW segment spans before it is sealed. Default: 24 with
     /// --retention-days (whole segments are what retention drops), else none: segments seal by
     /// size alone, as each one more is one more graph every search visits.
@@ -371,6 +374,20 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
+    /// The validated engine settings of an offline run (`reindex`, `eval`): as
+    /// [`Self::to_config`], but unless --segment-max-points is given, segments are built at the
+    /// size merges would make (--segment-merge-points) rather than sealed small and merged in
+    /// the background. An offline run of 1M prompts otherwise searches up to five segments a
+    /// lookup and re-inserts every vector once or twice more in merges, on the same cores.
+    pub fn to_offline_config(&self) -> anyhow::Result<EngineConfig> {
+        let mut c = self.to_config()?;
+        if self.segment_max_points.is_none() {
+            let merged = c.segments.merge_max_points;
+            c.segments.max_points_per_segment = merged.max(c.segments.max_points_per_segment);
+        }
+        Ok(c)
+    }
+
     /// The validated engine settings.
     pub fn to_config(&self) -> anyhow::Result<EngineConfig> {
         for (flag, value) in [
@@ -433,7 +450,10 @@ impl EngineArgs {
             ef_search: self.hnsw_ef_search,
             ..c.segments.params
         };
-        c.segments.max_points_per_segment = self.segment_max_points.max(1);
+        c.segments.max_points_per_segment = self
+            .segment_max_points
+            .unwrap_or(SegmentsConfig::default().max_points_per_segment)
+            .max(1);
         c.segments.merge_max_points = self.segment_merge_points;
         c.segments.retention_ms =
             (self.retention_days > 0).then_some(self.retention_days.saturating_mul(86_400_000));
@@ -784,6 +804,24 @@ mod tests {
         assert_eq!(span(&["--retention-days", "30"]).unwrap(), Some(day));
         assert_eq!(span(&["--segment-hours", "6"]).unwrap(), Some(day / 4));
         assert!(span(&["--segment-hours", "0"]).is_err());
+    }
+
+    #[test]
+    fn offline_runs_build_segments_at_the_merged_size_unless_told() {
+        let sizes = |flags: &[&str]| {
+            let args = std::iter::once("prompt-radar").chain(flags.iter().copied());
+            let engine = Flags::try_parse_from(args).unwrap().engine;
+            let served = engine.to_config().unwrap().segments.max_points_per_segment;
+            let offline = engine.to_offline_config().unwrap().segments;
+            (served, offline.max_points_per_segment, offline.merge_max_points)
+        };
+        assert_eq!(sizes(&[]), (200_000, 1_000_000, 1_000_000));
+        let merge = ["--segment-merge-points", "300000"];
+        assert_eq!(sizes(&merge), (200_000, 300_000, 300_000));
+        // No merging: offline runs seal at the server's size.
+        assert_eq!(sizes(&["--segment-merge-points", "0"]), (200_000, 200_000, 0));
+        let given = ["--segment-max-points", "5000"];
+        assert_eq!(sizes(&given), (5_000, 5_000, 1_000_000));
     }
 
     /// The `allow` lines of README.md's "Using it", word for word: the server flag comes after

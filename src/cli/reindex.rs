@@ -298,7 +298,7 @@ fn named(input: &std::path::Path) -> String {
 /// Runs the batch; returns whether every line was used.
 pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let first = usize::try_from(args.start_line).unwrap_or(usize::MAX);
-    let mut config = args.offline.engine.to_config()?;
+    let mut config = args.offline.engine.to_offline_config()?;
     let input = &traffic::input_path(&args.offline.input);
     // A pipe is read once: no count and no time-order pass before the run.
     let once = !traffic::rereadable(input)
