@@ -360,8 +360,9 @@ impl Detector {
     /// Records one prompt without scoring it: a start replaying the store needs the state, not
     /// a verdict for every prompt ever stored (scoring the account was most of the replay's
     /// detector time).
-    pub fn replay(&mut self, obs: Observation<'_>) {
-        self.record(obs);
+    /// Returns the root of the cluster it joined.
+    pub fn replay(&mut self, obs: Observation<'_>) -> u64 {
+        self.record(obs).1
     }
 
     /// Records one prompt; returns its interned account and its cluster's root.
@@ -1130,7 +1131,7 @@ mod tests {
                 campaign.push(id);
                 1_000_000 + id
             } else {
-                if !organic.is_empty() && rng.next_u64() % 5 == 0 {
+                if !organic.is_empty() && rng.next_u64().is_multiple_of(5) {
                     links.push(organic[(rng.next_u64() % organic.len() as u64) as usize]);
                 }
                 organic.push(id);
@@ -1138,9 +1139,13 @@ mod tests {
             };
             let verdict = d.observe(obs(id, &account, hash, &links));
             let all = d.summary_from_all_keys(&account);
-            assert_eq!((verdict.score, verdict.action), (all.score, all.action), "prompt {id}");
+            assert_eq!(
+                (verdict.score, verdict.action),
+                (all.score, all.action),
+                "prompt {id}"
+            );
             assert_eq!(d.account(&account).as_ref(), Some(&all), "prompt {id}");
-            if id % 250 == 0 {
+            if id.is_multiple_of(250) {
                 d.allow_cluster(organic[(rng.next_u64() % organic.len() as u64) as usize]);
             }
         };
@@ -1159,9 +1164,10 @@ mod tests {
         };
         let keys = super::super::keys::KeyIndex::default();
         super::super::snapshot::save(&path, &header, &d, &keys).unwrap();
-        let (_, mut back, _) = super::super::snapshot::load(&path, DetectorConfig::default(), |_| Ok(()))
-            .unwrap()
-            .unwrap();
+        let (_, mut back, _) =
+            super::super::snapshot::load(&path, DetectorConfig::default(), |_| Ok(()))
+                .unwrap()
+                .unwrap();
         // Allow-list marks are not in a snapshot: a start marks the same clusters again.
         for root in d.allowed_roots() {
             back.allow_cluster(root);
