@@ -940,41 +940,74 @@ pub async fn search(args: SearchArgs) -> anyhow::Result<()> {
     };
     let hits = client.search(req).await?.into_inner().hits;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    if args.format == Format::Table && !hits.is_empty() {
-        writeln!(
-            out,
-            "{:<6}  {:<9} {} {:<20}  {:>9}  prompt",
-            "cosine",
-            "id",
-            padded("account", 20),
-            "sent (UTC)",
-            "campaign"
-        )?;
-    }
-    for h in &hits {
-        match args.format {
-            Format::Jsonl => writeln!(
-                out,
-                "{}",
-                json!({"prompt_id": h.prompt_id, "account_id": h.account_id, "timestamp_ms": h.timestamp_ms,
-                       "similarity": h.similarity, "cluster_id": h.cluster_id,
-                       "campaign_id": h.campaign_id.map(|c| c.to_string()), "prompt": h.prompt})
-            )?,
-            Format::Table => writeln!(
-                out,
-                "{:.4}  #{:<8} {} {:>20}  {:>9}  {}",
-                h.similarity,
-                h.prompt_id,
-                padded(&shown_id(&h.account_id, 64), 20),
-                utc(h.timestamp_ms),
-                h.campaign_id.map_or("-".to_string(), |c| c.to_string()),
-                shown(&h.prompt, 100)
-            )?,
+    match args.format {
+        Format::Table => {
+            for line in search_table(&hits) {
+                writeln!(out, "{line}")?;
+            }
+        }
+        Format::Jsonl => {
+            for h in &hits {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"prompt_id": h.prompt_id, "account_id": h.account_id, "timestamp_ms": h.timestamp_ms,
+                           "similarity": h.similarity, "cluster_id": h.cluster_id,
+                           "campaign_id": h.campaign_id.map(|c| c.to_string()), "prompt": h.prompt})
+                )?;
+            }
         }
     }
     out.flush()?;
     eprintln!("search: {}", counted(hits.len() as u64, "hit"));
     Ok(())
+}
+
+/// `search`'s table: a header and a line per hit (none without hits), the id, account and
+/// campaign columns as wide as their widest entry, so long account ids and large prompt ids keep
+/// the columns aligned.
+fn search_table(hits: &[proto::SearchHit]) -> Vec<String> {
+    if hits.is_empty() {
+        return Vec::new();
+    }
+    let accounts: Vec<String> = hits.iter().map(|h| shown_id(&h.account_id, 64)).collect();
+    let campaigns: Vec<String> = hits
+        .iter()
+        .map(|h| h.campaign_id.map_or("-".to_string(), |c| c.to_string()))
+        .collect();
+    let ids: Vec<String> = hits.iter().map(|h| format!("#{}", h.prompt_id)).collect();
+    let widest = |column: &[String], header: &str| {
+        (column
+            .iter()
+            .map(|s| unicode_width::UnicodeWidthStr::width(s.as_str())))
+        .chain([header.len()])
+        .max()
+        .unwrap_or(0)
+    };
+    let (id_w, account_w, campaign_w) = (
+        widest(&ids, "id").max(9),
+        widest(&accounts, "account").max(20),
+        widest(&campaigns, "campaign").max(9),
+    );
+    let mut out = vec![format!(
+        "cosine  {} {} {:<20}  {:>campaign_w$}  prompt",
+        padded("id", id_w),
+        padded("account", account_w),
+        "sent (UTC)",
+        "campaign",
+    )];
+    for (((h, id), account), campaign) in hits.iter().zip(&ids).zip(&accounts).zip(&campaigns) {
+        out.push(format!(
+            "{:.4}  {} {} {:<20}  {:>campaign_w$}  {}",
+            h.similarity,
+            padded(id, id_w),
+            padded(account, account_w),
+            utc(h.timestamp_ms),
+            campaign,
+            shown(&h.prompt, 100)
+        ));
+    }
+    out
 }
 
 /// Text from the server made safe to print in a table: at most `max` characters of `s` (then
@@ -1419,8 +1452,53 @@ fn stats_line(before: &proto::Stats, s: &proto::Stats) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{shown, shown_id};
+    use super::{search_table, shown, shown_id};
     use prompt_radar::proto;
+
+    #[test]
+    fn the_search_table_keeps_its_columns_whatever_the_ids() {
+        let hit = |prompt_id: u64, account: &str, campaign_id: Option<u64>| proto::SearchHit {
+            prompt_id,
+            account_id: account.to_string(),
+            timestamp_ms: 1_750_000_000_000,
+            similarity: 0.98,
+            prompt: "Translate to French: cat".to_string(),
+            cluster_id: 1,
+            campaign_id,
+        };
+        let hits = [
+            hit(7, "a", None),
+            hit(
+                123_456_789_012,
+                "org-7f3e9c2a-user-0000000000042",
+                Some(123_456_789),
+            ),
+            hit(42, "账户-十二", Some(3)),
+        ];
+        let table = search_table(&hits);
+        assert_eq!(table.len(), 4, "{table:#?}");
+        assert!(table[0].starts_with("cosine  id "), "{table:#?}");
+        // Where each column starts, on screen: the same on every line.
+        let at = |line: &str, what: &str| {
+            let i = line
+                .find(what)
+                .unwrap_or_else(|| panic!("{what} in {line}"));
+            unicode_width::UnicodeWidthStr::width(&line[..i])
+        };
+        let starts = |line: &str, account: &str, sent: &str| (at(line, account), at(line, sent));
+        let header = starts(&table[0], "account", "sent (UTC)");
+        for (line, h) in table[1..].iter().zip(&hits) {
+            let sent = super::utc(h.timestamp_ms);
+            assert_eq!(starts(line, &h.account_id, &sent).0, header.0, "{table:#?}");
+            assert_eq!(starts(line, &h.account_id, &sent).1, header.1, "{table:#?}");
+        }
+        let ends: Vec<usize> = table[1..].iter().map(|l| at(l, "  Translate")).collect();
+        assert!(
+            ends.iter().all(|&e| e == ends[0]) && ends[0] == at(&table[0], "  prompt"),
+            "{table:#?}"
+        );
+        assert!(search_table(&[]).is_empty());
+    }
 
     #[test]
     fn a_campaigns_templates_are_listed_when_there_are_several_or_none() {
