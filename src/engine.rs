@@ -904,6 +904,18 @@ impl Engine {
 
     /// Ingests a batch in order and returns one verdict per prompt, after the batch is durable.
     pub fn ingest(&self, batch: Vec<NewPrompt>) -> Result<Vec<Verdict>, Error> {
+        self.ingest_scoring(batch, true)
+    }
+
+    /// [`Self::ingest`] for a run that reads no verdicts (`reindex`): the same links, clusters
+    /// and store, without scoring each prompt's account, which is most of the serial part of
+    /// ingest for accounts of many prompts (as a start's replay does, see `Detector::replay`).
+    pub fn ingest_unscored(&self, batch: Vec<NewPrompt>) -> Result<(), Error> {
+        self.ingest_scoring(batch, false).map(|_| ())
+    }
+
+    /// [`Self::ingest`]; no verdicts (an empty list) unless `score`.
+    fn ingest_scoring(&self, batch: Vec<NewPrompt>, score: bool) -> Result<Vec<Verdict>, Error> {
         if let Some(failure) = self.failure() {
             return Err(Error::Unavailable(failure));
         }
@@ -992,7 +1004,8 @@ impl Engine {
         // prompt the store lacks. If the commit fails, the engine is poisoned and writes no
         // checkpoint: what the active segments hold beyond the store never reaches disk.
         let mut links_of: Vec<Vec<u64>> = Vec::with_capacity(n);
-        let mut verdicts: Vec<Verdict> = Vec::with_capacity(n);
+        let mut verdicts: Vec<Verdict> = Vec::with_capacity(if score { n } else { 0 });
+        let mut cluster_ids: Vec<u64> = Vec::with_capacity(n);
         let mut hashes: Vec<u64> = Vec::with_capacity(n);
         let (committed, inserted) = std::thread::scope(|s| {
             let inserter = s.spawn(|| {
@@ -1018,14 +1031,21 @@ impl Engine {
                     // links are stored, so a start's replay unions the same clusters.
                     links.retain(|&l| !detector.closed(l));
                 }
-                verdicts.push(detector.observe(Observation {
+                let observation = Observation {
                     id,
                     account_id: &p.account_id,
                     timestamp_ms: p.timestamp_ms,
                     text_hash: hash,
                     links: &links,
                     allowed,
-                }));
+                };
+                if score {
+                    let verdict = detector.observe(observation);
+                    cluster_ids.push(verdict.cluster_id);
+                    verdicts.push(verdict);
+                } else {
+                    cluster_ids.push(detector.replay(observation));
+                }
                 links_of.push(links);
                 hashes.push(hash);
             }
@@ -1039,7 +1059,7 @@ impl Engine {
                 text: &p.text,
                 text_hash: hashes[i],
                 embedding: &p.embedding,
-                cluster_id: verdicts[i].cluster_id,
+                cluster_id: cluster_ids[i],
                 links: &links_of[i],
                 parts: &p.parts,
             });
@@ -2252,6 +2272,39 @@ mod tests {
         let v = &v.unwrap()[0];
         assert!(v.neighbours > 0, "{v:?}");
         assert_eq!(v.campaign_id, Some(campaigns[0].id));
+    }
+
+    #[test]
+    fn a_run_without_verdicts_stores_and_clusters_as_one_with() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (scored, unscored) = (open_one_segment(a.path()), open_one_segment(b.path()));
+        let ids: Vec<usize> = (0..1500).collect();
+        for batch in ids.chunks(500) {
+            let batch = || batch.iter().map(|&i| stream_prompt(i, None)).collect();
+            assert_eq!(scored.ingest(batch()).unwrap().len(), 500);
+            unscored.ingest_unscored(batch()).unwrap();
+        }
+        let campaigns = campaign_summaries(&scored);
+        assert_eq!(campaigns.len(), 1, "{campaigns:?}");
+        assert_eq!(campaign_summaries(&unscored), campaigns);
+        assert_eq!(
+            unscored.accounts(false, usize::MAX),
+            scored.accounts(false, usize::MAX)
+        );
+        for id in 1..=1500 {
+            let (x, y) = (scored.record(id).unwrap(), unscored.record(id).unwrap());
+            assert_eq!(
+                (x.links, x.cluster_id),
+                (y.links, y.cluster_id),
+                "prompt {id}"
+            );
+        }
+        // And the next verdict is the same.
+        let next = || vec![stream_prompt(1500, Some("camp-new".into()))];
+        assert_eq!(
+            unscored.ingest(next()).unwrap(),
+            scored.ingest(next()).unwrap()
+        );
     }
 
     /// Copies a data directory (a store and its index dumps) file by file.

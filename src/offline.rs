@@ -1,7 +1,8 @@
 //! The offline path shared by `reindex` and `eval`: embeds a traffic stream in large batches on
 //! the calling thread and ingests it through the [`Engine`] on a second thread, so embedding
 //! overlaps search/cluster/commit. Same engine, same order as the server: the verdicts equal
-//! what `serve` + `check` would return for the same stream.
+//! what `serve` + `check` would return for the same stream (`reindex`, which shows none, stores
+//! and clusters the same without scoring each prompt).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -115,6 +116,16 @@ impl VectorCache {
             cache.map.insert(key, v);
         }
         Ok(cache)
+    }
+
+    /// A run's cache: the one in `file` (`--embed-cache`; created if missing), unbounded, or
+    /// else one in memory that keeps up to [`DEDUPE_TEXTS`] texts, so a text repeated within
+    /// a run goes through the model once.
+    pub fn for_run(file: Option<&Path>, dim: usize, tag: u64) -> std::io::Result<Self> {
+        match file {
+            Some(p) => Self::load(p, usize::MAX, dim, tag),
+            None => Ok(Self::new(DEDUPE_TEXTS, dim, tag)),
+        }
     }
 
     /// Writes the cache to `path` (through a temporary file and a rename).
@@ -301,8 +312,16 @@ impl CommittedLine {
 
 /// What happens to each input line.
 pub trait Observer {
-    /// A line that was ingested, with its verdict (in input order).
-    fn verdict(&mut self, line: usize, input: &TrafficLine, verdict: &Verdict);
+    /// A line that was ingested (stored, indexed, clustered), in input order.
+    fn stored(&mut self, _line: usize, _input: &TrafficLine) {}
+    /// Its verdict, after [`Self::stored`], when the observer asks for verdicts
+    /// ([`Self::scores`]).
+    fn verdict(&mut self, _line: usize, _input: &TrafficLine, _verdict: &Verdict) {}
+    /// Whether the run scores each prompt's account for [`Self::verdict`]. A run that reads
+    /// no verdicts (`reindex`) stores and clusters the same without ([`Engine::ingest_unscored`]).
+    fn scores(&self) -> bool {
+        true
+    }
     /// A line that could not be used. Return `false` to stop the run.
     fn bad_line(&mut self, error: &LineError) -> bool;
     /// Asked before each line is read: `true` stops the run there (the lines read so far are
@@ -360,6 +379,21 @@ pub fn feed(
     lines.map(|(line, parsed)| Feed::Line(line, parsed))
 }
 
+/// Hands a batch's ingested lines (with their verdicts, when scored) to `observer`, in order.
+fn hand_over<O: Observer>(
+    observer: &mut O,
+    times: &mut StageTimes,
+    out: Vec<(usize, TrafficLine, Option<Verdict>)>,
+) {
+    for (line, t, v) in out {
+        times.prompts += 1;
+        observer.stored(line, &t);
+        if let Some(v) = v {
+            observer.verdict(line, &t, &v);
+        }
+    }
+}
+
 /// Runs `lines` through `embedder` and `engine` in batches of `batch_size` (a partial batch
 /// when the input goes quiet, or after [`LINGER`]); a line whose prompt breaks `limits` is a
 /// bad line.
@@ -383,7 +417,9 @@ where
     let mut times = StageTimes::default();
     let (tx, rx) = sync_channel::<Vec<(usize, TrafficLine, (Vec<f32>, Vec<Vec<f32>>), bool)>>(4);
     let with_parts = engine.uses_parts();
-    let (verdict_tx, verdict_rx) = std::sync::mpsc::channel::<Vec<(usize, TrafficLine, Verdict)>>();
+    let scores = observer.scores();
+    type Ingested = Vec<(usize, TrafficLine, Option<Verdict>)>;
+    let (verdict_tx, verdict_rx) = std::sync::mpsc::channel::<Ingested>();
     let committed = observer.committed_line().unwrap_or_default();
     std::thread::scope(|scope| -> Result<(), Error> {
         let ingest = scope.spawn(move || -> Result<Duration, Error> {
@@ -405,13 +441,16 @@ where
                         ((line, t), p)
                     })
                     .unzip();
-                let verdicts = committed.commit(last_line, || engine.ingest(prompts))?;
+                let out: Ingested = if scores {
+                    let verdicts = committed.commit(last_line, || engine.ingest(prompts))?;
+                    (meta.into_iter().zip(verdicts))
+                        .map(|((l, t), v)| (l, t, Some(v)))
+                        .collect()
+                } else {
+                    committed.commit(last_line, || engine.ingest_unscored(prompts))?;
+                    meta.into_iter().map(|(l, t)| (l, t, None)).collect()
+                };
                 busy += t.elapsed();
-                let out = meta
-                    .into_iter()
-                    .zip(verdicts)
-                    .map(|((l, t), v)| (l, t, v))
-                    .collect();
                 if verdict_tx.send(out).is_err() {
                     break;
                 }
@@ -490,10 +529,7 @@ where
             }
             // Hand finished verdicts to the observer in order, without waiting.
             while let Ok(out) = verdict_rx.try_recv() {
-                for (line, t, v) in out {
-                    times.prompts += 1;
-                    observer.verdict(line, &t, &v);
-                }
+                hand_over(observer, &mut times, out);
             }
             if done || times.stopped || send_failed {
                 break;
@@ -504,10 +540,7 @@ where
             .join()
             .map_err(|_| Error::Unavailable("ingest thread panicked".into()))?;
         for out in verdict_rx.try_iter() {
-            for (line, t, v) in out {
-                times.prompts += 1;
-                observer.verdict(line, &t, &v);
-            }
+            hand_over(observer, &mut times, out);
         }
         times.ingest = ingest_result?;
         Ok(())

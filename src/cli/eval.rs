@@ -42,11 +42,6 @@ pub struct EvalArgs {
     /// Also write all metrics as one JSON object to this file.
     #[arg(long, env = "PROMPT_RADAR_JSON")]
     pub json: Option<PathBuf>,
-    /// Keep the vectors of every text in this file and reuse them on the next run over the same
-    /// traffic, so re-evaluating after a detector change skips the model (created if missing; a
-    /// cache of another model is refused). Timings with a warm cache are not embedding timings.
-    #[arg(long, env = "PROMPT_RADAR_EMBED_CACHE")]
-    pub embed_cache: Option<PathBuf>,
     /// Also write each account's outcome (label, flagged, score, prompts, campaign prompts, first
     /// flagged prompt) as JSONL to this file, for error analysis.
     #[arg(long, env = "PROMPT_RADAR_ACCOUNTS_OUT")]
@@ -61,13 +56,15 @@ struct FirstFlag {
 }
 
 impl Observer for FirstFlag {
-    fn verdict(&mut self, line: usize, input: &TrafficLine, verdict: &Verdict) {
+    fn stored(&mut self, line: usize, input: &TrafficLine) {
+        self.progress.stored(line, input);
+    }
+    fn verdict(&mut self, _line: usize, input: &TrafficLine, verdict: &Verdict) {
         let n = self.sent.entry(input.account_id.clone()).or_default();
         *n += 1;
         if verdict.action != Action::Allow {
             self.first.entry(input.account_id.clone()).or_insert(*n);
         }
-        self.progress.verdict(line, input, verdict);
     }
     fn bad_line(&mut self, error: &LineError) -> bool {
         self.progress.bad_line(error)
@@ -99,7 +96,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     let outputs: Vec<(&PathBuf, &str)> = [
         (&args.json, "--json"),
         (&args.accounts_out, "--accounts-out"),
-        (&args.embed_cache, "--embed-cache"),
+        (&args.offline.embed_cache, "--embed-cache"),
     ]
     .into_iter()
     .filter_map(|(p, flag)| p.as_ref().map(|p| (p, flag)))
@@ -231,10 +228,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
     });
     let stream = offline::feed(lines.iter().map(|(l, t)| (*l, Ok(t.clone()))));
     let tag = offline::model_tag(&args.offline.model.model);
-    let mut cache = match &args.embed_cache {
-        Some(p) => offline::VectorCache::load(p, usize::MAX, embedder.dim(), tag)?,
-        None => offline::VectorCache::new(offline::DEDUPE_TEXTS, embedder.dim(), tag),
-    };
+    let mut cache =
+        offline::VectorCache::for_run(args.offline.embed_cache.as_deref(), embedder.dim(), tag)?;
     let times = offline::run(
         &mut embedder,
         &mut cache,
@@ -252,7 +247,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         engine.checkpoint()?;
     }
     // What was embedded is valid either way: a rerun after an interruption starts warm.
-    if let Some(p) = &args.embed_cache {
+    if let Some(p) = &args.offline.embed_cache {
         cache
             .save(p)
             .with_context(|| format!("cannot write {}", p.display()))?;

@@ -503,6 +503,11 @@ pub struct OfflineArgs {
     /// a smaller share of it.
     #[arg(long, env = "PROMPT_RADAR_BATCH_SIZE", default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_size: usize,
+    /// Keep the vectors of every text in this file and reuse them on the next run over the same
+    /// traffic, so a rerun after a detector change skips the model (created if missing; a cache
+    /// of another model is refused). Timings with a warm cache are not embedding timings.
+    #[arg(long, env = "PROMPT_RADAR_EMBED_CACHE")]
+    pub embed_cache: Option<PathBuf>,
 }
 
 /// How to reach a running server. Global, so that a verb with subcommands takes them after its
@@ -813,13 +818,20 @@ mod tests {
             let engine = Flags::try_parse_from(args).unwrap().engine;
             let served = engine.to_config().unwrap().segments.max_points_per_segment;
             let offline = engine.to_offline_config().unwrap().segments;
-            (served, offline.max_points_per_segment, offline.merge_max_points)
+            (
+                served,
+                offline.max_points_per_segment,
+                offline.merge_max_points,
+            )
         };
         assert_eq!(sizes(&[]), (200_000, 1_000_000, 1_000_000));
         let merge = ["--segment-merge-points", "300000"];
         assert_eq!(sizes(&merge), (200_000, 300_000, 300_000));
         // No merging: offline runs seal at the server's size.
-        assert_eq!(sizes(&["--segment-merge-points", "0"]), (200_000, 200_000, 0));
+        assert_eq!(
+            sizes(&["--segment-merge-points", "0"]),
+            (200_000, 200_000, 0)
+        );
         let given = ["--segment-max-points", "5000"];
         assert_eq!(sizes(&given), (5_000, 5_000, 1_000_000));
     }

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 
-use prompt_radar::detect::Verdict;
 use prompt_radar::embed::{CandleEmbedder, Embedder};
 use prompt_radar::engine::Engine;
 use prompt_radar::offline::{self, CommittedLine, Observer};
@@ -190,8 +189,12 @@ fn stop_on_signal(
 }
 
 impl Observer for Progress {
-    fn verdict(&mut self, _line: usize, _input: &TrafficLine, _verdict: &Verdict) {
+    fn stored(&mut self, _line: usize, _input: &TrafficLine) {
         self.display.inc(1);
+    }
+    /// `reindex` shows no verdicts (`eval`, which reads them, says so itself).
+    fn scores(&self) -> bool {
+        false
     }
     fn bad_line(&mut self, error: &LineError) -> bool {
         self.display
@@ -333,6 +336,13 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     let load = Instant::now();
     let mut embedder = CandleEmbedder::load(&args.offline.model.model, args.offline.model.device)?;
     if let (Some(span), Some(order)) = (span, order) {
+        // What a late line costs: without retention (segments sliced by --segment-hours alone)
+        // only a segment that spans more time.
+        let keeps = if config.segments.retention_ms.is_some() {
+            "and retention keeps them until those expire"
+        } else {
+            "which only makes that segment span more time (nothing expires without --retention-days)"
+        };
         let example = order.first_late.map_or(String::new(), |(line, behind)| {
             format!(
                 " (line {line} is {:.1} days older than a line before it)",
@@ -351,20 +361,27 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
             );
         } else if order.many_late() {
             let late = order.late - order.late_in_order;
-            // No line of the file came behind another: it is older than the index's newest.
-            let what = match order.first_late {
-                Some(_) => format!("the input is not in time order{example}"),
-                None => "the input is older than the index's segment being filled".to_string(),
+            // No line of the file came behind another: it is older than the index's newest, and
+            // sorting the file would not help.
+            let (what, remedy) = match order.first_late {
+                Some(_) => (
+                    format!("the input is not in time order{example}"),
+                    "sort the file by timestamp_ms to slice it exactly",
+                ),
+                None => (
+                    "the input is older than the index's segment being filled".to_string(),
+                    "traffic older than a data directory's goes into its newest segment",
+                ),
             };
             eprintln!(
-                "reindex: {what}: {late} of {} lines ({:.1}%) would go into an index segment with prompts over {} h newer, and retention keeps them until those expire; sort the file by timestamp_ms to slice it exactly",
+                "reindex: {what}: {late} of {} lines ({:.1}%) would go into an index segment with prompts over {} h newer, {keeps}; {remedy}",
                 order.timed,
                 100.0 * late as f64 / order.timed.max(1) as f64,
                 2 * span / 3_600_000,
             );
         } else if order.many_late_in_order(span) {
             eprintln!(
-                "reindex: batches of {} lines span up to {:.1} h of this input's traffic, more than the index segments' {} h: {} of {} lines ({:.1}%) would go into a segment with prompts over {} h newer, and retention keeps them until those expire; a smaller --batch-size slices closer",
+                "reindex: batches of {} lines span up to {:.1} h of this input's traffic, more than the index segments' {} h: {} of {} lines ({:.1}%) would go into a segment with prompts over {} h newer, {keeps}; a smaller --batch-size slices closer",
                 args.offline.batch_size,
                 order.widest_batch_ms as f64 / 3_600_000.0,
                 span / 3_600_000,
@@ -452,7 +469,10 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     } else {
         Box::new(offline::feed(traffic::lines_from(reader, first)))
     };
-    let mut cache = offline::VectorCache::new(offline::DEDUPE_TEXTS, embedder.dim(), 0);
+    let tag = offline::model_tag(&args.offline.model.model);
+    let cache_file = args.offline.embed_cache.as_deref();
+    let mut cache =
+        offline::VectorCache::for_run(cache_file, embedder.dim(), tag).context("--embed-cache")?;
     let times = offline::run(
         &mut embedder,
         &mut cache,
@@ -464,6 +484,17 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     )?;
     progress.display.finish();
     eprintln!("{}", times.summary("reindex"));
+    // What was embedded is valid whatever happened next: a rerun starts warm.
+    if let Some(p) = cache_file {
+        match cache.save(p) {
+            Ok(()) => eprintln!(
+                "reindex: {} vectors in --embed-cache {}",
+                cache.len(),
+                p.display()
+            ),
+            Err(e) => eprintln!("reindex: cannot write --embed-cache {}: {e}", p.display()),
+        }
+    }
     if once && first > 1 && times.last_line == 0 && !times.interrupted {
         // A file is checked before the run; a pipe only shows it now.
         eprintln!("reindex: the input ended before line {first} (--start-line): nothing to do");

@@ -1389,7 +1389,7 @@ fn reindex_of_traffic_out_of_time_order_does_not_slice_the_index_by_time() {
         })
         .collect();
     let model = model_dir().display().to_string();
-    let reindex_kept = |name: &str, lines: &[(i64, String)], days: &str| {
+    let reindex_with = |name: &str, lines: &[(i64, String)], slicing: &[&str]| {
         let input = dir.path().join(format!("{name}.jsonl"));
         let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
         std::fs::write(&input, text.join("\n")).unwrap();
@@ -1404,23 +1404,38 @@ fn reindex_of_traffic_out_of_time_order_does_not_slice_the_index_by_time() {
             &model,
             "--batch-size",
             "16",
-            "--retention-days",
-            days,
-        ]);
+        ]
+        .into_iter()
+        .chain(slicing.iter().copied())
+        .collect::<Vec<_>>());
         let stderr = String::from_utf8_lossy(&o.stderr).to_string();
         assert_eq!(o.status.code(), Some(0), "{stderr}");
         let segments = number_after(&stderr, "`serve` reloads them); ");
         (stderr, segments)
+    };
+    let reindex_kept = |name: &str, lines: &[(i64, String)], days: &str| {
+        reindex_with(name, lines, &["--retention-days", days])
     };
     let reindex = |name: &str, lines: &[(i64, String)]| reindex_kept(name, lines, "365");
     let (said, segments) = reindex("by-account", &lines);
     assert!(
         said.contains("reindex: the input is not in time order (line 11 is 2.6 days older than a line before it): ")
             && said.contains("of 300 lines")
-            && said.contains("would go into an index segment with prompts over 48 h newer"),
+            && said.contains("would go into an index segment with prompts over 48 h newer, and retention keeps them"),
         "{said}"
     );
     assert!(segments <= 2, "{said}");
+    // Sliced by time without retention: nothing is kept past its time, so it does not say so.
+    let (said, _) = reindex_with(
+        "by-account-no-retention",
+        &lines,
+        &["--segment-hours", "24"],
+    );
+    assert!(
+        said.contains("would go into an index segment with prompts over 48 h newer, which only makes that segment span more time")
+            && !said.contains("retention keeps"),
+        "{said}"
+    );
     lines.sort();
     let (said, segments) = reindex("by-time", &lines);
     assert!(!said.contains("not in time order"), "{said}");
