@@ -932,8 +932,8 @@ impl Engine {
         let cfg = &self.config.detector;
         let first_id = state.next_id;
         let n = batch.len();
-        // Links, per prompt, and its text hash; `None`: an allow-listed template matched it.
-        let found: Vec<(u64, Option<Found>)> = {
+        // Per prompt, its text hash and links (`None`: an allow-listed template matched it).
+        let (hashes, found): (Vec<u64>, Vec<Option<Found>>) = {
             let index = self.index.read();
             let part_index = self.parts.read();
             // Everything a prompt's links need but the key index, which changes as the batch goes
@@ -967,9 +967,9 @@ impl Engine {
                 (hash, Some(Found { near, parts, keys }))
             };
             if parallel {
-                batch.par_iter().enumerate().map(lookup).collect()
+                batch.par_iter().enumerate().map(lookup).unzip()
             } else {
-                batch.iter().enumerate().map(lookup).collect()
+                batch.iter().enumerate().map(lookup).unzip()
             }
         };
         times.lookup += lap();
@@ -1006,14 +1006,13 @@ impl Engine {
         let mut links_of: Vec<Vec<u64>> = Vec::with_capacity(n);
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(if score { n } else { 0 });
         let mut cluster_ids: Vec<u64> = Vec::with_capacity(n);
-        let mut hashes: Vec<u64> = Vec::with_capacity(n);
         let (committed, inserted) = std::thread::scope(|s| {
             let inserter = s.spawn(|| {
                 let started = Instant::now();
                 (self.insert_vectors(first_id, &batch), started.elapsed())
             });
             let mut detector = self.detector.write();
-            for (i, (p, (hash, found))) in batch.iter().zip(found).enumerate() {
+            for (i, ((p, &hash), found)) in batch.iter().zip(&hashes).zip(found).enumerate() {
                 let id = first_id + i as u64;
                 let mut links: Vec<u64> = Vec::new();
                 let allowed = found.is_none();
@@ -1047,7 +1046,6 @@ impl Engine {
                     cluster_ids.push(detector.replay(observation));
                 }
                 links_of.push(links);
-                hashes.push(hash);
             }
             drop(detector);
             state.next_id += n as u64;

@@ -299,14 +299,7 @@ impl Detector {
     fn sort_keys(&mut self) {
         for (&acct, a) in self.accounts.iter_mut() {
             for &key in a.clusters.keys() {
-                let mut root = key;
-                while let Some(&p) = self.parent.get(root as usize) {
-                    if p == root {
-                        break;
-                    }
-                    root = p;
-                }
-                match self.clusters.get_mut(&root) {
+                match self.clusters.get_mut(&root_in(&self.parent, key)) {
                     Some(c) if c.accounts.len() == 1 && c.accounts.contains_key(&acct) => {
                         c.solo_keys.push(key);
                     }
@@ -492,14 +485,7 @@ impl Detector {
     /// The cluster root of a prompt id (the id itself if unknown). Does not compress paths, so
     /// it works on a shared reference.
     pub fn cluster_of(&self, id: u64) -> u64 {
-        let mut x = id;
-        while let Some(&p) = self.parent.get(x as usize) {
-            if p == x {
-                break;
-            }
-            x = p;
-        }
-        x
+        root_in(&self.parent, id)
     }
 
     /// The root of prompt `id`'s cluster when that cluster scores as a campaign (as a verdict's
@@ -947,6 +933,19 @@ impl Detector {
         self.account_ids.insert(account_id.to_string(), a);
         a
     }
+}
+
+/// The root of `id` in the union-find forest `parent` (the id itself if unknown), without
+/// compressing paths: [`Detector::cluster_of`], for callers that hold other fields mutably.
+fn root_in(parent: &[u64], id: u64) -> u64 {
+    let mut x = id;
+    while let Some(&p) = parent.get(x as usize) {
+        if p == x {
+            break;
+        }
+        x = p;
+    }
+    x
 }
 
 fn merge(mut keep: ClusterStats, gone: ClusterStats) -> ClusterStats {
