@@ -405,13 +405,16 @@ pub struct TimeOrder {
     /// retention keeps them that much past their time. (In time order a segment spans a little
     /// more than the span: it seals after the batch that took it past.)
     pub late: u64,
-    /// Of `late`, the lines that came in time order (none before them, in the file or in the
-    /// index, more than the span newer): a batch spanning more than the span took them into a
-    /// segment with newer ones. Sparse traffic in large batches, not disorder.
+    /// Of `late`, the lines that came in time order (none in an earlier batch of the file, nor
+    /// in the index, more than the span newer; a batch is ingested whole, so the order within
+    /// it does not count): a batch spanning more than the span took them into a segment with
+    /// newer ones. Sparse traffic in large batches, or a shuffle within batches, not disorder
+    /// that sorting the file would mend.
     pub late_in_order: u64,
     /// The most time the lines of one batch span (ms), in time order or not.
     pub widest_batch_ms: i64,
-    /// The first line more than the span older than the newest before it, and by how much (ms).
+    /// The first line more than the span older than the newest of the file's earlier batches,
+    /// and by how much (ms).
     pub first_late: Option<(usize, i64)>,
     /// Newest time minus oldest, in ms.
     pub covered_ms: i64,
@@ -441,7 +444,8 @@ impl TimeOrder {
 /// The segment being filled, as [`time_order`] follows it.
 #[derive(Debug)]
 struct Filling {
-    /// Times of the lines in it, and whether each came behind a newer line (by over the span).
+    /// Times of the lines in it, and whether each came behind a newer line of an earlier batch
+    /// or of the index (by over the span).
     times: Vec<(i64, bool)>,
     /// Vectors it held before (the data directory's active segment), and their newest time.
     before: (usize, Option<i64>),
@@ -492,9 +496,11 @@ pub fn time_order(
         times: Vec::new(),
         before: (before, clock.newest()),
     };
-    // The newest time before each line, in the index or the file; the oldest and newest of the
-    // batch being read.
+    // The newest time before the batch being read, in the index or the file, and in the file
+    // alone; the oldest and newest of that batch. Ingest takes a batch whole, so a line is
+    // behind only a line of an earlier batch.
     let mut ahead = clock.newest().or(clock.start()).unwrap_or(i64::MIN);
+    let mut file_ahead = i64::MIN;
     let mut in_batch = (i64::MAX, i64::MIN);
     let seal = |filling: &mut Filling, order: &mut TimeOrder| {
         let (late, in_order) = filling.seal(span);
@@ -510,20 +516,23 @@ pub fn time_order(
             t if t < 0 => return, // refused at ingest
             t => t,
         };
-        if order.first_late.is_none() && newest != i64::MIN && t < newest.saturating_sub(span) {
-            order.first_late = Some((line, newest - t));
+        if order.first_late.is_none()
+            && file_ahead != i64::MIN
+            && t < file_ahead.saturating_sub(span)
+        {
+            order.first_late = Some((line, file_ahead - t));
         }
         newest = newest.max(t);
         oldest = oldest.min(t);
         clock.note(t);
         filling.times.push((t, t < ahead.saturating_sub(span)));
-        ahead = ahead.max(t);
         in_batch = (in_batch.0.min(t), in_batch.1.max(t));
         order.timed += 1;
         // A segment seals after the batch that made it due, or full.
         if order.timed % batch == 0 {
             order.widest_batch_ms = order.widest_batch_ms.max(in_batch.1 - in_batch.0);
             in_batch = (i64::MAX, i64::MIN);
+            (file_ahead, ahead) = (newest, ahead.max(newest));
             let due = clock.due();
             if due || filling.times.len() + filling.before.0 >= max_points {
                 order.seals += u64::from(due);
@@ -607,6 +616,14 @@ not json
         assert!(o.late > 100 && o.late_in_order == o.late, "{o:?}");
         assert!(!o.many_late() && o.many_late_in_order(DAY), "{o:?}");
         assert_eq!(o.first_late, None);
+        // The same batches, each newest first: a batch is ingested whole, so this is the same
+        // run, and sorting the file would not change it.
+        let shuffled: Vec<i64> = in_order
+            .chunks(40)
+            .flat_map(|c| c.iter().rev().copied())
+            .collect();
+        write(&shuffled);
+        assert_eq!(time_order(&path, 1, 40, short_run).unwrap(), o);
         // Two shards one after the other: the second goes back and is sliced on its own; only
         // the run that told it went back is late.
         let shards: Vec<i64> = in_order.iter().chain(&in_order).copied().collect();

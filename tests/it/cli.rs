@@ -1419,7 +1419,7 @@ fn reindex_of_traffic_out_of_time_order_does_not_slice_the_index_by_time() {
     let reindex = |name: &str, lines: &[(i64, String)]| reindex_kept(name, lines, "365");
     let (said, segments) = reindex("by-account", &lines);
     assert!(
-        said.contains("reindex: the input is not in time order (line 11 is 2.6 days older than a line before it): ")
+        said.contains("reindex: the input is not in time order (line 21 is 2.6 days older than a line before it): ")
             && said.contains("of 300 lines")
             && said.contains("would go into an index segment with prompts over 48 h newer, and retention keeps them"),
         "{said}"
