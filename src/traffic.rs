@@ -496,10 +496,10 @@ pub fn time_order(
         times: Vec::new(),
         before: (before, clock.newest()),
     };
-    // The newest time before the batch being read, in the index or the file, and in the file
-    // alone; the oldest and newest of that batch. Ingest takes a batch whole, so a line is
-    // behind only a line of an earlier batch.
-    let mut ahead = clock.newest().or(clock.start()).unwrap_or(i64::MIN);
+    // The newest time in the index, and in the file before the batch being read; the oldest
+    // and newest of that batch. Ingest takes a batch whole, so a line is behind only a line of
+    // an earlier batch (or of the index).
+    let index_ahead = clock.newest().or(clock.start()).unwrap_or(i64::MIN);
     let mut file_ahead = i64::MIN;
     let mut in_batch = (i64::MAX, i64::MIN);
     let seal = |filling: &mut Filling, order: &mut TimeOrder| {
@@ -525,6 +525,7 @@ pub fn time_order(
         newest = newest.max(t);
         oldest = oldest.min(t);
         clock.note(t);
+        let ahead = index_ahead.max(file_ahead);
         filling.times.push((t, t < ahead.saturating_sub(span)));
         in_batch = (in_batch.0.min(t), in_batch.1.max(t));
         order.timed += 1;
@@ -532,7 +533,7 @@ pub fn time_order(
         if order.timed % batch == 0 {
             order.widest_batch_ms = order.widest_batch_ms.max(in_batch.1 - in_batch.0);
             in_batch = (i64::MAX, i64::MIN);
-            (file_ahead, ahead) = (newest, ahead.max(newest));
+            file_ahead = newest;
             let due = clock.due();
             if due || filling.times.len() + filling.before.0 >= max_points {
                 order.seals += u64::from(due);
