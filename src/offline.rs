@@ -118,13 +118,14 @@ impl VectorCache {
         Ok(cache)
     }
 
-    /// A run's cache: the one in `file` (`--embed-cache`; created if missing), unbounded, or
-    /// else one in memory that keeps up to [`DEDUPE_TEXTS`] texts, so a text repeated within
-    /// a run goes through the model once.
-    pub fn for_run(file: Option<&Path>, dim: usize, tag: u64) -> std::io::Result<Self> {
+    /// A run's cache: the one in `file` (`--embed-cache`; created if missing, refused if made
+    /// with another model than the one in `model_dir`), unbounded, or else one in memory that
+    /// keeps up to [`DEDUPE_TEXTS`] texts, so a text repeated within a run goes through the
+    /// model once (never saved, so it needs no [`model_tag`]).
+    pub fn for_run(file: Option<&Path>, dim: usize, model_dir: &Path) -> std::io::Result<Self> {
         match file {
-            Some(p) => Self::load(p, usize::MAX, dim, tag),
-            None => Ok(Self::new(DEDUPE_TEXTS, dim, tag)),
+            Some(p) => Self::load(p, usize::MAX, dim, model_tag(model_dir)),
+            None => Ok(Self::new(DEDUPE_TEXTS, dim, 0)),
         }
     }
 

@@ -227,9 +227,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<bool> {
         )
     });
     let stream = offline::feed(lines.iter().map(|(l, t)| (*l, Ok(t.clone()))));
-    let tag = offline::model_tag(&args.offline.model.model);
-    let mut cache =
-        offline::VectorCache::for_run(args.offline.embed_cache.as_deref(), embedder.dim(), tag)?;
+    let mut cache = offline::VectorCache::for_run(
+        args.offline.embed_cache.as_deref(),
+        embedder.dim(),
+        &args.offline.model.model,
+    )?;
     let times = offline::run(
         &mut embedder,
         &mut cache,

@@ -469,10 +469,10 @@ pub fn run(args: ReindexArgs) -> anyhow::Result<bool> {
     } else {
         Box::new(offline::feed(traffic::lines_from(reader, first)))
     };
-    let tag = offline::model_tag(&args.offline.model.model);
     let cache_file = args.offline.embed_cache.as_deref();
     let mut cache =
-        offline::VectorCache::for_run(cache_file, embedder.dim(), tag).context("--embed-cache")?;
+        offline::VectorCache::for_run(cache_file, embedder.dim(), &args.offline.model.model)
+            .context("--embed-cache")?;
     let times = offline::run(
         &mut embedder,
         &mut cache,
